@@ -1,0 +1,718 @@
+//! The host<->agent protocol: length-prefixed frames over a byte stream (a
+//! unix socket in a jail, vsock in a microVM).
+//!
+//! ```text
+//! frame := len:u32be kind:u8 body[len-1]
+//! ```
+//!
+//! Control frames carry a JSON body; data frames (stdin/stdout/stderr, file
+//! contents, ping) carry raw bytes after a fixed binary header, so that output
+//! is never re-encoded. Every request carries a `tag` chosen by the host;
+//! every answer repeats it (an exec's tag is its [`ExecId`]).
+//!
+//! The exchange: the host sends [`Hello`], the agent answers [`HelloAck`] or
+//! an error and closes if the versions differ. Then any number of `PutFile`,
+//! `GetFile`, `Exec` (+ `Stdin`, `Kill`) and `Ping` requests, in any order and
+//! concurrently; the agent answers with `Ack`, `FileData`, `Started` /
+//! `Stdout` / `Stderr` / `Exit`, `Pong`, or `Error`.
+//!
+//! [`Decoder`] is sans-IO: feed it bytes, take frames out. It never panics
+//! and never allocates more than [`MAX_FRAME_BYTES`](crate::limits::MAX_FRAME_BYTES)
+//! for a frame, whatever the peer sends.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::ExecId;
+use crate::limits::{MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FRAME_BYTES, MAX_PATH_BYTES};
+use crate::runtime::RuntimeTable;
+
+/// Version of this protocol; both sides must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First frame, host to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub runtimes: RuntimeTable,
+    /// Runtimes to pre-warm right away, by canonical name.
+    pub warm: Vec<String>,
+    /// Directory jobs run in and files are relative to.
+    pub workdir: String,
+    /// Unprivileged user and group that jobs run as.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub version: u32,
+    /// The agent's own build version.
+    pub agent: String,
+    pub pid: u32,
+}
+
+/// Runs a program. Files must have been put first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub tag: ExecId,
+    /// Canonical runtime name from the table sent in [`Hello`].
+    pub runtime: String,
+    /// Entrypoint path relative to the work directory.
+    pub entrypoint: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Cap on stdout and stderr each; past it the agent kills the exec.
+    pub output_limit: u64,
+    /// Whether to start a fresh warm interpreter after this exec ends.
+    pub warm_next: bool,
+}
+
+/// Sends `signal` to an exec's whole process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kill {
+    pub tag: ExecId,
+    pub signal: i32,
+}
+
+/// Agent to host: the exec's process is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub tag: ExecId,
+    pub pid: u32,
+    /// Whether a pre-warmed interpreter took the exec.
+    pub warm: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Agent to host: the exec is over and all its output has been sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitReport {
+    pub tag: ExecId,
+    pub status: ExitStatus,
+    /// Set when the agent itself ended the exec: `"output_limit"`, `"killed"`.
+    pub reason: Option<String>,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub cpu_user_us: u64,
+    pub cpu_system_us: u64,
+    pub max_rss_kb: u64,
+    pub wall_us: u64,
+}
+
+/// Writes a file under the work directory (creating parent directories).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutFile {
+    pub tag: u32,
+    pub mode: u32,
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+/// Reads a file under the work directory, up to `max_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetFile {
+    pub tag: u32,
+    pub path: String,
+    pub max_bytes: u64,
+}
+
+/// A request failed; `tag` is absent when no request is to blame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecError {
+    pub tag: Option<u32>,
+    pub message: String,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Exec(ExecRequest),
+    /// Stdin bytes for an exec; empty data closes its stdin.
+    Stdin {
+        tag: ExecId,
+        data: Vec<u8>,
+    },
+    Kill(Kill),
+    Ping(u64),
+    Pong(u64),
+    PutFile(PutFile),
+    GetFile(GetFile),
+    FileData {
+        tag: u32,
+        data: Vec<u8>,
+    },
+    Ack {
+        tag: u32,
+    },
+    Started(Started),
+    Stdout {
+        tag: ExecId,
+        data: Vec<u8>,
+    },
+    Stderr {
+        tag: ExecId,
+        data: Vec<u8>,
+    },
+    Exit(ExitReport),
+    Error(ExecError),
+}
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const HELLO_ACK: u8 = 0x02;
+    pub const EXEC: u8 = 0x03;
+    pub const STDIN: u8 = 0x04;
+    pub const KILL: u8 = 0x05;
+    pub const PING: u8 = 0x06;
+    pub const PONG: u8 = 0x07;
+    pub const PUT_FILE: u8 = 0x08;
+    pub const GET_FILE: u8 = 0x09;
+    pub const FILE_DATA: u8 = 0x0a;
+    pub const ACK: u8 = 0x0b;
+    pub const STARTED: u8 = 0x10;
+    pub const STDOUT: u8 = 0x11;
+    pub const STDERR: u8 = 0x12;
+    pub const EXIT: u8 = 0x13;
+    pub const ERROR: u8 = 0x14;
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended cleanly between frames.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The stream ended inside a frame.
+    #[error("the connection ended inside a frame ({got} of {want} bytes)")]
+    Truncated { got: usize, want: usize },
+    /// The length prefix exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    /// A zero length prefix: there is not even a kind byte.
+    #[error("empty frame")]
+    Empty,
+    /// The kind byte names no frame of this protocol version.
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// The body does not match its kind.
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed { kind: &'static str, reason: String },
+    /// Reading the stream failed.
+    #[error("reading a frame failed")]
+    Io(#[from] std::io::Error),
+}
+
+fn malformed(kind: &'static str, reason: impl Into<String>) -> FrameError {
+    FrameError::Malformed {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+impl Frame {
+    /// The frame's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::HelloAck(_) => "hello_ack",
+            Frame::Exec(_) => "exec",
+            Frame::Stdin { .. } => "stdin",
+            Frame::Kill(_) => "kill",
+            Frame::Ping(_) => "ping",
+            Frame::Pong(_) => "pong",
+            Frame::PutFile(_) => "put_file",
+            Frame::GetFile(_) => "get_file",
+            Frame::FileData { .. } => "file_data",
+            Frame::Ack { .. } => "ack",
+            Frame::Started(_) => "started",
+            Frame::Stdout { .. } => "stdout",
+            Frame::Stderr { .. } => "stderr",
+            Frame::Exit(_) => "exit",
+            Frame::Error(_) => "error",
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let json = |out: &mut Vec<u8>, k: u8, v: &dyn erased::Json| {
+            out.push(k);
+            v.write(out);
+        };
+        match self {
+            Frame::Hello(v) => json(out, kind::HELLO, v),
+            Frame::HelloAck(v) => json(out, kind::HELLO_ACK, v),
+            Frame::Exec(v) => json(out, kind::EXEC, v),
+            Frame::Kill(v) => json(out, kind::KILL, v),
+            Frame::GetFile(v) => json(out, kind::GET_FILE, v),
+            Frame::Started(v) => json(out, kind::STARTED, v),
+            Frame::Exit(v) => json(out, kind::EXIT, v),
+            Frame::Error(v) => json(out, kind::ERROR, v),
+            Frame::Stdin { tag, data } => tagged(out, kind::STDIN, *tag, data),
+            Frame::Stdout { tag, data } => tagged(out, kind::STDOUT, *tag, data),
+            Frame::Stderr { tag, data } => tagged(out, kind::STDERR, *tag, data),
+            Frame::FileData { tag, data } => tagged(out, kind::FILE_DATA, *tag, data),
+            Frame::Ack { tag } => tagged(out, kind::ACK, *tag, &[]),
+            Frame::Ping(n) => {
+                out.push(kind::PING);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Frame::Pong(n) => {
+                out.push(kind::PONG);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Frame::PutFile(p) => {
+                out.push(kind::PUT_FILE);
+                out.extend_from_slice(&p.tag.to_be_bytes());
+                out.extend_from_slice(&p.mode.to_be_bytes());
+                // Paths longer than u16 cannot be valid (MAX_PATH_BYTES); the
+                // decoder refuses what this truncation would produce.
+                out.extend_from_slice(&(p.path.len().min(u16::MAX as usize) as u16).to_be_bytes());
+                out.extend_from_slice(p.path.as_bytes());
+                out.extend_from_slice(&p.data);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The encoded frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// Decodes one frame body (kind byte first, length prefix removed).
+    pub fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
+        let (&k, rest) = body.split_first().ok_or(FrameError::Empty)?;
+        Ok(match k {
+            kind::HELLO => Frame::Hello(from_json("hello", rest)?),
+            kind::HELLO_ACK => Frame::HelloAck(from_json("hello_ack", rest)?),
+            kind::EXEC => Frame::Exec(from_json("exec", rest)?),
+            kind::KILL => Frame::Kill(from_json("kill", rest)?),
+            kind::GET_FILE => Frame::GetFile(from_json("get_file", rest)?),
+            kind::STARTED => Frame::Started(from_json("started", rest)?),
+            kind::EXIT => Frame::Exit(from_json("exit", rest)?),
+            kind::ERROR => Frame::Error(from_json("error", rest)?),
+            kind::STDIN => {
+                let (tag, data) = split_tag("stdin", rest, MAX_CHUNK_BYTES)?;
+                Frame::Stdin { tag, data }
+            }
+            kind::STDOUT => {
+                let (tag, data) = split_tag("stdout", rest, MAX_CHUNK_BYTES)?;
+                Frame::Stdout { tag, data }
+            }
+            kind::STDERR => {
+                let (tag, data) = split_tag("stderr", rest, MAX_CHUNK_BYTES)?;
+                Frame::Stderr { tag, data }
+            }
+            kind::FILE_DATA => {
+                let (tag, data) = split_tag("file_data", rest, MAX_FILE_BYTES)?;
+                Frame::FileData { tag, data }
+            }
+            kind::ACK => {
+                let (tag, data) = split_tag("ack", rest, 0)?;
+                debug_assert!(data.is_empty());
+                Frame::Ack { tag }
+            }
+            kind::PING => Frame::Ping(u64_body("ping", rest)?),
+            kind::PONG => Frame::Pong(u64_body("pong", rest)?),
+            kind::PUT_FILE => {
+                if rest.len() < 10 {
+                    return Err(malformed("put_file", "header shorter than 10 bytes"));
+                }
+                let tag = u32::from_be_bytes(rest[0..4].try_into().expect("4 bytes"));
+                let mode = u32::from_be_bytes(rest[4..8].try_into().expect("4 bytes"));
+                let plen = u16::from_be_bytes(rest[8..10].try_into().expect("2 bytes")) as usize;
+                if plen == 0 || plen > MAX_PATH_BYTES || rest.len() < 10 + plen {
+                    return Err(malformed("put_file", format!("bad path length {plen}")));
+                }
+                let path = std::str::from_utf8(&rest[10..10 + plen])
+                    .map_err(|_| malformed("put_file", "path is not UTF-8"))?
+                    .to_owned();
+                let data = rest[10 + plen..].to_vec();
+                if data.len() > MAX_FILE_BYTES {
+                    return Err(malformed("put_file", "file larger than the limit"));
+                }
+                Frame::PutFile(PutFile {
+                    tag,
+                    mode,
+                    path,
+                    data,
+                })
+            }
+            other => return Err(FrameError::UnknownKind(other)),
+        })
+    }
+}
+
+fn tagged(out: &mut Vec<u8>, k: u8, tag: u32, data: &[u8]) {
+    out.push(k);
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+fn split_tag(kind: &'static str, rest: &[u8], max: usize) -> Result<(u32, Vec<u8>), FrameError> {
+    if rest.len() < 4 {
+        return Err(malformed(kind, "missing 4-byte tag"));
+    }
+    let data = &rest[4..];
+    if data.len() > max {
+        return Err(malformed(
+            kind,
+            format!("{} bytes of data; at most {max}", data.len()),
+        ));
+    }
+    let tag = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
+    Ok((tag, data.to_vec()))
+}
+
+fn u64_body(kind: &'static str, rest: &[u8]) -> Result<u64, FrameError> {
+    let arr: [u8; 8] = rest
+        .try_into()
+        .map_err(|_| malformed(kind, format!("body of {} bytes; want 8", rest.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(
+    kind: &'static str,
+    body: &[u8],
+) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| malformed(kind, e.to_string()))
+}
+
+/// Object-safe JSON writing, so `encode_into` can treat control frames alike.
+mod erased {
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            // Serializing these plain structs into a Vec cannot fail: no map
+            // has non-string keys and no Serialize impl returns an error.
+            serde_json::to_writer(out, self).expect("control frames serialize");
+        }
+    }
+}
+
+/// Incremental frame decoder over any byte source.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new(MAX_FRAME_BYTES)
+    }
+}
+
+impl Decoder {
+    /// A decoder refusing frames longer than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Adds bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes held that do not yet form a frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. An
+    /// oversized length prefix is an error as soon as it is seen, before the
+    /// body is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = Frame::decode_body(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        frame.map(Some)
+    }
+
+    /// Call at end of stream: `Closed` if it ended between frames.
+    pub fn finish(&self) -> FrameError {
+        if self.buf.is_empty() {
+            FrameError::Closed
+        } else {
+            let want = if self.buf.len() >= 4 {
+                4 + u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize
+            } else {
+                4
+            };
+            FrameError::Truncated {
+                got: self.buf.len(),
+                want,
+            }
+        }
+    }
+}
+
+/// Reads exactly one frame from a blocking reader.
+pub fn read_frame<R: Read>(r: &mut R, max: usize) -> Result<Frame, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => return Err(FrameError::Truncated { got, want: 4 }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match r.read(&mut body[got..]) {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    got: got + 4,
+                    want: len + 4,
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Frame::decode_body(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                runtimes: RuntimeTable::default(),
+                warm: vec!["python".into()],
+                workdir: "/work".into(),
+                uid: 1000,
+                gid: 1000,
+            }),
+            Frame::HelloAck(HelloAck {
+                version: 1,
+                agent: "0.1.0".into(),
+                pid: 1,
+            }),
+            Frame::Exec(ExecRequest {
+                tag: 7,
+                runtime: "python".into(),
+                entrypoint: "main.py".into(),
+                args: vec!["a".into()],
+                env: [("K".to_string(), "V".to_string())].into(),
+                output_limit: 10,
+                warm_next: true,
+            }),
+            Frame::Stdin {
+                tag: 7,
+                data: b"in".to_vec(),
+            },
+            Frame::Kill(Kill { tag: 7, signal: 9 }),
+            Frame::Ping(42),
+            Frame::Pong(42),
+            Frame::PutFile(PutFile {
+                tag: 1,
+                mode: 0o644,
+                path: "a/b".into(),
+                data: vec![0, 255],
+            }),
+            Frame::GetFile(GetFile {
+                tag: 2,
+                path: "a/b".into(),
+                max_bytes: 5,
+            }),
+            Frame::FileData {
+                tag: 2,
+                data: vec![1],
+            },
+            Frame::Ack { tag: 1 },
+            Frame::Started(Started {
+                tag: 7,
+                pid: 3,
+                warm: true,
+            }),
+            Frame::Stdout {
+                tag: 7,
+                data: b"out".to_vec(),
+            },
+            Frame::Stderr {
+                tag: 7,
+                data: vec![],
+            },
+            Frame::Exit(ExitReport {
+                tag: 7,
+                status: ExitStatus::Signal(9),
+                reason: Some("killed".into()),
+                stdout_bytes: 3,
+                stderr_bytes: 0,
+                stdout_truncated: false,
+                stderr_truncated: true,
+                cpu_user_us: 1,
+                cpu_system_us: 2,
+                max_rss_kb: 3,
+                wall_us: 4,
+            }),
+            Frame::Error(ExecError {
+                tag: None,
+                message: "x".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips_through_the_decoder() {
+        let mut d = Decoder::default();
+        let mut all = Vec::new();
+        for f in samples() {
+            f.encode_into(&mut all);
+        }
+        // Byte at a time: the decoder must cope with any split.
+        let mut out = Vec::new();
+        for b in all {
+            d.extend(&[b]);
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, samples());
+        assert!(matches!(d.finish(), FrameError::Closed));
+    }
+
+    #[test]
+    fn blocking_reader_round_trips_and_reports_truncation() {
+        let bytes = Frame::Ping(9).encode();
+        assert_eq!(
+            read_frame(&mut &bytes[..], MAX_FRAME_BYTES).unwrap(),
+            Frame::Ping(9)
+        );
+        let err = read_frame(&mut &bytes[..6], MAX_FRAME_BYTES).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated { .. }), "{err}");
+        assert!(matches!(
+            read_frame(&mut &[][..], 10).unwrap_err(),
+            FrameError::Closed
+        ));
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let mut d = Decoder::new(100);
+        d.extend(&1000u32.to_be_bytes());
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::TooLarge {
+                len: 1000,
+                max: 100
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_bodies_are_typed_errors() {
+        assert!(matches!(
+            Frame::decode_body(&[0x7f]),
+            Err(FrameError::UnknownKind(0x7f))
+        ));
+        assert!(matches!(Frame::decode_body(&[]), Err(FrameError::Empty)));
+        assert!(matches!(
+            Frame::decode_body(&[kind::EXEC, b'{']),
+            Err(FrameError::Malformed { kind: "exec", .. })
+        ));
+        assert!(matches!(
+            Frame::decode_body(&[kind::PING, 1, 2]),
+            Err(FrameError::Malformed { kind: "ping", .. })
+        ));
+        let mut big = vec![kind::STDOUT, 0, 0, 0, 1];
+        big.resize(5 + MAX_CHUNK_BYTES + 1, b'x');
+        assert!(matches!(
+            Frame::decode_body(&big),
+            Err(FrameError::Malformed { kind: "stdout", .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic the decoder and never make it hold
+        /// more than one maximal frame.
+        #[test]
+        fn decoder_never_panics_on_garbage(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..32)) {
+            let mut d = Decoder::new(1024);
+            for c in chunks {
+                d.extend(&c);
+                loop {
+                    match d.next_frame() {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(_) => return Ok(()),
+                    }
+                }
+                prop_assert!(d.pending() <= 4 + 1024 + 64);
+            }
+        }
+
+        /// Any body after a valid kind byte decodes or errs, never panics.
+        #[test]
+        fn any_body_of_any_kind_is_handled(k in 0u8..0x20, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut b = vec![k];
+            b.extend(body);
+            let _ = Frame::decode_body(&b);
+        }
+
+        /// Data frames round-trip with arbitrary payloads and tags.
+        #[test]
+        fn data_frames_round_trip(tag in any::<u32>(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            for f in [Frame::Stdout { tag, data: data.clone() }, Frame::Stdin { tag, data: data.clone() }] {
+                let enc = f.encode();
+                prop_assert_eq!(Frame::decode_body(&enc[4..]).unwrap(), f);
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The table of language runtimes. Adding a language is configuration: a
+//! `[[runtime]]` entry in TOML with the command that runs a file and,
+//! optionally, a warm start. The host owns the table and hands it to the agent
+//! in the handshake, so both sides always agree.
+//!
+//! ## The warm-start contract
+//!
+//! A warm runtime is an interpreter the agent starts before any code exists,
+//! with file descriptor 3 open on a pipe. It reads one line of JSON from fd 3:
+//! `{"file": "/work/main.py", "args": [...], "env": {...}, "cwd": "/work"}`,
+//! then replaces its environment, changes directory, sets its argv and runs
+//! the file as the main program. stdin/stdout/stderr are already the job's.
+//! Its exit status is the job's exit status.
+
+use serde::{Deserialize, Serialize};
+
+/// How to start an interpreter ahead of time (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmStart {
+    pub command: Vec<String>,
+}
+
+/// One language runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Canonical name, as reported in results and `/api/v2/runtimes`.
+    pub name: String,
+    /// Version string reported to clients (Piston's `version`).
+    #[serde(default)]
+    pub version: String,
+    /// Other names accepted in a job's `runtime` (Piston's `aliases`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// File extensions (without the dot) that select this runtime.
+    #[serde(default)]
+    pub extensions: Vec<String>,
+    /// File name given to inline code.
+    pub file: String,
+    /// Command that runs a file cold; `{file}` is replaced by the
+    /// entrypoint's absolute path, and the job's args are appended.
+    pub command: Vec<String>,
+    /// Optional warm start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmStart>,
+}
+
+impl Runtime {
+    /// The cold command for `file` with `args`.
+    pub fn cold_argv(&self, file: &str, args: &[String]) -> Vec<String> {
+        self.command
+            .iter()
+            .map(|a| a.replace("{file}", file))
+            .chain(args.iter().cloned())
+            .collect()
+    }
+
+    /// Whether `name` (case-insensitive) names this runtime.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Why a runtime table or a runtime name was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The TOML did not parse as a runtime table.
+    #[error("runtime table is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A runtime entry is unusable.
+    #[error("runtime {name:?}: {message}")]
+    Invalid { name: String, message: String },
+    /// The job names a runtime the table does not have.
+    #[error("unknown runtime {name:?}; available: {available}")]
+    Unknown { name: String, available: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableFile {
+    runtime: Vec<Runtime>,
+}
+
+/// The runtimes a host offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeTable {
+    runtimes: Vec<Runtime>,
+}
+
+/// The built-in table: Python 3, Node.js and Bash from the host's `/usr/bin`.
+pub const DEFAULT_RUNTIMES_TOML: &str = include_str!("runtimes.toml");
+
+impl Default for RuntimeTable {
+    fn default() -> Self {
+        Self::from_toml(DEFAULT_RUNTIMES_TOML).expect("the built-in runtime table is valid")
+    }
+}
+
+impl RuntimeTable {
+    /// Parses a table of `[[runtime]]` entries.
+    pub fn from_toml(text: &str) -> Result<Self, RuntimeError> {
+        let file: TableFile = toml::from_str(text)?;
+        let table = Self {
+            runtimes: file.runtime,
+        };
+        table.check()?;
+        Ok(table)
+    }
+
+    fn check(&self) -> Result<(), RuntimeError> {
+        for (i, r) in self.runtimes.iter().enumerate() {
+            let invalid = |message: &str| RuntimeError::Invalid {
+                name: r.name.clone(),
+                message: message.to_owned(),
+            };
+            if r.command.is_empty() || !r.command[0].starts_with('/') {
+                return Err(invalid(
+                    "`command` must start with an absolute program path",
+                ));
+            }
+            if !r.command.iter().any(|a| a.contains("{file}")) {
+                return Err(invalid("`command` must mention {file}"));
+            }
+            if let Some(w) = &r.warm {
+                if w.command.is_empty() || !w.command[0].starts_with('/') {
+                    return Err(invalid(
+                        "`warm.command` must start with an absolute program path",
+                    ));
+                }
+            }
+            crate::job::check_rel_path("file", &r.file).map_err(|e| invalid(&e.to_string()))?;
+            let names = std::iter::once(&r.name).chain(&r.aliases);
+            for n in names {
+                if self.runtimes[..i].iter().any(|o| o.answers_to(n)) {
+                    return Err(invalid(&format!("name {n:?} is already taken")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The runtime a job's `runtime` field names.
+    pub fn resolve(&self, name: &str) -> Result<&Runtime, RuntimeError> {
+        self.runtimes
+            .iter()
+            .find(|r| r.answers_to(name))
+            .ok_or_else(|| RuntimeError::Unknown {
+                name: name.to_owned(),
+                available: self.names().join(", "),
+            })
+    }
+
+    /// The runtime that runs files with this extension.
+    pub fn by_extension(&self, ext: &str) -> Option<&Runtime> {
+        self.runtimes
+            .iter()
+            .find(|r| r.extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.runtimes.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Runtime> {
+        self.runtimes.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table_has_python_node_bash() {
+        let t = RuntimeTable::default();
+        assert_eq!(t.resolve("python3").unwrap().name, "python");
+        assert_eq!(t.resolve("JS").unwrap().name, "node");
+        assert_eq!(t.by_extension("sh").unwrap().name, "bash");
+        assert!(t.resolve("python").unwrap().warm.is_some());
+    }
+
+    #[test]
+    fn unknown_runtime_lists_the_available_ones() {
+        let e = RuntimeTable::default()
+            .resolve("cobol")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cobol") && e.contains("python"), "{e}");
+    }
+
+    #[test]
+    fn a_new_runtime_is_just_configuration() {
+        let t = RuntimeTable::from_toml(
+            "[[runtime]]\nname='perl'\nfile='main.pl'\ncommand=['/usr/bin/perl','{file}']\n",
+        )
+        .unwrap();
+        assert_eq!(
+            t.resolve("perl")
+                .unwrap()
+                .cold_argv("/work/main.pl", &["a".into()]),
+            ["/usr/bin/perl", "/work/main.pl", "a"]
+        );
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_reason() {
+        let e =
+            RuntimeTable::from_toml("[[runtime]]\nname='x'\nfile='m'\ncommand=['perl','{file}']\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = RuntimeTable::from_toml(
+            "[[runtime]]\nname='x'\nfile='m'\ncommand=['/p','{file}']\n[[runtime]]\nname='y'\naliases=['X']\nfile='m'\ncommand=['/p','{file}']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("taken"), "{e}");
+    }
+}
