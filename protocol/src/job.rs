@@ -277,7 +277,7 @@ struct RawJobSpec {
 
 /// Checks a path relative to the work directory: no `..`, not absolute, no
 /// NUL, no empty components.
-pub(crate) fn check_rel_path(field: &str, path: &str) -> Result<(), SpecError> {
+pub fn check_rel_path(field: &str, path: &str) -> Result<(), SpecError> {
     if path.is_empty() || path.len() > limits::MAX_PATH_BYTES {
         return Err(SpecError::new(
             field,

@@ -16,6 +16,7 @@ pub use frame::{
     GetFile, Hello, HelloAck, Kill, PutFile, Started, PROTOCOL_VERSION,
 };
 pub use job::{
-    Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome, SpecError, Timings, Usage,
+    check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome, SpecError,
+    Timings, Usage,
 };
 pub use runtime::{Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML};
