@@ -1,0 +1,931 @@
+//! The agent proper: one host connection served by a single-threaded
+//! poll(2) loop over the socket, a signalfd (SIGCHLD, and the termination
+//! signals it forwards to jobs) and the pipes of every running exec.
+//!
+//! Every write is non-blocking. Frames for the host go to one outgoing
+//! buffer, in the order they are produced, which is what guarantees that an
+//! exec's output frames precede its `Exit`. When that buffer holds more than
+//! [`BACKPRESSURE_BYTES`], job pipes are no longer read (the jobs block on
+//! full pipes) until the host has drained it, so an output flood costs
+//! bounded memory.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::limits::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
+use kiln_protocol::{
+    Decoder, ExecError, ExecId, ExecRequest, ExitReport, ExitStatus, Frame, FrameError, GetFile,
+    Hello, HelloAck, Kill, PutFile, Runtime, RuntimeTable, Started, PROTOCOL_VERSION,
+};
+
+use crate::files::Workdir;
+use crate::spawn::{spawn, JobIdentity, Spawned};
+use crate::{log_debug, log_info, log_warn, sys};
+
+/// Outgoing bytes past which job pipes are no longer read.
+const BACKPRESSURE_BYTES: usize = 4 * 1024 * 1024;
+/// Outgoing bytes past which host requests are no longer read either (a host
+/// that sends requests without reading answers must not grow the agent).
+const STOP_READING_HOST_BYTES: usize = 16 * 1024 * 1024;
+/// Most stdin bytes buffered for one exec.
+const MAX_STDIN_BUFFER: usize = 16 * 1024 * 1024;
+/// How long output is still collected after an exec's main process ended.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// How long the agent tries to deliver its last frames to a peer it is
+/// closing on.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
+
+/// Environment every job starts from; the request's env goes on top.
+fn default_env(workdir: &str) -> BTreeMap<String, String> {
+    [
+        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        ("HOME", workdir),
+        ("LANG", "C.UTF-8"),
+        ("TMPDIR", "/tmp"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Bytes waiting to be written to a non-blocking pipe.
+#[derive(Debug, Default)]
+struct PipeWriter {
+    fd: Option<OwnedFd>,
+    buf: Vec<u8>,
+    /// Close once `buf` is flushed.
+    close_when_flushed: bool,
+}
+
+impl PipeWriter {
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd: Some(fd),
+            ..Self::default()
+        }
+    }
+
+    /// Writes what the pipe takes now. A reader that went away (EPIPE) is
+    /// not an error: the data is dropped and the pipe closed.
+    fn flush(&mut self) -> io::Result<()> {
+        let Some(fd) = &self.fd else {
+            self.buf.clear();
+            return Ok(());
+        };
+        while !self.buf.is_empty() {
+            match sys::write(fd.as_raw_fd(), &self.buf) {
+                Ok(n) => {
+                    self.buf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    self.close();
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.close();
+                    return Err(e);
+                }
+            }
+        }
+        if self.close_when_flushed {
+            self.fd = None;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        self.fd = None;
+        self.buf = Vec::new();
+    }
+
+    fn wants_poll(&self) -> Option<RawFd> {
+        match &self.fd {
+            Some(fd) if !self.buf.is_empty() => Some(fd.as_raw_fd()),
+            _ => None,
+        }
+    }
+}
+
+/// One of an exec's output streams.
+#[derive(Debug)]
+struct OutputStream {
+    fd: Option<OwnedFd>,
+    /// Bytes the job wrote (forwarded or not).
+    bytes: u64,
+    truncated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How the main process of an exec ended.
+#[derive(Debug)]
+struct Ended {
+    status: ExitStatus,
+    rusage: libc::rusage,
+    wall: Duration,
+    drain_until: Instant,
+}
+
+/// A running exec.
+#[derive(Debug)]
+struct Exec {
+    pid: i32,
+    runtime: String,
+    warm_next: bool,
+    output_limit: u64,
+    started: Instant,
+    output: [OutputStream; 2],
+    stdin: PipeWriter,
+    /// The warm-start request still being written to a warm interpreter.
+    control: PipeWriter,
+    reason: Option<&'static str>,
+    ended: Option<Ended>,
+}
+
+impl Exec {
+    fn new(p: Spawned, req: &ExecRequest, runtime: &str) -> Self {
+        Self {
+            pid: p.pid,
+            runtime: runtime.to_owned(),
+            warm_next: req.warm_next,
+            output_limit: req.output_limit,
+            started: Instant::now(),
+            output: [
+                OutputStream {
+                    fd: Some(p.stdout),
+                    bytes: 0,
+                    truncated: false,
+                },
+                OutputStream {
+                    fd: Some(p.stderr),
+                    bytes: 0,
+                    truncated: false,
+                },
+            ],
+            stdin: PipeWriter::new(p.stdin),
+            control: p.control.map(PipeWriter::new).unwrap_or_default(),
+            reason: None,
+            ended: None,
+        }
+    }
+
+    fn kill(&mut self, sig: libc::c_int, reason: &'static str) {
+        sys::kill_group(self.pid, sig);
+        self.reason.get_or_insert(reason);
+    }
+
+    /// Whether the Exit report can be sent now.
+    fn finished(&self, now: Instant, backpressured: bool) -> bool {
+        let Some(ended) = &self.ended else {
+            return false;
+        };
+        let drained = self.output.iter().all(|o| o.fd.is_none());
+        drained || (now >= ended.drain_until && !backpressured)
+    }
+
+    fn report(&self, tag: ExecId) -> ExitReport {
+        let ended = self.ended.as_ref().expect("finished execs have ended");
+        let us = |tv: libc::timeval| tv.tv_sec.max(0) as u64 * 1_000_000 + tv.tv_usec.max(0) as u64;
+        ExitReport {
+            tag,
+            status: ended.status,
+            reason: self.reason.map(str::to_owned),
+            stdout_bytes: self.output[0].bytes,
+            stderr_bytes: self.output[1].bytes,
+            stdout_truncated: self.output[0].truncated,
+            stderr_truncated: self.output[1].truncated,
+            cpu_user_us: us(ended.rusage.ru_utime),
+            cpu_system_us: us(ended.rusage.ru_stime),
+            max_rss_kb: ended.rusage.ru_maxrss.max(0) as u64,
+            wall_us: ended.wall.as_micros() as u64,
+        }
+    }
+}
+
+/// A pre-started interpreter waiting for its job on fd 3.
+#[derive(Debug)]
+struct Warm {
+    runtime: String,
+    command: Vec<String>,
+    uid: u32,
+    gid: u32,
+    cwd: String,
+    process: Spawned,
+}
+
+/// What `Hello` established.
+#[derive(Debug)]
+struct Setup {
+    runtimes: RuntimeTable,
+    workdir: Workdir,
+}
+
+impl Setup {
+    fn identity(&self) -> JobIdentity {
+        JobIdentity {
+            uid: self.workdir.uid(),
+            gid: self.workdir.gid(),
+            cwd: self.workdir.path().to_owned(),
+        }
+    }
+}
+
+/// The host connection: its socket, incoming decoder and outgoing buffer.
+struct Connection {
+    fd: OwnedFd,
+    decoder: Decoder,
+    out: Vec<u8>,
+    /// Bytes of `out` already written.
+    sent: usize,
+    hello_done: bool,
+}
+
+impl Connection {
+    fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        log_debug!("-> {}", frame.name());
+        frame.encode_into(&mut self.out);
+    }
+
+    fn error(&mut self, tag: Option<u32>, message: impl Into<String>) {
+        let message = message.into();
+        log_info!("error for request {tag:?}: {message}");
+        self.send(&Frame::Error(ExecError { tag, message }));
+    }
+
+    /// Writes what the socket takes now.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.sent < self.out.len() {
+            match sys::write(self.fd.as_raw_fd(), &self.out[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if self.sent > self.out.len() / 2 {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Best effort: delivers what is buffered within [`FINAL_FLUSH`].
+    fn flush_before_close(&mut self) {
+        let deadline = Instant::now() + FINAL_FLUSH;
+        while self.pending() > 0 {
+            if self.flush().is_err() {
+                return;
+            }
+            let now = Instant::now();
+            if self.pending() == 0 || now >= deadline {
+                return;
+            }
+            let mut p = [libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            }];
+            if sys::poll(&mut p, Some(deadline - now)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Closed {
+    /// The host closed it (or the socket failed).
+    Peer,
+    /// The agent closed it after a protocol violation.
+    Violation,
+}
+
+/// Where a poll entry came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Socket,
+    Signals,
+    Output(ExecId, Stream),
+    Stdin(ExecId),
+    Control(ExecId),
+}
+
+/// The agent's state across connections.
+pub struct Agent {
+    signals: OwnedFd,
+    is_init: bool,
+    setup: Option<Setup>,
+    warm: Vec<Warm>,
+    execs: BTreeMap<ExecId, Exec>,
+    scratch: Vec<u8>,
+}
+
+impl Agent {
+    pub fn new(signals: OwnedFd, is_init: bool) -> Self {
+        Self {
+            signals,
+            is_init,
+            setup: None,
+            warm: Vec::new(),
+            execs: BTreeMap::new(),
+            scratch: vec![0; MAX_CHUNK_BYTES],
+        }
+    }
+
+    /// Serves one host connection until it ends; every exec still running
+    /// is killed before this returns (warm interpreters survive, for the
+    /// next connection).
+    pub fn serve(&mut self, fd: OwnedFd) -> io::Result<()> {
+        sys::set_nonblocking(fd.as_raw_fd())?;
+        let mut conn = Connection {
+            fd,
+            decoder: Decoder::new(MAX_FRAME_BYTES),
+            out: Vec::new(),
+            sent: 0,
+            hello_done: false,
+        };
+        let closed = self.run(&mut conn);
+        log_info!("connection ended: {closed:?}");
+        if matches!(closed, Closed::Violation) {
+            conn.flush_before_close();
+        }
+        for (_, exec) in std::mem::take(&mut self.execs) {
+            sys::kill_group(exec.pid, libc::SIGKILL);
+        }
+        self.reap();
+        Ok(())
+    }
+
+    /// Kills every process the agent started (and, as init, every process
+    /// in the namespace), and reaps them for up to a second.
+    pub fn shutdown(&mut self) {
+        for (_, exec) in std::mem::take(&mut self.execs) {
+            sys::kill_group(exec.pid, libc::SIGKILL);
+        }
+        for w in std::mem::take(&mut self.warm) {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        if self.is_init {
+            sys::kill_everything();
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            while sys::reap_one().is_some() {}
+            // ECHILD: nothing left to wait for.
+            // SAFETY: waitid with WNOHANG|WNOWAIT only queries.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            if r == -1 || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Serves the accept loop's idle time: reaps children while waiting for
+    /// `listener` to become readable.
+    pub fn wait_readable(&mut self, listener: RawFd) -> io::Result<()> {
+        loop {
+            let mut p = [
+                libc::pollfd {
+                    fd: listener,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.signals.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            sys::poll(&mut p, None)?;
+            if p[1].revents != 0 {
+                sys::read_signals(self.signals.as_raw_fd());
+                self.reap();
+            }
+            if p[0].revents != 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn run(&mut self, conn: &mut Connection) -> Closed {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut sources: Vec<Source> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let backpressured = conn.pending() > BACKPRESSURE_BYTES;
+            self.finish_execs(conn, now, backpressured);
+            if let Err(e) = conn.flush() {
+                log_info!("writing to the host failed: {e}");
+                return Closed::Peer;
+            }
+            let backpressured = conn.pending() > BACKPRESSURE_BYTES;
+
+            fds.clear();
+            sources.clear();
+            let mut add = |fd: RawFd, events: libc::c_short, src: Source| {
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+                sources.push(src);
+            };
+            let mut sock_events = 0;
+            if conn.pending() <= STOP_READING_HOST_BYTES {
+                sock_events |= libc::POLLIN;
+            }
+            if conn.pending() > 0 {
+                sock_events |= libc::POLLOUT;
+            }
+            add(conn.fd.as_raw_fd(), sock_events, Source::Socket);
+            add(self.signals.as_raw_fd(), libc::POLLIN, Source::Signals);
+            let mut timeout: Option<Duration> = None;
+            for (&tag, exec) in &self.execs {
+                if !backpressured {
+                    for (s, o) in [Stream::Stdout, Stream::Stderr].iter().zip(&exec.output) {
+                        if let Some(fd) = &o.fd {
+                            add(fd.as_raw_fd(), libc::POLLIN, Source::Output(tag, *s));
+                        }
+                    }
+                }
+                if let Some(fd) = exec.stdin.wants_poll() {
+                    add(fd, libc::POLLOUT, Source::Stdin(tag));
+                }
+                if let Some(fd) = exec.control.wants_poll() {
+                    add(fd, libc::POLLOUT, Source::Control(tag));
+                }
+                if let Some(e) = &exec.ended {
+                    let left = e.drain_until.saturating_duration_since(now);
+                    timeout = Some(timeout.map_or(left, |t: Duration| t.min(left)));
+                }
+            }
+            if let Err(e) = sys::poll(&mut fds, timeout) {
+                log_warn!("poll failed: {e}");
+                return Closed::Peer;
+            }
+            for i in 0..fds.len() {
+                let revents = fds[i].revents;
+                if revents == 0 {
+                    continue;
+                }
+                match sources[i] {
+                    Source::Signals => self.on_signals(),
+                    Source::Socket => {
+                        if revents & libc::POLLOUT != 0 {
+                            if let Err(e) = conn.flush() {
+                                log_info!("writing to the host failed: {e}");
+                                return Closed::Peer;
+                            }
+                        }
+                        if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                            if let Some(closed) = self.on_socket_readable(conn) {
+                                return closed;
+                            }
+                        }
+                    }
+                    Source::Output(tag, stream) => self.on_output(conn, tag, stream),
+                    Source::Stdin(tag) => {
+                        if let Some(exec) = self.execs.get_mut(&tag) {
+                            let _ = exec.stdin.flush();
+                        }
+                    }
+                    Source::Control(tag) => {
+                        if let Some(exec) = self.execs.get_mut(&tag) {
+                            let _ = exec.control.flush();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the Exit of every exec that is over, and starts the warm
+    /// interpreters they asked for.
+    fn finish_execs(&mut self, conn: &mut Connection, now: Instant, backpressured: bool) {
+        let done: Vec<ExecId> = self
+            .execs
+            .iter()
+            .filter(|(_, e)| e.finished(now, backpressured))
+            .map(|(&t, _)| t)
+            .collect();
+        for tag in done {
+            let exec = self.execs.remove(&tag).expect("listed above");
+            let report = exec.report(tag);
+            log_info!("exec {tag} ended: {:?}", report.status);
+            conn.send(&Frame::Exit(report));
+            if exec.warm_next {
+                self.start_warm(&exec.runtime);
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        for sig in sys::read_signals(self.signals.as_raw_fd()) {
+            if sig == libc::SIGCHLD {
+                continue;
+            }
+            log_info!("forwarding signal {sig} to {} exec(s)", self.execs.len());
+            for exec in self.execs.values() {
+                sys::kill_group(exec.pid, sig);
+            }
+        }
+        // SIGCHLD may have been coalesced with any other: always reap.
+        self.reap();
+    }
+
+    /// Reaps every terminated child, handing the status and resource usage
+    /// of exec processes to their exec; other children (orphans re-parented
+    /// to the agent, dead warm interpreters) are just reaped.
+    fn reap(&mut self) {
+        while let Some(r) = sys::reap_one() {
+            if let Some((_, exec)) = self
+                .execs
+                .iter_mut()
+                .find(|(_, e)| e.pid == r.pid && e.ended.is_none())
+            {
+                // Whatever the main process left behind in its group dies
+                // with it.
+                sys::kill_group(exec.pid, libc::SIGKILL);
+                let status = if libc::WIFSIGNALED(r.status) {
+                    ExitStatus::Signal(libc::WTERMSIG(r.status))
+                } else {
+                    ExitStatus::Code(libc::WEXITSTATUS(r.status))
+                };
+                let now = Instant::now();
+                exec.ended = Some(Ended {
+                    status,
+                    rusage: r.rusage,
+                    wall: now - exec.started,
+                    drain_until: now + DRAIN_GRACE,
+                });
+                exec.stdin.close();
+                exec.control.close();
+            } else if let Some(i) = self.warm.iter().position(|w| w.process.pid == r.pid) {
+                let w = self.warm.swap_remove(i);
+                log_warn!(
+                    "warm {} interpreter {} died before use (status {:#x})",
+                    w.runtime,
+                    r.pid,
+                    r.status
+                );
+                sys::kill_group(w.process.pid, libc::SIGKILL);
+            } else {
+                log_debug!("reaped orphan {}", r.pid);
+            }
+        }
+    }
+
+    /// Reads what the host sent and handles every complete frame. Returns
+    /// why the connection must end, if it must.
+    fn on_socket_readable(&mut self, conn: &mut Connection) -> Option<Closed> {
+        match sys::read(conn.fd.as_raw_fd(), &mut self.scratch) {
+            Ok(0) => {
+                if let FrameError::Truncated { got, want } = conn.decoder.finish() {
+                    log_warn!("host closed the connection inside a frame ({got} of {want} bytes)");
+                }
+                return Some(Closed::Peer);
+            }
+            Ok(n) => conn.decoder.extend(&self.scratch[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => {
+                log_info!("reading from the host failed: {e}");
+                return Some(Closed::Peer);
+            }
+        }
+        loop {
+            match conn.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if let Some(closed) = self.on_frame(conn, frame) {
+                        return Some(closed);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    log_warn!("malformed frame from the host: {e}");
+                    conn.error(None, format!("malformed frame, closing: {e}"));
+                    return Some(Closed::Violation);
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, conn: &mut Connection, frame: Frame) -> Option<Closed> {
+        log_debug!("<- {}", frame.name());
+        match frame {
+            Frame::Hello(h) => return self.on_hello(conn, h),
+            Frame::Ping(n) => conn.send(&Frame::Pong(n)),
+            Frame::Exec(req) => {
+                let tag = req.tag;
+                if let Err(message) = self.on_exec(conn, req) {
+                    conn.error(Some(tag), message);
+                }
+            }
+            Frame::Stdin { tag, data } => {
+                if let Err(message) = self.on_stdin(tag, data) {
+                    conn.error(Some(tag), message);
+                }
+            }
+            Frame::Kill(Kill { tag, signal }) => match self.execs.get_mut(&tag) {
+                Some(_) if !(0..=64).contains(&signal) => {
+                    conn.error(Some(tag), format!("signal {signal} is not a signal number"))
+                }
+                Some(exec) => exec.kill(signal, "killed"),
+                None => conn.error(Some(tag), format!("no running exec has tag {tag}")),
+            },
+            Frame::PutFile(p) => self.on_put_file(conn, p),
+            Frame::GetFile(g) => self.on_get_file(conn, g),
+            other => {
+                let name = other.name();
+                conn.error(None, format!("{name} frames are sent by the agent, not to it"));
+            }
+        }
+        None
+    }
+
+    fn on_hello(&mut self, conn: &mut Connection, hello: Hello) -> Option<Closed> {
+        if hello.version != PROTOCOL_VERSION {
+            conn.error(
+                None,
+                format!(
+                    "protocol version {} is not supported; this agent speaks version {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            );
+            return Some(Closed::Violation);
+        }
+        if conn.hello_done {
+            conn.error(None, "hello was already received on this connection");
+            return None;
+        }
+        for name in &hello.warm {
+            if hello.runtimes.resolve(name).is_err() {
+                conn.error(
+                    None,
+                    format!(
+                        "warm runtime {name:?} is not in the runtime table; available: {}",
+                        hello.runtimes.names().join(", ")
+                    ),
+                );
+                return None;
+            }
+        }
+        let workdir = match Workdir::open(&hello.workdir, hello.uid, hello.gid) {
+            Ok(w) => w,
+            Err(e) => {
+                conn.error(None, format!("workdir: {e}"));
+                return None;
+            }
+        };
+        self.setup = Some(Setup {
+            runtimes: hello.runtimes,
+            workdir,
+        });
+        // Keep interpreters from a previous connection (a restored
+        // snapshot) that still fit; stop the others.
+        let wanted: Vec<String> = hello
+            .warm
+            .iter()
+            .filter_map(|n| self.runtime(n).map(|r| r.name.clone()))
+            .collect();
+        let stale: Vec<Warm> = {
+            let (keep, stale) = std::mem::take(&mut self.warm)
+                .into_iter()
+                .partition(|w| wanted.contains(&w.runtime) && self.warm_fits(w));
+            self.warm = keep;
+            stale
+        };
+        for w in stale {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        for name in wanted {
+            self.start_warm(&name);
+        }
+        conn.hello_done = true;
+        conn.send(&Frame::HelloAck(HelloAck {
+            version: PROTOCOL_VERSION,
+            agent: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: sys::getpid(),
+        }));
+        None
+    }
+
+    fn runtime(&self, name: &str) -> Option<&Runtime> {
+        self.setup.as_ref()?.runtimes.resolve(name).ok()
+    }
+
+    /// Whether a live warm interpreter matches the current setup.
+    fn warm_fits(&self, w: &Warm) -> bool {
+        let (Some(setup), Some(rt)) = (&self.setup, self.runtime(&w.runtime)) else {
+            return false;
+        };
+        rt.warm.as_ref().map(|x| &x.command) == Some(&w.command)
+            && setup.workdir.uid() == w.uid
+            && setup.workdir.gid() == w.gid
+            && setup.workdir.path() == w.cwd
+    }
+
+    /// Starts a warm interpreter for `runtime` unless it has no warm start
+    /// or one is already waiting.
+    fn start_warm(&mut self, runtime: &str) {
+        let Some(setup) = &self.setup else { return };
+        let Ok(rt) = setup.runtimes.resolve(runtime) else {
+            return;
+        };
+        let Some(warm) = &rt.warm else { return };
+        if self.warm.iter().any(|w| w.runtime == rt.name) {
+            return;
+        }
+        let who = setup.identity();
+        match spawn(&warm.command, &default_env(&who.cwd), &who, true) {
+            Ok(process) => {
+                log_info!("warm {} interpreter started: pid {}", rt.name, process.pid);
+                self.warm.push(Warm {
+                    runtime: rt.name.clone(),
+                    command: warm.command.clone(),
+                    uid: who.uid,
+                    gid: who.gid,
+                    cwd: who.cwd,
+                    process,
+                });
+            }
+            Err(e) => log_warn!("cannot start a warm {} interpreter: {e}", rt.name),
+        }
+    }
+
+    fn on_exec(&mut self, conn: &mut Connection, req: ExecRequest) -> Result<(), String> {
+        let Some(setup) = &self.setup else {
+            return Err("exec before hello".into());
+        };
+        if self.execs.contains_key(&req.tag) {
+            return Err(format!("an exec with tag {} is already running", req.tag));
+        }
+        let rt = setup
+            .runtimes
+            .resolve(&req.runtime)
+            .map_err(|e| e.to_string())?
+            .clone();
+        let entry = setup
+            .workdir
+            .absolute(&req.entrypoint)
+            .map_err(|e| format!("entrypoint: {e}"))?;
+        let who = setup.identity();
+        let mut env = default_env(&who.cwd);
+        env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+
+        if let Some(i) = self.warm.iter().position(|w| w.runtime == rt.name) {
+            let w = self.warm.swap_remove(i);
+            let line = serde_json::json!({
+                "file": entry,
+                "args": req.args,
+                "env": env,
+                "cwd": who.cwd,
+            });
+            let mut exec = Exec::new(w.process, &req, &rt.name);
+            exec.control.buf = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
+            exec.control.buf.push(b'\n');
+            exec.control.close_when_flushed = true;
+            match exec.control.flush() {
+                Ok(()) => {
+                    conn.send(&Frame::Started(Started {
+                        tag: req.tag,
+                        pid: exec.pid as u32,
+                        warm: true,
+                    }));
+                    self.execs.insert(req.tag, exec);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The interpreter died before it could be reaped: the
+                    // job goes cold instead.
+                    log_warn!("warm {} interpreter unusable ({e}); starting cold", rt.name);
+                    sys::kill_group(exec.pid, libc::SIGKILL);
+                }
+            }
+        }
+        let argv = rt.cold_argv(&entry, &req.args);
+        let process = spawn(&argv, &env, &who, false)
+            .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
+        let exec = Exec::new(process, &req, &rt.name);
+        conn.send(&Frame::Started(Started {
+            tag: req.tag,
+            pid: exec.pid as u32,
+            warm: false,
+        }));
+        self.execs.insert(req.tag, exec);
+        Ok(())
+    }
+
+    fn on_stdin(&mut self, tag: ExecId, data: Vec<u8>) -> Result<(), String> {
+        let exec = self
+            .execs
+            .get_mut(&tag)
+            .ok_or_else(|| format!("no running exec has tag {tag}"))?;
+        let w = &mut exec.stdin;
+        if w.fd.is_none() {
+            // Closed by the host before, or the job is over or closed its
+            // stdin: the data has nowhere to go.
+            return Ok(());
+        }
+        if w.close_when_flushed {
+            return Err(format!("stdin of exec {tag} was already closed"));
+        }
+        if data.is_empty() {
+            w.close_when_flushed = true;
+        } else if w.buf.len() + data.len() > MAX_STDIN_BUFFER {
+            return Err(format!(
+                "stdin of exec {tag} is not being read; more than {MAX_STDIN_BUFFER} bytes are waiting"
+            ));
+        } else {
+            w.buf.extend_from_slice(&data);
+        }
+        // EPIPE: the job closed its stdin; the data is dropped.
+        let _ = w.flush();
+        Ok(())
+    }
+
+    fn on_output(&mut self, conn: &mut Connection, tag: ExecId, stream: Stream) {
+        let Some(exec) = self.execs.get_mut(&tag) else {
+            return;
+        };
+        let limit = exec.output_limit;
+        let out = &mut exec.output[stream.index()];
+        let Some(fd) = &out.fd else { return };
+        let n = match sys::read(fd.as_raw_fd(), &mut self.scratch) {
+            Ok(0) => {
+                out.fd = None;
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log_warn!("reading output of exec {tag} failed: {e}");
+                out.fd = None;
+                return;
+            }
+        };
+        let before = out.bytes;
+        out.bytes += n as u64;
+        let forward = (limit.saturating_sub(before)).min(n as u64) as usize;
+        if forward > 0 {
+            let data = self.scratch[..forward].to_vec();
+            conn.send(&match stream {
+                Stream::Stdout => Frame::Stdout { tag, data },
+                Stream::Stderr => Frame::Stderr { tag, data },
+            });
+        }
+        if out.bytes > limit && !out.truncated {
+            out.truncated = true;
+            log_info!("exec {tag} exceeded its output limit of {limit} bytes");
+            exec.kill(libc::SIGKILL, "output_limit");
+        }
+    }
+
+    fn on_put_file(&mut self, conn: &mut Connection, p: PutFile) {
+        let Some(setup) = &self.setup else {
+            return conn.error(Some(p.tag), "put_file before hello");
+        };
+        match setup.workdir.put(&p.path, p.mode, &p.data) {
+            Ok(()) => conn.send(&Frame::Ack { tag: p.tag }),
+            Err(e) => conn.error(Some(p.tag), e.to_string()),
+        }
+    }
+
+    fn on_get_file(&mut self, conn: &mut Connection, g: GetFile) {
+        let Some(setup) = &self.setup else {
+            return conn.error(Some(g.tag), "get_file before hello");
+        };
+        match setup.workdir.get(&g.path, g.max_bytes) {
+            Ok(data) => conn.send(&Frame::FileData { tag: g.tag, data }),
+            Err(e) => conn.error(Some(g.tag), e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The host's side of the agent protocol, shared by every backend: one
+//! connection per sandbox, a reader task that routes frames to whoever asked
+//! by tag, and request methods for files, pings and execs. Channels to
+//! callers are bounded, so a slow consumer slows the reader, which fills the
+//! socket, which makes the agent stop reading the job's pipes: backpressure
+//! all the way to the job, and bounded memory on the host.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{
+    limits::MAX_CHUNK_BYTES, Decoder, ExecRequest, Frame, GetFile, Hello, HelloAck, Kill, PutFile,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Why a request to the agent failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// The connection is gone; the sandbox is unusable.
+    #[error("agent connection lost: {0}")]
+    Disconnected(String),
+    /// The agent refused the request and said why.
+    #[error("agent refused the request: {0}")]
+    Refused(String),
+    /// The agent answered with a frame that makes no sense here.
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    /// No answer in time.
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+struct Routes {
+    map: HashMap<u32, mpsc::Sender<Frame>>,
+    closed: Option<String>,
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    routes: Mutex<Routes>,
+    next_tag: AtomicU32,
+}
+
+/// Tag reserved for the handshake, whose frames carry none.
+const HELLO_TAG: u32 = 0;
+
+impl Inner {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (single insert/remove operations), so poisoning is ignored.
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, tag: u32, depth: usize) -> Result<mpsc::Receiver<Frame>, AgentError> {
+        let (tx, rx) = mpsc::channel(depth);
+        let mut r = self.routes();
+        if let Some(why) = &r.closed {
+            return Err(AgentError::Disconnected(why.clone()));
+        }
+        r.map.insert(tag, tx);
+        Ok(rx)
+    }
+
+    fn unregister(&self, tag: u32) {
+        self.routes().map.remove(&tag);
+    }
+
+    fn tag(&self) -> u32 {
+        loop {
+            let t = self.next_tag.fetch_add(1, Ordering::Relaxed);
+            if t != HELLO_TAG {
+                return t;
+            }
+        }
+    }
+
+    async fn send(&self, frame: &Frame) -> Result<(), AgentError> {
+        let bytes = frame.encode();
+        let mut w = self.writer.lock().await;
+        w.write_all(&bytes)
+            .await
+            .map_err(|e| AgentError::Disconnected(format!("write failed: {e}")))
+    }
+
+    fn close(&self, why: String) {
+        let mut r = self.routes();
+        if r.closed.is_none() {
+            r.closed = Some(why);
+        }
+        r.map.clear();
+    }
+
+    fn closed_reason(&self) -> String {
+        self.routes()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "connection closed".into())
+    }
+}
+
+/// A connection to one sandbox's agent.
+pub struct AgentConn {
+    inner: Arc<Inner>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for AgentConn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl AgentConn {
+    /// Wraps a connected stream and starts routing its frames.
+    pub fn new(stream: UnixStream) -> Self {
+        let (mut rd, wr) = stream.into_split();
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(wr),
+            routes: Mutex::new(Routes {
+                map: HashMap::new(),
+                closed: None,
+            }),
+            next_tag: AtomicU32::new(1),
+        });
+        let weak = Arc::downgrade(&inner);
+        let reader = tokio::spawn(async move {
+            let mut dec = Decoder::default();
+            let mut buf = vec![0u8; 64 * 1024];
+            let why = 'outer: loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) => break dec.finish().to_string(),
+                    Ok(n) => n,
+                    Err(e) => break format!("read failed: {e}"),
+                };
+                dec.extend(&buf[..n]);
+                loop {
+                    let frame = match dec.next_frame() {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => break 'outer format!("bad frame from agent: {e}"),
+                    };
+                    let Some(inner) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(why) = route(&inner, frame).await {
+                        break 'outer why;
+                    }
+                }
+            };
+            if let Some(inner) = weak.upgrade() {
+                tracing::debug!(reason = %why, "agent connection closed");
+                inner.close(why);
+            }
+        });
+        Self { inner, reader }
+    }
+
+    /// Performs the version handshake.
+    pub async fn hello(&self, hello: Hello, within: Duration) -> Result<HelloAck, AgentError> {
+        let mut rx = self.inner.register(HELLO_TAG, 2)?;
+        self.inner.send(&Frame::Hello(hello)).await?;
+        let reply = tokio::time::timeout(within, rx.recv())
+            .await
+            .map_err(|_| AgentError::Timeout(within))?;
+        self.inner.unregister(HELLO_TAG);
+        match reply {
+            Some(Frame::HelloAck(ack)) => Ok(ack),
+            Some(Frame::Error(e)) => Err(AgentError::Refused(e.message)),
+            Some(f) => Err(AgentError::Protocol(format!(
+                "{} in answer to hello",
+                f.name()
+            ))),
+            None => Err(AgentError::Disconnected(self.inner.closed_reason())),
+        }
+    }
+
+    async fn request(&self, tag: u32, frame: Frame) -> Result<Frame, AgentError> {
+        let mut rx = self.inner.register(tag, 2)?;
+        let sent = self.inner.send(&frame).await;
+        let reply = match sent {
+            Ok(()) => rx.recv().await,
+            Err(e) => {
+                self.inner.unregister(tag);
+                return Err(e);
+            }
+        };
+        self.inner.unregister(tag);
+        match reply {
+            Some(Frame::Error(e)) => Err(AgentError::Refused(e.message)),
+            Some(f) => Ok(f),
+            None => Err(AgentError::Disconnected(self.inner.closed_reason())),
+        }
+    }
+
+    /// Writes a file under the sandbox's work directory.
+    pub async fn put_file(&self, path: &str, data: Vec<u8>, mode: u32) -> Result<(), AgentError> {
+        let tag = self.inner.tag();
+        let f = PutFile {
+            tag,
+            mode,
+            path: path.to_owned(),
+            data,
+        };
+        match self.request(tag, Frame::PutFile(f)).await? {
+            Frame::Ack { .. } => Ok(()),
+            f => Err(AgentError::Protocol(format!(
+                "{} in answer to put_file",
+                f.name()
+            ))),
+        }
+    }
+
+    /// Reads a file under the sandbox's work directory.
+    pub async fn get_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+        let tag = self.inner.tag();
+        let g = GetFile {
+            tag,
+            path: path.to_owned(),
+            max_bytes,
+        };
+        match self.request(tag, Frame::GetFile(g)).await? {
+            Frame::FileData { data, .. } => Ok(data),
+            f => Err(AgentError::Protocol(format!(
+                "{} in answer to get_file",
+                f.name()
+            ))),
+        }
+    }
+
+    /// Round-trips a ping; the health check of pooled sandboxes.
+    pub async fn ping(&self, within: Duration) -> Result<Duration, AgentError> {
+        let tag = self.inner.tag();
+        let start = Instant::now();
+        match tokio::time::timeout(within, self.request(tag, Frame::Ping(u64::from(tag)))).await {
+            Err(_) => {
+                self.inner.unregister(tag);
+                Err(AgentError::Timeout(within))
+            }
+            Ok(Ok(Frame::Pong(_))) => Ok(start.elapsed()),
+            Ok(Ok(f)) => Err(AgentError::Protocol(format!(
+                "{} in answer to ping",
+                f.name()
+            ))),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Starts an exec; `req.tag` is assigned here.
+    pub async fn exec(&self, mut req: ExecRequest) -> Result<ExecStream, AgentError> {
+        let tag = self.inner.tag();
+        req.tag = tag;
+        let rx = self.inner.register(tag, 64)?;
+        let stream = ExecStream {
+            tag,
+            rx,
+            inner: self.inner.clone(),
+        };
+        self.inner.send(&Frame::Exec(req)).await?;
+        Ok(stream)
+    }
+
+    /// Whether the connection is still up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.routes().closed.is_none()
+    }
+}
+
+/// Routes one frame from the agent. An `Err` ends the connection.
+async fn route(inner: &Inner, frame: Frame) -> Result<(), String> {
+    let tag = match &frame {
+        Frame::HelloAck(_) => HELLO_TAG,
+        Frame::Error(e) => match e.tag {
+            Some(t) => t,
+            None => {
+                let has_hello = inner.routes().map.contains_key(&HELLO_TAG);
+                if !has_hello {
+                    return Err(format!("agent reported: {}", e.message));
+                }
+                HELLO_TAG
+            }
+        },
+        Frame::Pong(n) => *n as u32,
+        Frame::Ack { tag } | Frame::FileData { tag, .. } => *tag,
+        Frame::Started(s) => s.tag,
+        Frame::Stdout { tag, .. } | Frame::Stderr { tag, .. } => *tag,
+        Frame::Exit(x) => x.tag,
+        other => return Err(format!("agent sent a host-bound frame: {}", other.name())),
+    };
+    let tx = inner.routes().map.get(&tag).cloned();
+    if let Some(tx) = tx {
+        // A dropped receiver just means nobody waits any more.
+        let _ = tx.send(frame).await;
+    }
+    Ok(())
+}
+
+/// The frames of one exec, and the handles to feed and stop it.
+#[must_use = "an exec's frames must be read, or the agent stalls on backpressure"]
+pub struct ExecStream {
+    tag: u32,
+    rx: mpsc::Receiver<Frame>,
+    inner: Arc<Inner>,
+}
+
+impl ExecStream {
+    pub fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// The next frame: `Started`, `Stdout`, `Stderr`, `Exit` or `Error`;
+    /// `None` when the connection is gone.
+    pub async fn next(&mut self) -> Option<Frame> {
+        self.rx.recv().await
+    }
+
+    /// Why the connection closed, once `next` returned `None`.
+    pub fn closed_reason(&self) -> String {
+        self.inner.closed_reason()
+    }
+
+    /// Sends stdin bytes (split into chunks); empty input sends nothing.
+    pub async fn stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        for chunk in data.chunks(MAX_CHUNK_BYTES) {
+            self.inner
+                .send(&Frame::Stdin {
+                    tag: self.tag,
+                    data: chunk.to_vec(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the exec's stdin.
+    pub async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.inner
+            .send(&Frame::Stdin {
+                tag: self.tag,
+                data: Vec::new(),
+            })
+            .await
+    }
+
+    /// Signals the exec's process group.
+    pub async fn kill(&self, signal: i32) -> Result<(), AgentError> {
+        self.inner
+            .send(&Frame::Kill(Kill {
+                tag: self.tag,
+                signal,
+            }))
+            .await
+    }
+}
+
+impl Drop for ExecStream {
+    fn drop(&mut self) {
+        self.inner.unregister(self.tag);
+    }
+}
+
+impl std::fmt::Debug for AgentConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConn")
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}

@@ -1,0 +1,336 @@
+//! Control groups for jails: one group per sandbox carrying its memory, pids
+//! and CPU limits, the source of its live figures, and the handle that kills
+//! everything in it. Both layouts are supported because hosts have both:
+//! the unified v2 hierarchy (preferred when it has the memory and pids
+//! controllers) and the v1 per-controller hierarchies (this CI machine: v1
+//! plus an empty v2 mount).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Why a cgroup operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// Neither a usable v2 hierarchy nor the v1 memory and pids hierarchies
+    /// are mounted.
+    #[error("no usable cgroup hierarchy: need cgroup v2 with the memory and pids controllers, or cgroup v1 memory and pids mounted under {0}")]
+    NoHierarchy(PathBuf),
+    /// Reading or writing a cgroup file failed.
+    #[error("cgroup file {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn file_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Which hierarchy the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// `root` is the unified mount point.
+    V2 { root: PathBuf },
+    /// Mount points of the controllers used; `cpu` is optional.
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: Option<PathBuf>,
+    },
+}
+
+impl Layout {
+    /// Detects the layout under `mount` (normally `/sys/fs/cgroup`).
+    pub fn detect(mount: &Path) -> Result<Self, CgroupError> {
+        let controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+        if has("memory") && has("pids") {
+            return Ok(Layout::V2 {
+                root: mount.to_owned(),
+            });
+        }
+        let memory = mount.join("memory");
+        let pids = mount.join("pids");
+        if memory.join("memory.limit_in_bytes").exists() && pids.join("cgroup.procs").exists() {
+            let cpu = mount.join("cpu");
+            return Ok(Layout::V1 {
+                memory,
+                pids,
+                cpu: cpu.join("cpu.cfs_quota_us").exists().then_some(cpu),
+            });
+        }
+        Err(CgroupError::NoHierarchy(mount.to_owned()))
+    }
+
+    pub fn version(&self) -> u8 {
+        match self {
+            Layout::V2 { .. } => 2,
+            Layout::V1 { .. } => 1,
+        }
+    }
+
+    /// The directories a group named `parent/name` occupies.
+    pub fn dirs(&self, parent: &str, name: &str) -> Vec<PathBuf> {
+        match self {
+            Layout::V2 { root } => vec![root.join(parent).join(name)],
+            Layout::V1 { memory, pids, cpu } => {
+                let mut v = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
+                if let Some(cpu) = cpu {
+                    v.push(cpu.join(parent).join(name));
+                }
+                v
+            }
+        }
+    }
+}
+
+/// The limits a group enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupLimits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub cpu_millis: u64,
+}
+
+/// Live figures of a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: Option<u64>,
+    pub cpu_usage_us: Option<u64>,
+    pub pids: u64,
+    pub oom_kills: u64,
+}
+
+/// One sandbox's group (a directory per hierarchy on v1).
+#[derive(Debug)]
+pub struct Cgroup {
+    layout: Layout,
+    dirs: Vec<PathBuf>,
+}
+
+/// CFS period used for CPU quotas: the kernel default, 100 ms.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl Cgroup {
+    /// Creates `parent/name` in every hierarchy and applies `limits`.
+    pub fn create(
+        layout: &Layout,
+        parent: &str,
+        name: &str,
+        limits: CgroupLimits,
+    ) -> Result<Self, CgroupError> {
+        if let Layout::V2 { root } = layout {
+            // Delegate the controllers down to our groups; harmless if done.
+            let p = root.join(parent);
+            fs::create_dir_all(&p).map_err(file_err(&p))?;
+            for dir in [root.as_path(), p.as_path()] {
+                let f = dir.join("cgroup.subtree_control");
+                let _ = fs::write(&f, "+memory +pids +cpu");
+            }
+        }
+        let dirs = layout.dirs(parent, name);
+        let cg = Self {
+            layout: layout.clone(),
+            dirs,
+        };
+        for d in &cg.dirs {
+            fs::create_dir_all(d).map_err(file_err(d))?;
+        }
+        if let Err(e) = cg.set_limits(limits) {
+            cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Re-opens the group of a recorded sandbox (orphan reaping).
+    pub fn from_dirs(layout: &Layout, dirs: Vec<PathBuf>) -> Self {
+        Self {
+            layout: layout.clone(),
+            dirs,
+        }
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+        let p = dir.join(file);
+        fs::write(&p, value).map_err(file_err(&p))
+    }
+
+    fn read(dir: &Path, file: &str) -> Option<String> {
+        fs::read_to_string(dir.join(file)).ok()
+    }
+
+    fn read_u64(dir: &Path, file: &str) -> Option<u64> {
+        Self::read(dir, file)?.trim().parse().ok()
+    }
+
+    /// Reads `key value` lines (memory.events, memory.oom_control, cpu.stat).
+    fn read_keyed(dir: &Path, file: &str, key: &str) -> Option<u64> {
+        Self::read(dir, file)?.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+    }
+
+    /// Applies limits; also used to resize a pooled sandbox for a job.
+    pub fn set_limits(&self, l: CgroupLimits) -> Result<(), CgroupError> {
+        let quota = l.cpu_millis * CPU_PERIOD_US / 1000;
+        match &self.layout {
+            Layout::V2 { .. } => {
+                let d = &self.dirs[0];
+                Self::write(d, "memory.max", &l.memory_bytes.to_string())?;
+                let _ = Self::write(d, "memory.swap.max", "0");
+                Self::write(d, "pids.max", &l.pids.to_string())?;
+                let _ = Self::write(d, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"));
+            }
+            Layout::V1 { .. } => {
+                let (mem, pids) = (&self.dirs[0], &self.dirs[1]);
+                Self::write(mem, "memory.limit_in_bytes", &l.memory_bytes.to_string())?;
+                // Present only with swap accounting; keep swap out of reach.
+                if mem.join("memory.memsw.limit_in_bytes").exists() {
+                    let _ = Self::write(
+                        mem,
+                        "memory.memsw.limit_in_bytes",
+                        &l.memory_bytes.to_string(),
+                    );
+                }
+                Self::write(pids, "pids.max", &l.pids.to_string())?;
+                if let Some(cpu) = self.dirs.get(2) {
+                    Self::write(cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                    Self::write(cpu, "cpu.cfs_quota_us", &quota.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a process into the group (all hierarchies).
+    pub fn attach(&self, pid: u32) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            Self::write(d, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Times the kernel's OOM killer has killed a process in the group.
+    pub fn oom_kills(&self) -> u64 {
+        let d = &self.dirs[0];
+        match self.layout {
+            Layout::V2 { .. } => Self::read_keyed(d, "memory.events", "oom_kill").unwrap_or(0),
+            Layout::V1 { .. } => Self::read_keyed(d, "memory.oom_control", "oom_kill").unwrap_or(0),
+        }
+    }
+
+    pub fn stats(&self) -> CgroupStats {
+        let d = &self.dirs[0];
+        match self.layout {
+            Layout::V2 { .. } => CgroupStats {
+                memory_bytes: Self::read_u64(d, "memory.current").unwrap_or(0),
+                memory_peak_bytes: Self::read_u64(d, "memory.peak"),
+                cpu_usage_us: Self::read_keyed(d, "cpu.stat", "usage_usec"),
+                pids: Self::read_u64(d, "pids.current").unwrap_or(0),
+                oom_kills: self.oom_kills(),
+            },
+            Layout::V1 { .. } => CgroupStats {
+                memory_bytes: Self::read_u64(d, "memory.usage_in_bytes").unwrap_or(0),
+                memory_peak_bytes: Self::read_u64(d, "memory.max_usage_in_bytes"),
+                cpu_usage_us: self
+                    .dirs
+                    .get(2)
+                    .and_then(|c| {
+                        // cpuacct may be co-mounted with cpu or separate.
+                        Self::read_u64(c, "cpuacct.usage").or_else(|| {
+                            let acct = c.parent()?.parent()?.join("cpuacct");
+                            let rel = d.strip_prefix(d.parent()?.parent()?).ok()?;
+                            Self::read_u64(&acct.join(rel), "cpuacct.usage")
+                        })
+                    })
+                    .map(|ns| ns / 1000),
+                pids: Self::read_u64(&self.dirs[1], "pids.current").unwrap_or(0),
+                oom_kills: self.oom_kills(),
+            },
+        }
+    }
+
+    /// Pids currently in the group.
+    pub fn procs(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|d| Self::read(d, "cgroup.procs"))
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// SIGKILLs everything in the group until it is empty or `within` has
+    /// passed; returns whether it is empty. Loops because a process can fork
+    /// between reading `cgroup.procs` and the kill (the pids limit bounds how
+    /// many there can be).
+    pub fn kill_all(&self, within: Duration) -> bool {
+        let start = Instant::now();
+        if let Layout::V2 { .. } = self.layout {
+            let _ = Self::write(&self.dirs[0], "cgroup.kill", "1");
+        }
+        loop {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return true;
+            }
+            if start.elapsed() > within {
+                return false;
+            }
+            for p in procs {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Removes the group's directories; they must be empty of processes.
+    /// Retries briefly because the kernel frees a group a moment after its
+    /// last process is reaped. Returns whether all are gone.
+    pub fn remove(&self) -> bool {
+        let mut all = true;
+        for d in &self.dirs {
+            let mut gone = false;
+            for _ in 0..200 {
+                match fs::remove_dir(d) {
+                    Ok(()) => {
+                        gone = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        gone = true;
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            if !gone {
+                tracing::warn!(dir = %d.display(), "cgroup directory could not be removed");
+                all = false;
+            }
+        }
+        all
+    }
+}

@@ -1,0 +1,707 @@
+//! The `jail` backend: each sandbox is `kiln-agent` running as init of new
+//! user, pid, mount, net, ipc, uts and cgroup namespaces, in a read-only root
+//! built from the host's system directories (or a template directory), with
+//! tmpfs `/tmp` and `/work` of capped size, a minimal `/dev`, a fresh
+//! `/proc`, a cgroup with memory/pids/CPU limits, rlimits, only the three
+//! capabilities the agent needs (setuid, setgid, kill; jobs run as an
+//! unprivileged uid with none), no_new_privs and a seccomp filter. There is
+//! no network: only a loopback interface.
+//!
+//! Every sandbox leaves a record in `<state_dir>/jails/<id>/` naming its
+//! owner process, its init pid and its cgroups, so that a later process can
+//! reap what a crashed one left ([`JailBackend::reap_orphans`]). Nothing else
+//! on the host is touched: the jail's mounts live only in its own mount
+//! namespace.
+
+mod cgroup;
+mod record;
+mod seccomp;
+mod spawn;
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, BufRead as _};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupStats, Layout as CgroupLayout};
+use kiln_protocol::{Hello, RuntimeTable, PROTOCOL_VERSION};
+pub use seccomp::SeccompError;
+use seccompiler::BpfProgram;
+
+use crate::{
+    AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
+};
+use record::Record;
+use spawn::{Plan, Step};
+
+/// Where a jail's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootFs {
+    /// The host's `/usr`, `/etc` and the `/bin`, `/lib`... next to them,
+    /// bound read-only.
+    Host,
+    /// A template directory bound read-only as `/`; it must contain the
+    /// mount points `proc`, `dev`, `tmp` and `work`.
+    Dir(PathBuf),
+}
+
+/// Settings of the jail backend.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    /// The `kiln-agent` binary on the host.
+    pub agent: PathBuf,
+    /// Where sandbox records live (`<state_dir>/jails/<id>`).
+    pub state_dir: PathBuf,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_mount: PathBuf,
+    /// Name of the parent group of all jails, under each hierarchy's root.
+    pub cgroup_parent: String,
+    pub rootfs: RootFs,
+    /// Host uid/gid that the jail's uid/gid 0 maps to; 65536 ids are mapped.
+    pub id_base: u32,
+    /// Uid and gid (inside the jail) that jobs run as.
+    pub job_uid: u32,
+    pub job_gid: u32,
+    /// Bring the jail's loopback interface up (it has no other).
+    pub loopback: bool,
+    pub runtimes: RuntimeTable,
+    /// Time the agent gets to start and answer the handshake.
+    pub hello_timeout: Duration,
+}
+
+impl JailConfig {
+    /// Defaults for everything but the agent binary and the runtimes.
+    pub fn new(agent: PathBuf, runtimes: RuntimeTable) -> Self {
+        Self {
+            agent,
+            state_dir: PathBuf::from("/run/kiln"),
+            cgroup_mount: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_parent: "kiln".into(),
+            rootfs: RootFs::Host,
+            id_base: 1_000_000_000,
+            job_uid: 1000,
+            job_gid: 1000,
+            loopback: true,
+            runtimes,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where inside the jail jobs run.
+pub const WORKDIR: &str = "/work";
+
+/// Capabilities the agent keeps: CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7)
+/// (numbers from linux/capability.h).
+const AGENT_CAPS: u64 = (1 << 5) | (1 << 6) | (1 << 7);
+
+/// A host system directory as it appears in a jail's root.
+#[derive(Debug, Clone)]
+enum HostEntry {
+    /// Bound read-only, with the mount flags the source has (which a user
+    /// namespace may not clear).
+    Dir { name: String, flags: libc::c_ulong },
+    /// Re-created as the same symlink (merged-/usr systems).
+    Link { name: String, target: PathBuf },
+}
+
+struct Inner {
+    cfg: JailConfig,
+    layout: CgroupLayout,
+    agent_exe: OwnedFd,
+    filters: Vec<BpfProgram>,
+    host: Vec<HostEntry>,
+    root_flags: libc::c_ulong,
+    owner: record::Owner,
+}
+
+/// Makes jails. Cheap to clone.
+#[derive(Clone)]
+pub struct JailBackend {
+    inner: Arc<Inner>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+fn cstr(p: impl AsRef<Path>) -> CString {
+    CString::new(p.as_ref().as_os_str().as_bytes()).expect("paths built here have no NUL")
+}
+
+/// Mount flags of the filesystem at `path` that a bind remount must keep.
+fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
+    let c = cstr(path);
+    // SAFETY: statvfs fills the zeroed struct from a valid C path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let f = st.f_flag;
+    let mut m = 0;
+    for (st_bit, ms_bit) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if f & st_bit != 0 {
+            m |= ms_bit;
+        }
+    }
+    Ok(m)
+}
+
+/// Copies the agent into a sealed memfd, so that every jail execs the same
+/// immutable bytes whatever happens to the file on disk.
+fn seal_agent(path: &Path) -> Result<OwnedFd, SandboxError> {
+    let bytes = fs::read(path).map_err(io_err(format!(
+        "reading the agent binary {} (set KILN_AGENT or `agent` in the config)",
+        path.display()
+    )))?;
+    // SAFETY: memfd_create with a valid C string; the fd is owned below.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"kiln-agent".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io_err("memfd_create for the agent")(
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut file = fs::File::from(owned);
+    io::Write::write_all(&mut file, &bytes).map_err(io_err("writing the agent memfd"))?;
+    let owned = OwnedFd::from(file);
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an owned fd.
+    if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io_err("sealing the agent memfd")(io::Error::last_os_error()));
+    }
+    Ok(owned)
+}
+
+impl JailBackend {
+    /// Checks the host (cgroups, agent binary) and prepares what every jail
+    /// shares.
+    pub fn new(cfg: JailConfig) -> Result<Self, SandboxError> {
+        let layout = CgroupLayout::detect(&cfg.cgroup_mount)?;
+        let agent_exe = seal_agent(&cfg.agent)?;
+        let filters = seccomp::jail_filters()?;
+        let mut host = Vec::new();
+        let root_flags;
+        match &cfg.rootfs {
+            RootFs::Host => {
+                for name in [
+                    "usr", "etc", "bin", "sbin", "lib", "lib64", "lib32", "libx32",
+                ] {
+                    let p = Path::new("/").join(name);
+                    let Ok(meta) = fs::symlink_metadata(&p) else {
+                        continue;
+                    };
+                    if meta.file_type().is_symlink() {
+                        let target = fs::read_link(&p)
+                            .map_err(io_err(format!("reading {}", p.display())))?;
+                        host.push(HostEntry::Link {
+                            name: name.into(),
+                            target,
+                        });
+                    } else if meta.is_dir() {
+                        let flags =
+                            locked_flags(&p).map_err(io_err(format!("statvfs {}", p.display())))?;
+                        host.push(HostEntry::Dir {
+                            name: name.into(),
+                            flags,
+                        });
+                    }
+                }
+                root_flags = 0;
+            }
+            RootFs::Dir(d) => {
+                for m in ["proc", "dev", "tmp", "work"] {
+                    if !d.join(m).is_dir() {
+                        return Err(SandboxError::Unsupported(format!(
+                            "template root {} lacks the mount point /{m}",
+                            d.display()
+                        )));
+                    }
+                }
+                root_flags = locked_flags(d).map_err(io_err(format!("statvfs {}", d.display())))?;
+            }
+        }
+        fs::create_dir_all(cfg.state_dir.join("jails"))
+            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let owner = record::Owner::current().map_err(io_err("reading our own /proc/self/stat"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                layout,
+                agent_exe,
+                filters,
+                host,
+                root_flags,
+                owner,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &JailConfig {
+        &self.inner.cfg
+    }
+
+    /// The cgroup version in use (1 or 2).
+    pub fn cgroup_version(&self) -> u8 {
+        self.inner.layout.version()
+    }
+}
+
+impl Inner {
+    fn jail_dir(&self, id: &SandboxId) -> PathBuf {
+        self.cfg.state_dir.join("jails").join(id.as_str())
+    }
+
+    /// The child's filesystem plan for a jail rooted at `root`.
+    fn plan(&self, root: &Path, spec: &SandboxSpec) -> Plan {
+        let mut steps = Vec::new();
+        let under = |rel: &str| cstr(root.join(rel));
+        let mkdir = |steps: &mut Vec<Step>, rel: &str, mode| {
+            steps.push(Step::Mkdir {
+                path: under(rel),
+                mode,
+            })
+        };
+        let tmpfs = |steps: &mut Vec<Step>, rel: &str, data: String| {
+            steps.push(Step::Mount {
+                src: Some(c"tmpfs".into()),
+                dst: under(rel),
+                fstype: Some(c"tmpfs".into()),
+                flags: libc::MS_NOSUID | libc::MS_NODEV,
+                data: Some(CString::new(data).expect("no NUL")),
+            })
+        };
+        let bind_ro = |steps: &mut Vec<Step>, src: &Path, dst: CString, flags: libc::c_ulong| {
+            steps.push(Step::Mount {
+                src: Some(cstr(src)),
+                dst: dst.clone(),
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+            });
+            steps.push(Step::Mount {
+                src: None,
+                dst,
+                fstype: None,
+                flags: libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | flags,
+                data: None,
+            });
+        };
+        match &self.cfg.rootfs {
+            RootFs::Host => {
+                tmpfs(&mut steps, "", "mode=0755,size=1m".into());
+                for e in &self.host {
+                    match e {
+                        HostEntry::Dir { name, flags } => {
+                            mkdir(&mut steps, name, 0o755);
+                            bind_ro(&mut steps, &Path::new("/").join(name), under(name), *flags);
+                        }
+                        HostEntry::Link { name, target } => steps.push(Step::Symlink {
+                            target: cstr(target),
+                            path: under(name),
+                        }),
+                    }
+                }
+                for d in ["proc", "dev", "tmp", "work"] {
+                    mkdir(&mut steps, d, 0o755);
+                }
+            }
+            RootFs::Dir(d) => steps.push(Step::Mount {
+                src: Some(cstr(d)),
+                dst: cstr(root),
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+            }),
+        }
+        steps.push(Step::Mount {
+            src: Some(c"proc".into()),
+            dst: under("proc"),
+            fstype: Some(c"proc".into()),
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data: None,
+        });
+        tmpfs(&mut steps, "dev", "mode=0755,size=64k".into());
+        for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
+            let dst = under(&format!("dev/{dev}"));
+            steps.push(Step::Touch { path: dst.clone() });
+            steps.push(Step::Mount {
+                src: Some(cstr(Path::new("/dev").join(dev))),
+                dst,
+                fstype: None,
+                flags: libc::MS_BIND,
+                data: None,
+            });
+        }
+        for (name, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            steps.push(Step::Symlink {
+                target: CString::new(target).expect("no NUL"),
+                path: under(&format!("dev/{name}")),
+            });
+        }
+        mkdir(&mut steps, "dev/shm", 0o1777);
+        let disk = spec.disk_mb;
+        tmpfs(&mut steps, "dev/shm", format!("mode=1777,size={disk}m"));
+        steps.push(Step::Mount {
+            src: None,
+            dst: under("dev"),
+            fstype: None,
+            flags: libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NOEXEC,
+            data: None,
+        });
+        tmpfs(&mut steps, "tmp", format!("mode=1777,size={disk}m"));
+        tmpfs(
+            &mut steps,
+            "work",
+            format!(
+                "mode=0755,size={disk}m,uid={},gid={}",
+                self.cfg.job_uid, self.cfg.job_gid
+            ),
+        );
+        steps.push(Step::PivotInto { root: cstr(root) });
+        steps.push(Step::Mount {
+            src: None,
+            dst: c"/".into(),
+            fstype: None,
+            flags: libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | self.root_flags,
+            data: None,
+        });
+        let log_level = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+        Plan {
+            steps,
+            hostname: c"kiln".into(),
+            loopback_up: self.cfg.loopback,
+            filters: self.filters.clone(),
+            keep_caps: AGENT_CAPS,
+            rlimits: vec![
+                (libc::RLIMIT_CORE, 0),
+                (libc::RLIMIT_NOFILE, 4096),
+                (libc::RLIMIT_MEMLOCK, 64 * 1024),
+            ],
+            argv: vec![c"kiln-agent".into(), c"--fd".into(), c"3".into()],
+            envp: vec![CString::new(format!("KILN_AGENT_LOG={log_level}")).unwrap_or_default()],
+            dev_null: c"/dev/null".into(),
+        }
+    }
+
+    /// The synchronous part of creation: directories, cgroup, clone, maps,
+    /// release. Returns the init pid, our end of the control socket and the
+    /// read end of the agent's log pipe.
+    fn start(&self, id: &SandboxId, spec: &SandboxSpec) -> Result<Started, SandboxError> {
+        let dir = self.jail_dir(id);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        let dirs = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
+        let mut rec = Record::new(id.as_str(), self.owner, dirs);
+        rec.write(&dir)
+            .map_err(io_err("writing the sandbox record"))?;
+        let cg = match Cgroup::create(
+            &self.layout,
+            &self.cfg.cgroup_parent,
+            id.as_str(),
+            CgroupLimits {
+                memory_bytes: spec.memory_mb * 1024 * 1024,
+                pids: spec.pids,
+                cpu_millis: spec.cpu_millis,
+            },
+        ) {
+            Ok(cg) => cg,
+            Err(e) => {
+                remove_jail_dir(&dir);
+                return Err(e.into());
+            }
+        };
+        let fail = |e: SandboxError, pid: Option<i32>, cg: &Cgroup| {
+            teardown(pid, cg, &dir, false);
+            e
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
+        let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
+        let plan = self.plan(&root, spec);
+        let fds = spawn::ChildFds {
+            agent_exe: self.agent_exe.as_raw_fd(),
+            control: theirs.as_raw_fd(),
+            log: log_w.as_raw_fd(),
+        };
+        let mut child =
+            spawn::start(&plan, fds).map_err(|e| fail(io_err("clone")(e), None, &cg))?;
+        drop(theirs);
+        drop(log_w);
+        let pid = child.pid;
+        rec.set_pid(pid);
+        let prepared = (|| -> Result<(), SandboxError> {
+            rec.write(&dir)
+                .map_err(io_err("updating the sandbox record"))?;
+            let map = format!("0 {} 65536\n", self.cfg.id_base);
+            fs::write(format!("/proc/{pid}/uid_map"), &map).map_err(io_err("writing uid_map"))?;
+            fs::write(format!("/proc/{pid}/gid_map"), &map).map_err(io_err("writing gid_map"))?;
+            cg.attach(pid as u32)?;
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            return Err(fail(e, Some(pid), &cg));
+        }
+        if let Err((step, errno)) = child.release() {
+            let step = spawn::describe_step(&plan, step);
+            let e = SandboxError::Setup {
+                step,
+                source: io::Error::from_raw_os_error(errno),
+            };
+            return Err(fail(e, Some(pid), &cg));
+        }
+        Ok(Started {
+            pid,
+            control: ours,
+            log: log_r,
+            cgroup: cg,
+            dir,
+        })
+    }
+}
+
+struct Started {
+    pid: i32,
+    control: std::os::unix::net::UnixStream,
+    log: io::PipeReader,
+    cgroup: Cgroup,
+    dir: PathBuf,
+}
+
+/// Kills a jail and removes its traces. `reap` waits for the init process
+/// (only possible for our own child).
+fn teardown(pid: Option<i32>, cg: &Cgroup, dir: &Path, orphan: bool) -> bool {
+    if let Some(pid) = pid {
+        // SAFETY: kill and waitpid have no memory-safety preconditions;
+        // the pid is our child (or, for orphans, verified by start time).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            if !orphan {
+                let mut status = 0;
+                while libc::waitpid(pid, &mut status, 0) < 0
+                    && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+                {
+                }
+            }
+        }
+    }
+    let empty = cg.kill_all(Duration::from_secs(5));
+    let removed = empty && cg.remove();
+    remove_jail_dir(dir);
+    removed
+}
+
+/// Removes a jail's directory without ever recursing: it holds only the
+/// record and the (host-side empty) root mount point.
+fn remove_jail_dir(dir: &Path) {
+    let _ = fs::remove_dir(dir.join("root"));
+    let _ = fs::remove_file(dir.join(record::FILE));
+    let _ = fs::remove_dir(dir);
+}
+
+/// A running jail.
+pub struct Jail {
+    id: SandboxId,
+    agent: AgentConn,
+    remains: Option<Remains>,
+}
+
+struct Remains {
+    pid: i32,
+    cgroup: Cgroup,
+    dir: PathBuf,
+}
+
+impl Remains {
+    fn teardown(self) {
+        if !teardown(Some(self.pid), &self.cgroup, &self.dir, false) {
+            tracing::warn!(dir = %self.dir.display(), "jail cgroup could not be fully removed");
+        }
+    }
+}
+
+impl Jail {
+    /// The init process's pid on the host.
+    pub fn pid(&self) -> i32 {
+        self.remains.as_ref().map_or(0, |r| r.pid)
+    }
+
+    /// The host's view of the jail's root (through /proc).
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.remains.as_ref().map(|r| &r.cgroup)
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        if let Some(r) = self.remains.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(r.pid, libc::SIGKILL) };
+            std::thread::spawn(move || r.teardown());
+        }
+    }
+}
+
+impl Sandbox for Jail {
+    fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    fn agent(&self) -> &AgentConn {
+        &self.agent
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.remains.as_ref().map_or(0, |r| r.cgroup.oom_kills())
+    }
+
+    fn memory_peak_bytes(&self) -> Option<u64> {
+        self.remains
+            .as_ref()
+            .and_then(|r| r.cgroup.stats().memory_peak_bytes)
+    }
+
+    fn stats(&self) -> SandboxStats {
+        let Some(r) = &self.remains else {
+            return SandboxStats::default();
+        };
+        let s = r.cgroup.stats();
+        SandboxStats {
+            memory_bytes: s.memory_bytes,
+            memory_peak_bytes: s.memory_peak_bytes,
+            cpu_usage_us: s.cpu_usage_us,
+            pids: s.pids,
+            oom_kills: s.oom_kills,
+        }
+    }
+
+    async fn destroy(mut self) {
+        if let Some(r) = self.remains.take() {
+            let _ = tokio::task::spawn_blocking(move || r.teardown()).await;
+        }
+    }
+}
+
+impl Backend for JailBackend {
+    type Sandbox = Jail;
+
+    fn name(&self) -> &'static str {
+        "jail"
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<Jail, SandboxError> {
+        if spec.allow_internet {
+            return Err(SandboxError::Unsupported(
+                "allow_internet=true is not available with the jail backend: a jail has no network (only loopback)".into(),
+            ));
+        }
+        for w in &spec.warm {
+            self.inner
+                .cfg
+                .runtimes
+                .resolve(w)
+                .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
+        }
+        let id = SandboxId::random();
+        let inner = self.inner.clone();
+        let spec2 = spec.clone();
+        let id2 = id.clone();
+        let started = tokio::task::spawn_blocking(move || inner.start(&id2, &spec2))
+            .await
+            .map_err(|e| SandboxError::Io {
+                what: "jail start task".into(),
+                source: io::Error::other(e.to_string()),
+            })??;
+        let Started {
+            pid,
+            control,
+            log,
+            cgroup,
+            dir,
+        } = started;
+        let remains = Remains { pid, cgroup, dir };
+        let id_log = id.clone();
+        // The agent's stderr: forwarded to our log, line by line.
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(log).lines().map_while(Result::ok) {
+                tracing::info!(sandbox = %id_log, "agent: {line}");
+            }
+        });
+        let stream = control
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(control))
+            .map_err(io_err("registering the control socket"));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || remains.teardown()).await;
+                return Err(e);
+            }
+        };
+        let jail = Jail {
+            id,
+            agent: AgentConn::new(stream),
+            remains: Some(remains),
+        };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            runtimes: self.inner.cfg.runtimes.clone(),
+            warm: spec.warm.clone(),
+            workdir: WORKDIR.into(),
+            uid: self.inner.cfg.job_uid,
+            gid: self.inner.cfg.job_gid,
+        };
+        match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
+            Ok(_) => Ok(jail),
+            Err(e) => {
+                jail.destroy().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn reap_orphans(&self) -> ReapReport {
+        record::reap(
+            &self.inner.cfg.state_dir.join("jails"),
+            &self.inner.layout,
+            self.inner.owner,
+        )
+    }
+}

@@ -1,0 +1,151 @@
+//! The jail's seccomp filter: a deny list of the system calls that untrusted
+//! code never needs and that widen the kernel's attack surface or would undo
+//! the jail (new namespaces, mounts, tracing, kernel modules, eBPF,
+//! io_uring, which bypasses seccomp for the operations it queues).
+//! Everything else is allowed: interpreters use a long and changing tail of
+//! system calls, and an allow list that breaks `pip` or `node` on the next
+//! distribution upgrade protects nobody. Compiled with `seccompiler`.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Why the filter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// seccompiler refused the rules (a bug in this module).
+    #[error("building the seccomp filter failed")]
+    Build(#[from] seccompiler::BackendError),
+    /// seccompiler could not compile the filter to BPF.
+    #[error("compiling the seccomp filter failed")]
+    Compile(#[source] seccompiler::BackendError),
+}
+
+/// System calls answered with `EPERM`.
+const DENIED: &[i64] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kcmp,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_userfaultfd,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_vhangup,
+    libc::SYS_fanotify_init,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_uselib,
+    libc::SYS_personality,
+];
+
+/// `clone` flags that create namespaces; `clone` with any of them is denied.
+const NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+/// The filters to install, in order. Two programs because seccompiler gives a
+/// filter one match action: the deny list answers `EPERM`, while `clone3`
+/// answers `ENOSYS` so that libc falls back to `clone`, whose flags (unlike
+/// `clone3`'s, which sit behind a pointer) the filter can inspect.
+pub fn jail_filters() -> Result<Vec<BpfProgram>, SeccompError> {
+    let arch = TargetArch::x86_64;
+    let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // `personality` is used by some runtimes to query the persona; only
+    // changing it is refused (0xffffffff queries).
+    deny.insert(
+        libc::SYS_personality,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            0xffff_ffff,
+        )?])?],
+    );
+    let clone_rules = NAMESPACE_FLAGS
+        .iter()
+        .map(|&f| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(f),
+                f,
+            )?])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    deny.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
+        deny,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    [deny, clone3]
+        .into_iter()
+        .map(|f| BpfProgram::try_from(f).map_err(SeccompError::Compile))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_to_nonempty_programs() {
+        let f = jail_filters().unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(f.iter().all(|p| !p.is_empty()));
+    }
+}

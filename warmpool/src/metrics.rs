@@ -1,0 +1,131 @@
+//! The pool's Prometheus metrics, one series per template. The pool updates
+//! them as events happen; [`Pool::register`](crate::Pool::register) exposes
+//! them in the executor's registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::TemplateKey;
+
+/// Buckets of `kiln_pool_create_seconds`: 5 ms (a jail with a pre-warmed
+/// runtime) doubling to ~41 s (a cold microVM boot on a slow host).
+const CREATE_SECONDS_START: f64 = 0.005;
+const CREATE_SECONDS_BUCKETS: u16 = 14;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TemplateLabel {
+    template: String,
+}
+
+impl TemplateLabel {
+    pub(crate) fn new(key: &TemplateKey) -> Self {
+        Self {
+            template: key.as_str().to_owned(),
+        }
+    }
+}
+
+type HistogramFamily = Family<TemplateLabel, Histogram, fn() -> Histogram>;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    pub(crate) hits: Family<TemplateLabel, Counter>,
+    pub(crate) misses: Family<TemplateLabel, Counter>,
+    pub(crate) creates: Family<TemplateLabel, Counter>,
+    pub(crate) create_failures: Family<TemplateLabel, Counter>,
+    pub(crate) destroys: Family<TemplateLabel, Counter>,
+    pub(crate) idle: Family<TemplateLabel, Gauge>,
+    pub(crate) busy: Family<TemplateLabel, Gauge>,
+    pub(crate) create_seconds: HistogramFamily,
+}
+
+fn create_seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        CREATE_SECONDS_START,
+        2.0,
+        CREATE_SECONDS_BUCKETS,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            hits: Family::default(),
+            misses: Family::default(),
+            creates: Family::default(),
+            create_failures: Family::default(),
+            destroys: Family::default(),
+            idle: Family::default(),
+            busy: Family::default(),
+            create_seconds: Family::new_with_constructor(create_seconds_histogram),
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates a template's series at zero, so that they show before the
+    /// first event.
+    pub(crate) fn init(&self, label: &TemplateLabel) {
+        for counter in [
+            &self.hits,
+            &self.misses,
+            &self.creates,
+            &self.create_failures,
+            &self.destroys,
+        ] {
+            drop(counter.get_or_create(label));
+        }
+        drop(self.idle.get_or_create(label));
+        drop(self.busy.get_or_create(label));
+        drop(self.create_seconds.get_or_create(label));
+    }
+
+    /// Registers every family. Counter names get their `_total` suffix from
+    /// the encoder.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kiln_pool_hits",
+            "Leases served by a healthy idle sandbox (warm)",
+            self.hits.clone(),
+        );
+        registry.register(
+            "kiln_pool_misses",
+            "Leases that found no idle sandbox and created one on the spot (cold)",
+            self.misses.clone(),
+        );
+        registry.register(
+            "kiln_pool_creates",
+            "Sandboxes created, by the background refill or by a miss",
+            self.creates.clone(),
+        );
+        registry.register(
+            "kiln_pool_create_failures",
+            "Sandbox creates that failed",
+            self.create_failures.clone(),
+        );
+        registry.register(
+            "kiln_pool_destroys",
+            "Sandboxes destroyed (remove-on-exit, retired by max_uses or max_age, failed health check, shutdown)",
+            self.destroys.clone(),
+        );
+        registry.register(
+            "kiln_pool_idle_sandboxes",
+            "Sandboxes ready and waiting for a lease",
+            self.idle.clone(),
+        );
+        registry.register(
+            "kiln_pool_busy_sandboxes",
+            "Sandboxes leased out (including those being health-checked for a lease)",
+            self.busy.clone(),
+        );
+        registry.register(
+            "kiln_pool_create_seconds",
+            "Time to create a sandbox that came up, in seconds",
+            self.create_seconds.clone(),
+        );
+    }
+}
