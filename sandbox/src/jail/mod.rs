@@ -199,8 +199,7 @@ impl JailBackend {
         let agent_exe = seal_agent(&cfg.agent)?;
         let filters = seccomp::jail_filters()?;
         let mut host = Vec::new();
-        let root_flags;
-        match &cfg.rootfs {
+        let root_flags = match &cfg.rootfs {
             RootFs::Host => {
                 for name in [
                     "usr", "etc", "bin", "sbin", "lib", "lib64", "lib32", "libx32",
@@ -225,7 +224,7 @@ impl JailBackend {
                         });
                     }
                 }
-                root_flags = 0;
+                0
             }
             RootFs::Dir(d) => {
                 for m in ["proc", "dev", "tmp", "work"] {
@@ -236,9 +235,9 @@ impl JailBackend {
                         )));
                     }
                 }
-                root_flags = locked_flags(d).map_err(io_err(format!("statvfs {}", d.display())))?;
+                locked_flags(d).map_err(io_err(format!("statvfs {}", d.display())))?
             }
-        }
+        };
         fs::create_dir_all(cfg.state_dir.join("jails"))
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
         let owner = record::Owner::current().map_err(io_err("reading our own /proc/self/stat"))?;
