@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite of Kiln, from a fresh machine: installs what the
+# build and the tests need (idempotently), starts the services they use,
+# builds every binary, then runs every test. `.ci/run` calls exactly this.
+#
+# Needs root: the jail backend uses user namespaces with id ranges, cgroups
+# and mounts; the page server uses userfaultfd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh must run as root (namespaces, cgroups, userfaultfd)" >&2
+    exit 1
+fi
+
+# Debian packages: libclang for bindgen (userfaultfd-sys), the runtimes the
+# default runtime table names, bubblewrap for the benchmark baseline.
+packages=(libclang-dev python3 nodejs bash bubblewrap procps iproute2)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+log "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "build"
+cargo build --workspace --bins --quiet
+
+log "tests"
+cargo test --workspace --quiet 2>&1
