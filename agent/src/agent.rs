@@ -80,10 +80,6 @@ impl PipeWriter {
                     self.buf.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                    self.close();
-                    return Err(e);
-                }
                 Err(e) => {
                     self.close();
                     return Err(e);
@@ -182,9 +178,14 @@ impl Exec {
         }
     }
 
+    /// Signals the exec's process group. Once the main process has been
+    /// reaped its group was already killed, and its id may be reused: it
+    /// is left alone.
     fn kill(&mut self, sig: libc::c_int, reason: &'static str) {
-        sys::kill_group(self.pid, sig);
-        self.reason.get_or_insert(reason);
+        if self.ended.is_none() {
+            sys::kill_group(self.pid, sig);
+            self.reason.get_or_insert(reason);
+        }
     }
 
     /// Whether the Exit report can be sent now.
@@ -370,7 +371,9 @@ impl Agent {
             conn.flush_before_close();
         }
         for (_, exec) in std::mem::take(&mut self.execs) {
-            sys::kill_group(exec.pid, libc::SIGKILL);
+            if exec.ended.is_none() {
+                sys::kill_group(exec.pid, libc::SIGKILL);
+            }
         }
         self.reap();
         Ok(())
@@ -380,7 +383,9 @@ impl Agent {
     /// in the namespace), and reaps them for up to a second.
     pub fn shutdown(&mut self) {
         for (_, exec) in std::mem::take(&mut self.execs) {
-            sys::kill_group(exec.pid, libc::SIGKILL);
+            if exec.ended.is_none() {
+                sys::kill_group(exec.pid, libc::SIGKILL);
+            }
         }
         for w in std::mem::take(&mut self.warm) {
             sys::kill_group(w.process.pid, libc::SIGKILL);
@@ -554,7 +559,7 @@ impl Agent {
                 continue;
             }
             log_info!("forwarding signal {sig} to {} exec(s)", self.execs.len());
-            for exec in self.execs.values() {
+            for exec in self.execs.values().filter(|e| e.ended.is_none()) {
                 sys::kill_group(exec.pid, sig);
             }
         }
@@ -640,6 +645,19 @@ impl Agent {
 
     fn on_frame(&mut self, conn: &mut Connection, frame: Frame) -> Option<Closed> {
         log_debug!("<- {}", frame.name());
+        // Requests that act on the sandbox need this connection's Hello.
+        let request_tag = match &frame {
+            Frame::Exec(r) => Some(r.tag),
+            Frame::Stdin { tag, .. } => Some(*tag),
+            Frame::Kill(k) => Some(k.tag),
+            Frame::PutFile(p) => Some(p.tag),
+            Frame::GetFile(g) => Some(g.tag),
+            _ => None,
+        };
+        if let Some(tag) = request_tag.filter(|_| !conn.hello_done) {
+            conn.error(Some(tag), format!("{} before hello", frame.name()));
+            return None;
+        }
         match frame {
             Frame::Hello(h) => return self.on_hello(conn, h),
             Frame::Ping(n) => conn.send(&Frame::Pong(n)),
@@ -658,6 +676,8 @@ impl Agent {
                 Some(_) if !(0..=64).contains(&signal) => {
                     conn.error(Some(tag), format!("signal {signal} is not a signal number"))
                 }
+                // Signal 0 only probes; it ends nothing.
+                Some(exec) if signal == 0 => sys::kill_group(exec.pid, 0),
                 Some(exec) => exec.kill(signal, "killed"),
                 None => conn.error(Some(tag), format!("no running exec has tag {tag}")),
             },
@@ -665,7 +685,10 @@ impl Agent {
             Frame::GetFile(g) => self.on_get_file(conn, g),
             other => {
                 let name = other.name();
-                conn.error(None, format!("{name} frames are sent by the agent, not to it"));
+                conn.error(
+                    None,
+                    format!("{name} frames are sent by the agent, not to it"),
+                );
             }
         }
         None

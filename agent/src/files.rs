@@ -117,14 +117,16 @@ impl Workdir {
 
     /// The absolute path of `rel`, which must be a clean relative path.
     pub fn absolute(&self, rel: &str) -> Result<String, FileError> {
-        kiln_protocol::check_rel_path("path", rel).map_err(|e| FileError::BadPath(e.to_string()))?;
+        kiln_protocol::check_rel_path("path", rel)
+            .map_err(|e| FileError::BadPath(e.to_string()))?;
         Ok(format!("{}/{rel}", self.path))
     }
 
     /// Writes `data` to `rel` with permissions `mode & 0o777`, creating
     /// parent directories, as the job's user.
     pub fn put(&self, rel: &str, mode: u32, data: &[u8]) -> Result<(), FileError> {
-        kiln_protocol::check_rel_path("path", rel).map_err(|e| FileError::BadPath(e.to_string()))?;
+        kiln_protocol::check_rel_path("path", rel)
+            .map_err(|e| FileError::BadPath(e.to_string()))?;
         let _id = sys::FsIdentity::assume(self.uid, self.gid);
         let comps: Vec<&str> = rel.split('/').collect();
         for i in 0..comps.len() - 1 {
@@ -161,7 +163,8 @@ impl Workdir {
 
     /// Reads `rel`, refusing files over `min(max_bytes, MAX_FILE_BYTES)`.
     pub fn get(&self, rel: &str, max_bytes: u64) -> Result<Vec<u8>, FileError> {
-        kiln_protocol::check_rel_path("path", rel).map_err(|e| FileError::BadPath(e.to_string()))?;
+        kiln_protocol::check_rel_path("path", rel)
+            .map_err(|e| FileError::BadPath(e.to_string()))?;
         let max = max_bytes.min(MAX_FILE_BYTES as u64);
         let _id = sys::FsIdentity::assume(self.uid, self.gid);
         let file = sys::open_beneath(
@@ -220,7 +223,8 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn tempdir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("kiln-agent-files-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("kiln-agent-files-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d

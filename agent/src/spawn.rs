@@ -119,8 +119,7 @@ fn child_setup(uid: u32, gid: u32, cwd: &CString, control_rd: RawFd) -> io::Resu
         check(libc::setsid())?;
         // A user namespace whose setgroups is denied keeps the (already
         // empty or unmapped) groups it was created with.
-        if libc::setgroups(0, std::ptr::null()) == -1 && *libc::__errno_location() != libc::EPERM
-        {
+        if libc::setgroups(0, std::ptr::null()) == -1 && *libc::__errno_location() != libc::EPERM {
             return Err(io::Error::last_os_error());
         }
         check(libc::setresgid(gid, gid, gid))?;

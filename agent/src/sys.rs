@@ -291,13 +291,8 @@ impl Drop for FsIdentity {
 /// A listening AF_VSOCK stream socket on `port`, any CID.
 pub fn vsock_listen(cid: u32, port: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket creation.
-    let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_VSOCK,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket returned a fresh descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };

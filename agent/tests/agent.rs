@@ -8,14 +8,18 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use common::{exec_request, process_gone, Host, NOBODY};
+use common::{children, exec_request, process_gone, vm_rss_kb, Host, NOBODY};
 use kiln_protocol::{ExitStatus, Frame, FrameError, Kill};
 
 fn expect_error(f: Frame, tag: Option<u32>, needle: &str) {
     match f {
         Frame::Error(e) => {
             assert_eq!(e.tag, tag, "{e:?}");
-            assert!(e.message.contains(needle), "{:?} lacks {needle:?}", e.message);
+            assert!(
+                e.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                e.message
+            );
         }
         other => panic!("expected an error mentioning {needle:?}, got {other:?}"),
     }
@@ -160,10 +164,7 @@ fn check_py_run(h: &Host, run: &common::Run) {
     let out = run.stdout();
     assert!(out.contains("args ['a', 'b c']"), "{out}");
     let home = h.workdir.path().to_str().unwrap();
-    assert!(
-        out.contains(&format!("env hello {home} {NOBODY}")),
-        "{out}"
-    );
+    assert!(out.contains(&format!("env hello {home} {NOBODY}")), "{out}");
     assert!(out.contains(&format!("cwd {home}")), "{out}");
     assert!(out.contains("stdin 200000 xxxxx"), "{out}");
     assert_eq!(run.stderr(), "to stderr\n");
@@ -248,7 +249,11 @@ process.stdin.on("end", () => {
 fn bash_runs_cold() {
     let mut h = Host::start();
     h.hello(&["bash"]); // bash has no warm start: ignored
-    h.put("main.sh", 0o755, b"echo \"$1 $FOO $(id -u)\"; read l; echo \"got $l\" >&2; exit 7\n");
+    h.put(
+        "main.sh",
+        0o755,
+        b"echo \"$1 $FOO $(id -u)\"; read l; echo \"got $l\" >&2; exit 7\n",
+    );
     let tag = h.tag();
     let mut req = exec_request(tag, "sh", "main.sh");
     req.args = vec!["one".into()];
@@ -264,8 +269,16 @@ fn bash_runs_cold() {
 fn concurrent_execs_are_kept_apart() {
     let mut h = Host::start();
     h.hello(&[]);
-    h.put("a.sh", 0o644, b"for i in 1 2 3; do echo a$i; sleep 0.05; done\n");
-    h.put("b.sh", 0o644, b"for i in 1 2 3; do echo b$i >&2; sleep 0.05; done\n");
+    h.put(
+        "a.sh",
+        0o644,
+        b"for i in 1 2 3; do echo a$i; sleep 0.05; done\n",
+    );
+    h.put(
+        "b.sh",
+        0o644,
+        b"for i in 1 2 3; do echo b$i >&2; sleep 0.05; done\n",
+    );
     let (ta, tb) = (h.tag(), h.tag());
     h.send(&Frame::Exec(exec_request(ta, "bash", "a.sh")));
     h.send(&Frame::Exec(exec_request(tb, "bash", "b.sh")));
@@ -281,7 +294,11 @@ fn concurrent_execs_are_kept_apart() {
 fn output_limit_kills_a_flood_and_marks_it_truncated() {
     let mut h = Host::start();
     h.hello(&[]);
-    h.put("flood.py", 0o644, b"import sys\nwhile True:\n    sys.stdout.write('y' * 4096)\n");
+    h.put(
+        "flood.py",
+        0o644,
+        b"import sys\nwhile True:\n    sys.stdout.write('y' * 4096)\n",
+    );
     let tag = h.tag();
     let mut req = exec_request(tag, "python", "flood.py");
     req.output_limit = 100_000;
@@ -332,8 +349,8 @@ fn kill_ends_a_busy_loop_and_every_process_of_its_group() {
     assert_eq!(run.exit.reason.as_deref(), Some("killed"));
     for pid in pids.iter().copied().chain([started.pid]) {
         assert!(
-            process_gone(pid, Duration::from_secs(3)),
-            "process {pid} survived"
+            process_gone(pid, Duration::from_secs(3), false),
+            "process {pid} survived or was not reaped"
         );
     }
 }
@@ -360,7 +377,11 @@ fn exit_report_carries_the_resource_usage() {
 fn closing_the_socket_kills_running_jobs_and_the_agent_exits() {
     let mut h = Host::start();
     h.hello(&["python"]);
-    h.put("sleep.py", 0o644, b"import time\nprint('up', flush=True)\ntime.sleep(300)\n");
+    h.put(
+        "sleep.py",
+        0o644,
+        b"import time\nprint('up', flush=True)\ntime.sleep(300)\n",
+    );
     let tag = h.tag();
     h.send(&Frame::Exec(exec_request(tag, "python", "sleep.py")));
     let Frame::Started(started) = h.answer_to(tag) else {
@@ -370,8 +391,104 @@ fn closing_the_socket_kills_running_jobs_and_the_agent_exits() {
     h.sock.shutdown(std::net::Shutdown::Both).unwrap();
     assert_eq!(h.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(
-        process_gone(started.pid, Duration::from_secs(3)),
+        // After the agent exits, the host's init reaps: a zombie is dead.
+        process_gone(started.pid, Duration::from_secs(3), true),
         "job {} survived the agent",
         started.pid
     );
+}
+
+#[test]
+fn termination_signals_to_the_agent_are_forwarded_to_jobs() {
+    let mut h = Host::start();
+    h.hello(&[]);
+    h.put("wait.sh", 0o644, b"echo up\nsleep 300\n");
+    let tag = h.tag();
+    h.send(&Frame::Exec(exec_request(tag, "bash", "wait.sh")));
+    let Frame::Started(started) = h.answer_to(tag) else {
+        panic!("no started")
+    };
+    assert!(matches!(h.recv(), Frame::Stdout { .. }));
+    // SAFETY: signals the agent child this test started.
+    unsafe { libc::kill(h.child.id() as i32, libc::SIGTERM) };
+    let run = h.collect(tag, false, started.pid);
+    assert_eq!(run.exit.status, ExitStatus::Signal(libc::SIGTERM));
+    // The agent itself keeps serving.
+    h.send(&Frame::Ping(1));
+    assert_eq!(h.recv(), Frame::Pong(1));
+}
+
+#[test]
+fn a_dead_warm_interpreter_falls_back_to_a_cold_start() {
+    let mut h = Host::start();
+    h.hello(&["python"]);
+    let warm = children(h.child.id());
+    assert_eq!(warm.len(), 1, "{warm:?}");
+    // SAFETY: kills the warm interpreter the agent started for this test.
+    unsafe { libc::kill(warm[0] as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(100));
+    h.put("main.py", 0o644, b"print('cold')\n");
+    let tag = h.tag();
+    let run = h.run(exec_request(tag, "python", "main.py"), None);
+    assert!(!run.warm);
+    assert_eq!(run.stdout(), "cold\n");
+    assert!(process_gone(warm[0], Duration::from_secs(2), false));
+}
+
+#[test]
+fn orphans_of_a_job_are_reaped() {
+    let mut h = Host::start();
+    h.hello(&[]);
+    // The grandchild escapes into its own session and outlives the job.
+    h.put("orphan.sh", 0o644, b"setsid sh -c 'sleep 0.3' &\necho $!\n");
+    let tag = h.tag();
+    let run = h.run(exec_request(tag, "bash", "orphan.sh"), None);
+    assert_eq!(run.exit.status, ExitStatus::Code(0));
+    let orphan: u32 = run.stdout().trim().parse().unwrap();
+    assert!(process_gone(orphan, Duration::from_secs(3), false));
+    assert!(children(h.child.id()).is_empty());
+}
+
+#[test]
+fn an_output_flood_to_a_slow_host_keeps_agent_memory_bounded() {
+    let mut h = Host::start();
+    h.hello(&[]);
+    h.put(
+        "flood.py",
+        0o644,
+        b"import sys\nb = b'z' * 65536\nfor _ in range(640):\n    sys.stdout.buffer.write(b)\n",
+    );
+    let tag = h.tag();
+    let mut req = exec_request(tag, "python", "flood.py");
+    req.output_limit = 64 << 20;
+    h.send(&Frame::Exec(req));
+    // Do not read for a while: the agent must stop reading the job.
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = vm_rss_kb(h.child.id());
+    assert!(rss < 24 * 1024, "agent RSS grew to {rss} KiB");
+    let Frame::Started(s) = h.answer_to(tag) else {
+        panic!("no started")
+    };
+    let run = h.collect(tag, false, s.pid);
+    assert_eq!(run.stdout.len(), 640 * 65536);
+    assert_eq!(run.exit.status, ExitStatus::Code(0));
+    assert!(!run.exit.stdout_truncated);
+}
+
+#[test]
+fn a_warm_request_larger_than_a_pipe_buffer_is_delivered() {
+    let mut h = Host::start();
+    h.hello(&["python"]);
+    h.put(
+        "count.py",
+        0o644,
+        b"import os, sys\nprint(len(sys.argv) - 1, sum(map(len, sys.argv[1:])), len(os.environ['BIG']))\n",
+    );
+    let tag = h.tag();
+    let mut req = exec_request(tag, "python", "count.py");
+    req.args = (0..1000).map(|i| format!("{i:0>200}")).collect();
+    req.env.insert("BIG".into(), "b".repeat(200_000));
+    let run = h.run(req, None);
+    assert!(run.warm);
+    assert_eq!(run.stdout(), "1000 200000 200000\n");
 }

@@ -1,30 +1,13 @@
 //! Numbers, not assertions: the idle memory of an agent with a warm Python,
 //! and how long `print(1)` takes from Exec to Exit, warm and cold. Run with
-//! `cargo test -p kiln-agent --release --test measure -- --nocapture`.
+//! `cargo test -p kiln-agent --release --test measure -- --ignored --nocapture`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exec_request, Host};
+use common::{children, exec_request, vm_rss_kb, Host};
 use kiln_protocol::{Frame, RuntimeTable, DEFAULT_RUNTIMES_TOML};
-
-fn vm_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
 
 fn median_ms(mut v: Vec<Duration>) -> f64 {
     v.sort();
@@ -32,9 +15,10 @@ fn median_ms(mut v: Vec<Duration>) -> f64 {
 }
 
 #[test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
 fn idle_memory_and_print_latency_warm_vs_cold() {
     println!("with the built-in runtime table:");
-    measure(RuntimeTable::default());
+    measure(RuntimeTable::default(), "python", "p.py", "print(1)\n");
     // runpy.run_path imports pkgutil (and typing) lazily, i.e. after the job
     // arrived; importing it in the warm prelude takes that off the path.
     let toml = DEFAULT_RUNTIMES_TOML.replace(
@@ -43,12 +27,19 @@ fn idle_memory_and_print_latency_warm_vs_cold() {
     );
     assert_ne!(toml, DEFAULT_RUNTIMES_TOML);
     println!("with pkgutil imported by the warm prelude:");
-    measure(RuntimeTable::from_toml(&toml).unwrap());
+    measure(
+        RuntimeTable::from_toml(&toml).unwrap(),
+        "python",
+        "p.py",
+        "print(1)\n",
+    );
+    println!("node, built-in table:");
+    measure(RuntimeTable::default(), "node", "p.js", "console.log(1)\n");
 }
 
-fn measure(runtimes: RuntimeTable) {
+fn measure(runtimes: RuntimeTable, runtime: &str, file: &str, code: &str) {
     let mut h = Host::start();
-    let mut hello = h.hello_frame(&["python"]);
+    let mut hello = h.hello_frame(&[runtime]);
     hello.runtimes = runtimes;
     h.send(&Frame::Hello(hello));
     assert!(matches!(h.recv(), Frame::HelloAck(_)));
@@ -58,12 +49,12 @@ fn measure(runtimes: RuntimeTable) {
     let agent_kb = vm_rss_kb(agent);
     let kids_kb: u64 = kids.iter().map(|&p| vm_rss_kb(p)).sum();
     println!(
-        "  idle RSS: agent {agent_kb} KiB + warm python {kids_kb} KiB ({} process) = {} KiB",
+        "  idle RSS: agent {agent_kb} KiB + warm {runtime} {kids_kb} KiB ({} process) = {} KiB",
         kids.len(),
         agent_kb + kids_kb
     );
 
-    h.put("p.py", 0o644, b"print(1)\n");
+    h.put(file, 0o644, code.as_bytes());
     let mut warm = Vec::new();
     let mut cold = Vec::new();
     for i in 0..50 {
@@ -71,7 +62,7 @@ fn measure(runtimes: RuntimeTable) {
         // between requests in a pool.
         std::thread::sleep(Duration::from_millis(120));
         let tag = h.tag();
-        let mut req = exec_request(tag, "python", "p.py");
+        let mut req = exec_request(tag, runtime, file);
         req.warm_next = true;
         let t = Instant::now();
         let run = h.run(req, None);
@@ -81,18 +72,19 @@ fn measure(runtimes: RuntimeTable) {
     }
     // Cold: no warm interpreter left (warm_next false empties the slot).
     let tag = h.tag();
-    let _ = h.run(exec_request(tag, "python", "p.py"), None);
+    let _ = h.run(exec_request(tag, runtime, file), None);
     for _ in 0..50 {
         let tag = h.tag();
         let t = Instant::now();
-        let run = h.run(exec_request(tag, "python", "p.py"), None);
+        let run = h.run(exec_request(tag, runtime, file), None);
         cold.push(t.elapsed());
         assert!(!run.warm);
         assert_eq!(run.stdout(), "1\n");
     }
     println!(
-        "  print(1) Exec->Exit median of 50: warm {:.2} ms, cold {:.2} ms",
+        "  {code:?} Exec->Exit median of 50: warm {:.2} ms, cold {:.2} ms",
         median_ms(warm),
-        median_ms(cold)
+        median_ms(cold),
+        code = code.trim()
     );
 }

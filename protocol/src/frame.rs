@@ -281,10 +281,12 @@ impl Frame {
                 out.push(kind::PUT_FILE);
                 out.extend_from_slice(&p.tag.to_be_bytes());
                 out.extend_from_slice(&p.mode.to_be_bytes());
-                // Paths longer than u16 cannot be valid (MAX_PATH_BYTES); the
-                // decoder refuses what this truncation would produce.
-                out.extend_from_slice(&(p.path.len().min(u16::MAX as usize) as u16).to_be_bytes());
-                out.extend_from_slice(p.path.as_bytes());
+                // Paths longer than u16 cannot be valid (MAX_PATH_BYTES);
+                // truncating keeps the framing intact and the decoder
+                // refuses the result by its length.
+                let path = &p.path.as_bytes()[..p.path.len().min(u16::MAX as usize)];
+                out.extend_from_slice(&(path.len() as u16).to_be_bytes());
+                out.extend_from_slice(path);
                 out.extend_from_slice(&p.data);
             }
         }
@@ -416,6 +418,9 @@ mod erased {
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Start of the undecoded bytes in `buf`: consumed frames are skipped,
+    /// not shifted out one by one (which is quadratic in frames per read).
+    start: usize,
     max: usize,
 }
 
@@ -430,54 +435,65 @@ impl Decoder {
     pub fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             max,
         }
     }
 
     /// Adds bytes read from the stream.
     pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes held that do not yet form a frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. An
     /// oversized length prefix is an error as soon as it is seen, before the
     /// body is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buf.len() < 4 {
+        let buf = &self.buf[self.start..];
+        if buf.len() < 4 {
             return Ok(None);
         }
-        let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
         if len == 0 {
             return Err(FrameError::Empty);
         }
         if len > self.max {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
-        if self.buf.len() < 4 + len {
+        if buf.len() < 4 + len {
             return Ok(None);
         }
-        let frame = Frame::decode_body(&self.buf[4..4 + len]);
-        self.buf.drain(..4 + len);
+        let frame = Frame::decode_body(&buf[4..4 + len]);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         frame.map(Some)
     }
 
     /// Call at end of stream: `Closed` if it ended between frames.
     pub fn finish(&self) -> FrameError {
-        if self.buf.is_empty() {
+        let buf = &self.buf[self.start..];
+        if buf.is_empty() {
             FrameError::Closed
         } else {
-            let want = if self.buf.len() >= 4 {
-                4 + u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize
+            let want = if buf.len() >= 4 {
+                4 + u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize
             } else {
                 4
             };
             FrameError::Truncated {
-                got: self.buf.len(),
+                got: buf.len(),
                 want,
             }
         }

@@ -82,6 +82,25 @@ pub struct Host {
     next_tag: u32,
 }
 
+/// VmRSS of a process in KiB (0 if it is gone).
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The direct children of a process.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
 pub fn exec_request(tag: u32, runtime: &str, entry: &str) -> ExecRequest {
     ExecRequest {
         tag,
@@ -295,17 +314,20 @@ impl Drop for Host {
     }
 }
 
-/// Whether process `pid` is gone (or a zombie nobody cares about yet),
-/// waiting up to `within`.
-pub fn process_gone(pid: u32, within: Duration) -> bool {
+/// Whether process `pid` has died, waiting up to `within`. A zombie counts
+/// as dead only if `zombie_ok` (its reaper is not the agent).
+pub fn process_gone(pid: u32, within: Duration, zombie_ok: bool) -> bool {
     let deadline = Instant::now() + within;
     loop {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
             Ok(s) => {
                 // State is the field after the parenthesised command.
-                let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next());
-                if state == Some("Z") || state == Some("X") {
+                let state = s
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                if zombie_ok && (state == Some("Z") || state == Some("X")) {
                     return true;
                 }
             }
