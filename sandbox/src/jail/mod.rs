@@ -296,18 +296,7 @@ impl Inner {
                 flags: libc::MS_BIND | libc::MS_REC,
                 data: None,
             });
-            steps.push(Step::Mount {
-                src: None,
-                dst,
-                fstype: None,
-                flags: libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | flags,
-                data: None,
-            });
+            steps.push(Step::remount_read_only(dst, flags));
         };
         match &self.cfg.rootfs {
             RootFs::Host => {
@@ -369,17 +358,7 @@ impl Inner {
         mkdir(&mut steps, "dev/shm", 0o1777);
         let disk = spec.disk_mb;
         tmpfs(&mut steps, "dev/shm", format!("mode=1777,size={disk}m"));
-        steps.push(Step::Mount {
-            src: None,
-            dst: under("dev"),
-            fstype: None,
-            flags: libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NOEXEC,
-            data: None,
-        });
+        steps.push(Step::remount_read_only(under("dev"), libc::MS_NOEXEC));
         tmpfs(&mut steps, "tmp", format!("mode=1777,size={disk}m"));
         tmpfs(
             &mut steps,
@@ -390,18 +369,7 @@ impl Inner {
             ),
         );
         steps.push(Step::PivotInto { root: cstr(root) });
-        steps.push(Step::Mount {
-            src: None,
-            dst: c"/".into(),
-            fstype: None,
-            flags: libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | self.root_flags,
-            data: None,
-        });
+        steps.push(Step::remount_read_only(c"/".into(), self.root_flags));
         let log_level = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
         Plan {
             steps,

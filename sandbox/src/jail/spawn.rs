@@ -46,6 +46,24 @@ pub enum Step {
 }
 
 impl Step {
+    /// Makes the mount at `dst` read-only, nosuid and nodev, keeping the
+    /// flags in `keep` (flags of the source that a user namespace may not
+    /// clear, such as its atime mode).
+    pub fn remount_read_only(dst: CString, keep: libc::c_ulong) -> Step {
+        Step::Mount {
+            src: None,
+            dst,
+            fstype: None,
+            flags: libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | keep,
+            data: None,
+        }
+    }
+
     /// What the step does, for the parent's error message.
     pub fn describe(&self) -> String {
         let s = |c: &CString| c.to_string_lossy().into_owned();
