@@ -45,6 +45,8 @@ struct Inner {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     routes: Mutex<Routes>,
     next_tag: AtomicU32,
+    /// Execs of inline code in flight (see [`AgentConn::claim_inline`]).
+    inline_in_flight: AtomicU32,
 }
 
 /// Tag reserved for the handshake, whose frames carry none.
@@ -127,6 +129,7 @@ impl AgentConn {
                 closed: None,
             }),
             next_tag: AtomicU32::new(1),
+            inline_in_flight: AtomicU32::new(0),
         });
         let weak = Arc::downgrade(&inner);
         let reader = tokio::spawn(async move {
@@ -265,9 +268,48 @@ impl AgentConn {
         Ok(stream)
     }
 
+    /// Claims a name for an exec's inline code. Only an exec that finds no
+    /// other inline exec in flight may use the runtime's default file name
+    /// (`main.py`); concurrent ones get a unique hidden name, so that two
+    /// execs in one workspace never overwrite each other's code. Atomic, so
+    /// two execs cannot both take the default.
+    pub fn claim_inline(&self) -> InlineClaim {
+        let before = self.inner.inline_in_flight.fetch_add(1, Ordering::AcqRel);
+        InlineClaim {
+            inner: self.inner.clone(),
+            unique: (before > 0).then(|| self.inner.tag()),
+        }
+    }
+
     /// Whether the connection is still up.
     pub fn is_connected(&self) -> bool {
         self.inner.routes().closed.is_none()
+    }
+}
+
+/// A claim on the inline-code file name, released on drop.
+#[must_use = "the claim must live until the exec has ended"]
+pub struct InlineClaim {
+    inner: Arc<Inner>,
+    unique: Option<u32>,
+}
+
+impl InlineClaim {
+    /// The file name to use for inline code given the runtime's default.
+    pub fn file_name(&self, default: &str) -> String {
+        match self.unique {
+            None => default.to_owned(),
+            Some(n) => match default.rsplit_once('.') {
+                Some((stem, ext)) => format!(".{stem}-{n}.{ext}"),
+                None => format!(".{default}-{n}"),
+            },
+        }
+    }
+}
+
+impl Drop for InlineClaim {
+    fn drop(&mut self) {
+        self.inner.inline_in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -13,7 +13,7 @@ mod run;
 use std::fmt;
 use std::future::Future;
 
-pub use agent::{AgentConn, AgentError, ExecStream};
+pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};
 

@@ -99,7 +99,8 @@ pub async fn run_job<S: Sandbox>(
         poisoned,
     };
 
-    let (files, entry) = spec.materialize(&runtime.file);
+    let claim = agent.claim_inline();
+    let (files, entry) = spec.materialize(&claim.file_name(&runtime.file));
     for f in files {
         let mode = if f.executable { 0o755 } else { 0o644 };
         let put = timeout_at(deadline.into(), agent.put_file(&f.path, f.content, mode)).await;

@@ -1,0 +1,236 @@
+//! The `Sandbox` contract on the real jail backend, as the daemon uses it:
+//! several execs in one sandbox with warm interpreters renewed between them,
+//! files that persist between execs, concurrent execs, live stats, a host
+//! deadline that holds even when the job ignores signals, and a destroy that
+//! leaves nothing. Needs root and the built `kiln-agent`
+//! (`cargo build --bins`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
+use kiln_sandbox::jail::{JailBackend, JailConfig};
+use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
+
+fn agent() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("kiln-agent");
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo build --bins` first",
+        p.display()
+    );
+    p
+}
+
+struct Env {
+    backend: JailBackend,
+    parent: String,
+    state: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Self {
+        let parent = format!("kiln-sbtest-{}-{name}", std::process::id());
+        let state = std::env::temp_dir().join(&parent);
+        let mut cfg = JailConfig::new(agent(), RuntimeTable::default());
+        cfg.state_dir = state.clone();
+        cfg.cgroup_parent = parent.clone();
+        Self {
+            backend: JailBackend::new(cfg).unwrap(),
+            parent,
+            state,
+        }
+    }
+
+    /// Directories this test's sandboxes left (cgroups and records).
+    fn leftovers(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/cpu",
+        ] {
+            if let Ok(rd) = std::fs::read_dir(PathBuf::from(root).join(&self.parent)) {
+                v.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.state.join("jails")) {
+            v.extend(rd.flatten().map(|e| e.path()));
+        }
+        v
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/cpu",
+        ] {
+            let _ = std::fs::remove_dir(PathBuf::from(root).join(&self.parent));
+        }
+        let _ = std::fs::remove_dir(self.state.join("jails"));
+        let _ = std::fs::remove_dir(&self.state);
+    }
+}
+
+fn spec(runtime: &str, code: &str) -> JobSpec {
+    JobSpec::inline(runtime, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sandbox_serves_many_execs_warm_and_keeps_files() {
+    let env = Env::new("many");
+    let table = RuntimeTable::default();
+    let py = table.resolve("python").unwrap();
+    let sb = env
+        .backend
+        .create(&SandboxSpec::for_job(&Default::default(), "python"))
+        .await
+        .unwrap();
+    sb.agent()
+        .put_file("state/counter", b"0".to_vec(), 0o644)
+        .await
+        .unwrap();
+    let mut warm_runs = 0;
+    for i in 1..=5 {
+        // Give the renewed warm interpreter time to start, as a pool would.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let code =
+            "p='state/counter'; n=int(open(p).read())+1; open(p,'w').write(str(n)); print(n)";
+        let out = run_job(
+            &sb,
+            JobId::random(),
+            py,
+            &spec("python", code),
+            true,
+            &mut (),
+        )
+        .await;
+        assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+        assert_eq!(out.result.stdout, format!("{i}\n"));
+        assert!(!out.poisoned);
+        warm_runs += usize::from(out.warm);
+    }
+    assert_eq!(warm_runs, 5, "every exec should find a warm interpreter");
+    assert_eq!(
+        sb.agent().get_file("state/counter", 100).await.unwrap(),
+        b"5"
+    );
+    let stats = sb.stats();
+    assert!(stats.memory_bytes > 0 && stats.pids >= 1, "{stats:?}");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_execs_in_one_sandbox_keep_their_output_apart() {
+    let env = Env::new("concurrent");
+    let table = RuntimeTable::default();
+    let bash = table.resolve("bash").unwrap();
+    let sb = env
+        .backend
+        .create(&SandboxSpec::for_job(&Default::default(), "bash"))
+        .await
+        .unwrap();
+    let a = spec("bash", "for i in 1 2 3; do echo a$i; sleep 0.05; done");
+    let b = spec("bash", "for i in 1 2 3; do echo b$i; sleep 0.05; done");
+    let (mut sink_a, mut sink_b) = ((), ());
+    let (ra, rb) = tokio::join!(
+        run_job(&sb, JobId::random(), bash, &a, false, &mut sink_a),
+        run_job(&sb, JobId::random(), bash, &b, false, &mut sink_b)
+    );
+    assert_eq!(ra.result.stdout, "a1\na2\na3\n");
+    assert_eq!(rb.result.stdout, "b1\nb2\nb3\n");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_deadline_holds_against_a_job_that_ignores_signals() {
+    let env = Env::new("deadline");
+    let table = RuntimeTable::default();
+    let py = table.resolve("python").unwrap();
+    let sb = env
+        .backend
+        .create(&SandboxSpec::for_job(&Default::default(), "python"))
+        .await
+        .unwrap();
+    let mut s = spec(
+        "python",
+        "import signal, os\nfor sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n    signal.signal(sig, signal.SIG_IGN)\nprint('ready', flush=True)\nwhile True: pass",
+    );
+    s.limits.timeout_ms = 500;
+    let mut streamed = Vec::new();
+    let mut sink = |_: kiln_sandbox::Stream, d: &[u8]| streamed.extend_from_slice(d);
+    let out = run_job(&sb, JobId::random(), py, &s, true, &mut sink).await;
+    assert_eq!(out.result.outcome, Outcome::Timeout, "{:?}", out.result);
+    assert_eq!(streamed, b"ready\n", "output streamed as it came");
+    assert!(
+        !out.poisoned,
+        "the agent killed it, the sandbox is reusable"
+    );
+    // The sandbox still works after a timed-out exec.
+    let ok = run_job(
+        &sb,
+        JobId::random(),
+        py,
+        &spec("python", "print(2)"),
+        true,
+        &mut (),
+    )
+    .await;
+    assert_eq!(ok.result.stdout, "2\n");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_warm_runtimes_and_internet_are_refused_before_anything_starts() {
+    let env = Env::new("refused");
+    let mut s = SandboxSpec::for_job(&Default::default(), "cobol");
+    let e = env
+        .backend
+        .create(&s)
+        .await
+        .err()
+        .expect("unknown runtime refused");
+    assert!(e.to_string().contains("cobol"), "{e}");
+    s.warm.clear();
+    s.allow_internet = true;
+    let e = env
+        .backend
+        .create(&s)
+        .await
+        .err()
+        .expect("internet refused");
+    assert!(e.to_string().contains("allow_internet"), "{e}");
+    assert!(env.leftovers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sandbox_is_still_cleaned_up() {
+    let env = Env::new("dropped");
+    let sb = env
+        .backend
+        .create(&SandboxSpec::for_job(&Default::default(), "bash"))
+        .await
+        .unwrap();
+    let pid = sb.agent().ping(Duration::from_secs(5)).await.map(|_| ());
+    assert!(pid.is_ok());
+    drop(sb);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !env.leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            env.leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
