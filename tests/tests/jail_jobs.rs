@@ -232,3 +232,34 @@ fn bad_input_is_rejected_naming_what_was_wrong() {
     assert!(r.message.unwrap_or_default().contains("limit"));
     assert!(s.leftovers().is_empty());
 }
+
+#[test]
+fn a_runtime_added_by_configuration_runs() {
+    let s = Scope::new("perl");
+    let table = s.state_dir.join("runtimes.toml");
+    std::fs::write(
+        &table,
+        format!(
+            "{}\n[[runtime]]\nname = \"perl\"\nextensions = [\"pl\"]\nfile = \"main.pl\"\ncommand = [\"/usr/bin/perl\", \"{{file}}\"]\n",
+            kiln_protocol::DEFAULT_RUNTIMES_TOML
+        ),
+    )
+    .unwrap();
+    let (r, _) = s.run_json(&[
+        "--runtimes",
+        table.to_str().unwrap(),
+        "--runtime",
+        "perl",
+        "-c",
+        "print join(',', @ARGV), \"\\n\";",
+        "--",
+        "x",
+        "y",
+    ]);
+    assert_eq!(
+        (r.outcome, r.stdout.as_str()),
+        (Outcome::Ok, "x,y\n"),
+        "{r:?}"
+    );
+    std::fs::remove_file(&table).unwrap();
+}
