@@ -1,4 +1,5 @@
-//! The command line: `kiln-agent --fd N | --vsock-port P | --version`.
+//! The command line: `kiln-agent --fd N | --vsock-port P | --guest-init |
+//! --version`.
 
 /// What the agent was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -7,16 +8,24 @@ pub enum Mode {
     Fd(i32),
     /// Listen on AF_VSOCK (any CID) and serve connections one after another.
     Vsock(u32),
+    /// PID 1 of a microVM guest: set the guest up, then listen on vsock
+    /// (port and the rest from the kernel command line, `kiln.*`).
+    GuestInit,
     Version,
     Help,
 }
 
-pub const USAGE: &str = "usage: kiln-agent --fd N | --vsock-port PORT | --version
+pub const USAGE: &str = "usage: kiln-agent --fd N | --vsock-port PORT | --guest-init | --version
 
   --fd N             serve the host protocol on inherited connected socket fd N
                      until it closes, then kill every job and exit 0
   --vsock-port PORT  listen on AF_VSOCK (any CID) port PORT and serve host
                      connections one after another (inside a microVM)
+  --guest-init       as PID 1 of a microVM guest: mount /proc, /sys, /dev, a
+                     tmpfs overlay on the read-only root, seed the RNG, then
+                     listen on vsock (kiln.port=, kiln.seed=, kiln.disk_mb=,
+                     kiln.hostname=, kiln.log= on the kernel command line);
+                     the default when started as PID 1 with no argument
   --version          print the agent's version
 environment: KILN_AGENT_LOG=error|warn|info|debug (default warn)";
 
@@ -31,6 +40,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Mode, String> {
     let mode = match flag.as_str() {
         "--version" | "-V" if inline.is_none() => Mode::Version,
         "--help" | "-h" if inline.is_none() => Mode::Help,
+        "--guest-init" if inline.is_none() => Mode::GuestInit,
         "--fd" | "--vsock-port" => {
             let value = inline
                 .or_else(|| args.next())
@@ -75,6 +85,7 @@ mod tests {
         assert_eq!(p(&["--fd=7"]), Ok(Mode::Fd(7)));
         assert_eq!(p(&["--vsock-port", "52"]), Ok(Mode::Vsock(52)));
         assert_eq!(p(&["--version"]), Ok(Mode::Version));
+        assert_eq!(p(&["--guest-init"]), Ok(Mode::GuestInit));
     }
 
     #[test]

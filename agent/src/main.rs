@@ -8,6 +8,7 @@
 mod agent;
 mod cli;
 mod files;
+mod guest;
 mod log;
 mod spawn;
 mod sys;
@@ -19,7 +20,10 @@ use cli::Mode;
 
 fn main() -> ExitCode {
     log::init_from_env();
+    // Started by a kernel with no arguments: the init of a guest.
+    let bare_init = sys::getpid() == 1 && std::env::args().len() == 1;
     let mode = match cli::parse(std::env::args().skip(1)) {
+        _ if bare_init => Mode::GuestInit,
         Ok(m) => m,
         Err(e) => {
             eprintln!("kiln-agent: {e}\n{}", cli::USAGE);
@@ -37,6 +41,13 @@ fn main() -> ExitCode {
         }
         Mode::Fd(fd) => run(|agent| serve_fd(agent, fd)),
         Mode::Vsock(port) => run(|agent| serve_vsock(agent, port)),
+        Mode::GuestInit => match guest::setup() {
+            Ok(cfg) => run(|agent| serve_vsock(agent, cfg.port)),
+            Err(e) => {
+                log_error!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

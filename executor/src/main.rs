@@ -1,15 +1,25 @@
 //! `kiln`: the command line and daemon of Kiln, a serverless function
 //! executor. `kiln run` executes one job locally in a fresh sandbox, with no
-//! daemon; the other subcommands grow with the daemon, queue and snapshot
-//! issues. This file only parses the command line and dispatches.
+//! daemon; `kiln serve` is the daemon (warm pool, scheduler, HTTP API) and
+//! `kiln submit` its command-line client. This file only parses the command
+//! line and dispatches.
 
 mod backend;
 mod cli;
+mod config;
+mod http;
+mod jobs;
+mod live;
+mod metrics;
+mod sandboxes;
+pub mod scheduler;
 mod units;
+mod workspaces;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Kiln runs untrusted code in isolated sandboxes.
 #[derive(Debug, Parser)]
@@ -23,6 +33,10 @@ struct Cli {
 enum Command {
     /// Run one job in a fresh sandbox and print its output.
     Run(cli::run::RunArgs),
+    /// Run the daemon: warm pool, scheduler and HTTP API.
+    Serve(config::ServeArgs),
+    /// Submit a job to a running `kiln serve` and print its result.
+    Submit(cli::submit::SubmitArgs),
     /// Destroy sandboxes left behind by crashed kiln processes.
     Reap(backend::BackendArgs),
 }
@@ -35,7 +49,25 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // Which defaulted flags of `serve` were given (flag or environment), so
+    // that the config file is not overridden by a mere default.
+    let explicit = matches
+        .subcommand_matches("serve")
+        .map(|m| {
+            let given = |id: &&str| {
+                matches!(
+                    m.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            };
+            config::Explicit(config::Explicit::IDS.into_iter().filter(given).collect())
+        })
+        .unwrap_or_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -50,6 +82,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => cli::run::run(args).await,
+            Command::Serve(args) => cli::serve::serve(args, explicit).await,
+            Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
         }
     });

@@ -7,13 +7,16 @@
 //! by all backends.
 
 mod agent;
+mod any;
 pub mod jail;
+pub mod qemu;
 mod run;
 
 use std::fmt;
 use std::future::Future;
 
 pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim};
+pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};
 

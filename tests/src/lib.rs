@@ -8,6 +8,9 @@ use std::process::{Command, Output, Stdio};
 
 use kiln_protocol::JobResult;
 
+pub mod openapi;
+pub mod server;
+
 /// The directory holding the built binaries (`target/debug`), found from the
 /// running test executable (`target/debug/deps/<test>`).
 pub fn bin_dir() -> PathBuf {

@@ -1,6 +1,8 @@
 //! Subcommands of the `kiln` binary.
 
 pub mod run;
+pub mod serve;
+pub mod submit;
 
 use std::process::ExitCode;
 

@@ -15,7 +15,7 @@ use kiln_protocol::{limits, Acquire, JobId, JobResult, JobSpec, Outcome};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec, Stream};
 use serde_json::{json, Map, Value};
 
-use crate::backend::{self, BackendArgs};
+use crate::backend::{self, BackendArgs, BackendKind, QemuArgs};
 use crate::units::{parse_duration_ms, parse_size_bytes};
 
 #[derive(Debug, Args)]
@@ -75,8 +75,18 @@ pub struct RunArgs {
     /// Print the JobResult as JSON instead of streaming the output.
     #[arg(long)]
     json: bool,
+    /// Sandbox backend: jail, or qemu (a microVM).
+    #[arg(
+        long = "backend",
+        env = "KILN_BACKEND",
+        value_enum,
+        default_value = "jail"
+    )]
+    kind: BackendKind,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    qemu: QemuArgs,
 }
 
 /// Exit status for a result (see the command's help).
@@ -282,7 +292,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
-    let backend = backend::jail(&a.backend, table)?;
+    let backend = backend::any(a.kind, &a.backend, &a.qemu, table)?;
     let acquire_start = Instant::now();
     let sandbox = match backend
         .create(&SandboxSpec::for_job(&spec.limits, &runtime.name))

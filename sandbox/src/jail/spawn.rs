@@ -329,13 +329,17 @@ fn child_main(ctx: &ChildCtx) -> isize {
             libc::_exit(1);
         }
         libc::close(ctx.go_r);
-        if libc::setresgid(0, 0, 0) != 0 {
+        // Raw system calls, not glibc's wrappers: those broadcast the id
+        // change to every thread under glibc's stack-list lock, which a
+        // parent thread may have held at the moment of clone (thread
+        // creation takes it), deadlocking the child for ever.
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0 {
             return fail(ctx, 1);
         }
-        if libc::setresuid(0, 0, 0) != 0 {
+        if libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0 {
             return fail(ctx, 2);
         }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
+        if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {
             return fail(ctx, 3);
         }
         if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {

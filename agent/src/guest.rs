@@ -1,0 +1,403 @@
+//! Guest mode (`--guest-init`): the agent as PID 1 of a microVM guest. The
+//! kernel mounts the guest's ext4 root read-only and starts the agent with
+//! nothing else set up, so before serving the host over AF_VSOCK the agent
+//! builds the little a job needs:
+//!
+//! - `/proc`, then the settings the host put on the kernel command line
+//!   (`kiln.*`, see [`GuestConfig::parse`]);
+//! - an overlay on `/` whose upper layer is a tmpfs (the image stays
+//!   read-only and shared by every guest; writes vanish with the guest),
+//!   switched to as the root the way `switch_root` does (move + chroot:
+//!   `pivot_root` is not needed and would fail on an initramfs root);
+//! - fresh `/proc`, `/sys`, `/dev` (devtmpfs, with `/dev/fd`, `/dev/shm`),
+//!   tmpfs `/tmp`, `/work` and `/run` of the job's disk size;
+//! - the random pool seeded with the host's seed (credited, so `getrandom`
+//!   never blocks); `/proc/cmdline`, which carries the seed, is then hidden
+//!   from jobs;
+//! - the number of tasks capped (`kernel.threads-max`), the hostname set,
+//!   and the loopback interface up.
+//!
+//! Any failure is fatal: PID 1 exits, the kernel panics and, with
+//! `panic=-1 reboot=t` and QEMU's `-no-reboot` (or Firecracker's reboot
+//! handling), the VM stops, which the host sees as a dead sandbox.
+
+use std::ffi::{CStr, CString};
+use std::io;
+
+/// The vsock port the agent listens on unless `kiln.port=` says otherwise.
+pub const DEFAULT_PORT: u32 = 1024;
+
+/// Size of the tmpfs mounts when the host gives none (`kiln.disk_mb=`).
+const DEFAULT_DISK_MB: u64 = 64;
+
+/// What the host tells the guest on the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// `kiln.port=P`: the vsock port to listen on.
+    pub port: u32,
+    /// `kiln.seed=HEX`: bytes for the random pool (at most 512).
+    pub seed: Vec<u8>,
+    /// `kiln.hostname=NAME`.
+    pub hostname: String,
+    /// `kiln.disk_mb=N`: size of `/work`, `/tmp` and the overlay's upper layer.
+    pub disk_mb: u64,
+    /// `kiln.log=LEVEL`: the agent's log level (as `KILN_AGENT_LOG`).
+    pub log: Option<String>,
+    /// `kiln.pids=N`: most tasks that jobs may add to what runs at start-up
+    /// (the kernel's `threads-max`; the guest has no cgroup for it).
+    pub pids: Option<u64>,
+}
+
+impl GuestConfig {
+    /// Parses `/proc/cmdline`; words that are not `kiln.*` are the kernel's.
+    pub fn parse(cmdline: &str) -> Result<Self, String> {
+        let mut cfg = Self {
+            port: DEFAULT_PORT,
+            seed: Vec::new(),
+            hostname: "kiln".into(),
+            disk_mb: DEFAULT_DISK_MB,
+            log: None,
+            pids: None,
+        };
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            match key {
+                "kiln.port" => {
+                    cfg.port = value
+                        .parse()
+                        .ok()
+                        .filter(|p| *p != u32::MAX)
+                        .ok_or_else(|| format!("kiln.port={value:?} is not a vsock port"))?
+                }
+                "kiln.seed" => {
+                    cfg.seed = decode_hex(value)
+                        .filter(|b| b.len() <= 512)
+                        .ok_or("kiln.seed must be at most 512 bytes in hex")?
+                }
+                "kiln.hostname" => {
+                    if value.is_empty()
+                        || value.len() > 64
+                        || !value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                    {
+                        return Err(format!("kiln.hostname={value:?} is not a host name"));
+                    }
+                    cfg.hostname = value.into();
+                }
+                "kiln.disk_mb" => {
+                    cfg.disk_mb = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("kiln.disk_mb={value:?} is not a size in MiB"))?
+                }
+                "kiln.log" => cfg.log = Some(value.into()),
+                "kiln.pids" => {
+                    cfg.pids = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| format!("kiln.pids={value:?} is not a count"))?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Where the new root is assembled before it replaces `/`.
+const STAGE: &str = "/overlay";
+
+/// Sets the guest up (see the module documentation) and returns what the
+/// host asked for. Must run as PID 1, before anything else.
+pub fn setup() -> Result<GuestConfig, String> {
+    // Elsewhere these mounts would land on the host's own /proc and /.
+    if crate::sys::getpid() != 1 {
+        return Err("--guest-init only runs as PID 1 of a microVM guest".into());
+    }
+    let step = |what: &'static str| move |e: io::Error| format!("guest init: {what}: {e}");
+    sys::mount(c"proc", c"/proc", c"proc", NOSUID_NODEV_NOEXEC, None)
+        .map_err(step("mount /proc"))?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(step("read /proc/cmdline"))?;
+    let cfg = GuestConfig::parse(&cmdline).map_err(|e| format!("guest init: {e}"))?;
+    if let Some(level) = &cfg.log {
+        // Still single-threaded: nothing else reads the environment.
+        std::env::set_var("KILN_AGENT_LOG", level);
+        crate::log::init_from_env();
+    }
+    let size = |mode: &str| cstring(format!("mode={mode},size={}m", cfg.disk_mb));
+
+    // The overlay: read-only image below, tmpfs above.
+    sys::mount(
+        c"tmpfs",
+        c"/overlay",
+        c"tmpfs",
+        NOSUID_NODEV,
+        Some(&size("0755")),
+    )
+    .map_err(step("mount the overlay's tmpfs"))?;
+    for d in ["upper", "work", "root"] {
+        std::fs::create_dir(format!("{STAGE}/{d}")).map_err(step("create the overlay dirs"))?;
+    }
+    let opts = cstring(format!(
+        "lowerdir=/,upperdir={STAGE}/upper,workdir={STAGE}/work"
+    ));
+    sys::mount(c"overlay", c"/overlay/root", c"overlay", 0, Some(&opts))
+        .map_err(step("mount the overlay root"))?;
+
+    // The system mounts, inside the new root.
+    let under = |p: &str| cstring(format!("{STAGE}/root{p}"));
+    sys::mount(c"proc", &under("/proc"), c"proc", NOSUID_NODEV_NOEXEC, None)
+        .map_err(step("mount /proc"))?;
+    sys::mount(
+        c"sysfs",
+        &under("/sys"),
+        c"sysfs",
+        NOSUID_NODEV_NOEXEC,
+        None,
+    )
+    .map_err(step("mount /sys"))?;
+    sys::mount(
+        c"devtmpfs",
+        &under("/dev"),
+        c"devtmpfs",
+        libc::MS_NOSUID,
+        None,
+    )
+    .map_err(step("mount /dev"))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let link = format!("{STAGE}/root/dev/{name}");
+        match std::os::unix::fs::symlink(target, &link) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(step("create /dev links")(e))
+            }
+            _ => {}
+        }
+    }
+    for d in ["/dev/shm", "/tmp", "/work", "/run"] {
+        let _ = std::fs::create_dir(format!("{STAGE}/root{d}"));
+    }
+    for (d, mode) in [
+        ("/dev/shm", "1777"),
+        ("/tmp", "1777"),
+        ("/work", "0755"),
+        ("/run", "0755"),
+    ] {
+        sys::mount(
+            c"tmpfs",
+            &under(d),
+            c"tmpfs",
+            NOSUID_NODEV,
+            Some(&size(mode)),
+        )
+        .map_err(step("mount the tmpfs directories"))?;
+    }
+
+    // Switch roots; the old /proc stays underneath, out of reach.
+    let _ = sys::umount_detach(c"/proc");
+    sys::switch_root(&under("")).map_err(step("switch to the overlay root"))?;
+
+    if !cfg.seed.is_empty() {
+        sys::add_entropy(&cfg.seed).map_err(step("seed the random pool"))?;
+    }
+    // The command line carries the seed: jobs must not read it.
+    sys::mount(c"/dev/null", c"/proc/cmdline", c"", libc::MS_BIND, None)
+        .map_err(step("hide /proc/cmdline"))?;
+    if let Some(pids) = cfg.pids {
+        limit_tasks(pids).map_err(step("limit the number of tasks"))?;
+    }
+    sys::sethostname(&cfg.hostname).map_err(step("set the hostname"))?;
+    sys::loopback_up().map_err(step("bring lo up"))?;
+    Ok(cfg)
+}
+
+/// Caps the guest's tasks at those running now (kernel threads, the agent)
+/// plus `pids`, through `kernel.threads-max`.
+fn limit_tasks(pids: u64) -> io::Result<()> {
+    // /proc/loadavg: "0.00 0.00 0.00 running/total last_pid".
+    let loadavg = std::fs::read_to_string("/proc/loadavg")?;
+    let now: u64 = loadavg
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/'))
+        .and_then(|(_, total)| total.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("unexpected /proc/loadavg {loadavg:?}")))?;
+    // The kernel refuses less than 20 (MIN_THREADS in kernel/fork.c).
+    let max = (now + pids).max(20);
+    std::fs::write("/proc/sys/kernel/threads-max", max.to_string())
+}
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = NOSUID_NODEV | libc::MS_NOEXEC;
+
+fn cstring(s: String) -> CString {
+    CString::new(s).expect("built here without NUL")
+}
+
+/// The system calls of guest set-up.
+mod sys {
+    use super::*;
+
+    fn cvt(r: libc::c_int) -> io::Result<()> {
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn mount(
+        src: &CStr,
+        dst: &CStr,
+        fstype: &CStr,
+        flags: libc::c_ulong,
+        data: Option<&CStr>,
+    ) -> io::Result<()> {
+        let fstype = if fstype.is_empty() {
+            std::ptr::null()
+        } else {
+            fstype.as_ptr()
+        };
+        let data = data.map_or(std::ptr::null(), |d| d.as_ptr().cast());
+        // SAFETY: every pointer is a valid C string or null, as mount(2) allows.
+        cvt(unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype, flags, data) })
+    }
+
+    pub fn umount_detach(path: &CStr) -> io::Result<()> {
+        // SAFETY: a valid C path.
+        cvt(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) })
+    }
+
+    /// Makes `new_root` the root: move its mount onto `/`, then chroot.
+    pub fn switch_root(new_root: &CStr) -> io::Result<()> {
+        // SAFETY: valid C strings; chdir/mount/chroot have no other
+        // preconditions.
+        unsafe {
+            cvt(libc::chdir(new_root.as_ptr()))?;
+            cvt(libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ))?;
+            cvt(libc::chroot(c".".as_ptr()))?;
+            cvt(libc::chdir(c"/".as_ptr()))
+        }
+    }
+
+    /// `RNDADDENTROPY` (linux/random.h): `_IOW('R', 0x03, int[2])`.
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+    /// Mixes `seed` into the kernel's pool and credits it in full.
+    pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
+        let urandom = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")?;
+        // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + seed.len());
+        info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+        info.extend_from_slice(seed);
+        info.resize(info.len().next_multiple_of(4), 0);
+        // SAFETY: `info` is a rand_pool_info of the length it declares.
+        cvt(unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&urandom),
+                RNDADDENTROPY as _,
+                info.as_ptr(),
+            )
+        })
+    }
+
+    pub fn sethostname(name: &str) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `name`.
+        cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+    }
+
+    pub fn loopback_up() -> io::Result<()> {
+        // SAFETY: plain socket creation; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq passed.
+        unsafe {
+            cvt(libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req))?;
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            cvt(libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_kiln_settings_and_ignores_the_kernels() {
+        let c = GuestConfig::parse(
+            "console=ttyS0 reboot=t kiln.port=52 kiln.seed=00ff10 kiln.hostname=box-1 kiln.disk_mb=128 kiln.log=info kiln.pids=32 -- --guest-init",
+        )
+        .unwrap();
+        assert_eq!(c.port, 52);
+        assert_eq!(c.seed, vec![0, 0xff, 0x10]);
+        assert_eq!(c.hostname, "box-1");
+        assert_eq!(c.disk_mb, 128);
+        assert_eq!(c.log.as_deref(), Some("info"));
+        assert_eq!(c.pids, Some(32));
+        let d = GuestConfig::parse("console=ttyS0").unwrap();
+        assert_eq!(
+            (d.port, d.disk_mb, d.hostname.as_str()),
+            (DEFAULT_PORT, 64, "kiln")
+        );
+        assert!(d.seed.is_empty());
+    }
+
+    #[test]
+    fn refuses_bad_settings_naming_them() {
+        assert!(GuestConfig::parse("kiln.port=x")
+            .unwrap_err()
+            .contains("kiln.port"));
+        assert!(GuestConfig::parse("kiln.port=4294967295").is_err());
+        assert!(GuestConfig::parse("kiln.seed=0")
+            .unwrap_err()
+            .contains("kiln.seed"));
+        assert!(GuestConfig::parse("kiln.seed=zz").is_err());
+        assert!(GuestConfig::parse(&format!("kiln.seed={}", "00".repeat(513))).is_err());
+        assert!(GuestConfig::parse("kiln.hostname=a/b")
+            .unwrap_err()
+            .contains("hostname"));
+        assert!(GuestConfig::parse("kiln.disk_mb=0").is_err());
+        assert!(GuestConfig::parse("kiln.pids=-1").is_err());
+    }
+}

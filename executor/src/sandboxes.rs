@@ -1,0 +1,139 @@
+//! Where the scheduler's sandboxes come from: the warm pool's [`Factory`]
+//! over the configured backend (one template per runtime, sized by the
+//! default limits), [`Held`], a sandbox that is either leased from the pool
+//! or made on the spot for limits no template fits, and the few operations
+//! that depend on which backend made a sandbox (resizing, killing at once).
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::time::Duration;
+
+use kiln_protocol::Limits;
+use kiln_sandbox::jail::CgroupLimits;
+use kiln_sandbox::{AnyBackend, AnySandbox, Backend, Sandbox, SandboxError, SandboxSpec};
+use kiln_warmpool::{Factory, Lease, TemplateKey};
+use tracing::Instrument as _;
+
+/// How long a pooled sandbox's agent may take to answer the health check
+/// right before a lease; a healthy agent answers in well under a millisecond.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Makes the pool's sandboxes: `create` is the backend's create with the
+/// template's spec (pre-warming its runtime), `check` an agent ping,
+/// `destroy` the sandbox's destroy.
+pub struct SandboxFactory {
+    backend: AnyBackend,
+    specs: HashMap<TemplateKey, SandboxSpec>,
+}
+
+impl SandboxFactory {
+    pub fn new(backend: AnyBackend, specs: HashMap<TemplateKey, SandboxSpec>) -> Self {
+        Self { backend, specs }
+    }
+}
+
+impl Factory for SandboxFactory {
+    type Item = AnySandbox;
+    type Error = SandboxError;
+
+    async fn create(&self, template: &TemplateKey) -> Result<AnySandbox, SandboxError> {
+        let spec = self.specs.get(template).ok_or_else(|| {
+            SandboxError::Unsupported(format!("no sandbox template named {template}"))
+        })?;
+        let span = tracing::info_span!("sandbox_create", template = %template);
+        let sandbox = self.backend.create(spec).instrument(span).await?;
+        tracing::debug!(sandbox = %sandbox.id(), template = %template, "pooled sandbox ready");
+        Ok(sandbox)
+    }
+
+    async fn check(&self, item: &mut AnySandbox) -> bool {
+        item.agent().ping(CHECK_TIMEOUT).await.is_ok()
+    }
+
+    async fn destroy(&self, item: AnySandbox) {
+        let id = item.id().clone();
+        item.destroy().await;
+        tracing::debug!(sandbox = %id, "sandbox destroyed");
+    }
+}
+
+/// A sandbox in use: leased from the pool, or owned outright.
+pub enum Held {
+    Leased(Lease<SandboxFactory>),
+    Own(AnySandbox),
+}
+
+impl Deref for Held {
+    type Target = AnySandbox;
+
+    fn deref(&self) -> &AnySandbox {
+        match self {
+            Held::Leased(l) => l,
+            Held::Own(j) => j,
+        }
+    }
+}
+
+impl Held {
+    /// Destroys the sandbox (a lease is discarded: the pool destroys it in
+    /// the background; an owned one is destroyed before this returns).
+    pub async fn destroy(self) {
+        match self {
+            Held::Leased(l) => l.discard(),
+            Held::Own(j) => j.destroy().await,
+        }
+    }
+}
+
+/// The spec of a sandbox sized for `limits`.
+pub fn spec_for(limits: &Limits, runtime: &str) -> SandboxSpec {
+    SandboxSpec::for_job(limits, runtime)
+}
+
+/// Whether a pooled sandbox made with `template` can serve a job with
+/// `limits`: the work directory's size is fixed when the sandbox is made;
+/// memory, pids and CPU are cgroup limits and can be changed on lease.
+pub fn fits(template: &SandboxSpec, limits: &Limits) -> bool {
+    template.disk_mb == limits.disk_mb
+}
+
+/// Resizes a leased sandbox's cgroup to a job's limits (jails only; a
+/// microVM's size is fixed when it boots).
+pub fn resize(sandbox: &AnySandbox, template: &SandboxSpec, limits: &Limits) -> Result<(), String> {
+    if template.memory_mb == limits.memory_mb
+        && template.pids == limits.pids
+        && template.cpu_millis == limits.cpu_millis
+    {
+        return Ok(());
+    }
+    let AnySandbox::Jail(jail) = sandbox else {
+        return Err("this backend cannot resize a running sandbox".into());
+    };
+    let cg = jail
+        .cgroup()
+        .ok_or_else(|| "the sandbox has no cgroup".to_owned())?;
+    cg.set_limits(CgroupLimits {
+        memory_bytes: limits.memory_mb * 1024 * 1024,
+        pids: limits.pids,
+        cpu_millis: limits.cpu_millis,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Kills everything in a sandbox now (blocking; run it off the async
+/// threads), so that a TTL or a delete stops running code at once rather
+/// than when its exec next yields. The destroy that follows cleans up.
+pub fn kill_now(sandbox: &AnySandbox) {
+    match sandbox {
+        AnySandbox::Jail(j) => {
+            if let Some(cg) = j.cgroup() {
+                cg.kill_all(Duration::from_secs(2));
+            }
+        }
+        AnySandbox::Qemu(vm) => {
+            // SAFETY: kill has no memory-safety preconditions; the pid is the
+            // VM's QEMU process, our child, not reaped until destroy.
+            unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+        }
+    }
+}

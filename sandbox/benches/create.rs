@@ -1,0 +1,67 @@
+//! Sandbox creation time of the jail backend: `JailBackend::create` with
+//! Python to pre-warm, timed until it returns (namespaces, cgroup, mounts,
+//! agent start and the Hello/HelloAck handshake done; the agent then warms
+//! Python in the background). Each sandbox is destroyed before the next one
+//! is created; destruction is timed separately.
+//!
+//! `cargo build --release --bins && cargo bench -p kiln-sandbox --bench
+//! create -- --runs 300 [--json-out FILE]` (as root).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{backend, histogram, print_row, summary, Flags};
+use kiln_protocol::Limits;
+use kiln_sandbox::{Backend as _, Sandbox as _, SandboxSpec};
+
+fn main() {
+    let flags = Flags::parse(300);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let backend = backend();
+    let spec = SandboxSpec::for_job(&Limits::default(), "python");
+    let load_before = common::load_average();
+    rt.block_on(async {
+        let mut create = histogram();
+        let mut destroy = histogram();
+        let mut failed = 0;
+        for _ in 0..flags.runs {
+            let t = Instant::now();
+            let jail = match backend.create(&spec).await {
+                Ok(j) => j,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("create failed: {e}");
+                    continue;
+                }
+            };
+            create.saturating_record((t.elapsed().as_micros() as u64).max(1));
+            // Let the warm start happen, as it would in a pool, so that the
+            // next creation does not compete with it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let t = Instant::now();
+            jail.destroy().await;
+            destroy.saturating_record((t.elapsed().as_micros() as u64).max(1));
+        }
+        let load_after = common::load_average();
+        println!("jail sandbox creation (python to pre-warm)");
+        print_row("create (until HelloAck)", &create);
+        print_row("destroy", &destroy);
+        println!("failed: {failed}; load average: before {load_before}, after {load_after}");
+        common::write_json(
+            &flags,
+            &serde_json::json!({
+                "bench": "create",
+                "create_ms": summary(&create),
+                "destroy_ms": summary(&destroy),
+                "failed": failed,
+                "load_before": load_before,
+                "load_after": load_after,
+            }),
+        );
+    });
+}

@@ -1,0 +1,95 @@
+//! A backend chosen at run time: [`AnyBackend`] dispatches to the jail or
+//! the qemu backend, so that the CLI and the daemon can take the backend
+//! from configuration while the pool and the scheduler stay generic over
+//! one concrete type.
+
+use crate::jail::{Jail, JailBackend};
+use crate::qemu::{QemuBackend, QemuVm};
+use crate::{
+    AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
+};
+
+/// One of the sandbox backends.
+#[derive(Clone)]
+pub enum AnyBackend {
+    Jail(JailBackend),
+    Qemu(QemuBackend),
+}
+
+/// A sandbox of an [`AnyBackend`].
+pub enum AnySandbox {
+    Jail(Jail),
+    Qemu(QemuVm),
+}
+
+impl From<JailBackend> for AnyBackend {
+    fn from(b: JailBackend) -> Self {
+        Self::Jail(b)
+    }
+}
+
+impl From<QemuBackend> for AnyBackend {
+    fn from(b: QemuBackend) -> Self {
+        Self::Qemu(b)
+    }
+}
+
+macro_rules! each {
+    ($value:expr, $s:ident => $body:expr) => {
+        match $value {
+            AnySandbox::Jail($s) => $body,
+            AnySandbox::Qemu($s) => $body,
+        }
+    };
+}
+
+impl Sandbox for AnySandbox {
+    fn id(&self) -> &SandboxId {
+        each!(self, s => s.id())
+    }
+
+    fn agent(&self) -> &AgentConn {
+        each!(self, s => s.agent())
+    }
+
+    fn oom_kills(&self) -> u64 {
+        each!(self, s => s.oom_kills())
+    }
+
+    fn memory_peak_bytes(&self) -> Option<u64> {
+        each!(self, s => s.memory_peak_bytes())
+    }
+
+    fn stats(&self) -> SandboxStats {
+        each!(self, s => s.stats())
+    }
+
+    async fn destroy(self) {
+        each!(self, s => s.destroy().await)
+    }
+}
+
+impl Backend for AnyBackend {
+    type Sandbox = AnySandbox;
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Jail(b) => b.name(),
+            Self::Qemu(b) => b.name(),
+        }
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<AnySandbox, SandboxError> {
+        match self {
+            Self::Jail(b) => b.create(spec).await.map(AnySandbox::Jail),
+            Self::Qemu(b) => b.create(spec).await.map(AnySandbox::Qemu),
+        }
+    }
+
+    fn reap_orphans(&self) -> ReapReport {
+        match self {
+            Self::Jail(b) => b.reap_orphans(),
+            Self::Qemu(b) => b.reap_orphans(),
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! Tests with real guests: each boots Kiln's guest kernel and image under
+//! QEMU (TCG where KVM is unusable) and talks to the agent inside over
+//! vhost-device-vsock. They need the artefacts of `deploy/guest/build-*.sh`
+//! (found through `KILN_GUEST_KERNEL` / `KILN_GUEST_ROOTFS`, else the newest
+//! in `KILN_GUEST_CACHE`, default `/var/cache/kiln/guest`), QEMU and
+//! vhost-device-vsock. Without them they say SKIPPED, unless
+//! `KILN_REQUIRE_GUEST=1` (set by scripts/test.sh) makes that a failure.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+use crate::{run_job, Backend, Sandbox, SandboxSpec};
+
+fn newest(cache: &Path, prefix: &str, file: &str) -> Option<PathBuf> {
+    fs::read_dir(cache)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path().join(file))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+/// The guest artefacts, or `None` (SKIPPED) when they are not built.
+pub(crate) fn guest_artefacts() -> Option<(PathBuf, PathBuf)> {
+    let cache = PathBuf::from(
+        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
+    );
+    let kernel = std::env::var_os("KILN_GUEST_KERNEL")
+        .map(PathBuf::from)
+        .or_else(|| newest(&cache, "kernel-", "vmlinux"));
+    let rootfs = std::env::var_os("KILN_GUEST_ROOTFS")
+        .map(PathBuf::from)
+        .or_else(|| newest(&cache, "rootfs-", "rootfs.ext4"));
+    match (kernel, rootfs) {
+        (Some(k), Some(r)) if k.is_file() && r.is_file() => Some((k, r)),
+        _ => {
+            let msg =
+                "no guest kernel/rootfs: run deploy/guest/build-kernel.sh and build-rootfs.sh";
+            if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+/// Real guests are heavy under TCG: one test at a time in this binary.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Env {
+    backend: QemuBackend,
+    state: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(self.state.join("qemu"));
+        let _ = fs::remove_dir(&self.state);
+    }
+}
+
+fn env(test: &str) -> Option<Env> {
+    let (kernel, rootfs) = guest_artefacts()?;
+    let mut cfg = QemuConfig::new(kernel, rootfs, RuntimeTable::default());
+    let state = std::env::temp_dir().join(format!("kiln-qemu-{}-{test}", std::process::id()));
+    cfg.state_dir = state.clone();
+    let backend = QemuBackend::new(cfg).expect("qemu backend");
+    Some(Env { backend, state })
+}
+
+fn spec(memory_mb: u64) -> SandboxSpec {
+    SandboxSpec {
+        memory_mb,
+        pids: 64,
+        cpu_millis: 1000,
+        disk_mb: 32,
+        warm: vec!["python".into()],
+        allow_internet: false,
+    }
+}
+
+fn job(json: serde_json::Value) -> JobSpec {
+    JobSpec::from_json(json.to_string().as_bytes()).expect("valid job")
+}
+
+async fn run(vm: &QemuVm, j: &JobSpec) -> crate::RunOutcome {
+    let table = RuntimeTable::default();
+    let rt = table.resolve(&j.runtime).expect("runtime").clone();
+    run_job(vm, JobId::random(), &rt, j, false, &mut ()).await
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_boots_runs_a_job_and_destroy_leaves_nothing() {
+    let Some(env) = env("boot") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let vm = env.backend.create(&spec(128)).await.expect("guest boots");
+    eprintln!(
+        "boot to agent-ready: {:?} ({})",
+        vm.boot_time(),
+        vm.accel().as_str()
+    );
+    assert!(vm.agent().ping(Duration::from_secs(5)).await.is_ok());
+    assert_eq!(
+        vm.qmp("query-status", None).await.unwrap()["status"],
+        "running"
+    );
+    let out = run(
+        &vm,
+        &job(serde_json::json!({"runtime": "python", "code":
+            "import os, socket; print(os.getuid(), socket.gethostname(), open('/proc/cmdline').read()=='', os.access('/dev/kmsg', os.W_OK) or os.access('/dev/console', os.W_OK))"})),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    // Runs as the job user, hostname set, the seed on the command line
+    // hidden, and the console (where the host counts OOM kills) out of reach.
+    assert_eq!(out.result.stdout, "1000 kiln True False\n");
+    let pid = vm.pid();
+    let dir = env.state.join("qemu").join(vm.id().as_str());
+    assert!(dir.exists());
+    vm.destroy().await;
+    assert!(!alive(pid), "QEMU survived destroy");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(
+        crate::qemu::tests::processes_naming(&dir).is_empty(),
+        "a process of the sandbox survived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_guest_initiated_vsock_connections_work() {
+    let Some(env) = env("vsock") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let vm = env.backend.create(&spec(128)).await.expect("guest boots");
+
+    // Guest-initiated: the guest connects to the host (CID 2) port 6000,
+    // which arrives on <uds>_6000.
+    let path = vm.guest_listener_path(6000);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let accept = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf
+    });
+    let out = run(
+        &vm,
+        &job(serde_json::json!({"runtime": "python", "code":
+            "import socket\ns = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\ns.connect((2, 6000))\ns.sendall(b'hello from the guest')\ns.close()\nprint('sent')"})),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    let got = tokio::time::timeout(Duration::from_secs(20), accept)
+        .await
+        .expect("the guest's connection arrives")
+        .unwrap();
+    assert_eq!(got, "hello from the guest");
+
+    // Host-initiated, to a port other than the agent's: a job listens on
+    // vsock port 5000 and the host connects through CONNECT 5000.
+    let server = job(serde_json::json!({"runtime": "python", "code":
+        "import socket\ns = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\ns.bind((socket.VMADDR_CID_ANY, 5000))\ns.listen(1)\nprint('listening', flush=True)\nc, _ = s.accept()\nc.sendall(c.recv(100).upper())\nc.close()",
+        "limits": {"timeout_ms": 30000}}));
+    let host = async {
+        let start = Instant::now();
+        loop {
+            match vm.connect_vsock(5000).await {
+                Ok(mut s) => {
+                    s.write_all(b"ping from the host").await.unwrap();
+                    let mut buf = String::new();
+                    s.read_to_string(&mut buf).await.unwrap();
+                    return buf;
+                }
+                Err(VsockError::Refused(_)) if start.elapsed() < Duration::from_secs(20) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("host-initiated connection failed: {e}"),
+            }
+        }
+    };
+    let (out, got) = tokio::join!(run(&vm, &server), host);
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    assert_eq!(got, "PING FROM THE HOST");
+    vm.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_meets_the_guests_oom_killer_and_the_guest_lives_on() {
+    let Some(env) = env("oom") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let vm = env.backend.create(&spec(64)).await.expect("guest boots");
+    let out = run(
+        &vm,
+        &job(serde_json::json!({"runtime": "python", "code":
+            "x = []\nwhile True: x.append(bytearray(8 << 20))",
+            "limits": {"memory_mb": 64, "timeout_ms": 60000}})),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Oom, "{:?}", out.result);
+    assert_eq!(out.result.signal, Some(9));
+    assert!(vm.oom_kills() >= 1);
+    // The guest's kernel killed the job; the agent and the VM are fine.
+    assert!(vm.agent().ping(Duration::from_secs(5)).await.is_ok());
+    let ok = run(
+        &vm,
+        &job(serde_json::json!({"runtime": "bash", "code": "echo still here"})),
+    )
+    .await;
+    assert_eq!(ok.result.stdout, "still here\n", "{:?}", ok.result);
+    vm.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_internet_the_guest_reaches_no_host_listener() {
+    let Some(env) = env("net") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let vm = env.backend.create(&spec(128)).await.expect("guest boots");
+    let code = format!(
+        "import socket\nfor host in ['10.0.2.2', '192.168.0.1', '172.17.0.1', '8.8.8.8']:\n    try:\n        socket.create_connection((host, {port}), timeout=2)\n        print(host, 'CONNECTED')\n    except OSError as e:\n        print(host, 'failed', e.errno)\nimport os\nprint(sorted(os.listdir('/sys/class/net')), len(open('/proc/net/route').readlines()))"
+    );
+    let out = run(
+        &vm,
+        &job(
+            serde_json::json!({"runtime": "python", "code": code, "limits": {"timeout_ms": 30000}}),
+        ),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    assert!(
+        !out.result.stdout.contains("CONNECTED"),
+        "{}",
+        out.result.stdout
+    );
+    // Only loopback, and no IPv4 route at all (the header line only).
+    assert!(
+        out.result.stdout.ends_with("['lo'] 1\n"),
+        "the guest has an interface besides lo, or a route: {}",
+        out.result.stdout
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the host listener got a connection"
+    );
+    vm.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_kill_inside_the_guest_and_destroy_stops_a_runaway_guest() {
+    let Some(env) = env("timeout") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let vm = env.backend.create(&spec(128)).await.expect("guest boots");
+    let t0 = Instant::now();
+    let out = run(
+        &vm,
+        &job(
+            serde_json::json!({"runtime": "python", "code": "while True: pass",
+            "limits": {"timeout_ms": 1500}}),
+        ),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Timeout, "{:?}", out.result);
+    assert!(!out.poisoned, "the agent answered after the kill");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(vm.agent().ping(Duration::from_secs(5)).await.is_ok());
+
+    // A runaway guest (every vCPU busy, the agent not asked to stop): the
+    // host's destroy, as at a TTL, ends it at once.
+    let busy = job(
+        serde_json::json!({"runtime": "bash", "code": "while :; do :; done",
+        "limits": {"timeout_ms": 600000}}),
+    );
+    let table = RuntimeTable::default();
+    let rt = table.resolve("bash").unwrap().clone();
+    let ttl = tokio::time::timeout(
+        Duration::from_secs(2),
+        run_job(&vm, JobId::random(), &rt, &busy, false, &mut ()),
+    )
+    .await;
+    assert!(ttl.is_err(), "the runaway job should still be running");
+    let pid = vm.pid();
+    let t1 = Instant::now();
+    vm.destroy().await;
+    assert!(!alive(pid));
+    assert!(t1.elapsed() < Duration::from_secs(5), "{:?}", t1.elapsed());
+    assert!(fs::read_dir(env.state.join("qemu"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+/// The pool's health check finds a guest whose agent died and replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_guest_is_detected_and_replaced_by_the_pool() {
+    use kiln_warmpool::{Pool, TemplateKey, TemplateSettings};
+
+    struct Vms(QemuBackend);
+    impl kiln_warmpool::Factory for Vms {
+        type Item = QemuVm;
+        type Error = SandboxError;
+        async fn create(&self, _: &TemplateKey) -> Result<QemuVm, SandboxError> {
+            self.0.create(&spec(128)).await
+        }
+        async fn check(&self, vm: &mut QemuVm) -> bool {
+            vm.agent().ping(Duration::from_secs(2)).await.is_ok()
+        }
+        async fn destroy(&self, vm: QemuVm) {
+            vm.destroy().await
+        }
+    }
+
+    let Some(env) = env("pool") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pool = Pool::new(Vms(env.backend.clone()));
+    let key = TemplateKey::new("python");
+    pool.set_template(
+        key.clone(),
+        TemplateSettings {
+            min_idle: 0,
+            max_total: 2,
+            max_uses: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut lease = pool.lease(&key).await.expect("first guest");
+    lease.set_remove_on_exit(false);
+    let first = lease.pid();
+    drop(lease);
+    // The agent dies with its guest (PID 1 gone means the guest is gone).
+    // SAFETY: kill has no memory-safety preconditions; `first` is our QEMU.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lease = pool.lease(&key).await.expect("a replacement guest");
+    assert_ne!(lease.pid(), first, "the dead guest was handed out");
+    assert!(lease.agent().ping(Duration::from_secs(5)).await.is_ok());
+    drop(lease);
+    let report = pool.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(report.outstanding, 0, "{report:?}");
+    assert!(fs::read_dir(env.state.join("qemu"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+/// `VmRSS` and `RssShmem` of a process, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssShmem:"))
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The numbers for BENCHMARKS.md: boot to agent-ready, warm exec latency
+/// against the jail, memory per idle guest. Run with
+/// `cargo test --release -p kiln-sandbox --lib qemu::guest_tests::measure -- --ignored --nocapture`
+/// after `cargo build --release --bins` (the jail needs `kiln-agent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a test: run by hand"]
+async fn measure_boot_warm_exec_and_idle_memory() {
+    let Some(env) = env("measure") else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let runs: usize = std::env::var("KILN_MEASURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let table = RuntimeTable::default();
+    let python = table.resolve("python").unwrap().clone();
+    let print1 = job(serde_json::json!({"runtime": "python", "code": "print(1)"}));
+
+    let mut boots = Vec::new();
+    let mut creates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let vm = env.backend.create(&spec(256)).await.unwrap();
+        creates.push(t.elapsed().as_secs_f64() * 1000.0);
+        boots.push(vm.boot_time().as_secs_f64() * 1000.0);
+        vm.destroy().await;
+    }
+    println!(
+        "accel {}: boot to agent listening p50 {:.0} ms (min {:.0}, max {:.0}); create incl. handshake p50 {:.0} ms",
+        env.backend.accel().as_str(),
+        percentile(&mut boots, 0.5),
+        percentile(&mut boots, 0.0),
+        percentile(&mut boots, 1.0),
+        percentile(&mut creates, 0.5),
+    );
+
+    async fn warm_series<S: Sandbox>(
+        s: &S,
+        rt: &kiln_protocol::Runtime,
+        j: &JobSpec,
+        runs: usize,
+    ) -> (Vec<f64>, usize) {
+        let mut lat = Vec::new();
+        let mut warm = 0;
+        // Let the first interpreter finish starting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let out = run_job(s, JobId::random(), rt, j, true, &mut ()).await;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(out.result.stdout, "1\n");
+            warm += out.warm as usize;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        (lat, warm)
+    }
+
+    let vm = env.backend.create(&spec(256)).await.unwrap();
+    let (mut q, qwarm) = warm_series(&vm, &python, &print1, runs).await;
+    println!(
+        "qemu warm print(1): p50 {:.1} ms p90 {:.1} ms max {:.1} ms ({qwarm}/{runs} warm)",
+        percentile(&mut q, 0.5),
+        percentile(&mut q, 0.9),
+        percentile(&mut q, 1.0)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (mut rss, mut shm) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let (r, s) = rss_kib(vm.pid());
+        rss.push(r as f64);
+        shm.push(s as f64);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vhost_pid = crate::qemu::tests::processes_naming(&env.state.join("qemu"))
+        .into_iter()
+        .find(|p| *p != vm.pid())
+        .unwrap_or(0);
+    println!(
+        "idle guest (256 MiB job memory + 64 MiB overhead, python warm): QEMU VmRSS {:.0} MiB (of which guest RAM touched, RssShmem, {:.0} MiB); vhost-device-vsock VmRSS {:.1} MiB",
+        percentile(&mut rss, 1.0) / 1024.0,
+        percentile(&mut shm, 1.0) / 1024.0,
+        rss_kib(vhost_pid).0 as f64 / 1024.0
+    );
+    vm.destroy().await;
+
+    let exe = std::env::current_exe().unwrap();
+    let agent = exe.parent().unwrap().parent().unwrap().join("kiln-agent");
+    if unsafe { libc::geteuid() } != 0 || !agent.is_file() {
+        println!(
+            "jail comparison skipped (needs root and {})",
+            agent.display()
+        );
+        return;
+    }
+    let mut cfg = crate::jail::JailConfig::new(agent, table.clone());
+    cfg.state_dir = env.state.clone();
+    cfg.cgroup_parent = format!("kiln-measure-{}", std::process::id());
+    let jail_backend = crate::jail::JailBackend::new(cfg).unwrap();
+    let jail = jail_backend.create(&spec(256)).await.unwrap();
+    let (mut j, jwarm) = warm_series(&jail, &python, &print1, runs).await;
+    println!(
+        "jail warm print(1): p50 {:.1} ms p90 {:.1} ms max {:.1} ms ({jwarm}/{runs} warm)",
+        percentile(&mut j, 0.5),
+        percentile(&mut j, 0.9),
+        percentile(&mut j, 1.0)
+    );
+    jail.destroy().await;
+    let _ = fs::remove_dir(env.state.join("jails"));
+}

@@ -1,0 +1,946 @@
+//! The `qemu` backend: each sandbox is a real Linux microVM, one
+//! `qemu-system-x86_64 -M microvm` process booting Kiln's guest kernel
+//! (PVH `vmlinux`, `deploy/guest/build-kernel.sh`) on the read-only guest
+//! image (`deploy/guest/build-rootfs.sh`), in which `kiln-agent` is PID 1
+//! and listens on AF_VSOCK. It exists for hosts where a VM is the isolation
+//! wanted but Firecracker cannot run, and so that real guests run in CI on
+//! machines without usable KVM: QEMU's software emulation (TCG) boots the
+//! guest in about a second there.
+//!
+//! Per sandbox, under `<state_dir>/qemu/<id>/`:
+//! - `vhost-device-vsock` serves the guest's virtio-vsock device over
+//!   vhost-user (`vhost.sock`) and exposes it to the host as a hybrid-vsock
+//!   unix socket (`vsock.sock`, [`vsock`]): the same bytes as Firecracker's;
+//! - QEMU, with guest memory in a shared memfd (vhost-user needs it), the
+//!   image as a read-only virtio-blk disk, a virtio-rng, the serial console
+//!   on its stdout (read by the host: logs, and the guest's OOM kills), QMP
+//!   on `qmp.sock`, and no network device unless `allow_internet`;
+//! - a record of the owner process and the two pids, so that a later
+//!   process can reap what a crashed one left ([`QemuBackend::reap_orphans`]).
+//!
+//! Limits: the guest's RAM is the job's memory plus a fixed overhead for
+//! the guest kernel and agent, so a memory bomb meets the guest's own OOM
+//! killer, never the host's; vCPUs follow the CPU quota; the agent caps the
+//! number of threads in the guest and sizes `/work` and `/tmp`.
+//!
+//! Acceleration: KVM when `/dev/kvm` opens and the CPU has hardware
+//! virtualisation (vmx/svm), TCG otherwise ([`AccelChoice`]), reported by
+//! [`QemuBackend::accel`].
+
+mod qmp;
+pub mod vsock;
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{self, BufRead as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{Hello, RuntimeTable, PROTOCOL_VERSION};
+pub use qmp::{Qmp, QmpError};
+pub use vsock::VsockError;
+
+use crate::{
+    AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
+};
+
+/// The vsock port the guest agent listens on (`kiln.port=`).
+pub const AGENT_PORT: u32 = 1024;
+
+/// Guest CID; every sandbox has its own vsock device, so they may share it.
+const GUEST_CID: u32 = 3;
+
+/// Where jobs run inside the guest (a tmpfs the agent mounts).
+pub const WORKDIR: &str = "/work";
+
+/// Lines of console output kept to explain a guest that failed.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// The guest kernel's line for each OOM kill, global or memory cgroup
+/// (mm/oom_kill.c, `pr_err`, so it reaches the console even with `quiet`),
+/// in lower case.
+const OOM_KILL_LINE: &str = "out of memory: killed process";
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation: slower, works everywhere.
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The accelerator asked for (`KILN_QEMU_ACCEL=auto|kvm|tcg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM when usable, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            _ => Err(format!("accelerator {s:?} is not one of auto, kvm, tcg")),
+        }
+    }
+}
+
+/// Whether KVM can run a Linux guest here; `Err` says why not. `/dev/kvm`
+/// alone is not enough: a nested PVM host offers one but cannot boot
+/// Linux, and has no vmx/svm flag, which is what is checked.
+pub fn kvm_usable() -> Result<(), String> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm cannot be opened: {e}"))?;
+    let cpuinfo =
+        fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("reading /proc/cpuinfo: {e}"))?;
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        return Err(
+            "/dev/kvm exists but the CPU has no vmx/svm flag (nested or paravirtual KVM cannot boot Linux guests)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+impl AccelChoice {
+    /// The accelerator to use; forcing KVM where it is unusable is an error.
+    pub fn resolve(self) -> Result<Accel, SandboxError> {
+        match self {
+            AccelChoice::Tcg => Ok(Accel::Tcg),
+            AccelChoice::Kvm => kvm_usable().map(|()| Accel::Kvm).map_err(|why| {
+                SandboxError::Unsupported(format!(
+                    "KVM was asked for (KILN_QEMU_ACCEL=kvm) but {why}; use tcg or auto"
+                ))
+            }),
+            AccelChoice::Auto => Ok(match kvm_usable() {
+                Ok(()) => Accel::Kvm,
+                Err(why) => {
+                    tracing::info!("qemu backend uses TCG: {why}");
+                    Accel::Tcg
+                }
+            }),
+        }
+    }
+}
+
+/// Settings of the qemu backend.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// `qemu-system-x86_64`, by path or by name on `PATH`.
+    pub qemu: PathBuf,
+    /// `vhost-device-vsock`, by path or by name on `PATH`.
+    pub vhost_vsock: PathBuf,
+    /// The guest kernel (uncompressed PVH `vmlinux`).
+    pub kernel: PathBuf,
+    /// The guest root image (ext4), attached read-only.
+    pub rootfs: PathBuf,
+    /// Where sandbox directories live (`<state_dir>/qemu/<id>`).
+    pub state_dir: PathBuf,
+    pub accel: AccelChoice,
+    /// Guest RAM on top of the job's memory limit: the guest kernel, the
+    /// agent and the page cache of the runtimes.
+    pub memory_overhead_mb: u64,
+    /// Most vCPUs a guest gets, whatever its CPU quota.
+    pub max_vcpus: u32,
+    /// Uid and gid (inside the guest) that jobs run as.
+    pub job_uid: u32,
+    pub job_gid: u32,
+    pub runtimes: RuntimeTable,
+    /// Time from QEMU's start until the agent accepts a connection.
+    pub boot_timeout: Duration,
+    /// Time the agent gets to answer the handshake.
+    pub hello_timeout: Duration,
+}
+
+impl QemuConfig {
+    /// Defaults for everything but the guest's kernel, image and runtimes.
+    pub fn new(kernel: PathBuf, rootfs: PathBuf, runtimes: RuntimeTable) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        Self {
+            qemu: "qemu-system-x86_64".into(),
+            vhost_vsock: "vhost-device-vsock".into(),
+            kernel,
+            rootfs,
+            state_dir: PathBuf::from("/run/kiln"),
+            accel: AccelChoice::Auto,
+            memory_overhead_mb: 64,
+            max_vcpus: cores,
+            job_uid: 1000,
+            job_gid: 1000,
+            runtimes,
+            boot_timeout: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Finds `prog` as given (a path) or on `PATH`.
+fn find_program(prog: &Path) -> Option<PathBuf> {
+    if prog.components().count() > 1 {
+        return prog.is_file().then(|| prog.to_owned());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    // `cargo install` puts vhost-device-vsock here, often not on root's PATH.
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(prog)).find(|p| p.is_file())
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// A process's start time (field 22 of `/proc/<pid>/stat`), which tells a
+/// live process from a recycled pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+struct Inner {
+    cfg: QemuConfig,
+    accel: Accel,
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+    /// Our pid and start time, written into every sandbox's record.
+    owner: (u32, u64),
+}
+
+/// Makes QEMU microVMs. Cheap to clone.
+#[derive(Clone)]
+pub struct QemuBackend {
+    inner: Arc<Inner>,
+}
+
+impl QemuBackend {
+    /// Checks the host (programs, kernel, image, accelerator).
+    pub fn new(cfg: QemuConfig) -> Result<Self, SandboxError> {
+        let qemu = find_program(&cfg.qemu).ok_or_else(|| {
+            SandboxError::Unsupported(format!(
+                "{} was not found (install Debian's qemu-system-x86, or set KILN_QEMU_BIN)",
+                cfg.qemu.display()
+            ))
+        })?;
+        let vhost_vsock = find_program(&cfg.vhost_vsock).ok_or_else(|| {
+            SandboxError::Unsupported(format!(
+                "{} was not found (`cargo install vhost-device-vsock`, or set KILN_VHOST_VSOCK_BIN)",
+                cfg.vhost_vsock.display()
+            ))
+        })?;
+        for (what, p, hint) in [
+            ("guest kernel", &cfg.kernel, "deploy/guest/build-kernel.sh"),
+            ("guest rootfs", &cfg.rootfs, "deploy/guest/build-rootfs.sh"),
+        ] {
+            if !p.is_file() {
+                return Err(SandboxError::Unsupported(format!(
+                    "the {what} {} does not exist (build it with {hint})",
+                    p.display()
+                )));
+            }
+        }
+        let accel = cfg.accel.resolve()?;
+        fs::create_dir_all(cfg.state_dir.join("qemu"))
+            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let me = std::process::id();
+        let owner = (me, start_time(me).unwrap_or(0));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                accel,
+                qemu,
+                vhost_vsock,
+                owner,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.inner.cfg
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.inner.accel
+    }
+}
+
+/// The guest's serial console as the host sees it.
+#[derive(Default)]
+struct Console {
+    tail: Mutex<VecDeque<String>>,
+    oom_kills: AtomicU64,
+}
+
+impl Console {
+    fn push(&self, line: String) {
+        if line.to_ascii_lowercase().contains(OOM_KILL_LINE) {
+            self.oom_kills.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == CONSOLE_TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+
+    fn tail(&self) -> String {
+        let t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Reads a child's output line by line into the console (and the log).
+fn follow(id: &SandboxId, from: impl io::Read + Send + 'static, console: &Arc<Console>) {
+    let id = id.clone();
+    let console = console.clone();
+    std::thread::spawn(move || {
+        for line in io::BufReader::new(from).lines().map_while(Result::ok) {
+            let line = line.trim_end_matches('\r').to_owned();
+            tracing::debug!(sandbox = %id, "guest: {line}");
+            console.push(line);
+        }
+    });
+}
+
+/// The processes and files of one VM on the host.
+struct Remains {
+    qemu: Option<Child>,
+    vhost: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Remains {
+    fn teardown(&mut self) {
+        for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Remains {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A running microVM with a connected agent.
+pub struct QemuVm {
+    id: SandboxId,
+    agent: AgentConn,
+    remains: Mutex<Option<Remains>>,
+    console: Arc<Console>,
+    qemu_pid: u32,
+    uds: PathBuf,
+    boot_time: Duration,
+    accel: Accel,
+    qmp: tokio::sync::Mutex<Qmp>,
+}
+
+impl QemuVm {
+    /// QEMU's pid on the host.
+    pub fn pid(&self) -> u32 {
+        self.qemu_pid
+    }
+
+    /// Time from QEMU's start until the agent accepted the connection.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The last lines the guest wrote on its console.
+    pub fn console_tail(&self) -> String {
+        self.console.tail()
+    }
+
+    /// A new connection to guest vsock `port` (host-initiated).
+    pub async fn connect_vsock(&self, port: u32) -> Result<tokio::net::UnixStream, VsockError> {
+        vsock::connect(&self.uds, port).await
+    }
+
+    /// The unix socket path on which connections from the guest to host
+    /// vsock `port` arrive; the host must listen there.
+    pub fn guest_listener_path(&self, port: u32) -> PathBuf {
+        vsock::guest_listener_path(&self.uds, port)
+    }
+
+    /// Runs a QMP command on the VM (e.g. `query-status`).
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, QmpError> {
+        self.qmp.lock().await.execute(command, args).await
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&self) -> bool {
+        let mut r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_mut()
+            .and_then(|r| r.qemu.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Sandbox for QemuVm {
+    fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    fn agent(&self) -> &AgentConn {
+        &self.agent
+    }
+
+    /// OOM kills by the guest kernel, counted from its console: the host has
+    /// no cgroup to read, and the console carries only the kernel's and the
+    /// agent's output (jobs cannot open it).
+    fn oom_kills(&self) -> u64 {
+        self.console.oom_kills.load(Ordering::SeqCst)
+    }
+
+    fn memory_peak_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// The host's view: QEMU's resident memory and CPU time.
+    fn stats(&self) -> SandboxStats {
+        let pid = self.qemu_pid;
+        let rss_kib = fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let cpu_us = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let after = s[s.rfind(')')? + 2..].to_owned();
+                let f: Vec<&str> = after.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+                Some(ticks * 1_000_000 / hz)
+            });
+        SandboxStats {
+            memory_bytes: rss_kib * 1024,
+            memory_peak_bytes: None,
+            cpu_usage_us: cpu_us,
+            pids: 0,
+            oom_kills: self.oom_kills(),
+        }
+    }
+
+    async fn destroy(self) {
+        let remains = self
+            .remains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut r) = remains {
+            let _ = tokio::task::spawn_blocking(move || r.teardown()).await;
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        let remains = self
+            .remains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut r) = remains {
+            // Kill at once; wait and clean up in the background.
+            if let Some(c) = r.qemu.as_mut() {
+                let _ = c.kill();
+            }
+            std::thread::spawn(move || r.teardown());
+        }
+    }
+}
+
+/// The files of a sandbox directory.
+const RECORD: &str = "record";
+const VHOST_SOCK: &str = "vhost.sock";
+const VSOCK_SOCK: &str = "vsock.sock";
+const QMP_SOCK: &str = "qmp.sock";
+
+impl Inner {
+    fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.cfg.state_dir.join("qemu").join(id.as_str())
+    }
+
+    fn kernel_cmdline(&self, spec: &SandboxSpec) -> String {
+        let mut seed = [0u8; 32];
+        // SAFETY: getrandom fills the buffer it is given.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let seed: String = if n == seed.len() as isize {
+            seed.iter().map(|b| format!("{b:02x}")).collect()
+        } else {
+            String::new()
+        };
+        let log = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+        let mut c = format!(
+            "console=ttyS0 quiet reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 \
+             init=/sbin/init kiln.port={AGENT_PORT} kiln.disk_mb={} kiln.pids={} kiln.log={log}",
+            spec.disk_mb, spec.pids
+        );
+        if !seed.is_empty() {
+            c.push_str(&format!(" kiln.seed={seed}"));
+        }
+        if spec.allow_internet {
+            // QEMU's user-mode network: fixed addresses (docs/system/devices/net.rst).
+            c.push_str(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off");
+        }
+        c
+    }
+
+    fn qemu_command(&self, dir: &Path, spec: &SandboxSpec) -> Command {
+        let mem_mb = spec.memory_mb + self.cfg.memory_overhead_mb;
+        let vcpus = (spec.cpu_millis.div_ceil(1000) as u32).clamp(1, self.cfg.max_vcpus.max(1));
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-M")
+        .arg("microvm,acpi=off,x-option-roms=off,memory-backend=mem")
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-memfd,id=mem,size={mem_mb}M,share=on"
+        ))
+        .arg("-m")
+        .arg(format!("{mem_mb}M"))
+        .arg("-smp")
+        .arg(vcpus.to_string());
+        match self.accel {
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+            // A smaller translation cache than the default 1 GiB keeps an
+            // idle guest's host memory low.
+            Accel::Tcg => cmd.args(["-accel", "tcg,tb-size=128", "-cpu", "max"]),
+        };
+        cmd.arg("-kernel")
+            .arg(&self.cfg.kernel)
+            .arg("-append")
+            .arg(self.kernel_cmdline(spec))
+            .arg("-drive")
+            .arg(format!(
+                "id=root,file={},format=raw,if=none,read-only=on",
+                self.cfg.rootfs.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=root"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=vsock,path={}",
+                dir.join(VHOST_SOCK).display()
+            ))
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .args(["-object", "rng-random,id=rng,filename=/dev/urandom"])
+            .args(["-device", "virtio-rng-device,rng=rng"])
+            .args([
+                "-chardev",
+                "stdio,id=console,signal=off",
+                "-serial",
+                "chardev:console",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(QMP_SOCK).display()
+            ));
+        if spec.allow_internet {
+            cmd.args([
+                "-netdev",
+                "user,id=net0",
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
+        }
+        cmd
+    }
+
+    fn write_record(&self, dir: &Path, pids: &[u32]) -> io::Result<()> {
+        let mut text = format!("owner {} {}\n", self.owner.0, self.owner.1);
+        for p in pids {
+            text.push_str(&format!("pid {p}\n"));
+        }
+        fs::write(dir.join(RECORD), text)
+    }
+}
+
+/// A request to the spawner thread.
+type SpawnRequest = (Command, std::sync::mpsc::SyncSender<io::Result<Child>>);
+
+/// Starts `cmd` so that it dies with us: `PR_SET_PDEATHSIG` fires when the
+/// *thread* that forked exits, and runtime threads come and go (blocking
+/// pool, `block_in_place`), so every VM process is forked by one thread
+/// that lives as long as the process.
+fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> =
+        std::sync::OnceLock::new();
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("kiln-vm-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the VM spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    tx.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| io::Error::other("the VM spawner thread is gone"))?;
+    // A fork and exec: short enough to wait for on a runtime thread.
+    answer
+        .recv()
+        .map_err(|_| io::Error::other("the VM spawner thread is gone"))?
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes.
+async fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+impl Backend for QemuBackend {
+    type Sandbox = QemuVm;
+
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
+        let inner = &self.inner;
+        for w in &spec.warm {
+            inner
+                .cfg
+                .runtimes
+                .resolve(w)
+                .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
+        }
+        let id = SandboxId::random();
+        let dir = inner.sandbox_dir(&id);
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let mut remains = Remains {
+            qemu: None,
+            vhost: None,
+            dir: dir.clone(),
+        };
+        inner
+            .write_record(&dir, &[])
+            .map_err(io_err("writing the sandbox record"))?;
+        let console = Arc::new(Console::default());
+        let uds = dir.join(VSOCK_SOCK);
+
+        let mut vhost = Command::new(&inner.vhost_vsock);
+        vhost
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string())
+            .arg("--socket")
+            .arg(dir.join(VHOST_SOCK))
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(vhost)
+            .map_err(io_err(format!("starting {}", inner.vhost_vsock.display())))?;
+        if let Some(e) = child.stderr.take() {
+            follow(&id, e, &console);
+        }
+        let vhost_pid = child.id();
+        remains.vhost = Some(child);
+        let vhost_sock = dir.join(VHOST_SOCK);
+        if !wait_for(Duration::from_secs(5), || vhost_sock.exists()).await {
+            return Err(SandboxError::Unsupported(format!(
+                "vhost-device-vsock did not create {} within 5 s: {}",
+                vhost_sock.display(),
+                console.tail()
+            )));
+        }
+
+        let started = Instant::now();
+        let mut qemu = inner.qemu_command(&dir, spec);
+        qemu.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child =
+            spawn_tied(qemu).map_err(io_err(format!("starting {}", inner.qemu.display())))?;
+        if let Some(o) = child.stdout.take() {
+            follow(&id, o, &console);
+        }
+        if let Some(e) = child.stderr.take() {
+            follow(&id, e, &console);
+        }
+        let qemu_pid = child.id();
+        remains.qemu = Some(child);
+        inner
+            .write_record(&dir, &[qemu_pid, vhost_pid])
+            .map_err(io_err("updating the sandbox record"))?;
+
+        let exited = |r: &mut Remains| {
+            r.qemu
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+        };
+        let dead = |what: &str, console: &Console| SandboxError::Io {
+            what: format!("the guest {what}; its console said:\n{}", console.tail()),
+            source: io::Error::other("guest did not start"),
+        };
+        // QMP: the socket appears once QEMU has parsed its arguments.
+        let qmp_path = dir.join(QMP_SOCK);
+        let qmp = loop {
+            match Qmp::connect(&qmp_path).await {
+                Ok(q) => break q,
+                Err(e) => {
+                    if exited(&mut remains) {
+                        return Err(dead("exited during start-up", &console));
+                    }
+                    if started.elapsed() > Duration::from_secs(10) {
+                        return Err(SandboxError::Io {
+                            what: "connecting to QEMU's QMP socket".into(),
+                            source: io::Error::other(e.to_string()),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+
+        // Boot: retry until the agent accepts on its vsock port.
+        let stream = loop {
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(2), vsock::connect(&uds, AGENT_PORT))
+                    .await;
+            match attempt {
+                Ok(Ok(s)) => break s,
+                Ok(Err(VsockError::Socket { source, .. }))
+                    if source.kind() != io::ErrorKind::NotFound
+                        && source.kind() != io::ErrorKind::ConnectionRefused =>
+                {
+                    return Err(io_err(format!(
+                        "connecting to the guest's vsock at {}: {source}",
+                        uds.display()
+                    ))(source));
+                }
+                _ => {}
+            }
+            if exited(&mut remains) {
+                return Err(dead("stopped before its agent listened", &console));
+            }
+            let vhost_gone = remains
+                .vhost
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
+            if vhost_gone {
+                return Err(dead(
+                    "lost its vsock device (vhost-device-vsock exited)",
+                    &console,
+                ));
+            }
+            if started.elapsed() > inner.cfg.boot_timeout {
+                return Err(dead(
+                    &format!("agent did not listen within {:?}", inner.cfg.boot_timeout),
+                    &console,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let boot_time = started.elapsed();
+        tracing::info!(
+            sandbox = %id,
+            accel = inner.accel.as_str(),
+            boot_ms = boot_time.as_millis() as u64,
+            "guest agent is listening"
+        );
+
+        let vm = QemuVm {
+            id,
+            agent: AgentConn::new(stream),
+            remains: Mutex::new(Some(remains)),
+            console,
+            qemu_pid,
+            uds,
+            boot_time,
+            accel: inner.accel,
+            qmp: tokio::sync::Mutex::new(qmp),
+        };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            runtimes: inner.cfg.runtimes.clone(),
+            warm: spec.warm.clone(),
+            workdir: WORKDIR.into(),
+            uid: inner.cfg.job_uid,
+            gid: inner.cfg.job_gid,
+        };
+        match vm.agent.hello(hello, inner.cfg.hello_timeout).await {
+            Ok(_) => Ok(vm),
+            Err(e) => {
+                vm.destroy().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Kills the VMs of dead kiln processes and removes their directories.
+    fn reap_orphans(&self) -> ReapReport {
+        let mut report = ReapReport::default();
+        let Ok(entries) = fs::read_dir(self.inner.cfg.state_dir.join("qemu")) else {
+            return report;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if SandboxId::parse(name).is_none() {
+                continue;
+            }
+            let record = fs::read_to_string(dir.join(RECORD)).unwrap_or_default();
+            let mut owner_alive = false;
+            let mut pids = Vec::new();
+            for line in record.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                match f.as_slice() {
+                    ["owner", pid, start] => {
+                        if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
+                            owner_alive = start_time(pid) == Some(start);
+                        }
+                    }
+                    ["pid", pid] => pids.extend(pid.parse::<u32>().ok()),
+                    _ => {}
+                }
+            }
+            if owner_alive {
+                continue;
+            }
+            // Only processes whose command line names this directory are
+            // ours: a recycled pid belongs to someone else.
+            let needle = dir.to_string_lossy().into_owned();
+            for pid in pids {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => report.reaped.push(name.to_owned()),
+                Err(e) => report.failed.push(format!("{}: {e}", dir.display())),
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod guest_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pids of processes whose command line names `dir`.
+    pub(crate) fn processes_naming(dir: &Path) -> Vec<u32> {
+        let needle = dir.to_string_lossy().into_owned();
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = fs::read(e.path().join("cmdline")).ok()?;
+                String::from_utf8_lossy(&cmd)
+                    .contains(&needle)
+                    .then_some(pid)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn accel_choice_parses_and_names_the_choices() {
+        assert_eq!("tcg".parse::<AccelChoice>(), Ok(AccelChoice::Tcg));
+        assert_eq!("auto".parse::<AccelChoice>(), Ok(AccelChoice::Auto));
+        assert!("hvf"
+            .parse::<AccelChoice>()
+            .unwrap_err()
+            .contains("auto, kvm, tcg"));
+        assert_eq!(AccelChoice::Tcg.resolve().unwrap(), Accel::Tcg);
+    }
+
+    #[test]
+    fn console_counts_the_guest_kernels_oom_kills() {
+        let c = Console::default();
+        c.push("[    3.1] Out of memory: Killed process 231 (python3) total-vm:300000kB".into());
+        c.push("some job said Killed process".into());
+        c.push("[    3.2] Memory cgroup out of memory: Killed process 240 (node)".into());
+        assert_eq!(c.oom_kills.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn our_own_start_time_is_readable() {
+        assert!(start_time(std::process::id()).is_some());
+    }
+}
