@@ -52,6 +52,7 @@ impl Env {
             "/sys/fs/cgroup/memory",
             "/sys/fs/cgroup/pids",
             "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/cpuacct",
         ] {
             if let Ok(rd) = std::fs::read_dir(PathBuf::from(root).join(&self.parent)) {
                 v.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
@@ -71,6 +72,7 @@ impl Drop for Env {
             "/sys/fs/cgroup/memory",
             "/sys/fs/cgroup/pids",
             "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/cpuacct",
         ] {
             let _ = std::fs::remove_dir(PathBuf::from(root).join(&self.parent));
         }
@@ -124,6 +126,10 @@ async fn one_sandbox_serves_many_execs_warm_and_keeps_files() {
     );
     let stats = sb.stats();
     assert!(stats.memory_bytes > 0 && stats.pids >= 1, "{stats:?}");
+    assert!(
+        stats.cpu_usage_us.is_some_and(|us| us > 0),
+        "cpu usage unknown: {stats:?}"
+    );
     sb.destroy().await;
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }

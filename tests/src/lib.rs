@@ -48,6 +48,7 @@ const CGROUP_ROOTS: &[&str] = &[
     "/sys/fs/cgroup/memory",
     "/sys/fs/cgroup/pids",
     "/sys/fs/cgroup/cpu",
+    "/sys/fs/cgroup/cpuacct",
 ];
 
 impl Scope {

@@ -38,11 +38,13 @@ fn file_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 pub enum Layout {
     /// `root` is the unified mount point.
     V2 { root: PathBuf },
-    /// Mount points of the controllers used; `cpu` is optional.
+    /// Mount points of the controllers used; `cpu` and `cpuacct` are
+    /// optional, and `cpuacct` is absent when it is co-mounted with `cpu`.
     V1 {
         memory: PathBuf,
         pids: PathBuf,
         cpu: Option<PathBuf>,
+        cpuacct: Option<PathBuf>,
     },
 }
 
@@ -60,10 +62,17 @@ impl Layout {
         let pids = mount.join("pids");
         if memory.join("memory.limit_in_bytes").exists() && pids.join("cgroup.procs").exists() {
             let cpu = mount.join("cpu");
+            let cpu = cpu.join("cpu.cfs_quota_us").exists().then_some(cpu);
+            let comounted = cpu
+                .as_ref()
+                .is_some_and(|c| c.join("cpuacct.usage").exists());
+            let acct = mount.join("cpuacct");
+            let cpuacct = (!comounted && acct.join("cpuacct.usage").exists()).then_some(acct);
             return Ok(Layout::V1 {
                 memory,
                 pids,
-                cpu: cpu.join("cpu.cfs_quota_us").exists().then_some(cpu),
+                cpu,
+                cpuacct,
             });
         }
         Err(CgroupError::NoHierarchy(mount.to_owned()))
@@ -76,17 +85,21 @@ impl Layout {
         }
     }
 
-    /// The directories a group named `parent/name` occupies.
+    /// The directories a group named `parent/name` occupies: on v1, memory
+    /// and pids first, then cpu and cpuacct when mounted.
     pub fn dirs(&self, parent: &str, name: &str) -> Vec<PathBuf> {
         match self {
             Layout::V2 { root } => vec![root.join(parent).join(name)],
-            Layout::V1 { memory, pids, cpu } => {
-                let mut v = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
-                if let Some(cpu) = cpu {
-                    v.push(cpu.join(parent).join(name));
-                }
-                v
-            }
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => [Some(memory), Some(pids), cpu.as_ref(), cpuacct.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|m| m.join(parent).join(name))
+                .collect(),
         }
     }
 }
@@ -114,6 +127,12 @@ pub struct CgroupStats {
 pub struct Cgroup {
     layout: Layout,
     dirs: Vec<PathBuf>,
+}
+
+/// The directory of `dirs` under hierarchy mount `mount`, if any.
+fn dir_under<'a>(dirs: &'a [PathBuf], mount: Option<&PathBuf>) -> Option<&'a PathBuf> {
+    let mount = mount?;
+    dirs.iter().find(|d| d.starts_with(mount))
 }
 
 /// CFS period used for CPU quotas: the kernel default, 100 ms.
@@ -207,7 +226,11 @@ impl Cgroup {
                     );
                 }
                 Self::write(pids, "pids.max", &l.pids.to_string())?;
-                if let Some(cpu) = self.dirs.get(2) {
+                let cpu_mount = match &self.layout {
+                    Layout::V1 { cpu, .. } => cpu.as_ref(),
+                    Layout::V2 { .. } => None,
+                };
+                if let Some(cpu) = dir_under(&self.dirs, cpu_mount) {
                     Self::write(cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                     Self::write(cpu, "cpu.cfs_quota_us", &quota.to_string())?;
                 }
@@ -243,20 +266,17 @@ impl Cgroup {
                 pids: Self::read_u64(d, "pids.current").unwrap_or(0),
                 oom_kills: self.oom_kills(),
             },
-            Layout::V1 { .. } => CgroupStats {
+            Layout::V1 {
+                ref cpu,
+                ref cpuacct,
+                ..
+            } => CgroupStats {
                 memory_bytes: Self::read_u64(d, "memory.usage_in_bytes").unwrap_or(0),
                 memory_peak_bytes: Self::read_u64(d, "memory.max_usage_in_bytes"),
-                cpu_usage_us: self
-                    .dirs
-                    .get(2)
-                    .and_then(|c| {
-                        // cpuacct may be co-mounted with cpu or separate.
-                        Self::read_u64(c, "cpuacct.usage").or_else(|| {
-                            let acct = c.parent()?.parent()?.join("cpuacct");
-                            let rel = d.strip_prefix(d.parent()?.parent()?).ok()?;
-                            Self::read_u64(&acct.join(rel), "cpuacct.usage")
-                        })
-                    })
+                // cpuacct is either its own hierarchy or co-mounted with cpu.
+                cpu_usage_us: dir_under(&self.dirs, cpuacct.as_ref())
+                    .or_else(|| dir_under(&self.dirs, cpu.as_ref()))
+                    .and_then(|a| Self::read_u64(a, "cpuacct.usage"))
                     .map(|ns| ns / 1000),
                 pids: Self::read_u64(&self.dirs[1], "pids.current").unwrap_or(0),
                 oom_kills: self.oom_kills(),

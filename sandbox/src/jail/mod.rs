@@ -530,7 +530,7 @@ impl Jail {
         self.remains.as_ref().map_or(0, |r| r.pid)
     }
 
-    /// The host's view of the jail's root (through /proc).
+    /// The jail's cgroup (limits, live figures, processes).
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.remains.as_ref().map(|r| &r.cgroup)
     }

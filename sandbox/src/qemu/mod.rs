@@ -529,7 +529,7 @@ impl Inner {
         }
         if spec.allow_internet {
             // QEMU's user-mode network: fixed addresses (docs/system/devices/net.rst).
-            c.push_str(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off");
+            c.push_str(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off kiln.dns=10.0.2.3");
         }
         c
     }
