@@ -26,7 +26,7 @@ Examples:
   kiln submit --runtime python -c 'print(1)'
   kiln submit script.py --follow -- arg1
   kiln submit --job job.json --json
-  KILN_SERVER=http://10.0.0.5:8080 KILN_TOKEN=... kiln submit main.js
+  KILN_SERVER=http://kiln-node-1:8080 KILN_TOKEN=... kiln submit main.js
 
 Exit status: as `kiln run` (the job's own; 124 timeout; 137 oom/killed;
 2 rejected; 70 internal), and 75 when the server is busy or shutting down.")]
