@@ -39,6 +39,17 @@ enum Command {
     Submit(cli::submit::SubmitArgs),
     /// Destroy sandboxes left behind by crashed kiln processes.
     Reap(backend::BackendArgs),
+    /// Snapshots of microVM memory.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Serve a snapshot's memory to VMMs over userfaultfd (Firecracker's
+    /// `Uffd` memory backend), lazily, recording or prefetching the working
+    /// set; runs until SIGINT/SIGTERM.
+    ServePages(kiln_snapshotter::ServePagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +79,21 @@ fn main() -> ExitCode {
             config::Explicit(config::Explicit::IDS.into_iter().filter(given).collect())
         })
         .unwrap_or_default();
+    // The page server is plain threads that wait for signals with sigwait:
+    // it must start before any runtime thread exists, or a signal could land
+    // on a thread that does not block it.
+    let cli = match cli.command {
+        Command::Snapshot(SnapshotCommand::ServePages(args)) => {
+            return match kiln_snapshotter::run_serve_pages(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kiln: {e:#}");
+                    ExitCode::from(70)
+                }
+            };
+        }
+        command => Cli { command },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -85,6 +111,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => cli::serve::serve(args, explicit).await,
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
+            Command::Snapshot(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

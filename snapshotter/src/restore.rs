@@ -1,0 +1,691 @@
+//! Serving one restore: the fault loop of a single VM's userfaultfd.
+//!
+//! Each accepted restore gets its own thread running [`Restore::run`], so a
+//! VM that misbehaves (or a bug that panics) only ever affects itself. The
+//! loop follows Firecracker's contract: faults are served with `UFFDIO_COPY`
+//! from the shared memory-file mapping; `EEXIST` means the page is already
+//! there (we only wake the waiter); `EAGAIN` means a remove event is pending,
+//! so the fault is retried after reading events; ranges named by
+//! `UFFD_EVENT_REMOVE` are served as zero pages from then on. Within every
+//! batch of messages, remove events are applied before faults, because the
+//! kernel may queue a fault ahead of the remove that logically precedes it.
+//!
+//! In prefetch mode the working set is installed in slices (256 KiB first,
+//! doubling up to 4 MiB) between polls of the uffd, so the VM's own faults
+//! are never stuck behind the whole working set. Each slice is read in with
+//! large `MADV_POPULATE_READ` requests and installed with multi-page
+//! `UFFDIO_COPY_MODE_DONTWAKE` copies by up to two threads (materialising
+//! fresh anonymous pages, not the copy, is the bottleneck, and it scales
+//! with cores); one `UFFDIO_WAKE` per region releases every waiter at the
+//! end. A fault on a page the prefetch already installed gets `EEXIST` and
+//! an explicit wake.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::handshake::RegionTable;
+use crate::memory::MemoryFile;
+use crate::metrics::{PageServerMetrics, RestoreMetrics};
+use crate::sys::{self, FillOutcome, UffdEvent};
+use crate::working_set::WorkingSet;
+
+/// Largest piece of working set installed by one `UFFDIO_COPY`.
+const PREFETCH_CHUNK: u64 = 4 << 20;
+/// Working set installed between two polls of the uffd (a lazy fault outside
+/// the working set waits at most for one slice: ~2 ms at the rates measured).
+const PREFETCH_SLICE_BYTES: u64 = 4 << 20;
+/// The first slice is small, and slices double up to [`PREFETCH_SLICE_BYTES`],
+/// so the VM's first faults are not stuck behind a large slice.
+const PREFETCH_FIRST_SLICE_BYTES: u64 = 256 << 10;
+/// Threads installing one slice. Installing fresh anonymous pages is bound
+/// by page allocation, not by the copy, and parallelises across cores.
+const PREFETCH_WORKERS: usize = 2;
+/// Runs closer than this in the file are read from disk by one request.
+const READ_GAP: u64 = 1 << 20;
+/// Largest single read request of the prefetch.
+const READ_MAX: u64 = 16 << 20;
+/// Messages read from the uffd per `read`.
+const EVENT_BATCH: usize = 64;
+/// Poll interval while faults wait for a pending remove event.
+const RETRY_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Why serving a restore stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// `poll` on the uffd, pidfd or shutdown eventfd failed.
+    #[error("polling the userfaultfd failed: {0}")]
+    Poll(#[source] io::Error),
+    /// The uffd reported an error condition (POLLERR/POLLNVAL).
+    #[error("the userfaultfd reported an error condition (revents {0:#x})")]
+    UffdError(i16),
+    /// Reading messages from the uffd failed.
+    #[error("reading userfaultfd events failed: {0}")]
+    ReadEvents(#[source] io::Error),
+    /// `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`/`UFFDIO_WAKE` failed unexpectedly.
+    #[error("installing guest memory at {addr:#x} (+{len:#x}) failed: {source}")]
+    Fill {
+        /// Guest (VMM virtual) address.
+        addr: u64,
+        /// Bytes being installed.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a restore ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum RestoreEnd {
+    /// The VMM process exited (its pidfd became readable).
+    VmmExited,
+    /// The guest memory's address space is gone (`ESRCH` from the kernel).
+    GuestMemoryGone,
+    /// The page server is shutting down.
+    Shutdown,
+    /// Serving failed; the message says why.
+    Failed(String),
+}
+
+/// One chunk of working set still to install.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    region: usize,
+    dst: u64,
+    file_off: u64,
+    len: u64,
+    /// File range to read in with one request before this chunk is copied.
+    read_ahead: Option<(u64, u64)>,
+}
+
+/// Result of installing one range.
+enum Fill {
+    /// The range is complete; `installed` bytes of it were installed by
+    /// us, the rest was already present.
+    Done {
+        /// Bytes this call installed.
+        installed: u64,
+    },
+    /// Not done: the rest must wait until pending events are read.
+    Pending,
+    /// The VMM's address space has gone away.
+    Gone,
+    /// The range is no longer registered (unmapped under us); dropped.
+    Dropped,
+}
+
+/// The state of one VM's restore.
+pub(crate) struct Restore {
+    uffd: OwnedFd,
+    pidfd: Option<OwnedFd>,
+    table: RegionTable,
+    memory: Arc<MemoryFile>,
+    removed: Vec<Vec<u64>>,
+    recording: Option<Vec<u64>>,
+    prefetch: VecDeque<Chunk>,
+    unplanned: Option<WorkingSet>,
+    prefetch_started: Option<Instant>,
+    slice_bytes: u64,
+    deferred: Vec<(u64, Instant)>,
+    zeros: Vec<u8>,
+    metrics: Arc<RestoreMetrics>,
+    global: Arc<PageServerMetrics>,
+}
+
+impl Restore {
+    /// Prepares a restore. `record` asks for the fault order to be kept;
+    /// `working_set` (already checked against the memory file) is prefetched,
+    /// planned only once the faults pending at start have been served.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        uffd: OwnedFd,
+        pidfd: Option<OwnedFd>,
+        table: RegionTable,
+        memory: Arc<MemoryFile>,
+        record: bool,
+        working_set: Option<WorkingSet>,
+        metrics: Arc<RestoreMetrics>,
+        global: Arc<PageServerMetrics>,
+    ) -> Self {
+        let removed = table
+            .regions()
+            .iter()
+            .map(|r| vec![0u64; r.pages().div_ceil(64) as usize])
+            .collect();
+        Self {
+            uffd,
+            pidfd,
+            table,
+            memory,
+            removed,
+            recording: record.then(Vec::new),
+            prefetch: VecDeque::new(),
+            unplanned: working_set,
+            prefetch_started: None,
+            slice_bytes: PREFETCH_FIRST_SLICE_BYTES,
+            deferred: Vec::new(),
+            zeros: Vec::new(),
+            metrics,
+            global,
+        }
+    }
+
+    /// The recorded fault order, once `run` has returned (recording restores only).
+    pub(crate) fn take_recording(&mut self) -> Option<Vec<u64>> {
+        self.recording.take()
+    }
+
+    /// The page size shared by every region, if they agree.
+    pub(crate) fn uniform_page_size(table: &RegionTable) -> Option<u64> {
+        let first = table.regions().first()?.page_size;
+        table
+            .regions()
+            .iter()
+            .all(|r| r.page_size == first)
+            .then_some(first)
+    }
+
+    /// Serves faults until the VMM exits, its memory goes away, `shutdown`
+    /// becomes readable, or an unrecoverable error occurs.
+    pub(crate) fn run(&mut self, shutdown: BorrowedFd<'_>) -> Result<RestoreEnd, RestoreError> {
+        let mut events = Vec::with_capacity(EVENT_BATCH);
+        if self.unplanned.is_some() {
+            self.prefetch_started = Some(Instant::now());
+        }
+        loop {
+            let timeout = if !self.prefetch.is_empty() || self.unplanned.is_some() {
+                Some(Duration::ZERO)
+            } else if !self.deferred.is_empty() {
+                Some(RETRY_INTERVAL)
+            } else {
+                None
+            };
+            let revents = {
+                let mut fds = vec![(self.uffd.as_fd(), libc::POLLIN), (shutdown, libc::POLLIN)];
+                if let Some(pidfd) = &self.pidfd {
+                    fds.push((pidfd.as_fd(), libc::POLLIN));
+                }
+                sys::poll(&fds, timeout).map_err(RestoreError::Poll)?
+            };
+            if revents[1] != 0 {
+                return Ok(RestoreEnd::Shutdown);
+            }
+            if revents.get(2).is_some_and(|r| *r != 0) {
+                return Ok(RestoreEnd::VmmExited);
+            }
+            if revents[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(RestoreError::UffdError(revents[0]));
+            }
+            events.clear();
+            if revents[0] & libc::POLLIN != 0 {
+                while sys::uffd_read_events(self.uffd.as_fd(), &mut events, EVENT_BATCH)
+                    .map_err(RestoreError::ReadEvents)?
+                    == EVENT_BATCH
+                {}
+            }
+            let read_at = Instant::now();
+            for ev in &events {
+                match *ev {
+                    UffdEvent::Remove { start, end } => self.mark_removed(start, end),
+                    UffdEvent::Other(code) => tracing::debug!(code, "ignoring userfaultfd event"),
+                    UffdEvent::PageFault { .. } => {}
+                }
+            }
+            let mut faults = std::mem::take(&mut self.deferred);
+            faults.extend(events.iter().filter_map(|ev| match ev {
+                UffdEvent::PageFault { address } => Some((*address, read_at)),
+                _ => None,
+            }));
+            for (addr, since) in faults {
+                match self.serve_fault(addr, since)? {
+                    Fill::Done { .. } | Fill::Dropped => {}
+                    Fill::Pending => self.deferred.push((addr, since)),
+                    Fill::Gone => return Ok(RestoreEnd::GuestMemoryGone),
+                }
+            }
+            if let Some(ws) = self.unplanned.take() {
+                self.plan_prefetch(&ws);
+            }
+            if let Some(end) = self.prefetch_step()? {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// Turns the working set into chunks of guest memory to install, sorted
+    /// by file offset, with their large reads planned.
+    fn plan_prefetch(&mut self, ws: &WorkingSet) {
+        for (off, len) in ws.runs() {
+            for (ri, r) in self.table.regions().iter().enumerate() {
+                let start = off.max(r.offset);
+                let end = (off + len).min(r.offset + r.size);
+                let mut at = start;
+                while at < end {
+                    let piece = (end - at).min(PREFETCH_CHUNK);
+                    self.prefetch.push_back(Chunk {
+                        region: ri,
+                        dst: r.base + (at - r.offset),
+                        file_off: at,
+                        len: piece,
+                        read_ahead: None,
+                    });
+                    at += piece;
+                }
+            }
+        }
+        self.prefetch.make_contiguous().sort_by_key(|c| c.file_off);
+        plan_reads(self.prefetch.make_contiguous());
+        if self.prefetch.is_empty() {
+            // Nothing to install: still report a (zero-length) prefetch.
+            if let Some(started) = self.prefetch_started.take() {
+                self.metrics
+                    .prefetch_ns
+                    .store(started.elapsed().as_nanos().max(1) as u64, Relaxed);
+            }
+        }
+    }
+
+    fn mark_removed(&mut self, start: u64, end: u64) {
+        self.metrics.remove_events.fetch_add(1, Relaxed);
+        self.global.remove_events.fetch_add(1, Relaxed);
+        for (ri, r) in self.table.regions().iter().enumerate() {
+            let s = start.max(r.base);
+            let e = end.min(r.base + r.size);
+            if s >= e {
+                continue;
+            }
+            let first = (s - r.base) / r.page_size;
+            let last = (e - r.base).div_ceil(r.page_size);
+            for page in first..last {
+                self.removed[ri][(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+    }
+
+    fn is_removed(&self, region: usize, page: u64) -> bool {
+        self.removed[region][(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    fn serve_fault(&mut self, addr: u64, since: Instant) -> Result<Fill, RestoreError> {
+        let Some(ri) = self.table.find(addr) else {
+            self.global.faults_outside_regions.fetch_add(1, Relaxed);
+            tracing::warn!(
+                addr = format_args!("{addr:#x}"),
+                "fault outside every region; cannot serve it"
+            );
+            return Ok(Fill::Dropped);
+        };
+        let r = self.table.regions()[ri];
+        let dst = addr & !(r.page_size - 1);
+        let page = (dst - r.base) / r.page_size;
+        let file_off = r.offset + (dst - r.base);
+        let zero = self.is_removed(ri, page);
+        let outcome = self.fill(dst, if zero { None } else { Some(file_off) }, r.page_size)?;
+        if let Fill::Done { installed: 1.. } = outcome {
+            let latency = since.elapsed();
+            self.metrics.fault_latency.observe(latency);
+            self.global.fault_latency.observe(latency);
+            if zero {
+                self.metrics.zero_pages_served.fetch_add(1, Relaxed);
+                self.global.zero_pages_served.fetch_add(1, Relaxed);
+            } else {
+                self.metrics.faults_served.fetch_add(1, Relaxed);
+                self.metrics.fault_bytes.fetch_add(r.page_size, Relaxed);
+                self.global.faults_served.fetch_add(1, Relaxed);
+                if let Some(rec) = &mut self.recording {
+                    rec.push(file_off);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Installs `[dst, dst + len)` from file offset `src` (zeros when `None`),
+    /// continuing past partial copies and waking waiters on pages that
+    /// already exist.
+    fn fill(&mut self, dst: u64, src: Option<u64>, len: u64) -> Result<Fill, RestoreError> {
+        let page = self.table.regions()[self.table.find(dst).unwrap_or(0)].page_size;
+        let mut done = 0;
+        let mut installed = 0;
+        while done < len {
+            let at = dst + done;
+            let result = match src {
+                Some(off) => sys::uffd_copy(
+                    self.uffd.as_fd(),
+                    at,
+                    self.memory.ptr_at(off + done),
+                    len - done,
+                    false,
+                ),
+                None if page == sys::page_size() as u64 => {
+                    sys::uffd_zeropage(self.uffd.as_fd(), at, len - done)
+                }
+                None => {
+                    // Huge pages have no zeropage ioctl: copy from a zero buffer.
+                    if self.zeros.len() < page as usize {
+                        self.zeros = vec![0; page as usize];
+                    }
+                    sys::uffd_copy(self.uffd.as_fd(), at, self.zeros.as_ptr(), page, false)
+                }
+            };
+            match result {
+                Ok(FillOutcome::Filled(n)) => {
+                    let n = if n == 0 { len - done } else { n };
+                    self.count_copied(n, src.is_some());
+                    installed += n;
+                    done += n;
+                }
+                Ok(FillOutcome::Exists { filled }) => {
+                    self.count_copied(filled, src.is_some());
+                    installed += filled;
+                    done += filled;
+                    self.metrics.faults_already_present.fetch_add(1, Relaxed);
+                    self.global.faults_already_present.fetch_add(1, Relaxed);
+                    sys::uffd_wake(self.uffd.as_fd(), dst + done, page).map_err(|source| {
+                        RestoreError::Fill {
+                            addr: dst + done,
+                            len: page,
+                            source,
+                        }
+                    })?;
+                    done += page;
+                }
+                Ok(FillOutcome::Again { filled }) if filled > 0 => {
+                    self.count_copied(filled, src.is_some());
+                    installed += filled;
+                    done += filled;
+                }
+                Ok(FillOutcome::Again { .. }) => {
+                    self.metrics.copy_retries.fetch_add(1, Relaxed);
+                    self.global.copy_retries.fetch_add(1, Relaxed);
+                    return Ok(Fill::Pending);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Fill::Gone),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    tracing::debug!(
+                        addr = format_args!("{at:#x}"),
+                        "range unmapped while serving it"
+                    );
+                    return Ok(Fill::Dropped);
+                }
+                Err(source) => {
+                    return Err(RestoreError::Fill {
+                        addr: at,
+                        len: len - done,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(Fill::Done { installed })
+    }
+
+    fn prefetch_workers(&self) -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(PREFETCH_WORKERS)
+    }
+
+    fn count_copied(&self, bytes: u64, from_file: bool) {
+        if from_file && bytes > 0 {
+            self.global.bytes_copied.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    /// Installs one slice of working set; returns an end if the VM is gone.
+    fn prefetch_step(&mut self) -> Result<Option<RestoreEnd>, RestoreError> {
+        if self.prefetch.is_empty() {
+            return Ok(None);
+        }
+        let mut slice = Vec::new();
+        let mut bytes = 0;
+        let budget = self.slice_bytes;
+        self.slice_bytes = (self.slice_bytes * 2).min(PREFETCH_SLICE_BYTES);
+        while bytes < budget {
+            let Some(mut chunk) = self.prefetch.pop_front() else {
+                break;
+            };
+            let take = chunk.len.min(budget - bytes);
+            if take < chunk.len {
+                let mut rest = chunk;
+                rest.advance(take);
+                rest.read_ahead = None;
+                chunk.len = take;
+                self.prefetch.push_front(rest);
+            }
+            bytes += take;
+            slice.push(chunk);
+        }
+        let workers = if slice.len() > 1 {
+            self.prefetch_workers()
+        } else {
+            1
+        };
+        let ctx = Installer {
+            uffd: self.uffd.as_fd(),
+            memory: &self.memory,
+            table: &self.table,
+            removed: &self.removed,
+        };
+        // Contiguous shares keep each worker's reads sequential.
+        let share = slice.len().div_ceil(workers);
+        let outcomes: Vec<Installed> = std::thread::scope(|scope| {
+            let mut parts = slice.chunks(share);
+            let mine = parts.next().unwrap_or(&[]);
+            let helpers: Vec<_> = parts
+                .map(|part| scope.spawn(|| ctx.install(part)))
+                .collect();
+            let mut out = vec![ctx.install(mine)];
+            out.extend(
+                helpers
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Installed::panicked())),
+            );
+            out
+        });
+        let mut leftovers = Vec::new();
+        let mut gone = false;
+        let mut error = None;
+        for o in outcomes {
+            self.metrics.prefetch_pages.fetch_add(o.pages, Relaxed);
+            self.metrics.prefetch_bytes.fetch_add(o.bytes, Relaxed);
+            self.metrics
+                .faults_already_present
+                .fetch_add(o.present, Relaxed);
+            self.global
+                .faults_already_present
+                .fetch_add(o.present, Relaxed);
+            self.global.prefetch_bytes.fetch_add(o.bytes, Relaxed);
+            self.global.bytes_copied.fetch_add(o.bytes, Relaxed);
+            if !o.leftover.is_empty() {
+                self.metrics.copy_retries.fetch_add(1, Relaxed);
+                self.global.copy_retries.fetch_add(1, Relaxed);
+            }
+            leftovers.extend(o.leftover);
+            gone |= o.gone;
+            error = error.or(o.error);
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if gone {
+            return Ok(Some(RestoreEnd::GuestMemoryGone));
+        }
+        // Chunks interrupted by a pending event go back first, in order.
+        for chunk in leftovers.into_iter().rev() {
+            self.prefetch.push_front(chunk);
+        }
+        if self.prefetch.is_empty() {
+            for r in self.table.regions() {
+                match sys::uffd_wake(self.uffd.as_fd(), r.base, r.size) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        return Ok(Some(RestoreEnd::GuestMemoryGone))
+                    }
+                    Err(source) => {
+                        return Err(RestoreError::Fill {
+                            addr: r.base,
+                            len: r.size,
+                            source,
+                        })
+                    }
+                }
+            }
+            if let Some(started) = self.prefetch_started.take() {
+                let took = started.elapsed();
+                self.metrics
+                    .prefetch_ns
+                    .store(took.as_nanos() as u64, Relaxed);
+                self.global.prefetch_duration.observe(took);
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Read-only view of a restore shared by the threads installing one slice of
+/// working set (no events are processed while they run).
+struct Installer<'a> {
+    uffd: BorrowedFd<'a>,
+    memory: &'a MemoryFile,
+    table: &'a RegionTable,
+    removed: &'a [Vec<u64>],
+}
+
+/// What one worker installed.
+#[derive(Default)]
+struct Installed {
+    pages: u64,
+    bytes: u64,
+    present: u64,
+    leftover: Vec<Chunk>,
+    gone: bool,
+    error: Option<RestoreError>,
+}
+
+impl Installed {
+    fn panicked() -> Self {
+        Self {
+            error: Some(RestoreError::Fill {
+                addr: 0,
+                len: 0,
+                source: io::Error::other("a prefetch worker panicked"),
+            }),
+            ..Self::default()
+        }
+    }
+}
+
+impl Installer<'_> {
+    fn is_removed(&self, region: usize, page: u64) -> bool {
+        self.removed[region][(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Installs `chunks` with `UFFDIO_COPY_MODE_DONTWAKE`, skipping removed
+    /// and already-present pages. Stops at the first `EAGAIN` (a pending
+    /// event the serving thread must read), returning what is left.
+    fn install(&self, chunks: &[Chunk]) -> Installed {
+        let mut out = Installed::default();
+        for (i, original) in chunks.iter().enumerate() {
+            let mut chunk = *original;
+            if let Some((off, len)) = chunk.read_ahead.take() {
+                // One large read of the file range instead of one small read
+                // per page during the copies. Advisory: failure only costs speed.
+                let _ = sys::populate_read(self.memory.ptr_at(off), len as usize);
+            }
+            let r = self.table.regions()[chunk.region];
+            while chunk.len > 0 {
+                let first_page = (chunk.dst - r.base) / r.page_size;
+                let pages = chunk.len / r.page_size;
+                // Removed pages must read as zeros, not snapshot bytes: skip them.
+                let skip = (0..pages)
+                    .take_while(|p| self.is_removed(chunk.region, first_page + p))
+                    .count() as u64;
+                if skip > 0 {
+                    chunk.advance(skip * r.page_size);
+                    continue;
+                }
+                let run = (0..pages)
+                    .take_while(|p| !self.is_removed(chunk.region, first_page + p))
+                    .count() as u64
+                    * r.page_size;
+                let src = self.memory.ptr_at(chunk.file_off);
+                match sys::uffd_copy(self.uffd, chunk.dst, src, run, true) {
+                    Ok(FillOutcome::Filled(n)) => {
+                        let n = if n == 0 { run } else { n };
+                        out.bytes += n;
+                        out.pages += n / r.page_size;
+                        chunk.advance(n);
+                    }
+                    Ok(FillOutcome::Exists { filled }) => {
+                        out.bytes += filled;
+                        out.pages += filled / r.page_size;
+                        out.present += 1;
+                        chunk.advance(filled + r.page_size);
+                    }
+                    Ok(FillOutcome::Again { filled }) if filled > 0 => {
+                        out.bytes += filled;
+                        out.pages += filled / r.page_size;
+                        chunk.advance(filled);
+                    }
+                    Ok(FillOutcome::Again { .. }) => {
+                        out.leftover.push(chunk);
+                        out.leftover.extend_from_slice(&chunks[i + 1..]);
+                        return out;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        out.gone = true;
+                        return out;
+                    }
+                    // Unmapped under us: nothing left to install there.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => chunk.len = 0,
+                    Err(source) => {
+                        out.error = Some(RestoreError::Fill {
+                            addr: chunk.dst,
+                            len: run,
+                            source,
+                        });
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Groups chunks (sorted by file offset) into read requests: runs less than
+/// [`READ_GAP`] apart share one request of at most [`READ_MAX`] bytes, noted
+/// on the first chunk of each group.
+fn plan_reads(chunks: &mut [Chunk]) {
+    let mut group_start = 0;
+    while group_start < chunks.len() {
+        let start = chunks[group_start].file_off;
+        let mut end = start + chunks[group_start].len;
+        let mut next = group_start + 1;
+        while next < chunks.len() {
+            let c = chunks[next];
+            if c.file_off > end + READ_GAP || c.file_off + c.len - start > READ_MAX {
+                break;
+            }
+            end = end.max(c.file_off + c.len);
+            next += 1;
+        }
+        chunks[group_start].read_ahead = Some((start, end - start));
+        group_start = next;
+    }
+}
+
+impl Chunk {
+    fn advance(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.len);
+        self.dst += bytes;
+        self.file_off += bytes;
+        self.len -= bytes;
+    }
+}
