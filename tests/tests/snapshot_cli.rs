@@ -18,7 +18,7 @@ fn serve_pages_serves_exact_bytes_and_stops_on_sigterm() {
         .collect();
     std::fs::write(&mem, &bytes).unwrap();
     let sock = dir.join("pages.sock");
-    let mut kiln = Command::new(kiln_tests::bin("kiln"))
+    let kiln = Command::new(kiln_tests::bin("kiln"))
         .args(["snapshot", "serve-pages", "--mode", "record", "--socket"])
         .arg(&sock)
         .arg("--memory")
