@@ -15,9 +15,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-# Debian packages: libclang for bindgen (userfaultfd-sys), the runtimes the
-# default runtime table names, bubblewrap for the benchmark baseline.
-packages=(libclang-dev python3 nodejs bash bubblewrap procps iproute2)
+# Debian packages: the runtimes the default runtime table names, and
+# bubblewrap for the benchmark baseline. (The page server issues its
+# userfaultfd ioctls itself, so no libclang/bindgen is needed.)
+packages=(python3 nodejs bash bubblewrap procps iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
