@@ -548,6 +548,10 @@ impl Agent {
             log_info!("exec {tag} ended: {:?}", report.status);
             conn.send(&Frame::Exit(report));
             if exec.warm_next {
+                // The host is waiting for this Exit: put it on the wire
+                // before paying for the next interpreter's fork and exec.
+                // A write error shows again at the main loop's flush.
+                let _ = conn.flush();
                 self.start_warm(&exec.runtime);
             }
         }
