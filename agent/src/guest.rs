@@ -12,10 +12,11 @@
 //! - fresh `/proc`, `/sys`, `/dev` (devtmpfs, with `/dev/fd`, `/dev/shm`),
 //!   tmpfs `/tmp`, `/work` and `/run` of the job's disk size;
 //! - the random pool seeded with the host's seed (credited, so `getrandom`
-//!   never blocks); `/proc/cmdline`, which carries the seed, is then hidden
-//!   from jobs;
+//!   never blocks); `/proc/cmdline` and the kernel log, which carry the
+//!   seed, are then out of jobs' reach;
 //! - the number of tasks capped (`kernel.threads-max`), the hostname set,
-//!   and the loopback interface up.
+//!   and the loopback interface up;
+//! - once it listens on vsock, a `ready` note to the host ([`announce`]).
 //!
 //! Any failure is fatal: PID 1 exits, the kernel panics and, with
 //! `panic=-1 reboot=t` and QEMU's `-no-reboot` (or Firecracker's reboot
@@ -46,6 +47,12 @@ pub struct GuestConfig {
     /// `kiln.pids=N`: most tasks that jobs may add to what runs at start-up
     /// (the kernel's `threads-max`; the guest has no cgroup for it).
     pub pids: Option<u64>,
+    /// `kiln.dns=IPV4`: the name server for `/etc/resolv.conf` (a guest
+    /// with a network device only).
+    pub dns: Option<std::net::Ipv4Addr>,
+    /// `kiln.ready=PORT`: once listening, connect to the host (CID 2) on
+    /// this vsock port and say `ready\n`.
+    pub ready_port: Option<u32>,
 }
 
 impl GuestConfig {
@@ -58,6 +65,8 @@ impl GuestConfig {
             disk_mb: DEFAULT_DISK_MB,
             log: None,
             pids: None,
+            dns: None,
+            ready_port: None,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -95,6 +104,22 @@ impl GuestConfig {
                         .ok_or_else(|| format!("kiln.disk_mb={value:?} is not a size in MiB"))?
                 }
                 "kiln.log" => cfg.log = Some(value.into()),
+                "kiln.ready" => {
+                    cfg.ready_port = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|p| *p != u32::MAX)
+                            .ok_or_else(|| format!("kiln.ready={value:?} is not a vsock port"))?,
+                    )
+                }
+                "kiln.dns" => {
+                    cfg.dns = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("kiln.dns={value:?} is not an IPv4 address"))?,
+                    )
+                }
                 "kiln.pids" => {
                     cfg.pids = Some(
                         value
@@ -221,11 +246,18 @@ pub fn setup() -> Result<GuestConfig, String> {
     if !cfg.seed.is_empty() {
         sys::add_entropy(&cfg.seed).map_err(step("seed the random pool"))?;
     }
-    // The command line carries the seed: jobs must not read it.
+    // The command line carries the seed: jobs must read it neither in
+    // /proc/cmdline nor in the kernel log, which quotes it at boot.
     sys::mount(c"/dev/null", c"/proc/cmdline", c"", libc::MS_BIND, None)
         .map_err(step("hide /proc/cmdline"))?;
+    std::fs::write("/proc/sys/kernel/dmesg_restrict", "1")
+        .map_err(step("restrict the kernel log"))?;
     if let Some(pids) = cfg.pids {
         limit_tasks(pids).map_err(step("limit the number of tasks"))?;
+    }
+    if let Some(dns) = cfg.dns {
+        std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
+            .map_err(step("write /etc/resolv.conf"))?;
     }
     sys::sethostname(&cfg.hostname).map_err(step("set the hostname"))?;
     sys::loopback_up().map_err(step("bring lo up"))?;
@@ -246,6 +278,26 @@ fn limit_tasks(pids: u64) -> io::Result<()> {
     // The kernel refuses less than 20 (MIN_THREADS in kernel/fork.c).
     let max = (now + pids).max(20);
     std::fs::write("/proc/sys/kernel/threads-max", max.to_string())
+}
+
+/// Tells the host that the agent listens (`kiln.ready=`): one connection
+/// to the host, `ready\n`, closed. The host waits for it instead of
+/// polling the agent's port while the guest boots, which costs CPU and, with
+/// vhost-device-vsock, can wedge the device when a connection request
+/// arrives while the guest driver is still setting up its queues.
+pub fn announce(cfg: &GuestConfig) {
+    let Some(port) = cfg.ready_port else { return };
+    match sys::vsock_connect(libc::VMADDR_CID_HOST, port) {
+        Ok(sock) => {
+            let mut f = std::fs::File::from(sock);
+            if let Err(e) = std::io::Write::write_all(&mut f, b"ready\n") {
+                crate::log_warn!("announcing readiness on host vsock port {port}: {e}");
+            }
+        }
+        Err(e) => {
+            crate::log_warn!("connecting to host vsock port {port} to announce readiness: {e}")
+        }
+    }
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
@@ -331,6 +383,31 @@ mod sys {
         })
     }
 
+    /// A connected AF_VSOCK stream socket to `cid:port` (blocking).
+    pub fn vsock_connect(cid: u32, port: u32) -> io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: plain socket creation.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_vm is valid.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = cid;
+        addr.svm_port = port;
+        // SAFETY: `addr` is a valid sockaddr_vm of the size passed.
+        cvt(unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        })?;
+        Ok(sock)
+    }
+
     pub fn sethostname(name: &str) -> io::Result<()> {
         // SAFETY: the pointer and length describe `name`.
         cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
@@ -366,7 +443,7 @@ mod tests {
     #[test]
     fn reads_the_kiln_settings_and_ignores_the_kernels() {
         let c = GuestConfig::parse(
-            "console=ttyS0 reboot=t kiln.port=52 kiln.seed=00ff10 kiln.hostname=box-1 kiln.disk_mb=128 kiln.log=info kiln.pids=32 -- --guest-init",
+            "console=ttyS0 reboot=t kiln.port=52 kiln.seed=00ff10 kiln.hostname=box-1 kiln.disk_mb=128 kiln.log=info kiln.pids=32 kiln.dns=10.0.2.3 kiln.ready=1023 -- --guest-init",
         )
         .unwrap();
         assert_eq!(c.port, 52);
@@ -375,6 +452,8 @@ mod tests {
         assert_eq!(c.disk_mb, 128);
         assert_eq!(c.log.as_deref(), Some("info"));
         assert_eq!(c.pids, Some(32));
+        assert_eq!(c.ready_port, Some(1023));
+        assert_eq!(c.dns, Some(std::net::Ipv4Addr::new(10, 0, 2, 3)));
         let d = GuestConfig::parse("console=ttyS0").unwrap();
         assert_eq!(
             (d.port, d.disk_mb, d.hostname.as_str()),
@@ -399,5 +478,8 @@ mod tests {
             .contains("hostname"));
         assert!(GuestConfig::parse("kiln.disk_mb=0").is_err());
         assert!(GuestConfig::parse("kiln.pids=-1").is_err());
+        assert!(GuestConfig::parse("kiln.dns=example.org")
+            .unwrap_err()
+            .contains("kiln.dns"));
     }
 }

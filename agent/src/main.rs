@@ -40,9 +40,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Mode::Fd(fd) => run(|agent| serve_fd(agent, fd)),
-        Mode::Vsock(port) => run(|agent| serve_vsock(agent, port)),
+        Mode::Vsock(port) => run(|agent| serve_vsock(agent, port, || {})),
         Mode::GuestInit => match guest::setup() {
-            Ok(cfg) => run(|agent| serve_vsock(agent, cfg.port)),
+            Ok(cfg) => run(|agent| serve_vsock(agent, cfg.port, || guest::announce(&cfg))),
             Err(e) => {
                 log_error!("{e}");
                 ExitCode::FAILURE
@@ -130,10 +130,17 @@ fn serve_fd(agent: &mut agent::Agent, fd: i32) -> Result<(), String> {
         .map_err(|e| format!("serving fd {fd} failed: {e}"))
 }
 
-fn serve_vsock(agent: &mut agent::Agent, port: u32) -> Result<(), String> {
+/// Listens on vsock `port`, calls `listening` once it does, then serves
+/// connections one after another.
+fn serve_vsock(
+    agent: &mut agent::Agent,
+    port: u32,
+    listening: impl FnOnce(),
+) -> Result<(), String> {
     let listener = sys::vsock_listen(libc::VMADDR_CID_ANY, port)
         .map_err(|e| format!("cannot listen on vsock port {port}: {e}"))?;
     log_info!("listening on vsock port {port}");
+    listening();
     loop {
         agent
             .wait_readable(listener.as_raw_fd())

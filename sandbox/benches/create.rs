@@ -2,7 +2,9 @@
 //! Python to pre-warm, timed until it returns (namespaces, cgroup, mounts,
 //! agent start and the Hello/HelloAck handshake done; the agent then warms
 //! Python in the background). Each sandbox is destroyed before the next one
-//! is created; destruction is timed separately.
+//! is created; destruction is timed separately. Also reported: this
+//! process's own CPU time (utime+stime, all threads, children excluded) per
+//! create+destroy cycle, i.e. the host-side cost of a sandbox's life.
 //!
 //! `cargo build --release --bins && cargo bench -p kiln-sandbox --bench
 //! create -- --runs 300 [--json-out FILE]` (as root).
@@ -25,6 +27,7 @@ fn main() {
     let backend = backend();
     let spec = SandboxSpec::for_job(&Limits::default(), "python");
     let load_before = common::load_average();
+    let cpu_before = common::own_cpu_us();
     rt.block_on(async {
         let mut create = histogram();
         let mut destroy = histogram();
@@ -48,9 +51,12 @@ fn main() {
             destroy.saturating_record((t.elapsed().as_micros() as u64).max(1));
         }
         let load_after = common::load_average();
+        let cycles = create.len().max(1);
+        let cpu_us_per_cycle = (common::own_cpu_us() - cpu_before) as f64 / cycles as f64;
         println!("jail sandbox creation (python to pre-warm)");
         print_row("create (until HelloAck)", &create);
         print_row("destroy", &destroy);
+        println!("host-side CPU (this process, children excluded): {cpu_us_per_cycle:.0} us per create+destroy");
         println!("failed: {failed}; load average: before {load_before}, after {load_after}");
         common::write_json(
             &flags,
@@ -59,6 +65,7 @@ fn main() {
                 "create_ms": summary(&create),
                 "destroy_ms": summary(&destroy),
                 "failed": failed,
+                "host_cpu_us_per_cycle": cpu_us_per_cycle,
                 "load_before": load_before,
                 "load_after": load_after,
             }),

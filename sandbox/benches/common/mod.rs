@@ -169,3 +169,20 @@ pub fn write_json(flags: &Flags, v: &serde_json::Value) {
             .unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
     }
 }
+
+/// utime + stime of this process (all threads, children excluded), in
+/// microseconds, from /proc/self/stat (fields 14 and 15, in clock ticks).
+pub fn own_cpu_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    ticks * 1_000_000 / hz
+}

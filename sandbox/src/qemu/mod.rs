@@ -51,6 +51,10 @@ use crate::{
 /// The vsock port the guest agent listens on (`kiln.port=`).
 pub const AGENT_PORT: u32 = 1024;
 
+/// The host vsock port on which the guest agent says `ready` once it
+/// listens (`kiln.ready=`).
+pub const READY_PORT: u32 = 1023;
+
 /// Guest CID; every sandbox has its own vsock device, so they may share it.
 const GUEST_CID: u32 = 3;
 
@@ -177,6 +181,12 @@ pub struct QemuConfig {
     pub boot_timeout: Duration,
     /// Time the agent gets to answer the handshake.
     pub hello_timeout: Duration,
+    /// TCG's translation cache per VM, in MiB (QEMU's default is 1 GiB,
+    /// most of an idle guest's host memory once touched).
+    pub tcg_cache_mb: u32,
+    /// Let the guest kernel log its boot on the console (slower under
+    /// TCG; for diagnosis). Default from `KILN_GUEST_VERBOSE=1`.
+    pub verbose_console: bool,
 }
 
 impl QemuConfig {
@@ -197,6 +207,11 @@ impl QemuConfig {
             runtimes,
             boot_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(20),
+            verbose_console: std::env::var("KILN_GUEST_VERBOSE").as_deref() == Ok("1"),
+            tcg_cache_mb: std::env::var("KILN_QEMU_TCG_CACHE_MB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(128),
         }
     }
 }
@@ -520,9 +535,15 @@ impl Inner {
         };
         let log = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
         let mut c = format!(
-            "console=ttyS0 quiet reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 \
-             init=/sbin/init kiln.port={AGENT_PORT} kiln.disk_mb={} kiln.pids={} kiln.log={log}",
-            spec.disk_mb, spec.pids
+            "console=ttyS0 {} reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 \
+             init=/sbin/init kiln.port={AGENT_PORT} kiln.ready={READY_PORT} kiln.disk_mb={} kiln.pids={} kiln.log={log}",
+            if self.cfg.verbose_console {
+                ""
+            } else {
+                "quiet"
+            },
+            spec.disk_mb,
+            spec.pids
         );
         if !seed.is_empty() {
             c.push_str(&format!(" kiln.seed={seed}"));
@@ -557,9 +578,10 @@ impl Inner {
         .arg(vcpus.to_string());
         match self.accel {
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-            // A smaller translation cache than the default 1 GiB keeps an
-            // idle guest's host memory low.
-            Accel::Tcg => cmd.args(["-accel", "tcg,tb-size=128", "-cpu", "max"]),
+            Accel::Tcg => cmd
+                .arg("-accel")
+                .arg(format!("tcg,tb-size={}", self.cfg.tcg_cache_mb))
+                .args(["-cpu", "max"]),
         };
         cmd.arg("-kernel")
             .arg(&self.cfg.kernel)
@@ -721,6 +743,10 @@ impl Backend for QemuBackend {
             )));
         }
 
+        // The agent's `ready` arrives here (a guest-initiated connection).
+        let ready = tokio::net::UnixListener::bind(vsock::guest_listener_path(&uds, READY_PORT))
+            .map_err(io_err("listening for the guest's ready signal"))?;
+
         let started = Instant::now();
         let mut qemu = inner.qemu_command(&dir, spec);
         qemu.stdin(Stdio::null())
@@ -769,7 +795,55 @@ impl Backend for QemuBackend {
             }
         };
 
-        // Boot: retry until the agent accepts on its vsock port.
+        // Boot: wait for the agent's `ready`; connecting to the guest before
+        // its vsock driver is up can wedge vhost-device-vsock.
+        let mut waiting = true;
+        while waiting {
+            tokio::select! {
+                conn = ready.accept() => {
+                    if let Ok((mut c, _)) = conn {
+                        let mut line = [0u8; 6];
+                        let read = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            tokio::io::AsyncReadExt::read_exact(&mut c, &mut line),
+                        )
+                        .await;
+                        waiting = !matches!(read, Ok(Ok(_)) if &line == b"ready\n");
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if !waiting {
+                break;
+            }
+            if exited(&mut remains) {
+                return Err(dead("stopped before its agent listened", &console));
+            }
+            let vhost_gone = remains
+                .vhost
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
+            if vhost_gone {
+                return Err(dead(
+                    "lost its vsock device (vhost-device-vsock exited)",
+                    &console,
+                ));
+            }
+            if started.elapsed() > inner.cfg.boot_timeout {
+                return Err(dead(
+                    &format!(
+                        "agent did not say ready within {:?}",
+                        inner.cfg.boot_timeout
+                    ),
+                    &console,
+                ));
+            }
+        }
+        drop(ready);
+        let _ = fs::remove_file(vsock::guest_listener_path(&uds, READY_PORT));
+
+        // The agent listens: connect (retrying briefly, should the device
+        // still be settling).
         let stream = loop {
             let attempt =
                 tokio::time::timeout(Duration::from_secs(2), vsock::connect(&uds, AGENT_PORT))
