@@ -9,6 +9,7 @@
 mod agent;
 mod any;
 pub mod jail;
+mod procfs;
 pub mod qemu;
 mod run;
 

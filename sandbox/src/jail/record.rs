@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::{Cgroup, Layout};
+use crate::procfs::start_time;
 use crate::ReapReport;
 
 /// The record's file name inside a jail's directory.
@@ -22,33 +23,23 @@ pub struct Owner {
     pub start: u64,
 }
 
-/// Start time of `pid` in clock ticks since boot (field 22 of
-/// /proc/<pid>/stat), or `None` if it does not exist.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses; the
-    // fields after the last ')' are fixed.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 impl Owner {
     pub fn current() -> io::Result<Self> {
         let pid = std::process::id() as i32;
-        let start =
-            start_time(pid).ok_or_else(|| io::Error::other("no start time in /proc/self/stat"))?;
+        let start = start_time(pid as u32)
+            .ok_or_else(|| io::Error::other("no start time in /proc/self/stat"))?;
         Ok(Self { pid, start })
     }
 
     pub fn of(pid: i32) -> Option<Self> {
         Some(Self {
             pid,
-            start: start_time(pid)?,
+            start: start_time(pid as u32)?,
         })
     }
 
     pub fn is_alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
+        start_time(self.pid as u32) == Some(self.start)
     }
 }
 

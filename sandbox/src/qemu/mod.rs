@@ -235,13 +235,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Io { what, source }
 }
 
-/// A process's start time (field 22 of `/proc/<pid>/stat`), which tells a
-/// live process from a recycled pid.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
+use crate::procfs::start_time;
 
 struct Inner {
     cfg: QemuConfig,
@@ -920,53 +914,60 @@ impl Backend for QemuBackend {
 
     /// Kills the VMs of dead kiln processes and removes their directories.
     fn reap_orphans(&self) -> ReapReport {
-        let mut report = ReapReport::default();
-        let Ok(entries) = fs::read_dir(self.inner.cfg.state_dir.join("qemu")) else {
-            return report;
+        reap_orphans_in(&self.inner.cfg.state_dir)
+    }
+}
+
+/// Kills and removes the qemu sandboxes recorded under `state_dir` whose
+/// owner is dead. Needs no guest image, so `kiln reap` can call it on any
+/// host.
+pub fn reap_orphans_in(state_dir: &Path) -> ReapReport {
+    let mut report = ReapReport::default();
+    let Ok(entries) = fs::read_dir(state_dir.join("qemu")) else {
+        return report;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            continue;
         };
-        for e in entries.flatten() {
-            let dir = e.path();
-            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            if SandboxId::parse(name).is_none() {
-                continue;
-            }
-            let record = fs::read_to_string(dir.join(RECORD)).unwrap_or_default();
-            let mut owner_alive = false;
-            let mut pids = Vec::new();
-            for line in record.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                match f.as_slice() {
-                    ["owner", pid, start] => {
-                        if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
-                            owner_alive = start_time(pid) == Some(start);
-                        }
+        if SandboxId::parse(name).is_none() {
+            continue;
+        }
+        let record = fs::read_to_string(dir.join(RECORD)).unwrap_or_default();
+        let mut owner_alive = false;
+        let mut pids = Vec::new();
+        for line in record.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f.as_slice() {
+                ["owner", pid, start] => {
+                    if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
+                        owner_alive = start_time(pid) == Some(start);
                     }
-                    ["pid", pid] => pids.extend(pid.parse::<u32>().ok()),
-                    _ => {}
                 }
-            }
-            if owner_alive {
-                continue;
-            }
-            // Only processes whose command line names this directory are
-            // ours: a recycled pid belongs to someone else.
-            let needle = dir.to_string_lossy().into_owned();
-            for pid in pids {
-                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-            match fs::remove_dir_all(&dir) {
-                Ok(()) => report.reaped.push(name.to_owned()),
-                Err(e) => report.failed.push(format!("{}: {e}", dir.display())),
+                ["pid", pid] => pids.extend(pid.parse::<u32>().ok()),
+                _ => {}
             }
         }
-        report
+        if owner_alive {
+            continue;
+        }
+        // Only processes whose command line names this directory are
+        // ours: a recycled pid belongs to someone else.
+        let needle = dir.to_string_lossy().into_owned();
+        for pid in pids {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => report.reaped.push(name.to_owned()),
+            Err(e) => report.failed.push(format!("{}: {e}", dir.display())),
+        }
     }
+    report
 }
 
 #[cfg(test)]
