@@ -10,7 +10,8 @@
 //!
 //! Run as root: `cargo bench -p kiln-snapshotter --bench page_server`.
 //! `KILN_BENCH_QUICK=1` runs one round instead of five; `KILN_BENCH_ONLY=1,3`
-//! runs only the named sections.
+//! runs only the named sections; `KILN_BENCH_PREFETCH_THREADS=N` sets the
+//! page server's prefetch threads for section 2 (default: its own default).
 
 use std::fs::File;
 use std::io::Read;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use kiln_snapshotter::guest::{GuestMemory, HandshakeFormat, RegionSpec};
 use kiln_snapshotter::memory::MemoryFile;
 use kiln_snapshotter::working_set::WorkingSet;
-use kiln_snapshotter::{PageServer, ServeMode, SnapshotSource};
+use kiln_snapshotter::{PageServer, PageServerConfig, ServeMode, SnapshotSource};
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -273,19 +274,41 @@ fn read_into_fresh_memory(mem: &Path, size: u64) -> Duration {
     took
 }
 
+/// The page server's defaults, with `KILN_BENCH_PREFETCH_THREADS` (if set)
+/// as the number of prefetch threads.
+fn prefetch_config() -> PageServerConfig {
+    let mut config = PageServerConfig::default();
+    if let Some(n) = std::env::var("KILN_BENCH_PREFETCH_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        config.prefetch_threads = n;
+    }
+    config
+}
+
+/// The 1-minute load average, to read every result against.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn prefetch_throughput(dir: &Path, mem: &Path, rounds: usize) {
     println!(
-        "\n## 2. Prefetch throughput vs sequential read of the same bytes (median of {rounds})"
+        "\n## 2. Prefetch throughput vs sequential read of the same bytes (median of {rounds}; {} prefetch threads)",
+        prefetch_config().prefetch_threads
     );
-    println!("| working set | cache | prefetch MiB/s | sequential read MiB/s | prefetch / read | read into fresh anon memory MiB/s | prefetch / that |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| working set | cache | prefetch MiB/s | sequential read MiB/s | prefetch / read | same, per-round pairs | read into fresh anon memory MiB/s | prefetch / that | load |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for size in [64 * MIB, 256 * MIB] {
         let ws_path: PathBuf = dir.join(format!("ws-{}", size / MIB));
         write_working_set(mem, &ws_path, size, size);
         for cold in [false, true] {
             let (mut pre, mut seq, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let server = PageServer::new().unwrap();
+                let server = PageServer::with_config(prefetch_config()).unwrap();
                 let sock = dir.join("prefetch.sock");
                 let mut source = SnapshotSource::new(mem, ServeMode::Prefetch);
                 source.working_set = ws_path.clone();
@@ -313,16 +336,22 @@ fn prefetch_throughput(dir: &Path, mem: &Path, rounds: usize) {
                 let t = read_into_fresh_memory(mem, size);
                 fresh.push(size as f64 / MIB as f64 / t.as_secs_f64());
             }
+            // Each prefetch against the read right after it: less exposed
+            // to the load drifting between rounds than the ratio of medians.
+            let mut paired: Vec<f64> = pre.iter().zip(&seq).map(|(p, s)| p / s).collect();
+            let paired = median(&mut paired);
             let (p, s, f) = (median(&mut pre), median(&mut seq), median(&mut fresh));
             println!(
-                "| {} MiB | {} | {:.0} | {:.0} | {:.0}% | {:.0} | {:.0}% |",
+                "| {} MiB | {} | {:.0} | {:.0} | {:.0}% | {:.0}% | {:.0} | {:.0}% | {} |",
                 size / MIB,
                 if cold { "cold" } else { "warm" },
                 p,
                 s,
                 100.0 * p / s,
+                100.0 * paired,
                 f,
-                100.0 * p / f
+                100.0 * p / f,
+                load_average()
             );
         }
     }
@@ -389,6 +418,7 @@ fn main() {
         FILE_LEN / MIB,
         BASE_OFFSET / MIB
     );
+    println!("load average at start: {}", load_average());
     let rounds = if quick { 1 } else { 5 };
     let only = std::env::var("KILN_BENCH_ONLY").unwrap_or_default();
     let run = |n: &str| only.is_empty() || only.split(',').any(|o| o == n);

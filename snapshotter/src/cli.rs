@@ -52,6 +52,10 @@ pub struct ServePagesArgs {
     /// Seconds a VMM has to deliver its handshake after connecting.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub handshake_timeout: u64,
+    /// Threads installing one restore's working set in parallel (default:
+    /// the number of cores, at most 4).
+    #[arg(long, value_name = "N")]
+    pub prefetch_threads: Option<usize>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -100,6 +104,9 @@ pub fn serve_pages_until(args: ServePagesArgs, stop: impl FnOnce()) -> anyhow::R
     let server = PageServer::with_config(PageServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         socket_mode: args.socket_mode,
+        prefetch_threads: args
+            .prefetch_threads
+            .unwrap_or(PageServerConfig::default().prefetch_threads),
         ..PageServerConfig::default()
     })?;
     server
@@ -194,6 +201,7 @@ mod tests {
             working_set: None,
             socket_mode: 0o600,
             handshake_timeout: 1,
+            prefetch_threads: None,
         };
         let err = serve_pages_until(args("missing"), || {}).unwrap_err();
         assert!(

@@ -12,18 +12,24 @@
 //!
 //! In prefetch mode the working set is installed in slices (256 KiB first,
 //! doubling up to 4 MiB) between polls of the uffd, so the VM's own faults
-//! are never stuck behind the whole working set. Each slice is read in with
-//! large `MADV_POPULATE_READ` requests and installed with multi-page
-//! `UFFDIO_COPY_MODE_DONTWAKE` copies by up to two threads (materialising
-//! fresh anonymous pages, not the copy, is the bottleneck, and it scales
-//! with cores); one `UFFDIO_WAKE` per region releases every waiter at the
-//! end. A fault on a page the prefetch already installed gets `EEXIST` and
-//! an explicit wake.
+//! are never stuck behind the whole working set. Each slice is cut into
+//! 256 KiB pieces that the prefetch threads
+//! (`PageServerConfig::prefetch_threads`) claim one at a time, so a thread
+//! the scheduler preempts holds up at most one piece; a thread reads its
+//! piece of the file in with one `MADV_POPULATE_READ` and installs it with a
+//! multi-page `UFFDIO_COPY_MODE_DONTWAKE` copy straight from the file
+//! mapping. The
+//! cost is in materialising fresh pages (the guest's anonymous pages, and
+//! the page cache's when the file is cold), not in the copy, so it is that
+//! work the threads share. One `UFFDIO_WAKE` per region releases every
+//! waiter at the end. A fault on a page the prefetch already installed gets
+//! `EEXIST` and an explicit wake.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,13 +47,10 @@ const PREFETCH_SLICE_BYTES: u64 = 4 << 20;
 /// The first slice is small, and slices double up to [`PREFETCH_SLICE_BYTES`],
 /// so the VM's first faults are not stuck behind a large slice.
 const PREFETCH_FIRST_SLICE_BYTES: u64 = 256 << 10;
-/// Threads installing one slice. Installing fresh anonymous pages is bound
-/// by page allocation, not by the copy, and parallelises across cores.
-const PREFETCH_WORKERS: usize = 2;
-/// Runs closer than this in the file are read from disk by one request.
-const READ_GAP: u64 = 1 << 20;
-/// Largest single read request of the prefetch.
-const READ_MAX: u64 = 16 << 20;
+/// The unit of work the prefetch threads claim: small enough that the
+/// threads finish a slice together even when one of them is preempted, large
+/// enough that one `UFFDIO_COPY` and one read request cover many pages.
+const PREFETCH_PIECE: u64 = 256 << 10;
 /// Messages read from the uffd per `read`.
 const EVENT_BATCH: usize = 64;
 /// Poll interval while faults wait for a pending remove event.
@@ -98,8 +101,6 @@ struct Chunk {
     dst: u64,
     file_off: u64,
     len: u64,
-    /// File range to read in with one request before this chunk is copied.
-    read_ahead: Option<(u64, u64)>,
 }
 
 /// Result of installing one range.
@@ -127,6 +128,7 @@ pub(crate) struct Restore {
     removed: Vec<Vec<u64>>,
     recording: Option<Vec<u64>>,
     prefetch: VecDeque<Chunk>,
+    prefetch_threads: usize,
     unplanned: Option<WorkingSet>,
     prefetch_started: Option<Instant>,
     slice_bytes: u64,
@@ -139,7 +141,8 @@ pub(crate) struct Restore {
 impl Restore {
     /// Prepares a restore. `record` asks for the fault order to be kept;
     /// `working_set` (already checked against the memory file) is prefetched,
-    /// planned only once the faults pending at start have been served.
+    /// planned only once the faults pending at start have been served, and
+    /// installed by up to `prefetch_threads` threads (this one included).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         uffd: OwnedFd,
@@ -148,6 +151,7 @@ impl Restore {
         memory: Arc<MemoryFile>,
         record: bool,
         working_set: Option<WorkingSet>,
+        prefetch_threads: usize,
         metrics: Arc<RestoreMetrics>,
         global: Arc<PageServerMetrics>,
     ) -> Self {
@@ -164,6 +168,7 @@ impl Restore {
             removed,
             recording: record.then(Vec::new),
             prefetch: VecDeque::new(),
+            prefetch_threads: prefetch_threads.max(1),
             unplanned: working_set,
             prefetch_started: None,
             slice_bytes: PREFETCH_FIRST_SLICE_BYTES,
@@ -271,14 +276,12 @@ impl Restore {
                         dst: r.base + (at - r.offset),
                         file_off: at,
                         len: piece,
-                        read_ahead: None,
                     });
                     at += piece;
                 }
             }
         }
         self.prefetch.make_contiguous().sort_by_key(|c| c.file_off);
-        plan_reads(self.prefetch.make_contiguous());
         if self.prefetch.is_empty() {
             // Nothing to install: still report a (zero-length) prefetch.
             if let Some(started) = self.prefetch_started.take() {
@@ -424,13 +427,6 @@ impl Restore {
         Ok(Fill::Done { installed })
     }
 
-    fn prefetch_workers(&self) -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(PREFETCH_WORKERS)
-    }
-
     fn count_copied(&self, bytes: u64, from_file: bool) {
         if from_file && bytes > 0 {
             self.global.bytes_copied.fetch_add(bytes, Relaxed);
@@ -454,33 +450,29 @@ impl Restore {
             if take < chunk.len {
                 let mut rest = chunk;
                 rest.advance(take);
-                rest.read_ahead = None;
                 chunk.len = take;
                 self.prefetch.push_front(rest);
             }
             bytes += take;
             slice.push(chunk);
         }
-        let workers = if slice.len() > 1 {
-            self.prefetch_workers()
-        } else {
-            1
-        };
+        let page_of = |c: &Chunk| self.table.regions()[c.region].page_size;
+        let pieces = cut_into_pieces(slice, PREFETCH_PIECE, page_of);
+        let threads = self.prefetch_threads.min(pieces.len());
         let ctx = Installer {
             uffd: self.uffd.as_fd(),
             memory: &self.memory,
             table: &self.table,
             removed: &self.removed,
+            pieces: &pieces,
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
         };
-        // Contiguous shares keep each worker's reads sequential.
-        let share = slice.len().div_ceil(workers);
         let outcomes: Vec<Installed> = std::thread::scope(|scope| {
-            let mut parts = slice.chunks(share);
-            let mine = parts.next().unwrap_or(&[]);
-            let helpers: Vec<_> = parts
-                .map(|part| scope.spawn(|| ctx.install(part)))
+            let helpers: Vec<_> = (1..threads)
+                .map(|_| scope.spawn(|| ctx.install()))
                 .collect();
-            let mut out = vec![ctx.install(mine)];
+            let mut out = vec![ctx.install()];
             out.extend(
                 helpers
                     .into_iter()
@@ -488,7 +480,9 @@ impl Restore {
             );
             out
         });
-        let mut leftovers = Vec::new();
+        // Pieces nobody claimed (the threads stopped early) are left too.
+        let claimed = ctx.next.into_inner().min(pieces.len());
+        let mut leftovers = pieces[claimed..].to_vec();
         let mut gone = false;
         let mut error = None;
         for o in outcomes {
@@ -517,6 +511,7 @@ impl Restore {
             return Ok(Some(RestoreEnd::GuestMemoryGone));
         }
         // Chunks interrupted by a pending event go back first, in order.
+        leftovers.sort_by_key(|c| c.file_off);
         for chunk in leftovers.into_iter().rev() {
             self.prefetch.push_front(chunk);
         }
@@ -549,12 +544,18 @@ impl Restore {
 }
 
 /// Read-only view of a restore shared by the threads installing one slice of
-/// working set (no events are processed while they run).
+/// working set (no events are processed while they run), and the slice's
+/// pieces, which the threads claim in order through `next`.
 struct Installer<'a> {
     uffd: BorrowedFd<'a>,
     memory: &'a MemoryFile,
     table: &'a RegionTable,
     removed: &'a [Vec<u64>],
+    pieces: &'a [Chunk],
+    next: AtomicUsize,
+    /// Set by a thread that must stop (pending event, VM gone, error) so the
+    /// others stop claiming pieces too.
+    stop: AtomicBool,
 }
 
 /// What one worker installed.
@@ -586,18 +587,23 @@ impl Installer<'_> {
         self.removed[region][(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
-    /// Installs `chunks` with `UFFDIO_COPY_MODE_DONTWAKE`, skipping removed
-    /// and already-present pages. Stops at the first `EAGAIN` (a pending
-    /// event the serving thread must read), returning what is left.
-    fn install(&self, chunks: &[Chunk]) -> Installed {
+    /// Claims pieces until none is left and installs each with
+    /// `UFFDIO_COPY_MODE_DONTWAKE`, skipping removed and already-present
+    /// pages. Stops (and makes the other threads stop) at the first `EAGAIN`,
+    /// a pending event the serving thread must read, returning the rest of
+    /// its piece; pieces never claimed are the caller's to put back.
+    fn install(&self) -> Installed {
         let mut out = Installed::default();
-        for (i, original) in chunks.iter().enumerate() {
-            let mut chunk = *original;
-            if let Some((off, len)) = chunk.read_ahead.take() {
-                // One large read of the file range instead of one small read
-                // per page during the copies. Advisory: failure only costs speed.
-                let _ = sys::populate_read(self.memory.ptr_at(off), len as usize);
-            }
+        while !self.stop.load(Relaxed) {
+            let Some(&piece) = self.pieces.get(self.next.fetch_add(1, Relaxed)) else {
+                break;
+            };
+            let mut chunk = piece;
+            // Read (if cold) and map this piece of the file in one call
+            // instead of one fault per few pages during the copies; the
+            // threads do it in parallel, as fresh page-cache pages cost as
+            // much as guest pages. Advisory: failure only costs speed.
+            let _ = sys::populate_read(self.memory.ptr_at(chunk.file_off), chunk.len as usize);
             let r = self.table.regions()[chunk.region];
             while chunk.len > 0 {
                 let first_page = (chunk.dst - r.base) / r.page_size;
@@ -635,11 +641,12 @@ impl Installer<'_> {
                     }
                     Ok(FillOutcome::Again { .. }) => {
                         out.leftover.push(chunk);
-                        out.leftover.extend_from_slice(&chunks[i + 1..]);
+                        self.stop.store(true, Relaxed);
                         return out;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                         out.gone = true;
+                        self.stop.store(true, Relaxed);
                         return out;
                     }
                     // Unmapped under us: nothing left to install there.
@@ -650,6 +657,7 @@ impl Installer<'_> {
                             len: run,
                             source,
                         });
+                        self.stop.store(true, Relaxed);
                         return out;
                     }
                 }
@@ -659,26 +667,21 @@ impl Installer<'_> {
     }
 }
 
-/// Groups chunks (sorted by file offset) into read requests: runs less than
-/// [`READ_GAP`] apart share one request of at most [`READ_MAX`] bytes, noted
-/// on the first chunk of each group.
-fn plan_reads(chunks: &mut [Chunk]) {
-    let mut group_start = 0;
-    while group_start < chunks.len() {
-        let start = chunks[group_start].file_off;
-        let mut end = start + chunks[group_start].len;
-        let mut next = group_start + 1;
-        while next < chunks.len() {
-            let c = chunks[next];
-            if c.file_off > end + READ_GAP || c.file_off + c.len - start > READ_MAX {
-                break;
-            }
-            end = end.max(c.file_off + c.len);
-            next += 1;
+/// Cuts a slice of chunks into pieces of at most `max` bytes (whole pages),
+/// in order.
+fn cut_into_pieces(chunks: Vec<Chunk>, max: u64, page_of: impl Fn(&Chunk) -> u64) -> Vec<Chunk> {
+    let mut pieces = Vec::new();
+    for mut chunk in chunks {
+        let page = page_of(&chunk);
+        let step = (max / page).max(1) * page;
+        while chunk.len > 0 {
+            let mut piece = chunk;
+            piece.len = chunk.len.min(step);
+            chunk.advance(piece.len);
+            pieces.push(piece);
         }
-        chunks[group_start].read_ahead = Some((start, end - start));
-        group_start = next;
     }
+    pieces
 }
 
 impl Chunk {
@@ -687,5 +690,53 @@ impl Chunk {
         self.dst += bytes;
         self.file_off += bytes;
         self.len -= bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(file_off: u64, len: u64) -> Chunk {
+        Chunk {
+            region: 0,
+            dst: 0x7000_0000_0000 + file_off,
+            file_off,
+            len,
+        }
+    }
+
+    /// The shares, in order, cover exactly the chunks' bytes, and each
+    /// piece keeps its guest address and file offset in step.
+    fn assert_covers(chunks: &[Chunk], shares: &[Vec<Chunk>]) {
+        let flat: Vec<Chunk> = shares.iter().flatten().copied().collect();
+        let mut expected = chunks.iter().copied();
+        let mut current = expected.next();
+        for piece in flat {
+            let c = current.as_mut().expect("pieces beyond the chunks");
+            assert_eq!((piece.dst, piece.file_off), (c.dst, c.file_off));
+            assert!(piece.len > 0 && piece.len <= c.len);
+            c.advance(piece.len);
+            if c.len == 0 {
+                current = expected.next();
+            }
+        }
+        assert!(current.is_none(), "bytes left over: {current:?}");
+    }
+
+    #[test]
+    fn a_slice_is_cut_into_page_aligned_pieces_in_order() {
+        const PAGE: u64 = 4096;
+        // One chunk shorter than a piece, one spanning several.
+        let slice = vec![chunk(0, 3 * PAGE), chunk(4 << 20, 150 * PAGE)];
+        let pieces = cut_into_pieces(slice.clone(), 64 * PAGE, |_| PAGE);
+        let lens: Vec<u64> = pieces.iter().map(|p| p.len / PAGE).collect();
+        assert_eq!(lens, [3, 64, 64, 22]);
+        assert_covers(&slice, &[pieces]);
+        // Pages larger than a piece: one page per piece.
+        let huge = vec![chunk(0, 3 << 21)];
+        let pieces = cut_into_pieces(huge.clone(), 64 * PAGE, |_| 2 << 20);
+        assert_eq!(pieces.len(), 3);
+        assert_covers(&huge, &[pieces]);
     }
 }

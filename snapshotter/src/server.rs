@@ -82,6 +82,19 @@ pub struct PageServerConfig {
     /// default, 0o600, admits only the server's own user; widen it (and the
     /// directory's) for a jailed VMM running under another uid.
     pub socket_mode: u32,
+    /// Threads that install one restore's working set in parallel (the
+    /// restore's own thread included; 0 counts as 1). Creating fresh guest
+    /// pages, not the copy, bounds a prefetch; threads share that work when
+    /// cores are free (see `BENCHMARKS.md`).
+    /// Default: the available parallelism, at most
+    /// [`PageServerConfig::MAX_DEFAULT_PREFETCH_THREADS`].
+    pub prefetch_threads: usize,
+}
+
+impl PageServerConfig {
+    /// Cap on the default [`PageServerConfig::prefetch_threads`], so that a
+    /// burst of restores on a large host does not each take every core.
+    pub const MAX_DEFAULT_PREFETCH_THREADS: usize = 4;
 }
 
 impl Default for PageServerConfig {
@@ -90,6 +103,9 @@ impl Default for PageServerConfig {
             handshake_timeout: Duration::from_secs(5),
             history: 256,
             socket_mode: 0o600,
+            prefetch_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(Self::MAX_DEFAULT_PREFETCH_THREADS),
         }
     }
 }
@@ -520,6 +536,7 @@ impl Inner {
             Arc::clone(&memory),
             record,
             working_set,
+            self.config.prefetch_threads,
             Arc::clone(&restore_metrics),
             Arc::clone(&self.metrics),
         );

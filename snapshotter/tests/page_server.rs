@@ -487,6 +487,7 @@ fn serve_pages_command_records_a_working_set_on_shutdown() {
         working_set: None,
         socket_mode: 0o600,
         handshake_timeout: 1,
+        prefetch_threads: None,
     };
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
@@ -502,7 +503,20 @@ fn serve_pages_command_records_a_working_set_on_shutdown() {
         size: MIB,
         offset: MIB,
     }];
-    let guest = GuestMemory::restore(&sock, &regions, HandshakeFormat::Current).unwrap();
+    // The socket file appears at bind(), a moment before listen(): retry a
+    // refused connection for a little while.
+    let connect_by = std::time::Instant::now() + Duration::from_secs(5);
+    let guest = loop {
+        match GuestMemory::restore(&sock, &regions, HandshakeFormat::Current) {
+            Err(guest::GuestError::Send(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < connect_by =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            other => break other.unwrap(),
+        }
+    };
     let pages = plan_pages(&regions, 11, 250);
     let touched = pages.len();
     let guest = within(LIMIT, move || {
@@ -530,4 +544,226 @@ fn serve_pages_command_records_a_working_set_on_shutdown() {
         .map(|(_, off)| MIB + off)
         .collect();
     assert_eq!(ws.offsets, expected);
+}
+
+/// Guest pages as `(region, offset)`.
+type Pages = Vec<(usize, u64)>;
+
+/// Two regions at non-zero file offsets and a working set of all their pages
+/// but every 61st (so it has holes, i.e. many runs), in random order. Returns
+/// the regions, the working-set pages and the holes.
+fn parallel_prefetch_layout(
+    mem: &std::path::Path,
+    sizes: [u64; 2],
+) -> (Vec<RegionSpec>, Pages, Pages) {
+    let regions = vec![
+        RegionSpec {
+            size: sizes[0],
+            offset: 2 * MIB,
+        },
+        RegionSpec {
+            size: sizes[1],
+            offset: 4 * MIB + sizes[0],
+        },
+    ];
+    let (in_ws, holes): (Vec<_>, Vec<_>) = shuffled_pages(&regions, 61)
+        .into_iter()
+        .partition(|&(r, off)| (regions[r].offset + off) / PAGE % 61 != 0);
+    let identity = kiln_snapshotter::memory::MemoryFile::open(mem)
+        .unwrap()
+        .identity();
+    kiln_snapshotter::working_set::WorkingSet {
+        page_size: PAGE as u32,
+        identity,
+        offsets: in_ws
+            .iter()
+            .map(|&(r, off)| regions[r].offset + off)
+            .collect(),
+    }
+    .write_atomic(&kiln_snapshotter::working_set::default_path(mem))
+    .unwrap();
+    (regions, in_ws, holes)
+}
+
+/// A server whose prefetch runs four threads, more than this machine may
+/// have cores, so several threads always share the slices.
+fn parallel_prefetch_server(mem: &std::path::Path, sock: &std::path::Path) -> PageServer {
+    let server = PageServer::with_config(PageServerConfig {
+        handshake_timeout: Duration::from_millis(500),
+        prefetch_threads: 4,
+        ..PageServerConfig::default()
+    })
+    .unwrap();
+    server
+        .listen(sock, SnapshotSource::new(mem, ServeMode::Prefetch))
+        .unwrap();
+    server
+}
+
+#[test]
+fn parallel_prefetch_installs_every_page_exactly_once() {
+    let dir = TempDir::new("parallel-prefetch");
+    let mem = dir.join("memory");
+    let file = memory_file(&mem, 24 * MIB, 12);
+    let (regions, in_ws, holes) = parallel_prefetch_layout(&mem, [12 * MIB, 6 * MIB]);
+    let sock = dir.join("pages.sock");
+    let server = parallel_prefetch_server(&mem, &sock);
+    let guest = GuestMemory::restore(&sock, &regions, HandshakeFormat::Current).unwrap();
+    assert!(wait_until(LIMIT, || server
+        .restores()
+        .first()
+        .is_some_and(|r| r.metrics.prefetch_ns > 0)));
+    let m = server.restores()[0].metrics.clone();
+    assert_eq!(
+        m.prefetch_pages,
+        in_ws.len() as u64,
+        "every working-set page"
+    );
+    assert_eq!(m.prefetch_bytes, in_ws.len() as u64 * PAGE);
+    assert_eq!(m.faults_served, 0, "the guest has not touched anything yet");
+    let guest = within(LIMIT, move || {
+        check_pages(&guest, &file, &shuffled_pages(&regions, 13));
+        guest
+    });
+    assert!(wait_until(Duration::from_secs(2), || server.restores()[0]
+        .metrics
+        .faults_served
+        == holes.len() as u64));
+    let m = server.restores()[0].metrics.clone();
+    assert_eq!(m.faults_served, holes.len() as u64, "only the holes fault");
+    assert_eq!(m.prefetch_pages, in_ws.len() as u64);
+    assert_eq!(
+        (
+            m.faults_already_present,
+            m.copy_retries,
+            m.zero_pages_served
+        ),
+        (0, 0, 0)
+    );
+    let global = server.metrics().snapshot();
+    assert_eq!(global.prefetch_bytes, in_ws.len() as u64 * PAGE);
+    assert_eq!(
+        global.bytes_copied,
+        (in_ws.len() + holes.len()) as u64 * PAGE,
+        "each page copied exactly once"
+    );
+    drop(guest);
+}
+
+#[test]
+fn parallel_prefetch_races_faults_and_removes_without_losing_or_resurrecting_a_page() {
+    let dir = TempDir::new("parallel-prefetch-race");
+    let mem = dir.join("memory");
+    let file = memory_file(&mem, 40 * MIB, 14);
+    let (regions, in_ws, holes) = parallel_prefetch_layout(&mem, [24 * MIB, 8 * MIB]);
+    // Ballooned away while the prefetch runs: one range in each region.
+    let removed = [(0usize, 5 * MIB, 64 * PAGE), (1, 2 * MIB, MIB)];
+    let is_removed = move |(r, off): (usize, u64)| {
+        removed
+            .iter()
+            .any(|&(rr, start, len)| r == rr && (start..start + len).contains(&off))
+    };
+    let kept: Vec<(usize, u64)> = shuffled_pages(&regions, 15)
+        .into_iter()
+        .filter(|&p| !is_removed(p))
+        .collect();
+    let gone: Vec<(usize, u64)> = shuffled_pages(&regions, 16)
+        .into_iter()
+        .filter(|&p| is_removed(p))
+        .collect();
+    // The guest faults on kept pages from the top of the file down while
+    // the prefetch installs them from the bottom up, so the two meet
+    // (EEXIST on either side) ...
+    let mut top_down = kept.clone();
+    top_down.sort_by_key(|&(r, off)| std::cmp::Reverse(regions[r].offset + off));
+    let sock = dir.join("pages.sock");
+    let server = parallel_prefetch_server(&mem, &sock);
+    let guest = std::sync::Arc::new(
+        GuestMemory::restore(&sock, &regions, HandshakeFormat::Current).unwrap(),
+    );
+    let toucher = {
+        let guest = guest.clone();
+        std::thread::spawn(move || {
+            for (r, off) in top_down {
+                guest.touch(r, off);
+            }
+        })
+    };
+    // ... and the balloon removes ranges the prefetch is about to install,
+    // or has installed: either way they must read as zeros afterwards.
+    let balloon = guest.clone();
+    let gone_pages = gone.clone();
+    within(LIMIT, move || {
+        for (r, start, len) in removed {
+            balloon.remove(r, start, len).unwrap();
+        }
+        let mut buf = vec![0u8; PAGE as usize];
+        for (r, off) in gone_pages {
+            balloon.read(r, off, &mut buf);
+            assert!(
+                buf.iter().all(|b| *b == 0),
+                "removed page {off:#x} of region {r} came back with snapshot bytes"
+            );
+        }
+    });
+    within(LIMIT, move || toucher.join().expect("toucher failed"));
+    // A woken guest thread runs on before the server counts its fault, so
+    // wait for the counters to catch up with what the guest has seen.
+    assert!(wait_until(LIMIT, || {
+        let m = &server.restores()[0].metrics;
+        m.prefetch_ns > 0
+            && m.zero_pages_served >= gone.len() as u64
+            && m.prefetch_pages + m.faults_served >= kept.len() as u64
+    }));
+    let m = server.restores()[0].metrics.clone();
+    assert_eq!(m.remove_events, removed.len() as u64);
+    assert_eq!(
+        m.zero_pages_served,
+        gone.len() as u64,
+        "each removed page zero-filled once, on its first read after the remove"
+    );
+    // Every kept page was installed from the file exactly once, by the
+    // prefetch or by a fault; besides them the prefetch may have installed
+    // removed pages before their remove arrived (the remove then dropped them).
+    let from_file = m.prefetch_pages + m.faults_served;
+    eprintln!(
+        "prefetched {} pages, faults {} ({} already present), {} zero pages, {} retries",
+        m.prefetch_pages,
+        m.faults_served,
+        m.faults_already_present,
+        m.zero_pages_served,
+        m.copy_retries
+    );
+    let removed_in_ws = in_ws.iter().filter(|&&p| is_removed(p)).count() as u64;
+    assert!(
+        (kept.len() as u64..=kept.len() as u64 + removed_in_ws).contains(&from_file),
+        "{} pages installed from the file for {} kept pages ({} removed in the working set)",
+        from_file,
+        kept.len(),
+        removed_in_ws
+    );
+    let kept_holes = holes.iter().filter(|&&p| !is_removed(p)).count() as u64;
+    assert!(
+        m.faults_served >= kept_holes,
+        "holes are only ever faulted in"
+    );
+    assert_eq!(m.prefetch_bytes, m.prefetch_pages * PAGE);
+    assert_eq!(
+        server.metrics().snapshot().bytes_copied,
+        from_file * PAGE,
+        "nothing copied twice"
+    );
+    // A second pass finds every page in place with the file's bytes (or
+    // zeros), and faults nothing in again.
+    let guest = within(LIMIT, move || {
+        check_pages(&guest, &file, &kept);
+        let mut buf = vec![0u8; PAGE as usize];
+        for (r, off) in gone {
+            guest.read(r, off, &mut buf);
+            assert!(buf.iter().all(|b| *b == 0));
+        }
+        guest
+    });
+    assert_eq!(server.restores()[0].metrics, m, "second pass faulted again");
+    drop(guest);
 }

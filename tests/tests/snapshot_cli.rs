@@ -41,7 +41,17 @@ fn serve_pages_serves_exact_bytes_and_stops_on_sigterm() {
             offset: 0,
         },
     ];
-    let guest = GuestMemory::restore(&sock, &regions, HandshakeFormat::Current).unwrap();
+    // The socket file appears a moment before the server listens on it.
+    let guest = loop {
+        match GuestMemory::restore(&sock, &regions, HandshakeFormat::Current) {
+            Ok(g) => break g,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying the restore: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("restore failed: {e}"),
+        }
+    };
     let mut page = vec![0u8; 4096];
     for (r, spec) in regions.iter().enumerate() {
         for p in (0..spec.size).step_by(4096 * 3) {
