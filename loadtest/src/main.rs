@@ -1,11 +1,42 @@
-//! `kiln-loadtest`: the load generator for Kiln (open and closed loop, cold
-//! vs warm, HDR percentiles, JSON report). Not built yet: it needs the HTTP
-//! API of `kiln serve`. Until then it says so and exits with status 2 rather
-//! than pretending to measure anything.
+//! `kiln-loadtest`: see the library's docs and `kiln-loadtest --help`.
 
-fn main() {
-    eprintln!(
-        "kiln-loadtest: not implemented yet; it needs `kiln serve` (see README, status table)"
-    );
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kiln_loadtest::{run, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln-loadtest: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(main_inner(&cli)) {
+        Ok(all_ok) => ExitCode::from(u8::from(!all_ok)),
+        Err(e) => {
+            eprintln!("kiln-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Returns whether every job ran with outcome ok.
+async fn main_inner(cli: &Cli) -> anyhow::Result<bool> {
+    let report = run(cli).await?;
+    if let Some(p) = &cli.json_out {
+        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
+        std::fs::write(p, text + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    if !cli.quiet {
+        print!("{}", report.render());
+    }
+    let c = &report.counts;
+    Ok(c.jobs > 0 && c.ok == c.jobs && c.abandoned == 0)
 }

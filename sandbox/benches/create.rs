@@ -30,6 +30,7 @@ fn main() {
     let cpu_before = common::own_cpu_us();
     rt.block_on(async {
         let mut create = histogram();
+        let mut samples_ms = Vec::new();
         let mut destroy = histogram();
         let mut failed = 0;
         for _ in 0..flags.runs {
@@ -42,7 +43,9 @@ fn main() {
                     continue;
                 }
             };
-            create.saturating_record((t.elapsed().as_micros() as u64).max(1));
+            let us = (t.elapsed().as_micros() as u64).max(1);
+            create.saturating_record(us);
+            samples_ms.push(us as f64 / 1000.0);
             // Let the warm start happen, as it would in a pool, so that the
             // next creation does not compete with it.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -63,6 +66,7 @@ fn main() {
             &serde_json::json!({
                 "bench": "create",
                 "create_ms": summary(&create),
+                "samples_ms": samples_ms,
                 "destroy_ms": summary(&destroy),
                 "failed": failed,
                 "host_cpu_us_per_cycle": cpu_us_per_cycle,

@@ -135,6 +135,7 @@ fn main() {
         let (fresh, fresh_cg) = idle_memory(&jail);
 
         let mut h = histogram();
+        let mut samples_ms = Vec::new();
         let mut not_warm = 0;
         let mut failed = 0;
         for _ in 0..flags.runs {
@@ -152,6 +153,7 @@ fn main() {
                 continue;
             }
             h.saturating_record(us.max(1));
+            samples_ms.push(us as f64 / 1000.0);
         }
         let ph = phases(&jail, (flags.runs / 2).max(1), flags.idle).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -190,6 +192,7 @@ fn main() {
                 "bench": "warm_exec",
                 "idle_ms": flags.idle.as_millis() as u64,
                 "warm_exec_ms": summary(&h),
+                "samples_ms": samples_ms,
                 "not_warm": not_warm,
                 "breakdown_ms": {
                     "put_file": summary(&ph.put),
