@@ -256,6 +256,15 @@ impl Cgroup {
         }
     }
 
+    /// Peak memory of the group, from one file (cheaper than `stats`).
+    pub fn memory_peak_bytes(&self) -> Option<u64> {
+        let d = &self.dirs[0];
+        match self.layout {
+            Layout::V2 { .. } => Self::read_u64(d, "memory.peak"),
+            Layout::V1 { .. } => Self::read_u64(d, "memory.max_usage_in_bytes"),
+        }
+    }
+
     pub fn stats(&self) -> CgroupStats {
         let d = &self.dirs[0];
         match self.layout {

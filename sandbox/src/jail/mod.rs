@@ -562,7 +562,7 @@ impl Sandbox for Jail {
     fn memory_peak_bytes(&self) -> Option<u64> {
         self.remains
             .as_ref()
-            .and_then(|r| r.cgroup.stats().memory_peak_bytes)
+            .and_then(|r| r.cgroup.memory_peak_bytes())
     }
 
     fn stats(&self) -> SandboxStats {
