@@ -85,7 +85,7 @@ pub struct PageServerConfig {
     /// Threads that install one restore's working set in parallel (the
     /// restore's own thread included; 0 counts as 1). Creating fresh guest
     /// pages, not the copy, bounds a prefetch; threads share that work when
-    /// cores are free (see `BENCHMARKS.md`).
+    /// cores are free (see `docs/BENCHMARKS.md`).
     /// Default: the available parallelism, at most
     /// [`PageServerConfig::MAX_DEFAULT_PREFETCH_THREADS`].
     pub prefetch_threads: usize,
