@@ -118,8 +118,11 @@ impl Drop for Scope {
         for root in CGROUP_ROOTS {
             let _ = std::fs::remove_dir(Path::new(root).join(&self.cgroup_parent));
         }
-        let _ = std::fs::remove_dir(self.state_dir.join("jails"));
-        let _ = std::fs::remove_dir(&self.state_dir);
+        // The test's own files go too, unless sandboxes were left: then
+        // their records stay for `kiln reap` and for whoever debugs it.
+        if self.leftovers().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
     }
 }
 
