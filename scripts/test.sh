@@ -38,6 +38,11 @@ log "guest kernel and image"
 eval "$(deploy/guest/build.sh)"
 export KILN_REQUIRE_GUEST=1
 
+# RabbitMQ for the AMQP tests: Debian's rabbitmq-server, installed if
+# missing and started if not running, on loopback (idempotent).
+log "RabbitMQ"
+bash scripts/rabbitmq.sh start
+
 log "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

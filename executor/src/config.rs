@@ -23,6 +23,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub sandboxes: Sandboxes,
     pub backend: Backend,
+    pub amqp: crate::amqp::AmqpConfig,
 }
 
 /// `[server]`: the HTTP API.
@@ -249,6 +250,8 @@ pub struct ServeArgs {
     pub backend: BackendArgs,
     #[command(flatten)]
     pub qemu: QemuArgs,
+    #[command(flatten)]
+    pub amqp: crate::amqp::AmqpArgs,
 }
 
 /// Which of the backend flags with defaults (shared with `kiln run`) were
@@ -348,6 +351,7 @@ impl Config {
         if explicit.has("vhost_vsock_bin") {
             c.backend.vhost_vsock_bin = q.vhost_vsock_bin.clone();
         }
+        args.amqp.apply(&mut c.amqp);
         c.check()?;
         Ok(c)
     }
@@ -379,6 +383,7 @@ impl Config {
             "sandboxes.default_ttl_s must be between 1 and sandboxes.max_ttl_s ({})",
             self.sandboxes.max_ttl_s
         );
+        self.amqp.check()?;
         Ok(())
     }
 
@@ -397,6 +402,7 @@ impl Config {
         if !shown.server.token.is_empty() {
             shown.server.token = "<redacted>".into();
         }
+        shown.amqp.url = shown.amqp.redacted_url();
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
     }
 

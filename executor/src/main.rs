@@ -4,6 +4,7 @@
 //! `kiln submit` its command-line client. This file only parses the command
 //! line and dispatches.
 
+mod amqp;
 mod backend;
 mod cli;
 mod config;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::amqp::{AmqpIntake, AmqpMetrics};
 use crate::backend;
 use crate::config::{Config, Explicit, ServeArgs};
 use crate::http::{self, App};
@@ -73,6 +74,12 @@ pub async fn serve(args: ServeArgs, explicit: Explicit) -> anyhow::Result<ExitCo
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     scheduler.register_pool_metrics(&mut registry);
+    let intake = config.amqp.enabled().then(|| {
+        let m = AmqpMetrics::default();
+        m.register(&mut registry);
+        tracing::info!(broker = %config.amqp.redacted_url(), queue = %config.amqp.queue, "AMQP intake on");
+        AmqpIntake::start(config.amqp.clone(), scheduler.clone(), m)
+    });
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr} (server.bind)"))?;
@@ -94,7 +101,16 @@ pub async fn serve(args: ServeArgs, explicit: Explicit) -> anyhow::Result<ExitCo
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
         _ = sigint.recv() => tracing::info!("SIGINT: draining"),
     }
-    let drain = scheduler.drain(config.drain_grace());
+    // The queue first stops handing us jobs (what is not started stays in
+    // it for other nodes), while the scheduler finishes what is in flight.
+    let drain = async {
+        let amqp = async {
+            if let Some(i) = intake {
+                i.shutdown(config.drain_grace()).await;
+            }
+        };
+        tokio::join!(amqp, scheduler.drain(config.drain_grace()));
+    };
     tokio::pin!(drain);
     tokio::select! {
         _ = &mut drain => {}
