@@ -1,0 +1,96 @@
+//! `kiln serve --backend qemu` behind AMQP: jobs published to RabbitMQ run in
+//! real Linux guests (QEMU; TCG here) and come back on their `reply_to`,
+//! each exactly once, with their output and exit codes. Needs root, QEMU,
+//! vhost-device-vsock, the guest artefacts (else SKIPPED, unless
+//! `KILN_REQUIRE_GUEST=1`) and the broker (`scripts/rabbitmq.sh`).
+
+mod amqp_support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use amqp_support::{Names, Producer};
+use kiln_tests::server::Server;
+use serde_json::json;
+
+fn has_guest() -> bool {
+    let cache = PathBuf::from(
+        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
+    );
+    let found = |prefix: &str, file: &str| {
+        std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(prefix) && e.path().join(file).is_file()
+            })
+    };
+    let ok = found("kernel-", "vmlinux") && found("rootfs-", "rootfs.ext4");
+    if !ok {
+        let msg = "no guest kernel/rootfs: run deploy/guest/build.sh";
+        if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_jobs_run_in_guests_and_are_answered_once() {
+    if !has_guest() {
+        return;
+    }
+    let names = Names::new("qemu-amqp");
+    let producer = Producer::new(&names).await;
+    let mut args: Vec<String> = names.serve_args();
+    args.extend(
+        [
+            "--backend",
+            "qemu",
+            "--pool-runtimes",
+            "python,bash",
+            "--min-idle",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start("qemu-amqp", &args);
+    let jobs = [
+        (
+            "qa-py",
+            json!({"runtime": "python", "code": "import platform; print(platform.release().startswith('6.1.'))"}),
+            "ok",
+            "True\n",
+        ),
+        (
+            "qa-sh",
+            json!({"runtime": "bash", "code": "echo guest; exit 3"}),
+            "error",
+            "guest\n",
+        ),
+    ];
+    for (id, job, _, _) in &jobs {
+        producer.publish_job(id, job.clone()).await;
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.0.to_owned()).collect();
+    assert!(
+        producer.wait_for(&ids, Duration::from_secs(180)).await,
+        "not all jobs answered"
+    );
+    let replies = producer.finish(Duration::from_millis(500)).await;
+    for (id, _, outcome, stdout) in &jobs {
+        let r = &replies.by_id[*id];
+        assert_eq!(r.len(), 1, "{id}: exactly one reply");
+        assert_eq!(r[0].outcome(), *outcome, "{id}: {:?}", r[0].result);
+        assert_eq!(
+            r[0].result["stdout"], *stdout,
+            "{id}: the guest runs its own 6.x kernel"
+        );
+    }
+    assert!(server.term(Duration::from_secs(60)).success());
+    names.delete().await;
+}
