@@ -141,3 +141,32 @@ pub fn processes_matching(needle: &str) -> Vec<i32> {
     }
     v
 }
+
+/// Whether the microVM guest's kernel and image exist (from
+/// `KILN_GUEST_KERNEL`/`KILN_GUEST_ROOTFS` or the build cache). Without
+/// them a guest test prints SKIPPED and why, or fails when
+/// `KILN_REQUIRE_GUEST=1` (as the test command sets it).
+pub fn has_guest() -> bool {
+    let cache = PathBuf::from(
+        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
+    );
+    let found = |prefix: &str, file: &str| {
+        std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(prefix) && e.path().join(file).is_file()
+            })
+    };
+    let ok = (std::env::var_os("KILN_GUEST_KERNEL").is_some() || found("kernel-", "vmlinux"))
+        && (std::env::var_os("KILN_GUEST_ROOTFS").is_some() || found("rootfs-", "rootfs.ext4"));
+    if !ok {
+        let msg = "no guest kernel/rootfs: build them with deploy/guest/build.sh";
+        if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+    }
+    ok
+}

@@ -6,40 +6,15 @@
 
 mod amqp_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use amqp_support::{Names, Producer};
 use kiln_tests::server::Server;
 use serde_json::json;
 
-fn has_guest() -> bool {
-    let cache = PathBuf::from(
-        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
-    );
-    let found = |prefix: &str, file: &str| {
-        std::fs::read_dir(&cache)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                e.file_name().to_string_lossy().starts_with(prefix) && e.path().join(file).is_file()
-            })
-    };
-    let ok = found("kernel-", "vmlinux") && found("rootfs-", "rootfs.ext4");
-    if !ok {
-        let msg = "no guest kernel/rootfs: run deploy/guest/build.sh";
-        if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-    }
-    ok
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_jobs_run_in_guests_and_are_answered_once() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let names = Names::new("qemu-amqp");

@@ -10,36 +10,11 @@
 //! artefacts the tests say SKIPPED, unless `KILN_REQUIRE_GUEST=1`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use kiln_protocol::{JobResult, Outcome};
 use kiln_tests::{processes_matching, Scope};
-
-fn has_guest() -> bool {
-    let cache = PathBuf::from(
-        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
-    );
-    let found = |prefix: &str, file: &str| {
-        std::fs::read_dir(&cache)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                e.file_name().to_string_lossy().starts_with(prefix) && e.path().join(file).is_file()
-            })
-    };
-    let ok = (std::env::var_os("KILN_GUEST_KERNEL").is_some() || found("kernel-", "vmlinux"))
-        && (std::env::var_os("KILN_GUEST_ROOTFS").is_some() || found("rootfs-", "rootfs.ext4"));
-    if !ok {
-        let msg = "no guest kernel/rootfs: run deploy/guest/build-kernel.sh and build-rootfs.sh";
-        if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-    }
-    ok
-}
 
 /// `kiln run --backend qemu --json <args>`, and a check that the VM left
 /// nothing: no directory under the state dir, no process naming it.
@@ -81,7 +56,7 @@ impl Drop for QemuScope {
 
 #[test]
 fn python_node_and_bash_jobs_run_in_a_guest_with_exit_codes() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let s = QemuScope::new("runtimes");
@@ -115,7 +90,7 @@ fn python_node_and_bash_jobs_run_in_a_guest_with_exit_codes() {
 
 #[test]
 fn stdin_args_env_and_files_reach_the_guest() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let s = QemuScope::new("io");
@@ -162,7 +137,7 @@ fn stdin_args_env_and_files_reach_the_guest() {
 
 #[test]
 fn timeout_memory_bomb_and_output_cap_end_like_in_the_jail() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let s = QemuScope::new("limits");
@@ -237,7 +212,7 @@ fn timeout_memory_bomb_and_output_cap_end_like_in_the_jail() {
 
 #[test]
 fn forcing_kvm_where_it_cannot_boot_linux_is_refused_with_the_reason() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let usable = Path::new("/dev/kvm").exists()

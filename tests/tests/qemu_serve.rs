@@ -13,30 +13,6 @@ use kiln_tests::processes_matching;
 use kiln_tests::server::Server;
 use serde_json::json;
 
-fn has_guest() -> bool {
-    let cache = PathBuf::from(
-        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
-    );
-    let found = |prefix: &str, file: &str| {
-        std::fs::read_dir(&cache)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                e.file_name().to_string_lossy().starts_with(prefix) && e.path().join(file).is_file()
-            })
-    };
-    let ok = found("kernel-", "vmlinux") && found("rootfs-", "rootfs.ext4");
-    if !ok {
-        let msg = "no guest kernel/rootfs: run deploy/guest/build-kernel.sh and build-rootfs.sh";
-        if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
-    }
-    ok
-}
-
 /// The VM directories of the server's scope.
 fn vms(s: &Server) -> Vec<PathBuf> {
     std::fs::read_dir(s.scope.state_dir.join("qemu"))
@@ -60,7 +36,7 @@ fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn jobs_run_on_warm_guests_ttl_ends_a_runaway_guest_and_shutdown_is_clean() {
-    if !has_guest() {
+    if !kiln_tests::has_guest() {
         return;
     }
     let mut s = Server::start(
