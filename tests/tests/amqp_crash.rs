@@ -9,16 +9,8 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{metric, queue_counts, Names, Producer};
-use kiln_tests::server::Server;
+use amqp_support::{metric, queue_counts, serve, Names, Producer};
 use serde_json::json;
-
-fn serve(test: &str, names: &Names, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = names.serve_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(test, &args)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_run_loses_no_job_and_the_other_answers_its_jobs() {

@@ -8,17 +8,9 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{consuming_channels, queue_counts, Names, Producer};
-use kiln_tests::server::Server;
+use amqp_support::{consuming_channels, queue_counts, serve, Names, Producer};
 use lapin::BasicProperties;
 use serde_json::json;
-
-fn serve(test: &str, names: &Names, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = names.serve_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(test, &args)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_messages_never_exceed_free_capacity_in_the_brokers_view() {

@@ -7,16 +7,8 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{queue_counts, Names, Producer};
-use kiln_tests::server::Server;
+use amqp_support::{queue_counts, serve, Names, Producer};
 use serde_json::json;
-
-fn serve(test: &str, names: &Names, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = names.serve_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(test, &args)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_answered_on_reply_to_with_its_correlation_id_then_acked() {

@@ -8,8 +8,7 @@ mod amqp_support;
 
 use std::time::Duration;
 
-use amqp_support::{Names, Producer};
-use kiln_tests::server::Server;
+use amqp_support::{serve, Names, Producer};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,21 +18,18 @@ async fn amqp_jobs_run_in_guests_and_are_answered_once() {
     }
     let names = Names::new("qemu-amqp");
     let producer = Producer::new(&names).await;
-    let mut args: Vec<String> = names.serve_args();
-    args.extend(
-        [
+    let mut server = serve(
+        "qemu-amqp",
+        &names,
+        &[
             "--backend",
             "qemu",
             "--pool-runtimes",
             "python,bash",
             "--min-idle",
             "1",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+        ],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start("qemu-amqp", &args);
     let jobs = [
         (
             "qa-py",
