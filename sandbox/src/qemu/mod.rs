@@ -769,6 +769,32 @@ impl Backend for QemuBackend {
             what: format!("the guest {what}; its console said:\n{}", console.tail()),
             source: io::Error::other("guest did not start"),
         };
+        // While waiting for the agent: fails if QEMU or the vsock device
+        // died, or the boot took longer than `boot_timeout`.
+        let still_booting = |r: &mut Remains, waiting_to: &str| {
+            if exited(r) {
+                return Err(dead("stopped before its agent listened", &console));
+            }
+            if r.vhost
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+            {
+                return Err(dead(
+                    "lost its vsock device (vhost-device-vsock exited)",
+                    &console,
+                ));
+            }
+            if started.elapsed() > inner.cfg.boot_timeout {
+                return Err(dead(
+                    &format!(
+                        "agent did not {waiting_to} within {:?}",
+                        inner.cfg.boot_timeout
+                    ),
+                    &console,
+                ));
+            }
+            Ok(())
+        };
         // QMP: the socket appears once QEMU has parsed its arguments.
         let qmp_path = dir.join(QMP_SOCK);
         let qmp = loop {
@@ -810,28 +836,7 @@ impl Backend for QemuBackend {
             if !waiting {
                 break;
             }
-            if exited(&mut remains) {
-                return Err(dead("stopped before its agent listened", &console));
-            }
-            let vhost_gone = remains
-                .vhost
-                .as_mut()
-                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
-            if vhost_gone {
-                return Err(dead(
-                    "lost its vsock device (vhost-device-vsock exited)",
-                    &console,
-                ));
-            }
-            if started.elapsed() > inner.cfg.boot_timeout {
-                return Err(dead(
-                    &format!(
-                        "agent did not say ready within {:?}",
-                        inner.cfg.boot_timeout
-                    ),
-                    &console,
-                ));
-            }
+            still_booting(&mut remains, "say ready")?;
         }
         drop(ready);
         let _ = fs::remove_file(vsock::guest_listener_path(&uds, READY_PORT));
@@ -855,25 +860,7 @@ impl Backend for QemuBackend {
                 }
                 _ => {}
             }
-            if exited(&mut remains) {
-                return Err(dead("stopped before its agent listened", &console));
-            }
-            let vhost_gone = remains
-                .vhost
-                .as_mut()
-                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
-            if vhost_gone {
-                return Err(dead(
-                    "lost its vsock device (vhost-device-vsock exited)",
-                    &console,
-                ));
-            }
-            if started.elapsed() > inner.cfg.boot_timeout {
-                return Err(dead(
-                    &format!("agent did not listen within {:?}", inner.cfg.boot_timeout),
-                    &console,
-                ));
-            }
+            still_booting(&mut remains, "listen")?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let boot_time = started.elapsed();
