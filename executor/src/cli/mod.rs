@@ -1,5 +1,6 @@
 //! Subcommands of the `kiln` binary.
 
+mod job;
 pub mod run;
 pub mod serve;
 pub mod submit;

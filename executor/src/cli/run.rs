@@ -3,20 +3,16 @@
 //! as one `JobResult` with `--json`), and kiln's exit status mirrors the
 //! job's, so that `kiln run` can stand in for the interpreter in scripts.
 
-use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context as _;
-use base64::Engine as _;
 use clap::Args;
 use kiln_protocol::{limits, Acquire, JobId, JobResult, JobSpec, Outcome};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec, Stream};
-use serde_json::{json, Map, Value};
 
+use super::job::{job_bytes, read_bounded, JobArgs};
 use crate::backend::{self, BackendArgs, BackendKind, QemuArgs};
-use crate::units::{parse_duration_ms, parse_size_bytes};
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -30,45 +26,8 @@ Exit status: the job's own (128+N if killed by signal N); 124 on timeout,
 137 when out of memory or killed at the output cap, 2 when the job was
 rejected, 70 when Kiln itself failed.")]
 pub struct RunArgs {
-    /// File to run; its extension picks the runtime unless --runtime is given.
-    #[arg(value_name = "FILE")]
-    file: Option<PathBuf>,
-    /// Arguments passed to the program (after `--`).
-    #[arg(last = true, value_name = "ARGS")]
-    args: Vec<String>,
-    /// Runtime name or alias (python, node, bash, ...).
-    #[arg(short, long)]
-    runtime: Option<String>,
-    /// Code to run instead of a file.
-    #[arg(short = 'c', long, value_name = "CODE", conflicts_with = "file")]
-    code: Option<String>,
-    /// A whole job as JSON (the API's JobSpec); `-` reads it from stdin.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["file", "code"])]
-    job: Option<PathBuf>,
-    /// Extra file for the job's work directory, as PATH or NAME=PATH.
-    #[arg(long = "file", value_name = "[NAME=]PATH")]
-    files: Vec<String>,
-    /// Environment variable for the job.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Wall-clock limit, e.g. 500ms, 10s, 2m.
-    #[arg(long, value_name = "DURATION")]
-    timeout: Option<String>,
-    /// Memory limit of the sandbox, e.g. 64M, 1G.
-    #[arg(long, value_name = "SIZE")]
-    memory: Option<String>,
-    /// Most processes and threads at once.
-    #[arg(long)]
-    pids: Option<u64>,
-    /// CPU quota in CPUs, e.g. 0.5.
-    #[arg(long)]
-    cpus: Option<f64>,
-    /// Size of the writable work directory, e.g. 64M.
-    #[arg(long, value_name = "SIZE")]
-    disk: Option<String>,
-    /// Cap on stdout and on stderr, each, e.g. 1M.
-    #[arg(long, value_name = "SIZE")]
-    output_limit: Option<String>,
+    #[command(flatten)]
+    pub job_args: JobArgs,
     /// Do not pass kiln's stdin to the job.
     #[arg(long)]
     no_stdin: bool,
@@ -105,167 +64,11 @@ pub fn exit_status(r: &JobResult) -> u8 {
     }
 }
 
-/// Reads at most `max` bytes; more is an error naming `what`.
-fn read_bounded(mut r: impl Read, max: usize, what: &str) -> anyhow::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    r.by_ref()
-        .take(max as u64 + 1)
-        .read_to_end(&mut buf)
-        .with_context(|| format!("reading {what}"))?;
-    if buf.len() > max {
-        anyhow::bail!("{what} is larger than the limit of {max} bytes");
-    }
-    Ok(buf)
-}
-
-/// Turns flags into the API's JSON form, so that validation (and its error
-/// messages) is exactly the API's.
-fn spec_json(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> anyhow::Result<(Value, bool)> {
-    let mut used_stdin = false;
-    let mut o = Map::new();
-    let mut runtime = a.runtime.clone();
-    if let Some(code) = &a.code {
-        o.insert("code".into(), json!(code));
-    } else if let Some(path) = &a.file {
-        let bytes = read_bounded(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-            limits::MAX_JOB_CODE_BYTES,
-            &path.display().to_string(),
-        )?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "main".into());
-        if runtime.is_none() {
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            runtime = Some(
-                table
-                    .by_extension(&ext)
-                    .map(|r| r.name.clone())
-                    .with_context(|| {
-                        format!(
-                            "cannot tell the runtime of {} from its extension {ext:?}; pass --runtime (one of {})",
-                            path.display(),
-                            table.names().join(", ")
-                        )
-                    })?,
-            );
-        }
-        o.insert("code".into(), json!(String::from_utf8_lossy(&bytes)));
-        o.insert("entrypoint".into(), json!(name));
-    } else {
-        if std::io::stdin().is_terminal() {
-            anyhow::bail!("no code given: pass FILE, -c CODE, --job FILE, or pipe code on stdin");
-        }
-        let bytes = read_bounded(
-            std::io::stdin(),
-            limits::MAX_JOB_CODE_BYTES,
-            "code on stdin",
-        )?;
-        o.insert("code".into(), json!(String::from_utf8_lossy(&bytes)));
-        used_stdin = true;
-    }
-    let runtime = runtime.context("--runtime is required with -c or code on stdin")?;
-    o.insert("runtime".into(), json!(runtime));
-    if !a.args.is_empty() {
-        o.insert("args".into(), json!(a.args));
-    }
-    let mut files = Vec::new();
-    for f in &a.files {
-        let (name, path) = match f.split_once('=') {
-            Some((n, p)) => (n.to_owned(), PathBuf::from(p)),
-            None => {
-                let p = PathBuf::from(f);
-                let n = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .with_context(|| format!("--file {f}: no file name"))?;
-                (n, p)
-            }
-        };
-        let bytes = read_bounded(
-            std::fs::File::open(&path)
-                .with_context(|| format!("--file: opening {}", path.display()))?,
-            limits::MAX_FILE_BYTES,
-            &path.display().to_string(),
-        )?;
-        files.push(json!({"path": name, "content": base64::engine::general_purpose::STANDARD.encode(&bytes), "encoding": "base64"}));
-    }
-    if !files.is_empty() {
-        o.insert("files".into(), Value::Array(files));
-    }
-    let mut env = Map::new();
-    for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
-        env.insert(k.into(), json!(v));
-    }
-    if !env.is_empty() {
-        o.insert("env".into(), Value::Object(env));
-    }
-    let mut l = Map::new();
-    let flag = |name: &str, e: String| anyhow::anyhow!("--{name}: {e}");
-    if let Some(t) = &a.timeout {
-        l.insert(
-            "timeout_ms".into(),
-            json!(parse_duration_ms(t).map_err(|e| flag("timeout", e))?),
-        );
-    }
-    if let Some(m) = &a.memory {
-        l.insert(
-            "memory_mb".into(),
-            json!(parse_size_bytes(m).map_err(|e| flag("memory", e))? >> 20),
-        );
-    }
-    if let Some(d) = &a.disk {
-        l.insert(
-            "disk_mb".into(),
-            json!(parse_size_bytes(d).map_err(|e| flag("disk", e))? >> 20),
-        );
-    }
-    if let Some(o) = &a.output_limit {
-        l.insert(
-            "output_bytes".into(),
-            json!(parse_size_bytes(o).map_err(|e| flag("output-limit", e))?),
-        );
-    }
-    if let Some(p) = a.pids {
-        l.insert("pids".into(), json!(p));
-    }
-    if let Some(c) = a.cpus {
-        l.insert("cpus".into(), json!(c));
-    }
-    if !l.is_empty() {
-        o.insert("limits".into(), Value::Object(l));
-    }
-    Ok((Value::Object(o), used_stdin))
-}
-
-/// Parses the job from the flags; `Err` carries a ready `rejected` result.
+/// Parses the job from the flags or `--job`; `Err` carries the message of
+/// a ready `rejected` result.
 fn parse_job(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> Result<(JobSpec, bool), String> {
-    let (spec, used_stdin) = match &a.job {
-        Some(p) => {
-            let bytes = if p.as_os_str() == "-" {
-                read_bounded(std::io::stdin(), 16 << 20, "the job on stdin")
-            } else {
-                std::fs::File::open(p)
-                    .with_context(|| format!("opening {}", p.display()))
-                    .and_then(|f| read_bounded(f, 16 << 20, &p.display().to_string()))
-            }
-            .map_err(|e| format!("{e:#}"))?;
-            let spec = JobSpec::from_json(&bytes).map_err(|e| e.to_string())?;
-            (spec, p.as_os_str() == "-")
-        }
-        None => {
-            let (v, used) = spec_json(a, table).map_err(|e| format!("{e:#}"))?;
-            let spec = JobSpec::from_json(v.to_string().as_bytes()).map_err(|e| e.to_string())?;
-            (spec, used)
-        }
-    };
+    let (bytes, used_stdin) = job_bytes(&a.job_args, table).map_err(|e| format!("{e:#}"))?;
+    let spec = JobSpec::from_json(&bytes).map_err(|e| e.to_string())?;
     Ok((spec, used_stdin))
 }
 
@@ -285,7 +88,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(r) => r.clone(),
         Err(e) => return reject(format!("runtime: {e}")),
     };
-    if a.job.is_none() && !used_stdin && !a.no_stdin && !std::io::stdin().is_terminal() {
+    if a.job_args.job.is_none() && !used_stdin && !a.no_stdin && !std::io::stdin().is_terminal() {
         match read_bounded(std::io::stdin(), limits::MAX_STDIN_BYTES, "stdin") {
             Ok(b) => spec.stdin = b,
             Err(e) => return reject(format!("stdin: {e:#}")),

@@ -3,8 +3,7 @@
 //! JSON; `--follow` streams the output as the job produces it (the API's
 //! SSE stream), `--no-wait` prints the job id and returns at once.
 
-use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
@@ -14,11 +13,11 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kiln_protocol::{limits, JobResult, RuntimeTable};
-use serde_json::{json, Map, Value};
+use kiln_protocol::{JobResult, RuntimeTable};
+use serde_json::Value;
 
+use super::job::{job_bytes, JobArgs};
 use crate::cli::run::exit_status;
-use crate::units::parse_duration_ms;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -31,27 +30,8 @@ Examples:
 Exit status: as `kiln run` (the job's own; 124 timeout; 137 oom/killed;
 2 rejected; 70 internal), and 75 when the server is busy or shutting down.")]
 pub struct SubmitArgs {
-    /// File to run; its extension picks the runtime unless --runtime is given.
-    #[arg(value_name = "FILE")]
-    file: Option<PathBuf>,
-    /// Arguments passed to the program (after `--`).
-    #[arg(last = true, value_name = "ARGS")]
-    args: Vec<String>,
-    /// Runtime name or alias.
-    #[arg(short, long)]
-    runtime: Option<String>,
-    /// Code to run instead of a file.
-    #[arg(short = 'c', long, value_name = "CODE", conflicts_with = "file")]
-    code: Option<String>,
-    /// A whole job as JSON (the API's JobSpec); `-` reads it from stdin.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["file", "code"])]
-    job: Option<PathBuf>,
-    /// Environment variable for the job.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Wall-clock limit, e.g. 500ms, 10s, 2m.
-    #[arg(long, value_name = "DURATION")]
-    timeout: Option<String>,
+    #[command(flatten)]
+    job_args: JobArgs,
     /// Stream the output as it happens.
     #[arg(short, long)]
     follow: bool,
@@ -71,91 +51,6 @@ pub struct SubmitArgs {
 
 /// Exit status when the server refused for now (EX_TEMPFAIL).
 const TEMPFAIL: u8 = 75;
-
-fn read_bounded(mut r: impl Read, max: usize, what: &str) -> anyhow::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    r.by_ref()
-        .take(max as u64 + 1)
-        .read_to_end(&mut buf)
-        .with_context(|| format!("reading {what}"))?;
-    if buf.len() > max {
-        bail!("{what} is larger than the limit of {max} bytes");
-    }
-    Ok(buf)
-}
-
-/// The job as the API's JSON.
-fn job_json(a: &SubmitArgs) -> anyhow::Result<Value> {
-    if let Some(p) = &a.job {
-        let bytes = if p.as_os_str() == "-" {
-            read_bounded(std::io::stdin(), 16 << 20, "the job on stdin")?
-        } else {
-            read_bounded(
-                std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
-                16 << 20,
-                &p.display().to_string(),
-            )?
-        };
-        return serde_json::from_slice(&bytes).context("the job file is not JSON");
-    }
-    let mut o = Map::new();
-    let mut runtime = a.runtime.clone();
-    if let Some(code) = &a.code {
-        o.insert("code".into(), json!(code));
-    } else if let Some(path) = &a.file {
-        let bytes = read_bounded(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-            limits::MAX_JOB_CODE_BYTES,
-            &path.display().to_string(),
-        )?;
-        if runtime.is_none() {
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            runtime = RuntimeTable::default()
-                .by_extension(&ext)
-                .map(|r| r.name.clone());
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "main".into());
-        o.insert("code".into(), json!(String::from_utf8_lossy(&bytes)));
-        o.insert("entrypoint".into(), json!(name));
-    } else {
-        if std::io::stdin().is_terminal() {
-            bail!("no code given: pass FILE, -c CODE, --job FILE, or pipe code on stdin");
-        }
-        let bytes = read_bounded(
-            std::io::stdin(),
-            limits::MAX_JOB_CODE_BYTES,
-            "code on stdin",
-        )?;
-        o.insert("code".into(), json!(String::from_utf8_lossy(&bytes)));
-    }
-    let runtime =
-        runtime.context("--runtime is required (it cannot be told from the file name)")?;
-    o.insert("runtime".into(), json!(runtime));
-    if !a.args.is_empty() {
-        o.insert("args".into(), json!(a.args));
-    }
-    let mut env = Map::new();
-    for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
-        env.insert(k.into(), json!(v));
-    }
-    if !env.is_empty() {
-        o.insert("env".into(), Value::Object(env));
-    }
-    if let Some(t) = &a.timeout {
-        let ms = parse_duration_ms(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
-        o.insert("limits".into(), json!({"timeout_ms": ms}));
-    }
-    Ok(Value::Object(o))
-}
 
 /// `http://host:port[/base]` split into the address and the base path.
 fn parse_server(url: &str) -> anyhow::Result<(String, String)> {
@@ -252,8 +147,7 @@ fn print_result(r: &JobResult, json: bool, output: bool) {
 }
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let job = job_json(&a)?;
-    let body = serde_json::to_vec(&job)?;
+    let (body, _) = job_bytes(&a.job_args, &RuntimeTable::default())?;
     if a.no_wait {
         let resp = send(&a, "/v1/jobs?wait=false", body, false).await?;
         if !resp.status().is_success() {
