@@ -11,73 +11,30 @@ use std::time::Duration;
 use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
 use kiln_sandbox::jail::{JailBackend, JailConfig};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
+use kiln_tests::Scope;
 
-fn agent() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("kiln-agent");
-    assert!(
-        p.is_file(),
-        "{} missing: run `cargo build --bins` first",
-        p.display()
-    );
-    p
-}
-
+/// A jail backend in its own test scope (state dir and cgroup parent) from
+/// the black-box harness, with the built agent.
 struct Env {
     backend: JailBackend,
-    parent: String,
-    state: PathBuf,
+    scope: Scope,
 }
 
 impl Env {
     fn new(name: &str) -> Self {
-        let parent = format!("kiln-sbtest-{}-{name}", std::process::id());
-        let state = std::env::temp_dir().join(&parent);
-        let mut cfg = JailConfig::new(agent(), RuntimeTable::default());
-        cfg.state_dir = state.clone();
-        cfg.cgroup_parent = parent.clone();
+        let scope = Scope::new(&format!("sb-{name}"));
+        let mut cfg = JailConfig::new(kiln_tests::bin("kiln-agent"), RuntimeTable::default());
+        cfg.state_dir = scope.state_dir.clone();
+        cfg.cgroup_parent = scope.cgroup_parent.clone();
         Self {
             backend: JailBackend::new(cfg).unwrap(),
-            parent,
-            state,
+            scope,
         }
     }
 
     /// Directories this test's sandboxes left (cgroups and records).
     fn leftovers(&self) -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        for root in [
-            "/sys/fs/cgroup",
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/cpu",
-            "/sys/fs/cgroup/cpuacct",
-        ] {
-            if let Ok(rd) = std::fs::read_dir(PathBuf::from(root).join(&self.parent)) {
-                v.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-            }
-        }
-        if let Ok(rd) = std::fs::read_dir(self.state.join("jails")) {
-            v.extend(rd.flatten().map(|e| e.path()));
-        }
-        v
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for root in [
-            "/sys/fs/cgroup",
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/cpu",
-            "/sys/fs/cgroup/cpuacct",
-        ] {
-            let _ = std::fs::remove_dir(PathBuf::from(root).join(&self.parent));
-        }
-        let _ = std::fs::remove_dir(self.state.join("jails"));
-        let _ = std::fs::remove_dir(&self.state);
+        self.scope.leftovers()
     }
 }
 
