@@ -197,3 +197,94 @@ async fn a_dropped_sandbox_is_still_cleaned_up() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The warm Python prelude skips CPython's module teardown when nothing can
+/// observe it. Every way a program can notice how the interpreter exits is
+/// run twice, in a warm interpreter and as a plain `python3 main.py` in a
+/// sandbox without warm starts, and must give the same output, status and
+/// files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_python_exits_exactly_as_plain_python_does() {
+    let env = Env::new("py-exit");
+    let table = RuntimeTable::default();
+    let py = table.resolve("python").unwrap();
+    let warm_spec = SandboxSpec::for_job(&Default::default(), "python");
+    let mut cold_spec = warm_spec.clone();
+    cold_spec.warm.clear();
+    let warm = env.backend.create(&warm_spec).await.unwrap();
+    let cold = env.backend.create(&cold_spec).await.unwrap();
+    let cases: &[(&str, Option<&str>)] = &[
+        ("print(1)", None),
+        ("import sys; sys.stdout.write('no newline')", None),
+        ("import atexit; atexit.register(print, 'at exit'); print('main')", None),
+        (
+            "import threading, time\ndef late():\n    time.sleep(0.2); print('thread done')\nthreading.Thread(target=late).start()\nprint('main done')",
+            None,
+        ),
+        ("import sys; sys.exit(3)", None),
+        ("import sys; sys.exit(-1)", None),
+        ("import sys; sys.exit('bye')", None),
+        ("raise ValueError('boom')", None),
+        ("raise KeyboardInterrupt", None),
+        ("class D:\n    def __del__(self): print('finalized')\nd = D()", None),
+        (
+            "f = open('unclosed.txt', 'w'); f.write('kept')",
+            Some("print(open('unclosed.txt').read())"),
+        ),
+        (
+            "import gzip; g = gzip.open('z.gz', 'wt'); g.write('zipped')",
+            Some("import gzip; print(gzip.open('z.gz', 'rt').read())"),
+        ),
+        (
+            "import sys, io; sys.stdout = io.TextIOWrapper(open(1, 'wb', closefd=False)); print('rewrapped', end='')",
+            None,
+        ),
+    ];
+    for (code, check) in cases {
+        let mut seen = Vec::new();
+        for (sb, expect_warm) in [(&warm, true), (&cold, false)] {
+            // Let the renewed warm interpreter finish starting.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let out = run_job(
+                sb,
+                JobId::random(),
+                py,
+                &spec("python", code),
+                expect_warm,
+                &mut (),
+            )
+            .await;
+            assert_eq!(out.warm, expect_warm, "{code}");
+            let r = out.result;
+            let mut facts = vec![
+                format!("{:?} {:?} {:?}", r.outcome, r.exit_code, r.signal),
+                r.stdout,
+                r.stderr,
+            ];
+            if let Some(c) = check {
+                let after = run_job(
+                    sb,
+                    JobId::random(),
+                    py,
+                    &spec("python", c),
+                    expect_warm,
+                    &mut (),
+                )
+                .await
+                .result;
+                facts.push(format!(
+                    "{:?} {} {}",
+                    after.outcome, after.stdout, after.stderr
+                ));
+            }
+            seen.push(facts);
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "warm (left) and plain (right) differ for {code:?}"
+        );
+    }
+    warm.destroy().await;
+    cold.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
