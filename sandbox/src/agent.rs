@@ -83,9 +83,12 @@ impl Inner {
     }
 
     async fn send(&self, frame: &Frame) -> Result<(), AgentError> {
-        let bytes = frame.encode();
+        self.send_bytes(&frame.encode()).await
+    }
+
+    async fn send_bytes(&self, bytes: &[u8]) -> Result<(), AgentError> {
         let mut w = self.writer.lock().await;
-        w.write_all(&bytes)
+        w.write_all(bytes)
             .await
             .map_err(|e| AgentError::Disconnected(format!("write failed: {e}")))
     }
@@ -268,6 +271,46 @@ impl AgentConn {
         Ok(stream)
     }
 
+    /// Starts a job in one write: its files, the exec and its whole stdin
+    /// (closed at the end). The agent handles frames in order, so the files
+    /// exist before the exec starts; their acks are collected afterwards
+    /// through the returned [`PendingReply`]s, which saves a round trip per
+    /// file and lets the agent read the job with one wake-up.
+    pub async fn start_job(
+        &self,
+        files: Vec<PutFile>,
+        mut req: ExecRequest,
+        stdin: &[u8],
+    ) -> Result<(Vec<PendingReply>, ExecStream), AgentError> {
+        let mut bytes = Vec::new();
+        let mut acks = Vec::with_capacity(files.len());
+        for mut f in files {
+            f.tag = self.inner.tag();
+            acks.push(PendingReply {
+                tag: f.tag,
+                rx: self.inner.register(f.tag, 2)?,
+                inner: self.inner.clone(),
+            });
+            bytes.extend_from_slice(&Frame::PutFile(f).encode());
+        }
+        let tag = self.inner.tag();
+        req.tag = tag;
+        let stream = ExecStream {
+            tag,
+            rx: self.inner.register(tag, 64)?,
+            inner: self.inner.clone(),
+        };
+        bytes.extend_from_slice(&Frame::Exec(req).encode());
+        for chunk in stdin.chunks(MAX_CHUNK_BYTES) {
+            let data = chunk.to_vec();
+            bytes.extend_from_slice(&Frame::Stdin { tag, data }.encode());
+        }
+        let data = Vec::new();
+        bytes.extend_from_slice(&Frame::Stdin { tag, data }.encode());
+        self.inner.send_bytes(&bytes).await?;
+        Ok((acks, stream))
+    }
+
     /// Claims a name for an exec's inline code. Only an exec that finds no
     /// other inline exec in flight may use the runtime's default file name
     /// (`main.py`); concurrent ones get a unique hidden name, so that two
@@ -340,6 +383,36 @@ async fn route(inner: &Inner, frame: Frame) -> Result<(), String> {
         let _ = tx.send(frame).await;
     }
     Ok(())
+}
+
+/// The answer to a request sent without waiting (see
+/// [`AgentConn::start_job`]).
+#[must_use = "a request's answer says whether it worked"]
+pub struct PendingReply {
+    tag: u32,
+    rx: mpsc::Receiver<Frame>,
+    inner: Arc<Inner>,
+}
+
+impl PendingReply {
+    /// Waits for the answer: `Ok` for an `Ack`.
+    pub async fn ack(mut self) -> Result<(), AgentError> {
+        match self.rx.recv().await {
+            Some(Frame::Ack { .. }) => Ok(()),
+            Some(Frame::Error(e)) => Err(AgentError::Refused(e.message)),
+            Some(f) => Err(AgentError::Protocol(format!(
+                "{} instead of an ack",
+                f.name()
+            ))),
+            None => Err(AgentError::Disconnected(self.inner.closed_reason())),
+        }
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        self.inner.unregister(self.tag);
+    }
 }
 
 /// The frames of one exec, and the handles to feed and stop it.

@@ -16,7 +16,7 @@ mod run;
 use std::fmt;
 use std::future::Future;
 
-pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim};
+pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim, PendingReply};
 pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};

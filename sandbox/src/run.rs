@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
-    ExecRequest, ExitReport, ExitStatus, Frame, JobId, JobResult, JobSpec, Outcome, Runtime,
-    Timings, Usage,
+    ExecRequest, ExitReport, ExitStatus, Frame, JobId, JobResult, JobSpec, Outcome, PutFile,
+    Runtime, Timings, Usage,
 };
 use tokio::time::timeout_at;
 
@@ -101,26 +101,16 @@ pub async fn run_job<S: Sandbox>(
 
     let claim = agent.claim_inline();
     let (files, entry) = spec.materialize(&claim.file_name(&runtime.file));
-    for f in files {
-        let mode = if f.executable { 0o755 } else { 0o644 };
-        let put = timeout_at(deadline.into(), agent.put_file(&f.path, f.content, mode)).await;
-        match put {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return internal(format!("placing {}: {e}", f.path), !agent.is_connected())
-            }
-            Err(_) => {
-                let mut r = internal(String::new(), true);
-                r.result.outcome = Outcome::Timeout;
-                r.result.message = Some(format!(
-                    "the time limit of {} ms passed while placing the job's files",
-                    spec.limits.timeout_ms
-                ));
-                return r;
-            }
-        }
-    }
-
+    let files: Vec<PutFile> = files
+        .into_iter()
+        .map(|f| PutFile {
+            tag: 0,
+            mode: if f.executable { 0o755 } else { 0o644 },
+            path: f.path,
+            data: f.content,
+        })
+        .collect();
+    let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
     let req = ExecRequest {
         tag: 0,
         runtime: runtime.name.clone(),
@@ -130,13 +120,39 @@ pub async fn run_job<S: Sandbox>(
         output_limit: spec.limits.output_bytes,
         warm_next,
     };
-    let mut exec = match agent.exec(req).await {
-        Ok(e) => e,
-        Err(e) => return internal(format!("starting the job: {e}"), true),
+    let time_out = |what: &str| {
+        let mut r = internal(String::new(), true);
+        r.result.outcome = Outcome::Timeout;
+        r.result.message = Some(format!(
+            "the time limit of {} ms passed while {what}",
+            spec.limits.timeout_ms
+        ));
+        r
     };
-    let stdin_ok = exec.stdin(&spec.stdin).await.is_ok() && exec.close_stdin().await.is_ok();
-    if !stdin_ok {
-        return internal("sending stdin: agent connection lost".into(), true);
+    // Files, exec and stdin go out in one write; the files' acks arrive
+    // before the exec's first frame because the agent works in order.
+    let (acks, mut exec) =
+        match timeout_at(deadline.into(), agent.start_job(files, req, &spec.stdin)).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => return internal(format!("starting the job: {e}"), true),
+            Err(_) => return time_out("sending the job to the sandbox"),
+        };
+    for (ack, path) in acks.into_iter().zip(paths) {
+        let failed = match timeout_at(deadline.into(), ack.ack()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!("placing {path}: {e}"),
+            Err(_) => return time_out("placing the job's files"),
+        };
+        // The exec started without its file: stop it before reporting.
+        let _ = exec.kill(libc::SIGKILL).await;
+        let _ = timeout_at(deadline.into(), async {
+            while !matches!(
+                exec.next().await,
+                None | Some(Frame::Exit(_) | Frame::Error(_))
+            ) {}
+        })
+        .await;
+        return internal(failed, !agent.is_connected());
     }
 
     let mut out = Capture::new(spec.limits.output_bytes);
