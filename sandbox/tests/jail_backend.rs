@@ -288,3 +288,50 @@ async fn warm_python_exits_exactly_as_plain_python_does() {
     cold.destroy().await;
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
+
+/// The agent starts inside its group in every hierarchy (on v1 the spawning
+/// thread joins the group for the clone and goes back), and no thread of
+/// this process is left in any sandbox's group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_starts_inside_its_group_and_the_spawner_goes_home() {
+    let env = Env::new("cg-home");
+    let before = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut sandboxes = Vec::new();
+    for _ in 0..4 {
+        let sb = env
+            .backend
+            .create(&SandboxSpec::for_job(&Default::default(), "bash"))
+            .await
+            .unwrap();
+        sandboxes.push(sb);
+    }
+    for sb in &sandboxes {
+        let cg = sb.cgroup().expect("a jail has a group");
+        for dir in cg.dirs() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            let pids: Vec<i32> = procs.lines().map(|l| l.parse().unwrap()).collect();
+            assert!(
+                pids.contains(&sb.pid()),
+                "agent {} not in {}: {pids:?}",
+                sb.pid(),
+                dir.display()
+            );
+        }
+    }
+    let name = env.scope.cgroup_parent.clone();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let cg = std::fs::read_to_string(task.unwrap().path().join("cgroup")).unwrap_or_default();
+        assert!(
+            !cg.contains(&name),
+            "a thread stayed in a sandbox group: {cg}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+        before
+    );
+    for sb in sandboxes {
+        sb.destroy().await;
+    }
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}

@@ -428,8 +428,10 @@ impl Inner {
             control: theirs.as_raw_fd(),
             log: log_w.as_raw_fd(),
         };
-        let mut child =
-            spawn::start(&plan, fds).map_err(|e| fail(io_err("clone")(e), None, &cg))?;
+        let (child, inside) = cg
+            .with_thread_inside(|| spawn::start(&plan, fds))
+            .map_err(|e| fail(e.into(), None, &cg))?;
+        let mut child = child.map_err(|e| fail(io_err("clone")(e), None, &cg))?;
         drop(theirs);
         drop(log_w);
         let pid = child.pid;
@@ -440,7 +442,9 @@ impl Inner {
             let map = format!("0 {} 65536\n", self.cfg.id_base);
             fs::write(format!("/proc/{pid}/uid_map"), &map).map_err(io_err("writing uid_map"))?;
             fs::write(format!("/proc/{pid}/gid_map"), &map).map_err(io_err("writing gid_map"))?;
-            cg.attach(pid as u32)?;
+            if !inside {
+                cg.attach(pid as u32)?;
+            }
             Ok(())
         })();
         if let Err(e) = prepared {
