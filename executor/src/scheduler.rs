@@ -222,7 +222,10 @@ impl Scheduler {
                 .resolve(name)
                 .map_err(|e| anyhow::anyhow!("pool.runtimes: {e}"))?;
             let key = TemplateKey::new(rt.name.clone());
-            let spec = sandboxes::spec_for(&kiln_protocol::Limits::default(), &rt.name);
+            let mut spec = sandboxes::spec_for(&kiln_protocol::Limits::default(), &rt.name);
+            // Spares warm up at background CPU priority, so that refilling
+            // the pool does not slow the jobs running meanwhile.
+            spec.background = true;
             specs.insert(key.clone(), spec.clone());
             templates.insert(rt.name.clone(), Template { key, spec });
         }
@@ -486,6 +489,7 @@ async fn acquire(
                 kiln_warmpool::Acquire::Warm => Acquire::Warm,
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,
             };
+            lease.set_background(false);
             match sandboxes::resize(&lease, &t.spec, &spec.limits) {
                 Ok(()) => return Ok((Held::Leased(lease), how)),
                 Err(e) => {

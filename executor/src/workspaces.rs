@@ -211,6 +211,7 @@ impl Workspaces {
             disk_mb: req.disk_mb,
             warm: vec![runtime.name.clone()],
             allow_internet: req.allow_internet,
+            background: false,
         };
         let jail = self.inner.backend.create(&spec).await.map_err(|e| match e {
             SandboxError::Unsupported(m) if req.allow_internet => WorkspaceError::Unsupported {

@@ -64,6 +64,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.stats())
     }
 
+    fn set_background(&self, background: bool) {
+        each!(self, s => s.set_background(background))
+    }
+
     async fn destroy(self) {
         each!(self, s => s.destroy().await)
     }

@@ -58,6 +58,10 @@ pub struct SandboxSpec {
     pub warm: Vec<String>,
     /// `false`: no network at all (only a loopback interface).
     pub allow_internet: bool,
+    /// Start at background CPU priority: a pool's spare, whose set-up and
+    /// interpreter warm-up should yield the CPU to sandboxes running jobs
+    /// until [`Sandbox::set_background`] lifts it at lease.
+    pub background: bool,
 }
 
 impl SandboxSpec {
@@ -70,6 +74,7 @@ impl SandboxSpec {
             disk_mb: limits.disk_mb,
             warm: vec![runtime.to_owned()],
             allow_internet: false,
+            background: false,
         }
     }
 }
@@ -138,6 +143,9 @@ pub trait Sandbox: Send + Sync {
     /// Peak memory of the sandbox so far, when the backend knows it.
     fn memory_peak_bytes(&self) -> Option<u64>;
     fn stats(&self) -> SandboxStats;
+    /// Moves the sandbox to background CPU priority or back to normal
+    /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
+    fn set_background(&self, _background: bool) {}
     /// Kills everything inside and removes every trace on the host.
     fn destroy(self) -> impl Future<Output = ()> + Send
     where

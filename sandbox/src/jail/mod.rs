@@ -419,6 +419,12 @@ impl Inner {
             teardown(pid, cg, &dir, false);
             e
         };
+        if spec.background {
+            // Before the clone, so that everything the sandbox runs, from the
+            // agent's exec to the warm interpreter's start, is background.
+            cg.set_cpu_background(true)
+                .map_err(|e| fail(e.into(), None, &cg))?;
+        }
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
         let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
@@ -567,6 +573,14 @@ impl Sandbox for Jail {
         self.remains
             .as_ref()
             .and_then(|r| r.cgroup.memory_peak_bytes())
+    }
+
+    fn set_background(&self, background: bool) {
+        if let Some(r) = &self.remains {
+            if let Err(e) = r.cgroup.set_cpu_background(background) {
+                tracing::debug!(sandbox = %self.id, "setting the CPU weight: {e}");
+            }
+        }
     }
 
     fn stats(&self) -> SandboxStats {

@@ -83,6 +83,7 @@ fn spec(memory_mb: u64) -> SandboxSpec {
         disk_mb: 32,
         warm: vec!["python".into()],
         allow_internet: false,
+        background: false,
     }
 }
 
