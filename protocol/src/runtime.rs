@@ -10,7 +10,11 @@
 //! `{"file": "/work/main.py", "args": [...], "env": {...}, "cwd": "/work"}`,
 //! then replaces its environment, changes directory, sets its argv and runs
 //! the file as the main program. stdin/stdout/stderr are already the job's.
-//! Its exit status is the job's exit status.
+//! Its exit status is the job's exit status. Whatever the interpreter does
+//! before it blocks on fd 3 is off the job's clock, and how it exits is up
+//! to it as long as the job cannot tell the difference: the built-in Python
+//! entry dry-runs the job path before waiting and skips CPython's module
+//! teardown when nothing can observe it (see `runtimes.toml`).
 
 use serde::{Deserialize, Serialize};
 
