@@ -335,3 +335,50 @@ async fn the_agent_starts_inside_its_group_and_the_spawner_goes_home() {
     }
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
+
+/// Files, exec and stdin go to the agent in one write. When a file cannot
+/// be placed, the exec that already started is killed (it may have
+/// finished first), the result names the file, and the sandbox serves the
+/// next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_placed_stops_the_job_and_names_the_file() {
+    let env = Env::new("bad-file");
+    let table = RuntimeTable::default();
+    let py = table.resolve("python").unwrap();
+    let sb = env
+        .backend
+        .create(&SandboxSpec::for_job(&Default::default(), "python"))
+        .await
+        .unwrap();
+    let mut s = spec(
+        "python",
+        "open('/work/ran', 'w').write('yes')\nprint('ran')",
+    );
+    // `data` is a file, so `data/x.txt` cannot be created under it.
+    for path in ["data", "data/x.txt"] {
+        s.files.push(kiln_protocol::File {
+            path: path.into(),
+            content: b"x".to_vec(),
+            executable: false,
+        });
+    }
+    let out = run_job(&sb, JobId::random(), py, &s, true, &mut ()).await;
+    assert_eq!(out.result.outcome, Outcome::Internal, "{:?}", out.result);
+    let msg = out.result.message.clone().unwrap_or_default();
+    assert!(msg.contains("data/x.txt"), "{msg}");
+    assert!(!out.poisoned, "the agent is fine: {:?}", out.result);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = run_job(
+        &sb,
+        JobId::random(),
+        py,
+        &spec("python", "print(2)"),
+        true,
+        &mut (),
+    )
+    .await;
+    assert_eq!(next.result.outcome, Outcome::Ok, "{:?}", next.result);
+    assert_eq!(next.result.stdout, "2\n");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
