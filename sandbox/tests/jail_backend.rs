@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
-use kiln_sandbox::jail::{JailBackend, JailConfig};
+use kiln_sandbox::jail::{Jail, JailBackend, JailConfig};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
 use kiln_tests::Scope;
 
@@ -36,6 +36,14 @@ impl Env {
     fn leftovers(&self) -> Vec<PathBuf> {
         self.scope.leftovers()
     }
+
+    /// A sandbox with the default job limits, pre-warming `runtime`.
+    async fn sandbox(&self, runtime: &str) -> Jail {
+        self.backend
+            .create(&SandboxSpec::for_job(&Default::default(), runtime))
+            .await
+            .unwrap()
+    }
 }
 
 fn spec(runtime: &str, code: &str) -> JobSpec {
@@ -47,11 +55,7 @@ async fn one_sandbox_serves_many_execs_warm_and_keeps_files() {
     let env = Env::new("many");
     let table = RuntimeTable::default();
     let py = table.resolve("python").unwrap();
-    let sb = env
-        .backend
-        .create(&SandboxSpec::for_job(&Default::default(), "python"))
-        .await
-        .unwrap();
+    let sb = env.sandbox("python").await;
     sb.agent()
         .put_file("state/counter", b"0".to_vec(), 0o644)
         .await
@@ -96,11 +100,7 @@ async fn concurrent_execs_in_one_sandbox_keep_their_output_apart() {
     let env = Env::new("concurrent");
     let table = RuntimeTable::default();
     let bash = table.resolve("bash").unwrap();
-    let sb = env
-        .backend
-        .create(&SandboxSpec::for_job(&Default::default(), "bash"))
-        .await
-        .unwrap();
+    let sb = env.sandbox("bash").await;
     let a = spec("bash", "for i in 1 2 3; do echo a$i; sleep 0.05; done");
     let b = spec("bash", "for i in 1 2 3; do echo b$i; sleep 0.05; done");
     let (mut sink_a, mut sink_b) = ((), ());
@@ -119,11 +119,7 @@ async fn the_host_deadline_holds_against_a_job_that_ignores_signals() {
     let env = Env::new("deadline");
     let table = RuntimeTable::default();
     let py = table.resolve("python").unwrap();
-    let sb = env
-        .backend
-        .create(&SandboxSpec::for_job(&Default::default(), "python"))
-        .await
-        .unwrap();
+    let sb = env.sandbox("python").await;
     let mut s = spec(
         "python",
         "import signal, os\nfor sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n    signal.signal(sig, signal.SIG_IGN)\nprint('ready', flush=True)\nwhile True: pass",
@@ -179,11 +175,7 @@ async fn unknown_warm_runtimes_and_internet_are_refused_before_anything_starts()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_sandbox_is_still_cleaned_up() {
     let env = Env::new("dropped");
-    let sb = env
-        .backend
-        .create(&SandboxSpec::for_job(&Default::default(), "bash"))
-        .await
-        .unwrap();
+    let sb = env.sandbox("bash").await;
     let pid = sb.agent().ping(Duration::from_secs(5)).await.map(|_| ());
     assert!(pid.is_ok());
     drop(sb);
@@ -298,11 +290,7 @@ async fn the_agent_starts_inside_its_group_and_the_spawner_goes_home() {
     let before = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let mut sandboxes = Vec::new();
     for _ in 0..4 {
-        let sb = env
-            .backend
-            .create(&SandboxSpec::for_job(&Default::default(), "bash"))
-            .await
-            .unwrap();
+        let sb = env.sandbox("bash").await;
         sandboxes.push(sb);
     }
     for sb in &sandboxes {
@@ -345,15 +333,8 @@ async fn a_file_that_cannot_be_placed_stops_the_job_and_names_the_file() {
     let env = Env::new("bad-file");
     let table = RuntimeTable::default();
     let py = table.resolve("python").unwrap();
-    let sb = env
-        .backend
-        .create(&SandboxSpec::for_job(&Default::default(), "python"))
-        .await
-        .unwrap();
-    let mut s = spec(
-        "python",
-        "open('/work/ran', 'w').write('yes')\nprint('ran')",
-    );
+    let sb = env.sandbox("python").await;
+    let mut s = spec("python", "print('ran')");
     // `data` is a file, so `data/x.txt` cannot be created under it.
     for path in ["data", "data/x.txt"] {
         s.files.push(kiln_protocol::File {
