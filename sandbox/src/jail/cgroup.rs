@@ -90,17 +90,35 @@ impl Layout {
     pub fn dirs(&self, parent: &str, name: &str) -> Vec<PathBuf> {
         match self {
             Layout::V2 { root } => vec![root.join(parent).join(name)],
-            Layout::V1 {
-                memory,
-                pids,
-                cpu,
-                cpuacct,
-            } => [Some(memory), Some(pids), cpu.as_ref(), cpuacct.as_ref()]
+            Layout::V1 { .. } => self
+                .v1_hierarchies()
                 .into_iter()
-                .flatten()
-                .map(|m| m.join(parent).join(name))
+                .map(|(m, _)| m.join(parent).join(name))
                 .collect(),
         }
+    }
+
+    /// The v1 hierarchies in use, in the order of [`Layout::dirs`], each
+    /// with the controller it is listed by in `/proc/<pid>/cgroup`.
+    fn v1_hierarchies(&self) -> Vec<(&Path, &'static str)> {
+        let Layout::V1 {
+            memory,
+            pids,
+            cpu,
+            cpuacct,
+        } = self
+        else {
+            return Vec::new();
+        };
+        [
+            (Some(memory), "memory"),
+            (Some(pids), "pids"),
+            (cpu.as_ref(), "cpu"),
+            (cpuacct.as_ref(), "cpuacct"),
+        ]
+        .into_iter()
+        .filter_map(|(m, name)| Some((m?.as_path(), name)))
+        .collect()
     }
 }
 
@@ -303,14 +321,15 @@ impl Cgroup {
         result.map(|()| (value.expect("spawned when every move succeeded"), true))
     }
 
-    /// The calling thread's own group in each of this group's hierarchies.
+    /// The calling thread's own group in each v1 hierarchy, in the order of
+    /// this group's directories.
     fn thread_home(&self) -> Result<Vec<PathBuf>, CgroupError> {
         let own = Path::new("/proc/thread-self/cgroup");
         let text = fs::read_to_string(own).map_err(file_err(own))?;
-        self.dirs
-            .iter()
-            .map(|d| {
-                let (mount, name) = self.mount_of(d);
+        self.layout
+            .v1_hierarchies()
+            .into_iter()
+            .map(|(mount, name)| {
                 let path = text.lines().find_map(|l| {
                     let mut parts = l.splitn(3, ':');
                     let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
@@ -325,30 +344,6 @@ impl Cgroup {
                 }
             })
             .collect()
-    }
-
-    /// The v1 mount point `dir` lives under and that hierarchy's controller.
-    fn mount_of(&self, dir: &Path) -> (PathBuf, &'static str) {
-        if let Layout::V1 {
-            memory,
-            pids,
-            cpu,
-            cpuacct,
-        } = &self.layout
-        {
-            let mounts = [
-                (Some(memory), "memory"),
-                (Some(pids), "pids"),
-                (cpu.as_ref(), "cpu"),
-                (cpuacct.as_ref(), "cpuacct"),
-            ];
-            for (m, name) in mounts {
-                if let Some(m) = m.filter(|m| dir.starts_with(m)) {
-                    return (m.clone(), name);
-                }
-            }
-        }
-        unreachable!("a v1 group's directories lie under its hierarchies")
     }
 
     /// Moves a process into the group (all hierarchies).
