@@ -81,8 +81,7 @@ async fn phases(jail: &Jail, runs: usize, idle: Duration) -> Phases {
             output_limit: 1 << 20,
             warm_next: true,
         };
-        let mut exec = agent.exec(req).await.expect("exec");
-        exec.close_stdin().await.expect("close stdin");
+        let (_, mut exec) = agent.start_job(Vec::new(), req, &[]).await.expect("exec");
         let (mut started, mut stdout, mut warm) = (None, None, false);
         loop {
             match exec.next().await {

@@ -257,22 +257,8 @@ impl AgentConn {
         }
     }
 
-    /// Starts an exec; `req.tag` is assigned here.
-    pub async fn exec(&self, mut req: ExecRequest) -> Result<ExecStream, AgentError> {
-        let tag = self.inner.tag();
-        req.tag = tag;
-        let rx = self.inner.register(tag, 64)?;
-        let stream = ExecStream {
-            tag,
-            rx,
-            inner: self.inner.clone(),
-        };
-        self.inner.send(&Frame::Exec(req)).await?;
-        Ok(stream)
-    }
-
-    /// Starts a job in one write: its files, the exec and its whole stdin
-    /// (closed at the end). The agent handles frames in order, so the files
+    /// Starts an exec in one write: its files, the exec (whose tag is
+    /// assigned here) and its whole stdin (closed at the end). The agent handles frames in order, so the files
     /// exist before the exec starts; their acks are collected afterwards
     /// through the returned [`PendingReply`]s, which saves a round trip per
     /// file and lets the agent read the job with one wake-up.
@@ -291,7 +277,7 @@ impl AgentConn {
                 rx: self.inner.register(f.tag, 2)?,
                 inner: self.inner.clone(),
             });
-            bytes.extend_from_slice(&Frame::PutFile(f).encode());
+            Frame::PutFile(f).encode_into(&mut bytes);
         }
         let tag = self.inner.tag();
         req.tag = tag;
@@ -300,13 +286,13 @@ impl AgentConn {
             rx: self.inner.register(tag, 64)?,
             inner: self.inner.clone(),
         };
-        bytes.extend_from_slice(&Frame::Exec(req).encode());
+        Frame::Exec(req).encode_into(&mut bytes);
         for chunk in stdin.chunks(MAX_CHUNK_BYTES) {
             let data = chunk.to_vec();
-            bytes.extend_from_slice(&Frame::Stdin { tag, data }.encode());
+            Frame::Stdin { tag, data }.encode_into(&mut bytes);
         }
         let data = Vec::new();
-        bytes.extend_from_slice(&Frame::Stdin { tag, data }.encode());
+        Frame::Stdin { tag, data }.encode_into(&mut bytes);
         self.inner.send_bytes(&bytes).await?;
         Ok((acks, stream))
     }
@@ -437,29 +423,6 @@ impl ExecStream {
     /// Why the connection closed, once `next` returned `None`.
     pub fn closed_reason(&self) -> String {
         self.inner.closed_reason()
-    }
-
-    /// Sends stdin bytes (split into chunks); empty input sends nothing.
-    pub async fn stdin(&self, data: &[u8]) -> Result<(), AgentError> {
-        for chunk in data.chunks(MAX_CHUNK_BYTES) {
-            self.inner
-                .send(&Frame::Stdin {
-                    tag: self.tag,
-                    data: chunk.to_vec(),
-                })
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Closes the exec's stdin.
-    pub async fn close_stdin(&self) -> Result<(), AgentError> {
-        self.inner
-            .send(&Frame::Stdin {
-                tag: self.tag,
-                data: Vec::new(),
-            })
-            .await
     }
 
     /// Signals the exec's process group.
