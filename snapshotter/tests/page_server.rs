@@ -23,6 +23,34 @@ fn server() -> PageServer {
     .unwrap()
 }
 
+/// A fresh [`server`] serving a memory file of `len` bytes (pattern `seed`)
+/// lazily on `pages.sock`, all in a temporary directory named `name`.
+struct Served {
+    dir: TempDir,
+    mem: std::path::PathBuf,
+    file: Vec<u8>,
+    server: PageServer,
+    sock: std::path::PathBuf,
+}
+
+fn serve_lazily(name: &str, len: u64, seed: u64) -> Served {
+    let dir = TempDir::new(name);
+    let mem = dir.join("memory");
+    let file = memory_file(&mem, len, seed);
+    let server = server();
+    let sock = dir.join("pages.sock");
+    server
+        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
+        .unwrap();
+    Served {
+        dir,
+        mem,
+        file,
+        server,
+        sock,
+    }
+}
+
 /// Three regions, listed out of address order, at non-zero file offsets.
 fn three_regions() -> Vec<RegionSpec> {
     vec![
@@ -48,14 +76,13 @@ fn child_vmm() {
 }
 
 fn restore_and_check_every_page(format: HandshakeFormat) {
-    let dir = TempDir::new("exact");
-    let mem = dir.join("memory");
-    let file = memory_file(&mem, 8 * MIB, 1);
-    let server = server();
-    let sock = dir.join("pages.sock");
-    server
-        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
-        .unwrap();
+    let Served {
+        dir: _dir,
+        file,
+        server,
+        sock,
+        ..
+    } = serve_lazily("exact", 8 * MIB, 1);
     let regions = three_regions();
     let pages = shuffled_pages(&regions, 42);
     let total = pages.len() as u64;
@@ -93,14 +120,13 @@ fn accepts_the_old_three_field_json() {
 
 #[test]
 fn removed_ranges_read_as_zeros_afterwards() {
-    let dir = TempDir::new("remove");
-    let mem = dir.join("memory");
-    let file = memory_file(&mem, 4 * MIB, 2);
-    let server = server();
-    let sock = dir.join("pages.sock");
-    server
-        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
-        .unwrap();
+    let Served {
+        dir: _dir,
+        file,
+        server,
+        sock,
+        ..
+    } = serve_lazily("remove", 4 * MIB, 2);
     let regions = vec![RegionSpec {
         size: 2 * MIB,
         offset: MIB,
@@ -146,14 +172,13 @@ fn removed_ranges_read_as_zeros_afterwards() {
 
 #[test]
 fn ten_concurrent_restores_survive_one_being_killed() {
-    let dir = TempDir::new("ten");
-    let mem = dir.join("memory");
-    memory_file(&mem, 8 * MIB, 3);
-    let server = server();
-    let sock = dir.join("pages.sock");
-    server
-        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
-        .unwrap();
+    let Served {
+        dir: _dir,
+        mem,
+        server,
+        sock,
+        ..
+    } = serve_lazily("ten", 8 * MIB, 3);
     let regions = three_regions();
     let mut children = Children(
         (0..10u64)
@@ -294,14 +319,13 @@ fn recording_then_prefetching_cuts_faults_by_ninety_percent() {
 
 #[test]
 fn bad_handshakes_get_a_clear_error_and_others_keep_being_served() {
-    let dir = TempDir::new("bad");
-    let mem = dir.join("memory");
-    let file = memory_file(&mem, MIB, 5);
-    let server = server();
-    let sock = dir.join("pages.sock");
-    server
-        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
-        .unwrap();
+    let Served {
+        dir: _dir,
+        file,
+        server,
+        sock,
+        ..
+    } = serve_lazily("bad", MIB, 5);
 
     let uffd = guest::userfaultfd().unwrap();
     let devnull = std::fs::File::open("/dev/null").unwrap();
@@ -413,14 +437,13 @@ fn prefetch_never_resurrects_removed_pages() {
 
 #[test]
 fn faults_and_remove_events_interleave_without_losing_a_page() {
-    let dir = TempDir::new("interleave");
-    let mem = dir.join("memory");
-    let file = memory_file(&mem, 8 * MIB, 8);
-    let server = server();
-    let sock = dir.join("pages.sock");
-    server
-        .listen(&sock, SnapshotSource::new(&mem, ServeMode::Lazy))
-        .unwrap();
+    let Served {
+        dir: _dir,
+        file,
+        server,
+        sock,
+        ..
+    } = serve_lazily("interleave", 8 * MIB, 8);
     let regions = vec![
         RegionSpec {
             size: 4 * MIB,
