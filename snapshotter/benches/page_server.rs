@@ -295,6 +295,16 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// Puts `mem` in the page cache (`cold` false) or out of it, before each
+/// measured pass.
+fn prepare_cache(mem: &Path, cold: bool) {
+    if cold {
+        evict(mem)
+    } else {
+        warm(mem)
+    }
+}
+
 fn prefetch_throughput(dir: &Path, mem: &Path, rounds: usize) {
     println!(
         "\n## 2. Prefetch throughput vs sequential read of the same bytes (median of {rounds}; {} prefetch threads)",
@@ -313,26 +323,14 @@ fn prefetch_throughput(dir: &Path, mem: &Path, rounds: usize) {
                 let mut source = SnapshotSource::new(mem, ServeMode::Prefetch);
                 source.working_set = ws_path.clone();
                 server.listen(&sock, source).unwrap();
-                if cold {
-                    evict(mem)
-                } else {
-                    warm(mem)
-                }
+                prepare_cache(mem, cold);
                 let t = one_prefetch(&server, &sock, size);
                 pre.push(size as f64 / MIB as f64 / t.as_secs_f64());
                 drop(server);
-                if cold {
-                    evict(mem)
-                } else {
-                    warm(mem)
-                }
+                prepare_cache(mem, cold);
                 let t = sequential_read(mem, size);
                 seq.push(size as f64 / MIB as f64 / t.as_secs_f64());
-                if cold {
-                    evict(mem)
-                } else {
-                    warm(mem)
-                }
+                prepare_cache(mem, cold);
                 let t = read_into_fresh_memory(mem, size);
                 fresh.push(size as f64 / MIB as f64 / t.as_secs_f64());
             }
