@@ -264,18 +264,10 @@ fn run_http(addr: SocketAddr, n: usize, conc: usize) -> Stats {
                 if i >= n {
                     break;
                 }
-                let body = json!({"runtime": "bash", "code": "echo hi"}).to_string();
+                let body = json!({"runtime": "bash", "code": "echo hi"});
                 let t = Instant::now();
-                let mut r = kiln_tests::server::raw_request(
-                    addr,
-                    "POST",
-                    "/v1/jobs",
-                    &[("Content-Type".into(), "application/json".into())],
-                    Some(body.as_bytes()),
-                );
-                let mut b = String::new();
-                r.body.read_to_string(&mut b).unwrap();
-                assert_eq!(r.status, 200, "{b}");
+                let (status, b) = kiln_tests::server::post_json(addr, "/v1/jobs", &body);
+                assert_eq!(status, 200, "{b}");
                 lat.lock().unwrap().push(t.elapsed());
             });
         }

@@ -262,6 +262,22 @@ impl Streaming {
     }
 }
 
+/// POSTs `body` as JSON on a fresh connection (for threads that hold only
+/// the address) and answers the status and the body as text.
+pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (u16, String) {
+    let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
+    let mut r = raw_request(
+        addr,
+        "POST",
+        path,
+        &headers,
+        Some(body.to_string().as_bytes()),
+    );
+    let mut text = String::new();
+    r.body.read_to_string(&mut text).expect("reading the body");
+    (r.status, text)
+}
+
 /// One HTTP/1.1 request on a fresh connection.
 pub fn raw_request(
     addr: SocketAddr,

@@ -8,41 +8,16 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{metric, queue_counts, rabbitmq, Names, Producer};
-use kiln_tests::server::Server;
-use serde_json::json;
+use amqp_support::{capacity, metric, queue_counts, rabbitmq, serve, Names, Producer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_broker_restart_the_executor_reconnects_and_every_job_completes() {
     let names = Names::new("restart");
     let producer = Producer::new(&names).await;
-    let mut args = names.serve_args();
-    args.extend(
-        [
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "2",
-            "--max-running",
-            "3",
-            "--queue-depth",
-            "3",
-        ]
-        .map(String::from),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start("amqp-restart", &args);
+    let server = serve("amqp-restart", &names, &capacity("bash", 2, 3, 3));
     let n = 200;
-    let ids: Vec<String> = (0..n).map(|i| format!("r-{i}")).collect();
     let t = Instant::now();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(
-                id,
-                json!({"runtime": "bash", "code": format!("sleep 0.3; echo {i}")}),
-            )
-            .await;
-    }
+    let ids = producer.publish_echo_jobs("r", n, "sleep 0.3; ").await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while producer.answered() < n / 4 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -9,36 +9,18 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{metric, queue_counts, serve, Names, Producer};
-use serde_json::json;
+use amqp_support::{capacity, metric, queue_counts, serve, Names, Producer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_run_loses_no_job_and_the_other_answers_its_jobs() {
     let names = Names::new("crash");
     let producer = Producer::new(&names).await;
-    let node = [
-        "--pool-runtimes",
-        "bash",
-        "--min-idle",
-        "2",
-        "--max-running",
-        "3",
-        "--queue-depth",
-        "1",
-    ];
+    let node = capacity("bash", 2, 3, 1);
     let mut a = serve("amqp-crash-a", &names, &node);
     let b = serve("amqp-crash-b", &names, &node);
     let n = 300;
-    let ids: Vec<String> = (0..n).map(|i| format!("c-{i}")).collect();
     let t = Instant::now();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(
-                id,
-                json!({"runtime": "bash", "code": format!("sleep 0.1; echo {i}")}),
-            )
-            .await;
-    }
+    let ids = producer.publish_echo_jobs("c", n, "sleep 0.1; ").await;
     // Mid-run: a third answered, and node A holding jobs.
     let deadline = Instant::now() + Duration::from_secs(120);
     while producer.answered() < n / 3 && Instant::now() < deadline {

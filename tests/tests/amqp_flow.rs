@@ -8,7 +8,8 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{consuming_channels, queue_counts, serve, Names, Producer};
+use amqp_support::{capacity, consuming_channels, queue_counts, serve, Names, Producer};
+use kiln_tests::server::post_json;
 use lapin::BasicProperties;
 use serde_json::json;
 
@@ -17,29 +18,8 @@ async fn unacked_messages_never_exceed_free_capacity_in_the_brokers_view() {
     let names = Names::new("flow");
     let producer = Producer::new(&names).await;
     // Capacity 4 = 2 running + 2 queued.
-    let server = serve(
-        "amqp-flow",
-        &names,
-        &[
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "2",
-            "--max-running",
-            "2",
-            "--queue-depth",
-            "2",
-        ],
-    );
-    let ids: Vec<String> = (0..40).map(|i| format!("f-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(
-                id,
-                json!({"runtime": "bash", "code": format!("sleep 1; echo {i}")}),
-            )
-            .await;
-    }
+    let server = serve("amqp-flow", &names, &capacity("bash", 2, 2, 2));
+    let ids = producer.publish_echo_jobs("f", 40, "sleep 1; ").await;
     // Two slow HTTP jobs take half the capacity for a while, some seconds in.
     let addr = server.addr;
     let http = std::thread::spawn(move || {
@@ -47,22 +27,13 @@ async fn unacked_messages_never_exceed_free_capacity_in_the_brokers_view() {
         let hs: Vec<_> = (0..2)
             .map(|_| {
                 std::thread::spawn(move || {
-                    let body =
-                        json!({"runtime": "bash", "code": "sleep 10; echo http"}).to_string();
+                    let body = json!({"runtime": "bash", "code": "sleep 10; echo http"});
                     // AMQP may hold every slot: HTTP gets 429 until one frees
                     // up (bounded retries).
                     for _ in 0..300 {
-                        let mut r = kiln_tests::server::raw_request(
-                            addr,
-                            "POST",
-                            "/v1/jobs",
-                            &[("Content-Type".into(), "application/json".into())],
-                            Some(body.as_bytes()),
-                        );
-                        let mut s = String::new();
-                        std::io::Read::read_to_string(&mut r.body, &mut s).unwrap();
-                        if r.status != 429 {
-                            return (r.status, s);
+                        let (status, s) = post_json(addr, "/v1/jobs", &body);
+                        if status != 429 {
+                            return (status, s);
                         }
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -151,20 +122,7 @@ async fn higher_priority_jobs_are_taken_first() {
         .await;
     ids.push("high".into());
     // Capacity 1: one message at a time, in the broker's priority order.
-    let server = serve(
-        "amqp-prio",
-        &names,
-        &[
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "1",
-            "--max-running",
-            "1",
-            "--queue-depth",
-            "0",
-        ],
-    );
+    let server = serve("amqp-prio", &names, &capacity("bash", 1, 1, 0));
     assert!(producer.wait_for(&ids, Duration::from_secs(60)).await);
     let replies = producer.finish(Duration::from_millis(300)).await;
     assert_eq!(
@@ -181,29 +139,8 @@ async fn higher_priority_jobs_are_taken_first() {
 async fn sigterm_answers_in_flight_jobs_and_leaves_the_rest_in_the_queue() {
     let names = Names::new("term");
     let producer = Producer::new(&names).await;
-    let ids: Vec<String> = (0..10).map(|i| format!("t-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(
-                id,
-                json!({"runtime": "bash", "code": format!("sleep 1.5; echo {i}")}),
-            )
-            .await;
-    }
-    let mut server = serve(
-        "amqp-term",
-        &names,
-        &[
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "2",
-            "--max-running",
-            "2",
-            "--queue-depth",
-            "0",
-        ],
-    );
+    let ids = producer.publish_echo_jobs("t", 10, "sleep 1.5; ").await;
+    let mut server = serve("amqp-term", &names, &capacity("bash", 2, 2, 0));
     // Wait until two jobs are in flight (the broker shows them unacked).
     let deadline = Instant::now() + Duration::from_secs(30);
     while queue_counts(&names.queue).1 < 2 && Instant::now() < deadline {
@@ -243,20 +180,7 @@ async fn when_http_holds_every_slot_the_consumer_pauses_then_resumes() {
     let names = Names::new("pause");
     let producer = Producer::new(&names).await;
     // Capacity 1.
-    let server = serve(
-        "amqp-pause",
-        &names,
-        &[
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "1",
-            "--max-running",
-            "1",
-            "--queue-depth",
-            "0",
-        ],
-    );
+    let server = serve("amqp-pause", &names, &capacity("bash", 1, 1, 0));
     let deadline = Instant::now() + Duration::from_secs(30);
     while amqp_support::consumer_count(&names.queue) == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -269,17 +193,8 @@ async fn when_http_holds_every_slot_the_consumer_pauses_then_resumes() {
     // An HTTP job takes the only slot.
     let addr = server.addr;
     let http = std::thread::spawn(move || {
-        let body = json!({"runtime": "bash", "code": "sleep 6; echo http"}).to_string();
-        let mut r = kiln_tests::server::raw_request(
-            addr,
-            "POST",
-            "/v1/jobs",
-            &[("Content-Type".into(), "application/json".into())],
-            Some(body.as_bytes()),
-        );
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut r.body, &mut s).unwrap();
-        (r.status, s)
+        let body = json!({"runtime": "bash", "code": "sleep 6; echo http"});
+        post_json(addr, "/v1/jobs", &body)
     });
     // The broker sees no consumer while it runs: prefetch 0 would mean
     // "unlimited", so Kiln cancels its consumer instead.

@@ -7,7 +7,7 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{drain_dead_letters, queue_counts, Names, Producer};
+use amqp_support::{drain_dead_letters, queue_counts, serve, Names, Producer};
 use kiln_tests::server::Server;
 use lapin::BasicProperties;
 use serde_json::json;
@@ -16,20 +16,18 @@ use serde_json::json;
 async fn poison_messages_are_dead_lettered_with_the_reason_and_good_jobs_still_run() {
     let names = Names::new("poison");
     let producer = Producer::new(&names).await;
-    let mut args = names.serve_args();
-    args.extend(
-        [
+    let server = serve(
+        "amqp-poison",
+        &names,
+        &[
             "--pool-runtimes",
             "bash",
             "--min-idle",
             "1",
             "--amqp-max-message-bytes",
             "4096",
-        ]
-        .map(String::from),
+        ],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start("amqp-poison", &args);
     let json_props = || BasicProperties::default().with_content_type("application/json".into());
     // (message id / correlation id, body, the field x-kiln-error must name)
     let cases: Vec<(&str, String, &str)> = vec![

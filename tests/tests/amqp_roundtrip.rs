@@ -7,7 +7,7 @@ mod amqp_support;
 
 use std::time::{Duration, Instant};
 
-use amqp_support::{queue_counts, serve, Names, Producer};
+use amqp_support::{capacity, queue_counts, serve, Names, Producer};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,27 +55,9 @@ async fn a_job_is_answered_on_reply_to_with_its_correlation_id_then_acked() {
 async fn a_thousand_jobs_from_one_producer_are_each_answered_exactly_once() {
     let names = Names::new("k");
     let producer = Producer::new(&names).await;
-    let server = serve(
-        "amqp-1000",
-        &names,
-        &[
-            "--pool-runtimes",
-            "bash",
-            "--min-idle",
-            "4",
-            "--max-running",
-            "4",
-            "--queue-depth",
-            "8",
-        ],
-    );
-    let ids: Vec<String> = (0..1000).map(|i| format!("k-{i}")).collect();
+    let server = serve("amqp-1000", &names, &capacity("bash", 4, 4, 8));
     let t = Instant::now();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(id, json!({"runtime": "bash", "code": format!("echo {i}")}))
-            .await;
-    }
+    let ids = producer.publish_echo_jobs("k", 1000, "").await;
     let published = t.elapsed();
     let all = producer.wait_for(&ids, Duration::from_secs(600)).await;
     let elapsed = t.elapsed();
@@ -154,12 +136,7 @@ async fn a_quorum_jobs_queue_works_the_same() {
         &names,
         &["--pool-runtimes", "bash", "--min-idle", "2"],
     );
-    let ids: Vec<String> = (0..20).map(|i| format!("q-{i}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        producer
-            .publish_job(id, json!({"runtime": "bash", "code": format!("echo {i}")}))
-            .await;
-    }
+    let ids = producer.publish_echo_jobs("q", 20, "").await;
     assert!(producer.wait_for(&ids, Duration::from_secs(60)).await);
     let replies = producer.finish(Duration::from_millis(500)).await;
     let (answered, dup, _) = replies.tally(&ids);

@@ -20,7 +20,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The broker the tests use: `KILN_TEST_AMQP_URL`, else the local
 /// RabbitMQ's default guest account (allowed on loopback only).
@@ -367,6 +367,18 @@ impl Producer {
         .await;
     }
 
+    /// Publishes `n` Bash jobs with ids `<prefix>-<i>` that run `<before>echo
+    /// <i>`, and returns the ids in order.
+    pub async fn publish_echo_jobs(&self, prefix: &str, n: usize, before: &str) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let code = format!("{before}echo {i}");
+            self.publish_job(id, json!({"runtime": "bash", "code": code}))
+                .await;
+        }
+        ids
+    }
+
     /// Waits until every id in `ids` has at least one reply, or `within`.
     pub async fn wait_for(&self, ids: &[String], within: Duration) -> bool {
         let deadline = Instant::now() + within;
@@ -590,9 +602,27 @@ pub fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// `kiln serve` consuming `names`' queues, with `extra` flags.
-pub fn serve(test: &str, names: &Names, extra: &[&str]) -> Server {
+pub fn serve(test: &str, names: &Names, extra: &[impl AsRef<str>]) -> Server {
     let mut args: Vec<String> = names.serve_args();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.as_ref().to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start(test, &args)
+}
+
+/// `kiln serve` flags for a node pooling `runtime` with `min_idle` spares,
+/// `max_running` job slots and `queue_depth` queued jobs (its capacity is
+/// the last two together).
+pub fn capacity(runtime: &str, min_idle: u32, max_running: u32, queue_depth: u32) -> Vec<String> {
+    [
+        "--pool-runtimes",
+        runtime,
+        "--min-idle",
+        &min_idle.to_string(),
+        "--max-running",
+        &max_running.to_string(),
+        "--queue-depth",
+        &queue_depth.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
