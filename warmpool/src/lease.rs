@@ -1,6 +1,7 @@
 //! A leased item. The guard cannot be forgotten: dropping it destroys the
 //! item or returns it to the pool, as `remove_on_exit` says, so no code path
-//! leaks a sandbox.
+//! leaks a sandbox. Ending it with [`Lease::recycle`] asks the pool to reset
+//! the item and keep it instead.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -19,13 +20,34 @@ pub enum Acquire {
     Cold,
 }
 
+/// How a lease ends, and so where its item goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Destroyed, whatever the settings say.
+    Destroy,
+    /// Back to idle as it is, unless it is retired (used up, too old,
+    /// shutting down).
+    Return,
+    /// Reset by [`Factory::recycle`] in the background, then back to idle,
+    /// unless it is retired first or the reset fails.
+    Recycle,
+}
+
 /// An item leased from a [`Pool`](crate::Pool); derefs to the item.
 ///
-/// When the lease ends (dropped, [`release`](Lease::release)d or
-/// [`discard`](Lease::discard)ed) the item is destroyed if `remove_on_exit`
-/// is set (the default) or it has served `max_uses` leases or outlived
-/// `max_age`; otherwise it goes back to idle. Destruction runs in a spawned
-/// task, never in `Drop` itself.
+/// A lease ends in one of three ways:
+/// - dropped or [`release`](Lease::release)d: the item is destroyed if
+///   `remove_on_exit` is set (the default), else it goes back to idle as it
+///   is;
+/// - [`discard`](Lease::discard)ed: the item is destroyed;
+/// - [`recycle`](Lease::recycle)d: the item is reset by
+///   [`Factory::recycle`] in the background and then goes back to idle
+///   (destroyed if the reset fails).
+///
+/// Either way an item that has served `max_uses` leases or outlived
+/// `max_age`, or whose pool is shutting down, is destroyed instead of being
+/// kept. Destruction and recycling run in spawned tasks, never in `Drop`
+/// itself.
 #[must_use = "dropping a Lease at once destroys the sandbox (or returns it to the pool)"]
 pub struct Lease<F: Factory> {
     /// `Some` for the whole life of the lease; taken when it ends.
@@ -118,26 +140,46 @@ impl<F: Factory> Lease<F> {
         self.pooled().created_at.elapsed()
     }
 
-    /// Whether ending the lease destroys the item (default `true`).
+    /// Whether dropping or releasing the lease destroys the item (default
+    /// `true`). [`discard`](Lease::discard) and [`recycle`](Lease::recycle)
+    /// ignore it.
     pub fn remove_on_exit(&self) -> bool {
         self.remove_on_exit
     }
 
-    /// `false` lets the item go back to idle when the lease ends, within
-    /// `max_uses` and `max_age`.
+    /// `false` lets the item go back to idle as it is when the lease is
+    /// dropped or released, within `max_uses` and `max_age`.
     pub fn set_remove_on_exit(&mut self, remove_on_exit: bool) {
         self.remove_on_exit = remove_on_exit;
     }
 
     /// Ends the lease: destroys the item if `remove_on_exit` is set or it is
-    /// used up or too old, else returns it to idle. Same as dropping it,
-    /// said out loud.
+    /// used up or too old, else returns it to idle as it is. Same as
+    /// dropping it, said out loud.
     pub fn release(self) {}
 
     /// Ends the lease and destroys the item, whatever `remove_on_exit` says
     /// (e.g. the job broke the sandbox).
     pub fn discard(mut self) {
-        self.remove_on_exit = true;
+        self.end(End::Destroy);
+    }
+
+    /// Ends the lease and has the item reset for the next one, whatever
+    /// `remove_on_exit` says: [`Factory::recycle`] runs in a task the pool
+    /// spawns and the item goes back to idle when it succeeds. It is
+    /// destroyed instead, without a reset, if it has served `max_uses`
+    /// leases, outlived `max_age` or the pool is shutting down; and after
+    /// the reset if that failed or the item aged out or shutdown began
+    /// meanwhile. Returns at once.
+    pub fn recycle(mut self) {
+        self.end(End::Recycle);
+    }
+
+    /// Gives the item back to the pool, once.
+    fn end(&mut self, end: End) {
+        if let Some(pooled) = self.pooled.take() {
+            self.inner.give_back(&self.template, pooled, end);
+        }
     }
 }
 
@@ -157,10 +199,12 @@ impl<F: Factory> DerefMut for Lease<F> {
 
 impl<F: Factory> Drop for Lease<F> {
     fn drop(&mut self) {
-        if let Some(pooled) = self.pooled.take() {
-            self.inner
-                .give_back(&self.template, pooled, self.remove_on_exit);
-        }
+        let end = if self.remove_on_exit {
+            End::Destroy
+        } else {
+            End::Return
+        };
+        self.end(end);
     }
 }
 

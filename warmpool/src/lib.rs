@@ -5,9 +5,15 @@
 //! in the background, never lets more than `max_total` exist, retires items
 //! by `max_age` and `max_uses`, and backs off when the factory keeps failing.
 //! [`Pool::lease`] hands out a health-checked idle item (warm) or creates one
-//! on the spot (cold) and says which; the [`Lease`] guard destroys or returns
-//! the item when it ends, by `remove_on_exit`. Pool events feed Prometheus
-//! metrics ([`Pool::register`]) and [`Pool::stats`].
+//! on the spot (cold) and says which. The [`Lease`] guard ends in one of
+//! three ways: the item is destroyed or returned to idle as it is (as
+//! `remove_on_exit` says, or [`Lease::discard`]), or it is recycled:
+//! [`Lease::recycle`] has the factory reset it in the background
+//! ([`Factory::recycle`], a few ms against tens for a create) and puts it
+//! back to idle, so a sandbox can serve several jobs without carrying
+//! anything from one to the next. A lease that finds no idle item waits for
+//! a recycling one rather than create. Pool events feed Prometheus metrics
+//! ([`Pool::register`]) and [`Pool::stats`].
 
 mod error;
 mod factory;

@@ -1,11 +1,19 @@
 //! The pool itself: per-template state behind one short-held lock each, the
-//! background refill, the lease path (hit, miss, wait) and shutdown.
+//! background refill, the lease path (hit, miss, wait), the end of a lease
+//! (destroy, return, recycle) and shutdown.
 //!
-//! Every create, health check and destroy happens outside the locks, and
-//! creates and destroys run in their own spawned tasks so that cancelling a
-//! lease never strands an item or a counter. The counters always add up:
-//! `idle + busy + creating + destroying` is what exists, and it never exceeds
-//! `max_total`.
+//! Every create, health check, recycle and destroy happens outside the
+//! locks, and creates, recycles and destroys run in their own spawned tasks
+//! so that cancelling a lease never strands an item or a counter. The
+//! counters always add up: `idle + busy + creating + recycling + destroying`
+//! is what exists, and it never exceeds `max_total`.
+//!
+//! A recycle (~3 ms) is much cheaper than a create (30-50 ms), so a lease
+//! that finds no idle item waits for an item being recycled rather than
+//! create one, but only as many leases as there are items recycling
+//! (`awaiting_recycle <= recycling` when they claim); the others create as
+//! before. The refill likewise counts recycling items as on their way to
+//! idle.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
@@ -18,7 +26,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
-use crate::lease::{Acquire, Lease};
+use crate::lease::{Acquire, End, Lease};
 use crate::metrics::{Metrics, TemplateLabel};
 use crate::{Factory, PoolError, SettingsError, TemplateKey, TemplateSettings};
 
@@ -58,6 +66,8 @@ pub struct TemplateStats {
     pub busy: usize,
     /// Being created (by the refill or by a miss).
     pub creating: usize,
+    /// Handed to [`Factory::recycle`] after their lease and not finished yet.
+    pub recycling: usize,
     /// Handed to [`Factory::destroy`] and not finished yet.
     pub destroying: usize,
     /// Leases served warm.
@@ -70,23 +80,29 @@ pub struct TemplateStats {
     pub create_failures: u64,
     /// Idle items that failed their health check.
     pub check_failures: u64,
+    /// Recycles that made the item fresh (it went back to idle unless it
+    /// aged out or shutdown began meanwhile).
+    pub recycles: u64,
+    /// Recycles that failed (the item was destroyed).
+    pub recycle_failures: u64,
     /// Items destroyed.
     pub destroyed: u64,
 }
 
 impl TemplateStats {
-    /// Items that exist now: `idle + busy + creating + destroying`.
+    /// Items that exist now: `idle + busy + creating + recycling +
+    /// destroying`.
     pub fn live(&self) -> usize {
-        self.idle + self.busy + self.creating + self.destroying
+        self.idle + self.busy + self.creating + self.recycling + self.destroying
     }
 }
 
 /// What [`Pool::shutdown`] left behind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Items still leased, being created or being destroyed when the grace
-    /// ran out. They are destroyed whenever they come back, if the runtime
-    /// still runs.
+    /// Items still leased, being created, recycled or destroyed when the
+    /// grace ran out. They are destroyed whenever they come back, if the
+    /// runtime still runs.
     pub outstanding: usize,
 }
 
@@ -104,6 +120,7 @@ pub(crate) enum Retire {
     MaxUses,
     MaxAge,
     CheckFailed,
+    RecycleFailed,
     AboveMaxTotal,
     Shutdown,
 }
@@ -148,12 +165,19 @@ struct TemplateState<I> {
     creating: usize,
     /// The part of `creating` started by the refill (destined for idle).
     refilling: usize,
+    /// Items in [`Factory::recycle`], destined for idle if it succeeds.
+    recycling: usize,
+    /// Leases waiting for a recycling item instead of creating one; a lease
+    /// may only claim while this is below `recycling`.
+    awaiting_recycle: usize,
     destroying: usize,
     hits: u64,
     misses: u64,
     creates: u64,
     create_failures: u64,
     check_failures: u64,
+    recycles: u64,
+    recycle_failures: u64,
     destroyed: u64,
     failure_streak: u32,
     backoff_until: Option<Instant>,
@@ -165,7 +189,7 @@ struct TemplateState<I> {
 
 impl<I> TemplateState<I> {
     fn live(&self) -> usize {
-        self.idle.len() + self.busy + self.creating + self.destroying
+        self.idle.len() + self.busy + self.creating + self.recycling + self.destroying
     }
 
     fn stats(&self) -> TemplateStats {
@@ -173,18 +197,34 @@ impl<I> TemplateState<I> {
             idle: self.idle.len(),
             busy: self.busy,
             creating: self.creating,
+            recycling: self.recycling,
             destroying: self.destroying,
             hits: self.hits,
             misses: self.misses,
             creates: self.creates,
             create_failures: self.create_failures,
             check_failures: self.check_failures,
+            recycles: self.recycles,
+            recycle_failures: self.recycle_failures,
             destroyed: self.destroyed,
         }
     }
 
     fn expired(&self, pooled: &Pooled<I>, now: Instant) -> bool {
         now.saturating_duration_since(pooled.created_at) >= self.settings.max_age
+    }
+
+    /// Why an item whose lease ended may not serve again, if it may not.
+    fn retirement(&self, pooled: &Pooled<I>, now: Instant) -> Option<Retire> {
+        if self.shutting_down {
+            Some(Retire::Shutdown)
+        } else if pooled.uses >= self.settings.max_uses {
+            Some(Retire::MaxUses)
+        } else if self.expired(pooled, now) {
+            Some(Retire::MaxAge)
+        } else {
+            None
+        }
     }
 }
 
@@ -193,6 +233,50 @@ impl<I> Template<I> {
         // The state is consistent between statements; a panic elsewhere
         // while holding the lock must not take the pool down with it.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A waiting lease's place in `awaiting_recycle`: while held, the lease
+/// waits for a recycling item instead of creating one. Taken and given back
+/// under the template lock on every look; if the lease future is dropped
+/// (cancelled, or returning after a timeout) while holding it, `Drop` gives
+/// it back, so the count cannot leak.
+struct RecycleClaim<'a, I> {
+    template: &'a Template<I>,
+    held: bool,
+}
+
+impl<'a, I> RecycleClaim<'a, I> {
+    fn new(template: &'a Template<I>) -> Self {
+        Self {
+            template,
+            held: false,
+        }
+    }
+
+    /// Claims a recycling item; `state` is this template's, locked.
+    fn hold(&mut self, state: &mut TemplateState<I>) {
+        debug_assert!(!self.held && state.awaiting_recycle < state.recycling);
+        state.awaiting_recycle += 1;
+        self.held = true;
+    }
+
+    /// Gives the claim back, if held; `state` is this template's, locked.
+    fn release(&mut self, state: &mut TemplateState<I>) {
+        if self.held {
+            state.awaiting_recycle -= 1;
+            self.held = false;
+        }
+    }
+}
+
+impl<I> Drop for RecycleClaim<'_, I> {
+    fn drop(&mut self) {
+        if self.held {
+            // Only reached outside the lock: every look releases the claim
+            // first, so it is held only across the wait.
+            self.template.lock().awaiting_recycle -= 1;
+        }
     }
 }
 
@@ -268,12 +352,16 @@ impl<F: Factory> Pool<F> {
                 busy: 0,
                 creating: 0,
                 refilling: 0,
+                recycling: 0,
+                awaiting_recycle: 0,
                 destroying: 0,
                 hits: 0,
                 misses: 0,
                 creates: 0,
                 create_failures: 0,
                 check_failures: 0,
+                recycles: 0,
+                recycle_failures: 0,
                 destroyed: 0,
                 failure_streak: 0,
                 backoff_until: None,
@@ -304,13 +392,18 @@ impl<F: Factory> Pool<F> {
     /// Leases an item of `key`:
     /// - a healthy idle item if there is one (warm; unhealthy ones are
     ///   destroyed on the way);
+    /// - else, if items are being recycled that no other lease is waiting
+    ///   for, waits for one of them (warm); if that recycle fails it decides
+    ///   again, and if `timeout` passes first it decides again without
+    ///   waiting for recycles;
     /// - else a new one created on the spot if the template is under
     ///   `max_total` (cold; the create runs to completion even past
     ///   `timeout`, since abandoning it would waste the work);
     /// - else waits up to `timeout` for an item to come back or capacity to
     ///   free up.
     ///
-    /// Cancel-safe: dropping the future never loses an item.
+    /// Cancel-safe: dropping the future never loses an item or a claim on a
+    /// recycling one.
     pub async fn lease_within(
         &self,
         key: &TemplateKey,
@@ -328,6 +421,10 @@ impl<F: Factory> Pool<F> {
         let started = Instant::now();
         let deadline = started + timeout;
         let mut failed_checks = 0;
+        let mut claim = RecycleClaim::new(&template);
+        // Off once the deadline passed while waiting for a recycle: the
+        // last look creates if there is room rather than fail the lease.
+        let mut may_await_recycle = true;
         loop {
             // Registered before looking, so a wake-up between the look and
             // the wait is not lost.
@@ -335,6 +432,8 @@ impl<F: Factory> Pool<F> {
             available.as_mut().enable();
             let (step, max_total) = {
                 let mut state = template.lock();
+                // Each look decides afresh whether to wait for a recycle.
+                claim.release(&mut state);
                 if state.shutting_down {
                     return Err(PoolError::ShuttingDown);
                 }
@@ -352,18 +451,26 @@ impl<F: Factory> Pool<F> {
                         break;
                     }
                 }
-                if matches!(step, Step::Wait) && state.live() < state.settings.max_total {
-                    state.creating += 1;
-                    state.misses += 1;
-                    self.inner
-                        .metrics
-                        .misses
-                        .get_or_create(&template.label)
-                        .inc();
-                    step = Step::Create;
+                if matches!(step, Step::Wait) {
+                    if may_await_recycle && state.awaiting_recycle < state.recycling {
+                        // A recycle is due in milliseconds, a create takes
+                        // tens of them.
+                        claim.hold(&mut state);
+                    } else if state.live() < state.settings.max_total {
+                        state.creating += 1;
+                        state.misses += 1;
+                        self.inner
+                            .metrics
+                            .misses
+                            .get_or_create(&template.label)
+                            .inc();
+                        step = Step::Create;
+                    }
                 }
                 // Only a real change notifies: waking the other waiters (and
                 // this lease's own registered wake-up) for nothing would spin.
+                // A claim on a recycle is not such a change: no lease waits
+                // for the claim count to move.
                 if retired || !matches!(step, Step::Wait) {
                     self.inner.changed(&template, &mut state);
                 }
@@ -404,6 +511,10 @@ impl<F: Factory> Pool<F> {
                 }
                 Step::Wait => {
                     if timeout_at(deadline, available).await.is_err() {
+                        if claim.held {
+                            may_await_recycle = false;
+                            continue;
+                        }
                         return Err(PoolError::CapacityTimeout {
                             template: template.key.clone(),
                             waited: started.elapsed(),
@@ -436,8 +547,8 @@ impl<F: Factory> Pool<F> {
     }
 
     /// Stops the refill, refuses new leases, destroys every idle item, and
-    /// waits up to `grace` for leased items and creates in flight to come
-    /// back and be destroyed. Idempotent.
+    /// waits up to `grace` for leased items, and creates and recycles in
+    /// flight, to come back and be destroyed. Idempotent.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let deadline = Instant::now() + grace;
         let templates: Vec<_> = {
@@ -515,6 +626,10 @@ impl<F: Factory> Inner<F> {
             .busy
             .get_or_create(&template.label)
             .set(gauge(state.busy));
+        self.metrics
+            .recycling
+            .get_or_create(&template.label)
+            .set(gauge(state.recycling));
     }
 
     /// Hands an item to the factory for destruction, in its own task.
@@ -541,34 +656,91 @@ impl<F: Factory> Inner<F> {
         });
     }
 
-    /// Takes back a leased item: to idle if it may serve again, else to
-    /// destruction.
+    /// Takes back a leased item as its lease ended: to destruction if asked
+    /// or if it may not serve again, else to idle, directly or through a
+    /// recycle.
     pub(crate) fn give_back(
         self: &Arc<Self>,
         template: &Arc<Template<F::Item>>,
         pooled: Pooled<F::Item>,
-        remove_on_exit: bool,
+        end: End,
     ) {
         let mut state = template.lock();
         state.busy -= 1;
-        let retire = if remove_on_exit {
-            Some(Retire::RemoveOnExit)
-        } else if state.shutting_down {
-            Some(Retire::Shutdown)
-        } else if pooled.uses >= state.settings.max_uses {
-            Some(Retire::MaxUses)
-        } else if state.expired(&pooled, Instant::now()) {
-            Some(Retire::MaxAge)
-        } else {
-            None
+        let retire = match end {
+            End::Destroy => Some(Retire::RemoveOnExit),
+            End::Return | End::Recycle => state.retirement(&pooled, Instant::now()),
         };
-        match retire {
-            Some(reason) => self.retire(template, &mut state, pooled, reason),
-            None => state.idle.push_back(pooled),
+        match (retire, end) {
+            (Some(reason), _) => self.retire(template, &mut state, pooled, reason),
+            (None, End::Recycle) => self.spawn_recycle(template, &mut state, pooled),
+            (None, _) => state.idle.push_back(pooled),
         }
         self.changed(template, &mut state);
         drop(state);
         template.refill.notify_one();
+    }
+
+    /// Resets an item in its own task, so that neither a lock nor a
+    /// cancellation is involved while the factory works, then puts it back
+    /// to idle (at the back, like a returned item) or, if the reset failed
+    /// or the item aged out or shutdown began meanwhile, destroys it.
+    fn spawn_recycle(
+        self: &Arc<Self>,
+        template: &Arc<Template<F::Item>>,
+        state: &mut TemplateState<F::Item>,
+        mut pooled: Pooled<F::Item>,
+    ) {
+        state.recycling += 1;
+        debug!(template = %template.key, uses = pooled.uses, "recycling sandbox");
+        let inner = Arc::clone(self);
+        let template = Arc::clone(template);
+        self.handle.spawn(async move {
+            let begun = Instant::now();
+            let fresh = inner.factory.recycle(&template.key, &mut pooled.item).await;
+            let took = begun.elapsed();
+            let mut state = template.lock();
+            state.recycling -= 1;
+            if fresh {
+                state.recycles += 1;
+                inner.metrics.recycles.get_or_create(&template.label).inc();
+                inner
+                    .metrics
+                    .recycle_seconds
+                    .get_or_create(&template.label)
+                    .observe(took.as_secs_f64());
+                debug!(template = %template.key, ?took, "recycled sandbox");
+                let retire = if state.shutting_down {
+                    Some(Retire::Shutdown)
+                } else if state.expired(&pooled, Instant::now()) {
+                    Some(Retire::MaxAge)
+                } else {
+                    None
+                };
+                match retire {
+                    Some(reason) => inner.retire(&template, &mut state, pooled, reason),
+                    None => state.idle.push_back(pooled),
+                }
+            } else {
+                state.recycle_failures += 1;
+                inner
+                    .metrics
+                    .recycle_failures
+                    .get_or_create(&template.label)
+                    .inc();
+                warn!(
+                    template = %template.key,
+                    ?took,
+                    "recycling a sandbox failed; destroying it"
+                );
+                inner.retire(&template, &mut state, pooled, Retire::RecycleFailed);
+            }
+            // Wakes the leases waiting for this recycle, which take the item
+            // or, if it is gone, decide again.
+            inner.changed(&template, &mut state);
+            drop(state);
+            template.refill.notify_one();
+        });
     }
 
     fn confirm_hit(
@@ -715,10 +887,11 @@ impl<F: Factory> Drop for Inner<F> {
     }
 }
 
-/// The background refill of one template: keeps `idle + refilling >=
-/// min_idle` within `max_total`, at most `replenish_concurrency` creates at
-/// once, pausing after create failures; retires idle items past `max_age`
-/// and idle items above a lowered `max_total`. Holds the pool weakly, so it
+/// The background refill of one template: keeps `idle + refilling +
+/// recycling >= min_idle` within `max_total`, at most
+/// `replenish_concurrency` creates at once, pausing after create failures;
+/// retires idle items past `max_age` and idle items above a lowered
+/// `max_total`. Holds the pool weakly, so it
 /// ends with the pool or at shutdown.
 async fn refill<F: Factory>(pool: Weak<Inner<F>>, template: Arc<Template<F::Item>>) {
     loop {
@@ -749,7 +922,7 @@ async fn refill<F: Factory>(pool: Weak<Inner<F>>, template: Arc<Template<F::Item
             let wanted = state
                 .settings
                 .min_idle
-                .saturating_sub(state.idle.len() + state.refilling);
+                .saturating_sub(state.idle.len() + state.refilling + state.recycling);
             let starts = if backing_off.is_some() {
                 0
             } else {

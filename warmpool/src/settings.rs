@@ -7,18 +7,26 @@ use std::time::Duration;
 /// combinations that cannot work.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateSettings {
-    /// Idle items the background refill keeps ready (`idle + refilling`).
+    /// Idle items the background refill keeps ready, counting those on their
+    /// way to idle (`idle + refilling + recycling`).
     pub min_idle: usize,
     /// Upper bound on items of this template that exist at once: idle, leased,
-    /// being created and being destroyed.
+    /// being created, being recycled and being destroyed.
     pub max_total: usize,
     /// Background creates running at once for this template.
     pub replenish_concurrency: usize,
-    /// An item older than this (since it was created) is destroyed instead of
-    /// being handed out or returned to idle.
+    /// An item older than this (since it was created; a recycle does not
+    /// make it younger) is destroyed instead of being handed out, returned
+    /// to idle or recycled.
     pub max_age: Duration,
-    /// Leases an item may serve. The default, 1, never hands a sandbox that
-    /// ran one job's code to another job.
+    /// Leases an item may serve; one that has served them is destroyed when
+    /// its lease ends, without a recycle. The default, 1, never hands a
+    /// sandbox that ran one job's code to another job. A pool whose leases
+    /// end with [`Lease::recycle`](crate::Lease::recycle) may set it higher:
+    /// a recycled item carries nothing of its previous lease (the factory
+    /// guarantees it, see [`Factory::recycle`](crate::Factory::recycle)). A
+    /// lease that is merely returned (`remove_on_exit` off) hands the item
+    /// on as it is.
     pub max_uses: u32,
     /// How long [`Pool::lease`](crate::Pool::lease) waits for an item when
     /// `max_total` are already out.

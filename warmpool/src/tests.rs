@@ -1,15 +1,17 @@
 //! The pool's behaviour, shown with a factory of numbered items whose create
-//! delay, create failures and health can be set per test. Time is tokio's
-//! paused clock, so waits are exact and instant.
+//! delay, create failures, health, recycle delay and recycle failures can be
+//! set per test. Time is tokio's paused clock, so waits are exact and
+//! instant.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 
-use crate::{Acquire, Factory, Pool, PoolError, TemplateKey, TemplateSettings};
+use crate::{Acquire, Factory, Pool, PoolError, TemplateKey, TemplateSettings, TemplateStats};
 
 /// What the test factory did, for the assertions.
 #[derive(Default)]
@@ -20,6 +22,10 @@ struct Ledger {
     destroyed: Mutex<Vec<u64>>,
     unhealthy: Mutex<HashSet<u64>>,
     failing: AtomicBool,
+    /// Ids handed to `recycle`, in call order.
+    recycled: Mutex<Vec<u64>>,
+    unrecyclable: Mutex<HashSet<u64>>,
+    failing_recycles: AtomicBool,
 }
 
 impl Ledger {
@@ -42,12 +48,26 @@ impl Ledger {
     fn make_unhealthy(&self, id: u64) {
         self.unhealthy.lock().unwrap().insert(id);
     }
+
+    fn recycled(&self) -> Vec<u64> {
+        self.recycled.lock().unwrap().clone()
+    }
+
+    fn fail_recycles(&self, failing: bool) {
+        self.failing_recycles.store(failing, Ordering::SeqCst);
+    }
+
+    fn make_unrecyclable(&self, id: u64) {
+        self.unrecyclable.lock().unwrap().insert(id);
+    }
 }
 
-/// Creates items numbered 0, 1, 2, … after `create_delay`.
+/// Creates items numbered 0, 1, 2, … after `create_delay`; recycles them
+/// after `recycle_delay`.
 struct Numbered {
     ledger: Arc<Ledger>,
     create_delay: Duration,
+    recycle_delay: Duration,
 }
 
 #[derive(Debug)]
@@ -79,13 +99,42 @@ impl Factory for Numbered {
         !self.ledger.unhealthy.lock().unwrap().contains(&item.id)
     }
 
+    async fn recycle(&self, _template: &TemplateKey, item: &mut Item) -> bool {
+        self.ledger.recycled.lock().unwrap().push(item.id);
+        tokio::time::sleep(self.recycle_delay).await;
+        !self.ledger.failing_recycles.load(Ordering::SeqCst)
+            && !self.ledger.unrecyclable.lock().unwrap().contains(&item.id)
+    }
+
     async fn destroy(&self, item: Item) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(DESTROY_DELAY).await;
         self.ledger.destroyed.lock().unwrap().push(item.id);
     }
 }
 
+/// [`Numbered`] without its `recycle`: the trait's default.
+struct CannotReset(Numbered);
+
+impl Factory for CannotReset {
+    type Item = Item;
+    type Error = Refused;
+
+    fn create(&self, template: &TemplateKey) -> impl Future<Output = Result<Item, Refused>> + Send {
+        self.0.create(template)
+    }
+
+    fn check(&self, item: &mut Item) -> impl Future<Output = bool> + Send {
+        self.0.check(item)
+    }
+
+    fn destroy(&self, item: Item) -> impl Future<Output = ()> + Send {
+        self.0.destroy(item)
+    }
+}
+
 const CREATE_DELAY: Duration = Duration::from_millis(50);
+const RECYCLE_DELAY: Duration = Duration::from_millis(3);
+const DESTROY_DELAY: Duration = Duration::from_millis(5);
 
 fn python() -> TemplateKey {
     TemplateKey::new("python")
@@ -100,13 +149,33 @@ fn settings(min_idle: usize, max_total: usize) -> TemplateSettings {
 }
 
 fn pool_with(settings: TemplateSettings) -> (Pool<Numbered>, Arc<Ledger>) {
+    pool_recycling_in(RECYCLE_DELAY, settings)
+}
+
+fn pool_recycling_in(
+    recycle_delay: Duration,
+    settings: TemplateSettings,
+) -> (Pool<Numbered>, Arc<Ledger>) {
     let ledger = Arc::new(Ledger::default());
     let pool = Pool::new(Numbered {
         ledger: Arc::clone(&ledger),
         create_delay: CREATE_DELAY,
+        recycle_delay,
     });
     pool.set_template(python(), settings).unwrap();
     (pool, ledger)
+}
+
+/// Settings under which an item may serve several leases.
+fn reusable(min_idle: usize, max_total: usize) -> TemplateSettings {
+    TemplateSettings {
+        max_uses: 5,
+        ..settings(min_idle, max_total)
+    }
+}
+
+fn stats_of<F: Factory>(pool: &Pool<F>) -> TemplateStats {
+    pool.stats(&python()).unwrap()
 }
 
 /// Lets background creates and destroys finish (the paused clock jumps).
@@ -115,7 +184,7 @@ async fn settle() {
 }
 
 /// After shutdown, everything the factory made was destroyed exactly once.
-async fn assert_no_leak(pool: &Pool<Numbered>, ledger: &Ledger) {
+async fn assert_no_leak<F: Factory>(pool: &Pool<F>, ledger: &Ledger) {
     let report = pool.shutdown(Duration::from_secs(10)).await;
     assert!(report.is_clean(), "{report:?}");
     let destroyed = ledger.destroyed();
@@ -348,6 +417,7 @@ async fn create_failures_are_counted_and_backoff_prevents_a_hot_loop() {
     let pool = Pool::new(Numbered {
         ledger: Arc::clone(&ledger),
         create_delay: Duration::ZERO,
+        recycle_delay: RECYCLE_DELAY,
     });
     pool.set_template(
         python(),
@@ -547,6 +617,7 @@ async fn no_item_leaks_on_a_multi_threaded_runtime() {
     let pool = Pool::new(Numbered {
         ledger: Arc::clone(&ledger),
         create_delay: Duration::from_millis(1),
+        recycle_delay: Duration::from_millis(1),
     });
     pool.set_template(
         python(),
@@ -565,6 +636,460 @@ async fn no_item_leaks_on_a_multi_threaded_runtime() {
                     let mut lease = pool.lease(&python()).await.unwrap();
                     tokio::task::yield_now().await;
                     lease.set_remove_on_exit((worker + round) % 2 == 0);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recycled_item_goes_back_to_idle_and_serves_the_next_lease_warm() {
+    let (pool, ledger) = pool_with(reusable(1, 1));
+    settle().await;
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    assert!(lease.remove_on_exit(), "recycle ignores remove_on_exit");
+    lease.recycle();
+    let stats = stats_of(&pool);
+    assert_eq!((stats.recycling, stats.busy, stats.live()), (1, 0, 1));
+    settle().await;
+    let stats = stats_of(&pool);
+    assert_eq!((stats.idle, stats.recycling, stats.recycles), (1, 0, 1));
+    assert_eq!(ledger.recycled(), vec![id]);
+
+    let again = pool.lease(&python()).await.unwrap();
+    assert_eq!(
+        (again.id, again.acquire(), again.uses()),
+        (id, Acquire::Warm, 2)
+    );
+    assert!(ledger.destroyed().is_empty());
+    assert_eq!(ledger.created(), 1);
+    drop(again);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_recycle_destroys_the_item_once_and_the_refill_replaces_it() {
+    let (pool, ledger) = pool_with(reusable(1, 1));
+    ledger.fail_recycles(true);
+    settle().await;
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    lease.recycle();
+    settle().await;
+    assert_eq!(ledger.recycled(), vec![id]);
+    assert_eq!(ledger.destroyed(), vec![id]);
+    let stats = stats_of(&pool);
+    assert_eq!((stats.recycles, stats.recycle_failures), (0, 1));
+    assert_eq!((stats.idle, stats.creates), (1, 2), "refilled");
+    let next = pool.lease(&python()).await.unwrap();
+    assert_ne!(next.id, id);
+    drop(next);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_at_max_uses_is_destroyed_without_a_recycle() {
+    let (pool, ledger) = pool_with(TemplateSettings {
+        max_uses: 2,
+        ..settings(1, 1)
+    });
+    settle().await;
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    settle().await;
+    let second = pool.lease(&python()).await.unwrap();
+    assert_eq!((second.id, second.uses()), (id, 2));
+    second.recycle();
+    settle().await;
+    assert_eq!(ledger.recycled(), vec![id], "recycled once, not twice");
+    assert_eq!(ledger.destroyed(), vec![id]);
+    let stats = stats_of(&pool);
+    assert_eq!((stats.recycles, stats.recycle_failures), (1, 0));
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_max_uses_destroys_a_recycled_item() {
+    let (pool, ledger) = pool_with(settings(0, 1));
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    lease.recycle();
+    settle().await;
+    assert!(ledger.recycled().is_empty());
+    assert_eq!(ledger.destroyed(), vec![id]);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_past_max_age_is_destroyed_without_a_recycle() {
+    let max_age = Duration::from_secs(60);
+    let (pool, ledger) = pool_with(TemplateSettings {
+        max_age,
+        ..reusable(0, 1)
+    });
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    tokio::time::sleep(max_age).await;
+    lease.recycle();
+    settle().await;
+    assert!(ledger.recycled().is_empty());
+    assert_eq!(ledger.destroyed(), vec![id]);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_that_ages_out_while_recycling_is_destroyed_after_it() {
+    let max_age = Duration::from_secs(60);
+    let recycle_delay = Duration::from_secs(10);
+    let (pool, ledger) = pool_recycling_in(
+        recycle_delay,
+        TemplateSettings {
+            max_age,
+            ..reusable(0, 1)
+        },
+    );
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    tokio::time::sleep(max_age - recycle_delay / 2).await;
+    lease.recycle();
+    settle().await;
+    assert!(ledger.destroyed().is_empty(), "still recycling");
+    tokio::time::sleep(recycle_delay).await;
+    assert_eq!(ledger.recycled(), vec![id]);
+    assert_eq!(ledger.destroyed(), vec![id]);
+    let stats = stats_of(&pool);
+    assert_eq!((stats.idle, stats.recycles), (0, 1));
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn recycling_during_shutdown_destroys_the_item_and_shutdown_waits_for_recycles_in_flight() {
+    let recycle_delay = Duration::from_secs(2);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 2));
+    let in_flight = pool.lease(&python()).await.unwrap();
+    let late = pool.lease(&python()).await.unwrap();
+    let (in_flight_id, late_id) = (in_flight.id, late.id);
+    in_flight.recycle();
+    let shutdown = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.shutdown(Duration::from_secs(30)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    late.recycle();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ledger.destroyed(), vec![late_id], "destroyed, not recycled");
+    assert!(!shutdown.is_finished(), "shutdown waits for the recycle");
+    assert_eq!(stats_of(&pool).recycling, 1);
+    assert!(shutdown.await.unwrap().is_clean());
+    assert_eq!(ledger.recycled(), vec![in_flight_id]);
+    assert_eq!(ledger.destroyed(), vec![late_id, in_flight_id]);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refill_counts_recycling_items_towards_min_idle() {
+    let recycle_delay = Duration::from_secs(1);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(1, 3));
+    settle().await;
+    let recycled = pool.lease(&python()).await.unwrap();
+    let recycled_id = recycled.id;
+    settle().await;
+    assert_eq!(ledger.attempts(), 2, "the refill replaced the leased item");
+    recycled.recycle();
+    // Takes the idle item: nothing is idle now, one item is recycling.
+    let other = pool.lease(&python()).await.unwrap();
+    assert_eq!(other.acquire(), Acquire::Warm);
+    tokio::time::sleep(recycle_delay / 2).await;
+    let stats = stats_of(&pool);
+    assert_eq!((stats.idle, stats.recycling, stats.creating), (0, 1, 0));
+    settle().await;
+    assert_eq!(ledger.attempts(), 2, "no create while the item recycled");
+    let stats = stats_of(&pool);
+    assert_eq!((stats.idle, stats.recycles), (1, 1));
+    let back = pool.lease(&python()).await.unwrap();
+    assert_eq!(back.id, recycled_id);
+    drop((other, back));
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_with_no_idle_item_waits_for_a_recycling_item_instead_of_creating() {
+    let recycle_delay = Duration::from_millis(10);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    let next = pool.lease(&python()).await.unwrap();
+    assert_eq!(
+        (
+            next.id,
+            next.acquire(),
+            next.uses(),
+            next.acquire_duration()
+        ),
+        (id, Acquire::Warm, 2, recycle_delay)
+    );
+    assert_eq!(ledger.attempts(), 1, "no create");
+    let stats = stats_of(&pool);
+    assert_eq!((stats.hits, stats.misses), (1, 1));
+    drop(next);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_beyond_the_number_of_recycling_items_create_cold() {
+    let recycle_delay = Duration::from_millis(10);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    let key = python();
+    let (a, b) = tokio::join!(pool.lease(&key), pool.lease(&key));
+    let mut leases = [a.unwrap(), b.unwrap()];
+    leases.sort_by_key(|lease| lease.id);
+    let [waited, created] = leases;
+    assert_eq!(
+        (waited.id, waited.acquire(), waited.acquire_duration()),
+        (id, Acquire::Warm, recycle_delay)
+    );
+    assert_eq!(
+        (created.acquire(), created.acquire_duration()),
+        (Acquire::Cold, CREATE_DELAY)
+    );
+    assert_eq!(
+        ledger.attempts(),
+        2,
+        "one create for the lease that could not wait"
+    );
+    drop((waited, created));
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_waiting_for_a_recycle_that_fails_goes_on_to_create() {
+    let recycle_delay = Duration::from_millis(10);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 1));
+    ledger.fail_recycles(true);
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    let next = pool.lease(&python()).await.unwrap();
+    assert_ne!(next.id, id);
+    assert_eq!(next.acquire(), Acquire::Cold);
+    // The recycle, then the failed item's destroy (max_total is 1), then
+    // the create.
+    assert_eq!(
+        next.acquire_duration(),
+        recycle_delay + DESTROY_DELAY + CREATE_DELAY
+    );
+    assert_eq!(ledger.destroyed(), vec![id]);
+    assert_eq!(stats_of(&pool).recycle_failures, 1);
+    drop(next);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_lease_waiting_for_a_recycle_gives_its_claim_back() {
+    let recycle_delay = Duration::from_secs(1);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), pool.lease(&python())).await;
+    assert!(cancelled.is_err());
+    // With a leaked claim this lease would find the recycle taken and create.
+    let next = pool.lease(&python()).await.unwrap();
+    assert_eq!((next.id, next.acquire()), (id, Acquire::Warm));
+    assert_eq!(ledger.attempts(), 1);
+    drop(next);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_whose_recycle_outlasts_its_timeout_creates_cold() {
+    let recycle_delay = Duration::from_secs(10);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
+    let first = pool.lease(&python()).await.unwrap();
+    let id = first.id;
+    first.recycle();
+    let timeout = Duration::from_secs(1);
+    let next = pool.lease_within(&python(), timeout).await.unwrap();
+    assert_ne!(next.id, id);
+    assert_eq!(
+        (next.acquire(), next.acquire_duration()),
+        (Acquire::Cold, timeout + CREATE_DELAY)
+    );
+    tokio::time::sleep(recycle_delay).await;
+    assert_eq!(stats_of(&pool).idle, 1, "the slow recycle still comes back");
+    drop(next);
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_never_exceeds_max_total_while_leases_recycle() {
+    const MAX_TOTAL: usize = 3;
+    let (pool, ledger) = pool_with(TemplateSettings {
+        max_uses: 4,
+        lease_timeout: Duration::from_secs(60),
+        ..settings(2, MAX_TOTAL)
+    });
+    for id in (0..200).step_by(3) {
+        ledger.make_unrecyclable(id);
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = tokio::spawn({
+        let pool = pool.clone();
+        let done = Arc::clone(&done);
+        async move {
+            let mut most = 0;
+            while !done.load(Ordering::SeqCst) {
+                most = most.max(stats_of(&pool).live());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            most
+        }
+    });
+    let workers: Vec<_> = (0..6u64)
+        .map(|worker| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for round in 0..10u64 {
+                    let mut lease = pool.lease(&python()).await.unwrap();
+                    assert!(stats_of(&pool).live() <= MAX_TOTAL);
+                    tokio::time::sleep(Duration::from_millis(2 * (worker + round % 3))).await;
+                    match (worker + round) % 4 {
+                        0 | 1 => lease.recycle(),
+                        2 => {
+                            lease.set_remove_on_exit(false);
+                            lease.release();
+                        }
+                        _ => drop(lease),
+                    }
+                    assert!(stats_of(&pool).live() <= MAX_TOTAL);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let most = monitor.await.unwrap();
+    assert!(most <= MAX_TOTAL, "{most} items existed at once");
+    let stats = stats_of(&pool);
+    assert_eq!(stats.hits + stats.misses, 60);
+    assert!(
+        stats.recycles > 0 && stats.recycle_failures > 0,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.recycles + stats.recycle_failures,
+        ledger.recycled().len() as u64
+    );
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_recycle_destroys_the_item() {
+    let ledger = Arc::new(Ledger::default());
+    let pool = Pool::new(CannotReset(Numbered {
+        ledger: Arc::clone(&ledger),
+        create_delay: CREATE_DELAY,
+        recycle_delay: RECYCLE_DELAY,
+    }));
+    pool.set_template(python(), reusable(0, 1)).unwrap();
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    lease.recycle();
+    settle().await;
+    assert!(
+        ledger.recycled().is_empty(),
+        "Numbered::recycle is not used"
+    );
+    assert_eq!(ledger.destroyed(), vec![id]);
+    let stats = stats_of(&pool);
+    assert_eq!(
+        (stats.recycles, stats.recycle_failures, stats.idle),
+        (0, 1, 0)
+    );
+    assert_no_leak(&pool, &ledger).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn recycle_metrics_are_exported_per_template_with_help_text() {
+    let recycle_delay = Duration::from_millis(3);
+    let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 2));
+    let mut registry = Registry::default();
+    pool.register(&mut registry);
+    let kept = pool.lease(&python()).await.unwrap();
+    let broken = pool.lease(&python()).await.unwrap();
+    kept.recycle();
+    let mut during = String::new();
+    prometheus_client::encoding::text::encode(&mut during, &registry).unwrap();
+    assert!(
+        during.contains("kiln_pool_recycling_sandboxes{template=\"python\"} 1"),
+        "{during}"
+    );
+    settle().await;
+    ledger.fail_recycles(true);
+    broken.recycle();
+    settle().await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "kiln_pool_recycles_total{template=\"python\"} 1",
+        "kiln_pool_recycle_failures_total{template=\"python\"} 1",
+        "kiln_pool_recycling_sandboxes{template=\"python\"} 0",
+        "kiln_pool_recycle_seconds_count{template=\"python\"} 1",
+        "kiln_pool_recycle_seconds_bucket{le=\"0.004\",template=\"python\"} 1",
+        "# HELP kiln_pool_recycle_seconds Time to reset",
+        "# HELP kiln_pool_recycles Sandboxes reset",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert_no_leak(&pool, &ledger).await;
+}
+
+/// Recycles on two real worker threads and the real clock: no deadlock, no
+/// lost wake-up, no leaked claim or item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_item_leaks_with_recycles_on_a_multi_threaded_runtime() {
+    let ledger = Arc::new(Ledger::default());
+    let pool = Pool::new(Numbered {
+        ledger: Arc::clone(&ledger),
+        create_delay: Duration::from_millis(1),
+        recycle_delay: Duration::from_millis(1),
+    });
+    pool.set_template(
+        python(),
+        TemplateSettings {
+            max_uses: 3,
+            lease_timeout: Duration::from_secs(10),
+            ..settings(1, 3)
+        },
+    )
+    .unwrap();
+    for id in (0..1000).step_by(4) {
+        ledger.make_unrecyclable(id);
+    }
+    let workers: Vec<_> = (0..6u64)
+        .map(|worker| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for round in 0..20u64 {
+                    let lease = pool.lease(&python()).await.unwrap();
+                    tokio::task::yield_now().await;
+                    if (worker + round) % 3 == 0 {
+                        drop(lease);
+                    } else {
+                        lease.recycle();
+                    }
                 }
             })
         })
