@@ -68,21 +68,26 @@ impl fmt::Display for JobId {
 
 /// Fills `buf` from `/dev/urandom`; ids only need uniqueness, and a failure
 /// to read it falls back to time and address entropy rather than panicking.
+/// Fills `buf` from the kernel's CSPRNG: getrandom(2), one system call (ids
+/// are made per job, on the daemon's hot path), or /dev/urandom where that
+/// call is missing.
 fn fill_random(buf: &mut [u8]) {
-    use std::io::Read;
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .is_ok()
-    {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n > 0 {
+            got += n as usize;
+            continue;
+        }
+        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut buf[got..]))
+            .expect("neither getrandom(2) nor /dev/urandom is available");
         return;
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let seed = t ^ (buf.as_ptr() as u128) ^ (u128::from(std::process::id()) << 64);
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = (seed >> ((i % 16) * 8)) as u8;
     }
 }
 
