@@ -8,6 +8,10 @@
 //! [`BACKPRESSURE_BYTES`], job pipes are no longer read (the jobs block on
 //! full pipes) until the host has drained it, so an output flood costs
 //! bounded memory.
+//!
+//! With rooms (`Hello.rooms`, jails), every job process runs in the current
+//! room (see `room`), warm interpreters come from a zygote where the runtime
+//! has one (see `zygote`), and `Reset` replaces the room between leases.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,8 +25,10 @@ use kiln_protocol::{
 };
 
 use crate::files::Workdir;
-use crate::spawn::{spawn, JobIdentity, Spawned};
-use crate::{log_debug, log_info, log_warn, sys};
+use crate::room::{Room, RoomPlan};
+use crate::spawn::{spawn, JobFilters, JobIdentity, Place, Spawned};
+use crate::zygote::Zygote;
+use crate::{log_debug, log_error, log_info, log_warn, sys};
 
 /// Outgoing bytes past which job pipes are no longer read.
 const BACKPRESSURE_BYTES: usize = 4 * 1024 * 1024;
@@ -36,6 +42,8 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// How long the agent tries to deliver its last frames to a peer it is
 /// closing on.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
+/// How long a reset waits for the old room's processes to be gone.
+const RESET_REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Environment every job starts from; the request's env goes on top.
 fn default_env(workdir: &str) -> BTreeMap<String, String> {
@@ -232,6 +240,19 @@ struct Warm {
 struct Setup {
     runtimes: RuntimeTable,
     workdir: Workdir,
+    /// Runtimes the host wants kept warm, by canonical name.
+    wanted: Vec<String>,
+    rooms: Option<Rooms>,
+}
+
+/// Room mode: how rooms are made, and the current one.
+#[derive(Debug)]
+struct Rooms {
+    plan: RoomPlan,
+    filters: JobFilters,
+    own_pid_ns: OwnedFd,
+    /// `None` once its holder died; only a reset brings a room back.
+    room: Option<Room>,
 }
 
 impl Setup {
@@ -242,6 +263,30 @@ impl Setup {
             cwd: self.workdir.path().to_owned(),
         }
     }
+
+    /// Where job processes start: the current room, or here without rooms.
+    fn place(&self) -> Result<Place<'_>, String> {
+        match &self.rooms {
+            None => Ok(Place::Here),
+            Some(Rooms {
+                room: Some(room),
+                own_pid_ns,
+                filters,
+                ..
+            }) => Ok(Place::Room {
+                room,
+                own_pid_ns,
+                filters,
+            }),
+            Some(_) => Err("the sandbox's room is gone (its holder died); reset it".into()),
+        }
+    }
+}
+
+/// A room's work directory, as the agent reads and writes it.
+fn room_workdir(room: &Room, path: &str, uid: u32, gid: u32) -> Result<Workdir, String> {
+    let root = sys::dup(room.work()).map_err(|e| format!("workdir: {e}"))?;
+    Workdir::in_room(root, path, uid, gid).map_err(|e| format!("workdir: {e}"))
 }
 
 /// The host connection: its socket, incoming decoder and outgoing buffer.
@@ -329,6 +374,8 @@ enum Source {
     Output(ExecId, Stream),
     Stdin(ExecId),
     Control(ExecId),
+    /// A zygote's socket, by the zygote's pid.
+    Zygote(i32),
 }
 
 /// The agent's state across connections.
@@ -337,6 +384,7 @@ pub struct Agent {
     is_init: bool,
     setup: Option<Setup>,
     warm: Vec<Warm>,
+    zygotes: Vec<Zygote>,
     execs: BTreeMap<ExecId, Exec>,
     scratch: Vec<u8>,
 }
@@ -348,6 +396,7 @@ impl Agent {
             is_init,
             setup: None,
             warm: Vec::new(),
+            zygotes: Vec::new(),
             execs: BTreeMap::new(),
             scratch: vec![0; MAX_CHUNK_BYTES],
         }
@@ -389,6 +438,16 @@ impl Agent {
         }
         for w in std::mem::take(&mut self.warm) {
             sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        for z in std::mem::take(&mut self.zygotes) {
+            z.kill();
+        }
+        if let Some(room) = self
+            .setup
+            .as_mut()
+            .and_then(|s| s.rooms.as_mut()?.room.take())
+        {
+            room.kill();
         }
         if self.is_init {
             sys::kill_everything();
@@ -473,6 +532,9 @@ impl Agent {
             }
             add(conn.fd.as_raw_fd(), sock_events, Source::Socket);
             add(self.signals.as_raw_fd(), libc::POLLIN, Source::Signals);
+            for z in &self.zygotes {
+                add(z.fd(), libc::POLLIN, Source::Zygote(z.pid()));
+            }
             let mut timeout: Option<Duration> = None;
             for (&tag, exec) in &self.execs {
                 if !backpressured {
@@ -528,6 +590,7 @@ impl Agent {
                             let _ = exec.control.flush();
                         }
                     }
+                    Source::Zygote(pid) => self.on_zygote_readable(pid),
                 }
             }
         }
@@ -607,6 +670,31 @@ impl Agent {
                     r.status
                 );
                 sys::kill_group(w.process.pid, libc::SIGKILL);
+            } else if let Some(i) = self.zygotes.iter().position(|z| z.pid() == r.pid) {
+                let z = self.zygotes.swap_remove(i);
+                log_warn!(
+                    "{} zygote {} died (status {:#x}); the next reset starts another",
+                    z.runtime(),
+                    r.pid,
+                    r.status
+                );
+            } else if let Some(rooms) =
+                self.setup
+                    .as_mut()
+                    .and_then(|s| s.rooms.as_mut())
+                    .filter(|rooms| {
+                        rooms
+                            .room
+                            .as_ref()
+                            .is_some_and(|room| room.holder() == r.pid)
+                    })
+            {
+                log_error!(
+                    "the room's holder {} died (status {:#x}); its jobs are gone",
+                    r.pid,
+                    r.status
+                );
+                rooms.room = None;
             } else {
                 log_debug!("reaped orphan {}", r.pid);
             }
@@ -656,6 +744,7 @@ impl Agent {
             Frame::Kill(k) => Some(k.tag),
             Frame::PutFile(p) => Some(p.tag),
             Frame::GetFile(g) => Some(g.tag),
+            Frame::Reset { tag } => Some(*tag),
             _ => None,
         };
         if let Some(tag) = request_tag.filter(|_| !conn.hello_done) {
@@ -687,6 +776,7 @@ impl Agent {
             },
             Frame::PutFile(p) => self.on_put_file(conn, p),
             Frame::GetFile(g) => self.on_get_file(conn, g),
+            Frame::Reset { tag } => self.on_reset(conn, tag),
             other => {
                 let name = other.name();
                 conn.error(
@@ -725,35 +815,60 @@ impl Agent {
                 return None;
             }
         }
-        let workdir = match Workdir::open(&hello.workdir, hello.uid, hello.gid) {
-            Ok(w) => w,
-            Err(e) => {
-                conn.error(None, format!("workdir: {e}"));
-                return None;
-            }
-        };
-        self.setup = Some(Setup {
-            runtimes: hello.runtimes,
-            workdir,
-        });
-        // Keep interpreters from a previous connection (a restored
-        // snapshot) that still fit; stop the others.
         let wanted: Vec<String> = hello
             .warm
             .iter()
-            .filter_map(|n| self.runtime(n).map(|r| r.name.clone()))
+            .filter_map(|n| hello.runtimes.resolve(n).ok().map(|r| r.name.clone()))
             .collect();
-        let stale: Vec<Warm> = {
-            let (keep, stale) = std::mem::take(&mut self.warm)
-                .into_iter()
-                .partition(|w| wanted.contains(&w.runtime) && self.warm_fits(w));
-            self.warm = keep;
-            stale
+        let setup = match hello.rooms {
+            None => Workdir::open(&hello.workdir, hello.uid, hello.gid)
+                .map_err(|e| format!("workdir: {e}"))
+                .map(|workdir| Setup {
+                    runtimes: hello.runtimes,
+                    workdir,
+                    wanted,
+                    rooms: None,
+                }),
+            Some(spec) => {
+                // A fresh start: nothing of an earlier connection's rooms
+                // may serve this one.
+                self.drop_rooms();
+                Self::room_setup(&hello.workdir, hello.uid, hello.gid, &spec).map(
+                    |(workdir, rooms)| Setup {
+                        runtimes: hello.runtimes,
+                        workdir,
+                        wanted,
+                        rooms: Some(rooms),
+                    },
+                )
+            }
         };
-        for w in stale {
-            sys::kill_group(w.process.pid, libc::SIGKILL);
+        let setup = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                conn.error(None, e);
+                return None;
+            }
+        };
+        let room_mode = setup.rooms.is_some();
+        self.setup = Some(setup);
+        if room_mode {
+            self.start_zygotes();
+        } else {
+            // Keep interpreters from a previous connection (a restored
+            // snapshot) that still fit; stop the others.
+            let stale: Vec<Warm> = {
+                let (keep, stale) = std::mem::take(&mut self.warm)
+                    .into_iter()
+                    .partition(|w| self.wanted().contains(&w.runtime) && self.warm_fits(w));
+                self.warm = keep;
+                stale
+            };
+            for w in stale {
+                sys::kill_group(w.process.pid, libc::SIGKILL);
+            }
         }
-        for name in wanted {
+        for name in self.wanted() {
             self.start_warm(&name);
         }
         conn.hello_done = true;
@@ -763,6 +878,104 @@ impl Agent {
             pid: sys::getpid(),
         }));
         None
+    }
+
+    /// The first room and everything room mode needs.
+    fn room_setup(
+        workdir: &str,
+        uid: u32,
+        gid: u32,
+        spec: &kiln_protocol::Rooms,
+    ) -> Result<(Workdir, Rooms), String> {
+        let plan = RoomPlan::new(workdir, uid, gid, spec.disk_mb, spec.loopback)
+            .map_err(|e| e.to_string())?;
+        let own_pid_ns = sys::own_pid_namespace()
+            .map_err(|e| format!("opening the agent's own pid namespace: {e}"))?;
+        let room = Room::create(&plan).map_err(|e| e.to_string())?;
+        log_info!("room ready: holder {}", room.holder());
+        let workdir = room_workdir(&room, workdir, uid, gid)?;
+        Ok((
+            workdir,
+            Rooms {
+                plan,
+                filters: JobFilters::decode(&spec.job_filters),
+                own_pid_ns,
+                room: Some(room),
+            },
+        ))
+    }
+
+    /// Kills what an earlier connection's rooms left: warm interpreters,
+    /// zygotes and the room (reaped by the loop as they die).
+    fn drop_rooms(&mut self) {
+        for w in std::mem::take(&mut self.warm) {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        for z in std::mem::take(&mut self.zygotes) {
+            z.kill();
+        }
+        if let Some(room) = self
+            .setup
+            .as_mut()
+            .and_then(|s| s.rooms.as_mut()?.room.take())
+        {
+            room.kill();
+        }
+    }
+
+    fn wanted(&self) -> Vec<String> {
+        self.setup
+            .as_ref()
+            .map(|s| s.wanted.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts a zygote for every wanted runtime that has one and none
+    /// running (room mode only).
+    fn start_zygotes(&mut self) {
+        let Some(setup) = &self.setup else { return };
+        if setup.rooms.is_none() {
+            return;
+        }
+        let who = setup.identity();
+        for name in &setup.wanted {
+            let Ok(rt) = setup.runtimes.resolve(name) else {
+                continue;
+            };
+            let Some(warm) = rt.warm.as_ref().filter(|w| w.zygote) else {
+                continue;
+            };
+            if self.zygotes.iter().any(|z| z.runtime() == rt.name) {
+                continue;
+            }
+            let filters = &setup.rooms.as_ref().expect("room mode").filters;
+            let env = default_env("/");
+            match Zygote::start(&rt.name, &warm.command, &env, &who, filters) {
+                Ok(z) => self.zygotes.push(z),
+                Err(e) => log_warn!("cannot start a {} zygote: {e}", rt.name),
+            }
+        }
+    }
+
+    /// Handles what a zygote sent unasked: once it is ready, the warm
+    /// interpreters that waited for it are forked.
+    fn on_zygote_readable(&mut self, pid: i32) {
+        let Some(i) = self.zygotes.iter().position(|z| z.pid() == pid) else {
+            return;
+        };
+        let was_ready = self.zygotes[i].is_ready();
+        match self.zygotes[i].on_readable() {
+            Ok(true) if !was_ready => {
+                let runtime = self.zygotes[i].runtime().to_owned();
+                self.start_warm(&runtime);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let z = self.zygotes.swap_remove(i);
+                log_warn!("{} zygote {pid} is unusable ({e}); killing it", z.runtime());
+                z.kill();
+            }
+        }
     }
 
     fn runtime(&self, name: &str) -> Option<&Runtime> {
@@ -781,7 +994,9 @@ impl Agent {
     }
 
     /// Starts a warm interpreter for `runtime` unless it has no warm start
-    /// or one is already waiting.
+    /// or one is already waiting. In room mode it goes into the current
+    /// room, forked by the runtime's zygote if it has one (and nothing
+    /// happens until that zygote is ready).
     fn start_warm(&mut self, runtime: &str) {
         let Some(setup) = &self.setup else { return };
         let Ok(rt) = setup.runtimes.resolve(runtime) else {
@@ -792,7 +1007,35 @@ impl Agent {
             return;
         }
         let who = setup.identity();
-        match spawn(&warm.command, &default_env(&who.cwd), &who, true) {
+        let place = match setup.place() {
+            Ok(p) => p,
+            Err(e) => return log_warn!("cannot start a warm {} interpreter: {e}", rt.name),
+        };
+        let forked = match place {
+            Place::Room { room, .. } if warm.zygote => {
+                let Some(z) = self.zygotes.iter_mut().find(|z| z.runtime() == rt.name) else {
+                    return log_warn!("no {} zygote; the next exec starts cold", rt.name);
+                };
+                if !z.is_ready() {
+                    return;
+                }
+                match z.fork_into(room) {
+                    Ok(p) => Ok(p),
+                    Err(e) => {
+                        log_warn!(
+                            "the {} zygote {} failed ({e}); killing it",
+                            rt.name,
+                            z.pid()
+                        );
+                        z.kill();
+                        return;
+                    }
+                }
+            }
+            place => spawn(&warm.command, &default_env(&who.cwd), &who, true, place)
+                .map_err(|e| e.to_string()),
+        };
+        match forked {
             Ok(process) => {
                 log_info!("warm {} interpreter started: pid {}", rt.name, process.pid);
                 self.warm.push(Warm {
@@ -805,6 +1048,90 @@ impl Agent {
                 });
             }
             Err(e) => log_warn!("cannot start a warm {} interpreter: {e}", rt.name),
+        }
+    }
+
+    /// Kills the current room with everything in it, waits until it is
+    /// gone, and makes the next one (see `Frame::Reset`).
+    fn on_reset(&mut self, conn: &mut Connection, tag: u32) {
+        match self.reset() {
+            Ok(()) => conn.send(&Frame::Ack { tag }),
+            Err(e) => {
+                log_error!("reset failed: {e}");
+                conn.error(Some(tag), format!("reset failed: {e}"));
+            }
+        }
+    }
+
+    fn reset(&mut self) -> Result<(), String> {
+        let Some(rooms) = self.setup.as_ref().and_then(|s| s.rooms.as_ref()) else {
+            return Err("this sandbox has no rooms (Hello.rooms was not set)".into());
+        };
+        let holder = rooms.room.as_ref().map(Room::holder);
+        if let Some(room) = &rooms.room {
+            room.kill();
+        }
+        // The execs and warm interpreters die with the room; they are the
+        // agent's children and must be reaped for the holder to finish.
+        for exec in self.execs.values().filter(|e| e.ended.is_none()) {
+            sys::kill_group(exec.pid, libc::SIGKILL);
+        }
+        for w in &self.warm {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        let mut doomed: Vec<i32> = self
+            .execs
+            .values()
+            .filter(|e| e.ended.is_none())
+            .map(|e| e.pid)
+            .chain(self.warm.iter().map(|w| w.process.pid))
+            .chain(holder)
+            .collect();
+        let deadline = Instant::now() + RESET_REAP_TIMEOUT;
+        while !doomed.is_empty() {
+            while let Some(r) = sys::reap_one() {
+                doomed.retain(|&p| p != r.pid);
+                self.reaped_elsewhere(r.pid, r.status);
+            }
+            if doomed.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "processes {doomed:?} of the old room were still alive after {RESET_REAP_TIMEOUT:?}"
+                ));
+            }
+            let _ = sys::wait_readable(self.signals.as_raw_fd(), left);
+            sys::read_signals(self.signals.as_raw_fd());
+        }
+        self.execs.clear();
+        self.warm.clear();
+        let setup = self.setup.as_mut().expect("checked above");
+        let rooms = setup.rooms.as_mut().expect("checked above");
+        rooms.room = None;
+        let room = Room::create(&rooms.plan).map_err(|e| e.to_string())?;
+        let path = setup.workdir.path().to_owned();
+        setup.workdir = room_workdir(&room, &path, setup.workdir.uid(), setup.workdir.gid())?;
+        log_info!("room reset: holder {}", room.holder());
+        rooms.room = Some(room);
+        self.start_zygotes();
+        for name in self.wanted() {
+            self.start_warm(&name);
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping for a child reaped outside [`Agent::reap`] (during a
+    /// reset): a zygote is forgotten; everything else belonged to the old
+    /// room.
+    fn reaped_elsewhere(&mut self, pid: i32, status: libc::c_int) {
+        if let Some(i) = self.zygotes.iter().position(|z| z.pid() == pid) {
+            let z = self.zygotes.swap_remove(i);
+            log_warn!(
+                "{} zygote {pid} died (status {status:#x}); starting another",
+                z.runtime()
+            );
         }
     }
 
@@ -858,8 +1185,9 @@ impl Agent {
                 }
             }
         }
+        let setup = self.setup.as_ref().expect("checked above");
         let argv = rt.cold_argv(&entry, &req.args);
-        let process = spawn(&argv, &env, &who, false)
+        let process = spawn(&argv, &env, &who, false, setup.place()?)
             .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
         let exec = Exec::new(process, &req, &rt.name);
         conn.send(&Frame::Started(Started {

@@ -98,6 +98,22 @@ impl Workdir {
         })
     }
 
+    /// A room's work directory: `root` is the root of its tmpfs (already
+    /// owned by `uid`/`gid`), which jobs see at `path`.
+    pub fn in_room(root: OwnedFd, path: &str, uid: u32, gid: u32) -> Result<Self, FileError> {
+        if !path.starts_with('/') {
+            return Err(FileError::BadPath(format!(
+                "workdir {path:?} must be an absolute path"
+            )));
+        }
+        Ok(Self {
+            path: path.trim_end_matches('/').to_owned(),
+            dir: root,
+            uid,
+            gid,
+        })
+    }
+
     /// The absolute path of the work directory.
     pub fn path(&self) -> &str {
         if self.path.is_empty() {

@@ -10,8 +10,10 @@ mod cli;
 mod files;
 mod guest;
 mod log;
+mod room;
 mod spawn;
 mod sys;
+mod zygote;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;

@@ -1,17 +1,24 @@
 //! Starting a job process (or a warm interpreter, which is a job process
-//! that has not been told its job yet). Everything the child needs is
-//! prepared before fork by `std::process::Command`; the code that runs
-//! between fork and exec ([`child_setup`]) makes only async-signal-safe
-//! system calls.
+//! that has not been told its job yet, or a zygote, which forks them).
+//! Everything the child needs is prepared before fork by
+//! `std::process::Command`; the code that runs between fork and exec
+//! ([`child_setup`]) makes only async-signal-safe system calls.
 //!
-//! The child gets: its own session and process group (so that the agent can
-//! signal everything it started with one `kill(-pgid)`), the job's uid/gid
-//! with no supplementary groups, SIGKILL when the agent dies, no core dumps,
-//! an empty signal mask and default signal dispositions (the agent blocks
-//! signals for its signalfd and std ignores SIGPIPE: neither may leak into
-//! the job), the work directory as cwd, three pipes as stdio, and for warm
-//! interpreters the read end of the control pipe as fd 3. Every other agent
-//! descriptor is close-on-exec.
+//! A job process gets: its own session and process group (so that the agent
+//! can signal everything it started with one `kill(-pgid)`), the job's
+//! uid/gid with no supplementary groups, SIGKILL when the agent dies, no core
+//! dumps, an empty signal mask and default signal dispositions (the agent
+//! blocks signals for its signalfd and std ignores SIGPIPE: neither may leak
+//! into the job), the work directory as cwd, three pipes as stdio, and for
+//! warm interpreters the read end of the control pipe as fd 3. Every other
+//! agent descriptor is close-on-exec.
+//!
+//! In a sandbox with rooms ([`Place::Room`]) the process also joins the
+//! room's namespaces (its pid namespace through the agent, which forks it
+//! with its own children pointed there), loses every capability from its
+//! bounding set, offers itself first to the OOM killer, and installs the
+//! job's seccomp filters as its last step: in room mode the agent's own
+//! filter lets it make rooms, which jobs must not.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -20,6 +27,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use crate::room::{self, Room, ENTER_NAMESPACES};
 use crate::sys;
 
 /// Who a job runs as, and where.
@@ -42,38 +50,84 @@ pub struct Spawned {
 }
 
 /// The descriptor number a warm interpreter reads its job from.
-const CONTROL_FD: RawFd = 3;
+pub const CONTROL_FD: RawFd = 3;
 
-/// Starts `argv` with exactly `env`, as `who`, with a control pipe on fd 3
-/// if `warm`.
+/// The job's seccomp programs, decoded once from `Hello`.
+#[derive(Debug, Default)]
+pub struct JobFilters {
+    raw: Vec<Vec<u8>>,
+    programs: Vec<Vec<libc::sock_filter>>,
+}
+
+impl JobFilters {
+    /// Decodes `struct sock_filter` arrays (8 little-endian bytes each).
+    pub fn decode(raw: &[Vec<u8>]) -> Self {
+        let programs = raw
+            .iter()
+            .map(|p| {
+                p.chunks_exact(8)
+                    .map(|i| libc::sock_filter {
+                        code: u16::from_le_bytes([i[0], i[1]]),
+                        jt: i[2],
+                        jf: i[3],
+                        k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            raw: raw.to_vec(),
+            programs,
+        }
+    }
+
+    /// The programs as received, for a zygote to install in its forks.
+    pub fn raw(&self) -> &[Vec<u8>] {
+        &self.raw
+    }
+
+    fn fprogs(&self) -> Vec<libc::sock_fprog> {
+        self.programs
+            .iter()
+            .map(|p| libc::sock_fprog {
+                len: p.len() as u16,
+                filter: p.as_ptr() as *mut libc::sock_filter,
+            })
+            .collect()
+    }
+}
+
+/// Where a process starts.
+#[derive(Clone, Copy)]
+pub enum Place<'a> {
+    /// In the agent's own namespaces (a microVM guest without rooms).
+    Here,
+    /// In `room`, confined by `filters`; `own_pid_ns` brings the agent's
+    /// children back to its own pid namespace afterwards.
+    Room {
+        room: &'a Room,
+        own_pid_ns: &'a OwnedFd,
+        filters: &'a JobFilters,
+    },
+}
+
+/// Starts `argv` with exactly `env`, as `who`, at `place`, with a control
+/// pipe on fd 3 if `warm`.
 pub fn spawn(
     argv: &[String],
     env: &BTreeMap<String, String>,
     who: &JobIdentity,
     warm: bool,
+    place: Place<'_>,
 ) -> io::Result<Spawned> {
-    let Some((program, args)) = argv.split_first() else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
-    };
-    let cwd = CString::new(who.cwd.as_str())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in workdir"))?;
     let control = if warm { Some(sys::pipe()?) } else { None };
     let control_rd = control.as_ref().map_or(-1, |(r, _)| r.as_raw_fd());
-    let (uid, gid) = (who.uid, who.gid);
-
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::piped())
+    let mut cmd = command(argv, env)?;
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure only calls async-signal-safe functions on values
-    // prepared before fork (see `child_setup`).
-    unsafe {
-        cmd.pre_exec(move || child_setup(uid, gid, &cwd, control_rd));
-    }
-    let mut child = cmd.spawn()?;
+    let setup = Setup::new(who, control_rd, place)?;
+    let mut child = start(cmd, setup, place)?;
     let pid = child.id() as i32;
     let take = |fd: Option<OwnedFd>| -> io::Result<OwnedFd> {
         let fd = fd.ok_or_else(|| io::Error::other("child pipe missing"))?;
@@ -102,6 +156,96 @@ pub fn spawn(
     })
 }
 
+/// Starts a zygote: `argv` as the agent's own user (root of the sandbox,
+/// with the agent's capabilities, which it needs to enter rooms), in the
+/// agent's namespaces, with `sock` as fd 3, stdin and stdout on /dev/null
+/// and stderr shared with the agent's log. Returns its pid.
+pub fn spawn_zygote(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    sock: &OwnedFd,
+) -> io::Result<i32> {
+    let mut cmd = command(argv, env)?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: getuid/getgid have no preconditions.
+    let who = JobIdentity {
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        cwd: "/".into(),
+    };
+    let setup = Setup::new(&who, sock.as_raw_fd(), Place::Here)?;
+    let child = start(cmd, setup, Place::Here)?;
+    Ok(child.id() as i32)
+}
+
+fn command(argv: &[String], env: &BTreeMap<String, String>) -> io::Result<Command> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().envs(env);
+    Ok(cmd)
+}
+
+/// Forks and execs `cmd` with `setup` run in the child; with its pid
+/// namespace pointed into the room for the fork when `place` is a room.
+fn start(mut cmd: Command, setup: Setup, place: Place<'_>) -> io::Result<std::process::Child> {
+    // SAFETY: the closure only calls async-signal-safe functions on values
+    // prepared before fork (see `child_setup`).
+    unsafe {
+        cmd.pre_exec(move || child_setup(&setup));
+    }
+    match place {
+        Place::Here => cmd.spawn(),
+        Place::Room {
+            room, own_pid_ns, ..
+        } => {
+            let _in_room = room::enter_for_children(room, own_pid_ns)?;
+            cmd.spawn()
+        }
+    }
+}
+
+/// What the child does between fork and exec, prepared before fork.
+struct Setup {
+    uid: u32,
+    gid: u32,
+    cwd: CString,
+    fd3: RawFd,
+    /// The room's pidfd, for `setns(ENTER_NAMESPACES)`.
+    room: RawFd,
+    /// The job's filters (pointers into the agent's `JobFilters`, which
+    /// outlives every fork).
+    fprogs: Vec<libc::sock_fprog>,
+}
+
+// SAFETY: the raw pointers in `fprogs` point into `JobFilters` owned by the
+// agent's setup, alive for the whole spawn; the closure holding `Setup` runs
+// only in the forked child.
+unsafe impl Send for Setup {}
+unsafe impl Sync for Setup {}
+
+impl Setup {
+    fn new(who: &JobIdentity, fd3: RawFd, place: Place<'_>) -> io::Result<Self> {
+        let cwd = CString::new(who.cwd.as_str())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in workdir"))?;
+        let (room, fprogs) = match place {
+            Place::Here => (-1, Vec::new()),
+            Place::Room { room, filters, .. } => (room.pidfd(), filters.fprogs()),
+        };
+        Ok(Self {
+            uid: who.uid,
+            gid: who.gid,
+            cwd,
+            fd3,
+            room,
+            fprogs,
+        })
+    }
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret == -1 {
         Err(io::Error::last_os_error())
@@ -112,18 +256,34 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 
 /// Runs in the forked child before exec: async-signal-safe calls only, no
 /// allocation.
-fn child_setup(uid: u32, gid: u32, cwd: &CString, control_rd: RawFd) -> io::Result<()> {
+fn child_setup(s: &Setup) -> io::Result<()> {
     // SAFETY: each call below is async-signal-safe and takes either plain
     // integers or pointers to memory prepared before fork.
     unsafe {
+        if s.room >= 0 {
+            sys::setns(s.room, ENTER_NAMESPACES)?;
+        }
         check(libc::setsid())?;
+        if s.room >= 0 {
+            // Past the last capability the kernel answers EINVAL.
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 {
+                    break;
+                }
+            }
+        }
+        if s.room >= 0 {
+            // Before the uid change: it makes the process non-dumpable
+            // until exec, and /proc/self unwritable.
+            prefer_for_oom()?;
+        }
         // A user namespace whose setgroups is denied keeps the (already
         // empty or unmapped) groups it was created with.
         if libc::setgroups(0, std::ptr::null()) == -1 && *libc::__errno_location() != libc::EPERM {
             return Err(io::Error::last_os_error());
         }
-        check(libc::setresgid(gid, gid, gid))?;
-        check(libc::setresuid(uid, uid, uid))?;
+        check(libc::setresgid(s.gid, s.gid, s.gid))?;
+        check(libc::setresuid(s.uid, s.uid, s.uid))?;
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
         let no_core = libc::rlimit {
             rlim_cur: 0,
@@ -143,15 +303,50 @@ fn child_setup(uid: u32, gid: u32, cwd: &CString, control_rd: RawFd) -> io::Resu
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        check(libc::chdir(cwd.as_ptr()))?;
-        if control_rd >= 0 {
-            if control_rd == CONTROL_FD {
+        check(libc::chdir(s.cwd.as_ptr()))?;
+        if s.fd3 >= 0 {
+            if s.fd3 == CONTROL_FD {
                 check(libc::fcntl(CONTROL_FD, libc::F_SETFD, 0))?;
             } else {
                 // dup2 clears close-on-exec on the new descriptor.
-                check(libc::dup2(control_rd, CONTROL_FD))?;
+                check(libc::dup2(s.fd3, CONTROL_FD))?;
             }
         }
+        if s.room >= 0 {
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            for prog in &s.fprogs {
+                check(libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    prog as *const libc::sock_fprog,
+                    0,
+                    0,
+                ))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the calling process the OOM killer's first choice in its cgroup
+/// (`oom_score_adj` 1000; raising it needs no privilege), so that a job
+/// short of memory never takes the agent, the holder or a zygote with it.
+///
+/// # Safety
+///
+/// Raw open/write/close; callable between fork and exec.
+unsafe fn prefer_for_oom() -> io::Result<()> {
+    let fd = libc::open(
+        c"/proc/self/oom_score_adj".as_ptr(),
+        libc::O_WRONLY | libc::O_CLOEXEC,
+    );
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = libc::write(fd, b"1000".as_ptr().cast(), 4);
+    libc::close(fd);
+    if n != 4 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

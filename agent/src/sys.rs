@@ -53,6 +53,14 @@ pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
     update_fl(fd, libc::F_GETFD, libc::F_SETFD, libc::FD_CLOEXEC)
 }
 
+/// A close-on-exec duplicate of `fd`.
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: the descriptor is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Whether `fd` is an open file descriptor.
 pub fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only queries the descriptor table.
@@ -327,4 +335,173 @@ pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: accept4 returned a fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fsopen`/`fsconfig`/`fsmount` flags and commands (linux/mount.h).
+const FSOPEN_CLOEXEC: libc::c_uint = 0x1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 0x1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+
+/// A new tmpfs with the given mount options (`size`, `mode`, `uid`...), as a
+/// detached mount: a descriptor of its root that is attached nowhere until
+/// someone `move_mount`s it (see `room`). It is `nosuid,nodev`.
+pub fn detached_tmpfs(options: &[(&CStr, &CStr)]) -> io::Result<OwnedFd> {
+    let raw = |r: libc::c_long| -> io::Result<RawFd> {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as RawFd)
+        }
+    };
+    // SAFETY: fsopen takes a NUL-terminated name; it returns a new fd.
+    let fs = raw(unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: fsopen returned a fresh descriptor.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs) };
+    for (key, value) in options {
+        // SAFETY: key and value are NUL-terminated strings.
+        raw(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        })?;
+    }
+    // SAFETY: no memory arguments.
+    raw(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_char>(),
+            0,
+        )
+    })?;
+    // SAFETY: no memory arguments; returns a new fd.
+    let mnt = raw(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        )
+    })?;
+    // SAFETY: fsmount returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(mnt) })
+}
+
+/// setns(2): moves this process into the namespaces `nstype` (CLONE_NEW*
+/// flags) of the process behind the pidfd `fd`, or of the namespace fd.
+pub fn setns(fd: RawFd, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: no memory arguments.
+    cvt(unsafe { libc::setns(fd, nstype) }).map(drop)
+}
+
+/// A pidfd for `pid` (pidfd_open(2)): it names the process even after its
+/// pid is reused, and setns(2) accepts it.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: no memory arguments; returns a new fd (close-on-exec).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A connected pair of `SOCK_SEQPACKET` unix sockets (message boundaries
+/// kept, descriptors passable), both close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded; both fds are fresh.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Most descriptors [`send_with_fds`] passes in one message.
+pub const MAX_PASSED_FDS: usize = 8;
+
+/// Sends one message with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_PASSED_FDS, "at most {MAX_PASSED_FDS} fds");
+    // Room for the largest control message, aligned like a cmsghdr.
+    let mut space = [0u64; 8];
+    let fds_bytes = std::mem::size_of_val(fds) as u32;
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the
+    // sendmsg call, and CMSG_* stay within `space` (sized for 8 fds).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = space.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(fds_bytes) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fds_bytes) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+        let n = retry(|| {
+            let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })?;
+        if n != data.len() {
+            return Err(io::Error::other("short sendmsg on a seqpacket socket"));
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for `fd` to become readable (or hang up).
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut p = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // An interrupted poll returns 0 too: look at the clock again.
+        if poll(&mut p, Some(left))? > 0 {
+            return Ok(true);
+        }
+        if left.is_zero() {
+            return Ok(false);
+        }
+    }
+}
+
+/// Opens this process's own pid namespace, to come back to it after a
+/// `setns(room, CLONE_NEWPID)` (which only changes where children go).
+pub fn own_pid_namespace() -> io::Result<OwnedFd> {
+    std::fs::File::open("/proc/self/ns/pid").map(OwnedFd::from)
 }

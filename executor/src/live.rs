@@ -1,7 +1,8 @@
 //! Live figures of a sandbox for the metrics stream: CPU, memory and pids
-//! from the backend's stats (a jail's cgroup), disk use of its work directory (statvfs through
-//! `/proc/<init>/root`, which reaches into the jail's mount namespace) and
-//! network counters from its own network namespace (`/proc/<init>/net/dev`).
+//! from the backend's stats (a jail's cgroup), disk use of its work
+//! directory (statvfs through `/proc/<holder>/root`, which reaches into the
+//! mount namespace of the jail's current room) and network counters of the
+//! room's own network namespace (`/proc/<holder>/net/dev`).
 
 use std::ffi::CString;
 
@@ -27,13 +28,13 @@ pub struct LiveSample {
     pub net_tx_bytes: Option<u64>,
 }
 
-/// Samples `sandbox` now. Disk and network are read through the jail's
-/// init process; a microVM's are not visible from the host (`null`).
+/// Samples `sandbox` now. Disk and network are read through the holder of
+/// the jail's room; a microVM's are not visible from the host (`null`).
 pub fn sample(sandbox: &AnySandbox) -> LiveSample {
     let s = sandbox.stats();
     let (pid, cpu_usage_us) = match sandbox {
         AnySandbox::Jail(j) => (
-            j.pid(),
+            j.room_pid().unwrap_or(0),
             s.cpu_usage_us
                 .or_else(|| j.cgroup().map(|cg| proc_cpu_us(&cg.procs()))),
         ),

@@ -12,9 +12,9 @@
 //!
 //! The exchange: the host sends [`Hello`], the agent answers [`HelloAck`] or
 //! an error and closes if the versions differ. Then any number of `PutFile`,
-//! `GetFile`, `Exec` (+ `Stdin`, `Kill`) and `Ping` requests, in any order and
-//! concurrently; the agent answers with `Ack`, `FileData`, `Started` /
-//! `Stdout` / `Stderr` / `Exit`, `Pong`, or `Error`.
+//! `GetFile`, `Exec` (+ `Stdin`, `Kill`), `Ping` and `Reset` requests, in any
+//! order and concurrently; the agent answers with `Ack`, `FileData`,
+//! `Started` / `Stdout` / `Stderr` / `Exit`, `Pong`, or `Error`.
 //!
 //! [`Decoder`] is sans-IO: feed it bytes, take frames out. It never panics
 //! and never allocates more than [`MAX_FRAME_BYTES`](crate::limits::MAX_FRAME_BYTES)
@@ -30,7 +30,7 @@ use crate::limits::{MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FRAME_BYTES, MAX_PATH_B
 use crate::runtime::RuntimeTable;
 
 /// Version of this protocol; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// First frame, host to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,60 @@ pub struct Hello {
     /// Unprivileged user and group that jobs run as.
     pub uid: u32,
     pub gid: u32,
+    /// Run every job in a room: namespaces of its own inside the sandbox,
+    /// made fresh by [`Frame::Reset`]. `None`: jobs share the sandbox's
+    /// namespaces (a microVM guest, whose kernel has none to spare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Rooms>,
+}
+
+/// How the agent makes rooms: per-lease pid, mount, network and IPC
+/// namespaces, with a fresh tmpfs on the work directory, `/tmp` and
+/// `/dev/shm`, a fresh `/proc` and only a loopback interface. Everything a
+/// lease's jobs can change lives in its room, so [`Frame::Reset`] (which
+/// kills the room and makes a new one) leaves nothing of them behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rooms {
+    /// Size of each of the room's three tmpfs, in MiB.
+    pub disk_mb: u64,
+    /// Seccomp programs every job process installs, in order, as the last
+    /// step before it runs job code: each a `struct sock_filter` array
+    /// (8 bytes per instruction, little-endian), base64 in JSON.
+    #[serde(with = "bpf_programs")]
+    pub job_filters: Vec<Vec<u8>>,
+    /// Bring each room's loopback interface up.
+    pub loopback: bool,
+}
+
+mod bpf_programs {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let b64: Vec<String> = v
+            .iter()
+            .map(|p| base64::engine::general_purpose::STANDARD.encode(p))
+            .collect();
+        b64.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let b64 = Vec::<String>::deserialize(d)?;
+        b64.iter()
+            .map(|p| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(p)
+                    .map_err(serde::de::Error::custom)?;
+                if bytes.is_empty() || bytes.len() % 8 != 0 {
+                    return Err(serde::de::Error::custom(format!(
+                        "a seccomp program is a non-empty array of 8-byte instructions, not {} bytes",
+                        bytes.len()
+                    )));
+                }
+                Ok(bytes)
+            })
+            .collect()
+    }
 }
 
 /// The agent's answer to [`Hello`].
@@ -159,6 +213,13 @@ pub enum Frame {
     Ack {
         tag: u32,
     },
+    /// Host to agent, between leases: kill the current room and everything
+    /// in it (execs still running end without an `Exit`), make a new one and
+    /// pre-warm into it again; answered with `Ack` once the old room is gone
+    /// and the new one is ready, or `Error` (then the sandbox is unusable).
+    Reset {
+        tag: u32,
+    },
     Started(Started),
     Stdout {
         tag: ExecId,
@@ -184,6 +245,7 @@ mod kind {
     pub const GET_FILE: u8 = 0x09;
     pub const FILE_DATA: u8 = 0x0a;
     pub const ACK: u8 = 0x0b;
+    pub const RESET: u8 = 0x0c;
     pub const STARTED: u8 = 0x10;
     pub const STDOUT: u8 = 0x11;
     pub const STDERR: u8 = 0x12;
@@ -239,6 +301,7 @@ impl Frame {
             Frame::GetFile(_) => "get_file",
             Frame::FileData { .. } => "file_data",
             Frame::Ack { .. } => "ack",
+            Frame::Reset { .. } => "reset",
             Frame::Started(_) => "started",
             Frame::Stdout { .. } => "stdout",
             Frame::Stderr { .. } => "stderr",
@@ -269,6 +332,7 @@ impl Frame {
             Frame::Stderr { tag, data } => tagged(out, kind::STDERR, *tag, data),
             Frame::FileData { tag, data } => tagged(out, kind::FILE_DATA, *tag, data),
             Frame::Ack { tag } => tagged(out, kind::ACK, *tag, &[]),
+            Frame::Reset { tag } => tagged(out, kind::RESET, *tag, &[]),
             Frame::Ping(n) => {
                 out.push(kind::PING);
                 out.extend_from_slice(&n.to_be_bytes());
@@ -333,6 +397,10 @@ impl Frame {
                 let (tag, data) = split_tag("ack", rest, 0)?;
                 debug_assert!(data.is_empty());
                 Frame::Ack { tag }
+            }
+            kind::RESET => {
+                let (tag, _) = split_tag("reset", rest, 0)?;
+                Frame::Reset { tag }
             }
             kind::PING => Frame::Ping(u64_body("ping", rest)?),
             kind::PONG => Frame::Pong(u64_body("pong", rest)?),
@@ -552,6 +620,20 @@ mod tests {
                 workdir: "/work".into(),
                 uid: 1000,
                 gid: 1000,
+                rooms: None,
+            }),
+            Frame::Hello(Hello {
+                version: 2,
+                runtimes: RuntimeTable::default(),
+                warm: vec![],
+                workdir: "/work".into(),
+                uid: 1000,
+                gid: 1000,
+                rooms: Some(Rooms {
+                    disk_mb: 64,
+                    job_filters: vec![vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f]],
+                    loopback: true,
+                }),
             }),
             Frame::HelloAck(HelloAck {
                 version: 1,
@@ -590,6 +672,7 @@ mod tests {
                 data: vec![1],
             },
             Frame::Ack { tag: 1 },
+            Frame::Reset { tag: 3 },
             Frame::Started(Started {
                 tag: 7,
                 pid: 3,
@@ -655,6 +738,20 @@ mod tests {
             read_frame(&mut &[][..], 10).unwrap_err(),
             FrameError::Closed
         ));
+    }
+
+    #[test]
+    fn a_hello_whose_seccomp_program_is_not_whole_instructions_is_refused() {
+        let mut body = vec![kind::HELLO];
+        let mut hello = serde_json::to_value(match &samples()[1] {
+            Frame::Hello(h) => h.clone(),
+            _ => unreachable!("the second sample is a hello with rooms"),
+        })
+        .unwrap();
+        hello["rooms"]["job_filters"] = serde_json::json!(["AAAA"]);
+        serde_json::to_writer(&mut body, &hello).unwrap();
+        let e = Frame::decode_body(&body).unwrap_err().to_string();
+        assert!(e.contains("8-byte instructions"), "{e}");
     }
 
     #[test]

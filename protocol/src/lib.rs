@@ -13,7 +13,7 @@ mod runtime;
 
 pub use frame::{
     read_frame, Decoder, ExecError, ExecRequest, ExitReport, ExitStatus, Frame, FrameError,
-    GetFile, Hello, HelloAck, Kill, PutFile, Started, PROTOCOL_VERSION,
+    GetFile, Hello, HelloAck, Kill, PutFile, Rooms, Started, PROTOCOL_VERSION,
 };
 pub use job::{
     check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome, SpecError,

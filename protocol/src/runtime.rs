@@ -23,6 +23,11 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct WarmStart {
     pub command: Vec<String>,
+    /// The command also speaks the zygote contract (see the module docs):
+    /// in a sandbox with rooms, one long-lived copy forks every warm
+    /// interpreter instead of each being started from scratch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zygote: bool,
 }
 
 /// One language runtime.

@@ -257,6 +257,25 @@ impl AgentConn {
         }
     }
 
+    /// Asks the agent to replace the sandbox's room (`Frame::Reset`): every
+    /// process of the last lease killed, its files and namespaces gone, a
+    /// fresh room pre-warmed. Waits at most `within`.
+    pub async fn reset(&self, within: Duration) -> Result<(), AgentError> {
+        let tag = self.inner.tag();
+        match tokio::time::timeout(within, self.request(tag, Frame::Reset { tag })).await {
+            Err(_) => {
+                self.inner.unregister(tag);
+                Err(AgentError::Timeout(within))
+            }
+            Ok(Ok(Frame::Ack { .. })) => Ok(()),
+            Ok(Ok(f)) => Err(AgentError::Protocol(format!(
+                "{} in answer to reset",
+                f.name()
+            ))),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
     /// Starts an exec in one write: its files, the exec (whose tag is
     /// assigned here) and its whole stdin (closed at the end). The agent handles frames in order, so the files
     /// exist before the exec starts; their acks are collected afterwards

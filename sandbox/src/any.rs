@@ -68,6 +68,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.set_background(background))
     }
 
+    async fn reset(&self) -> Result<(), SandboxError> {
+        each!(self, s => s.reset().await)
+    }
+
     async fn destroy(self) {
         each!(self, s => s.destroy().await)
     }

@@ -146,6 +146,18 @@ pub trait Sandbox: Send + Sync {
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}
+    /// Makes a sandbox whose job ended as fresh as a new one, for the next
+    /// job: every process the job left killed, every file, namespace and
+    /// counter of its gone, the warm runtimes ready again. `Err` when the
+    /// backend cannot (then the owner destroys it); a sandbox whose reset
+    /// failed must not run anything else.
+    fn reset(&self) -> impl Future<Output = Result<(), SandboxError>> + Send {
+        async {
+            Err(SandboxError::Unsupported(
+                "this backend cannot reset a sandbox; it is destroyed instead".into(),
+            ))
+        }
+    }
     /// Kills everything inside and removes every trace on the host.
     fn destroy(self) -> impl Future<Output = ()> + Send
     where

@@ -363,3 +363,157 @@ async fn a_file_that_cannot_be_placed_stops_the_job_and_names_the_file() {
     sb.destroy().await;
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
+
+/// Runs `code` with `runtime` in `sb` and returns its stdout, requiring
+/// outcome ok.
+async fn run_ok(sb: &Jail, runtime: &str, code: &str, warm_next: bool) -> (String, bool) {
+    let table = RuntimeTable::default();
+    let rt = table.resolve(runtime).unwrap();
+    let out = run_job(
+        sb,
+        JobId::random(),
+        rt,
+        &spec(runtime, code),
+        warm_next,
+        &mut (),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{code}: {:?}", out.result);
+    (out.result.stdout, out.warm)
+}
+
+/// Waits (bounded) until the sandbox's next Python exec is warm, with a
+/// harmless probe.
+async fn until_warm(sb: &Jail) {
+    for _ in 0..100 {
+        if run_ok(sb, "python", "pass", true).await.1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no warm interpreter within 5 s");
+}
+
+/// Every kind of trace a job can leave: files in the three writable
+/// places, a System V segment, a port in TIME_WAIT, a detached process,
+/// and 96 MiB of memory touched (the cgroup's peak).
+const LITTER: &str = r#"
+import os, socket, subprocess
+for d in ("/work", "/tmp", "/dev/shm"):
+    open(d + "/left.txt", "w").write("x")
+subprocess.run(["ipcmk", "-M", "4096"], check=True, stdout=subprocess.DEVNULL)
+srv = socket.socket(); srv.bind(("127.0.0.1", 47012)); srv.listen()
+cli = socket.create_connection(("127.0.0.1", 47012))
+conn, _ = srv.accept(); conn.close(); cli.close(); srv.close()
+subprocess.Popen(["sleep", "600"], start_new_session=True)
+block = bytearray(96 << 20)
+print("littered")
+"#;
+
+/// Reports each trace `LITTER` leaves, one line each.
+const INSPECT: &str = r#"
+import os, socket, subprocess
+for d in ("/work", "/tmp", "/dev/shm"):
+    print(d, os.path.exists(d + "/left.txt"))
+print("shm", subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout.count("0x"))
+print("sleepers", sum(1 for p in os.listdir("/proc") if p.isdigit() and b"sleep" in open("/proc/%s/cmdline" % p, "rb").read()))
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 47012)); print("bind ok")
+except OSError as e:
+    print("bind", e.errno)
+"#;
+
+const CLEAN: &str = "/work False\n/tmp False\n/dev/shm False\nshm 0\nsleepers 0\nbind ok\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_sandbox_serves_the_next_job_with_nothing_of_the_last() {
+    let env = Env::new("reset");
+    let sb = env.sandbox("python").await;
+    until_warm(&sb).await;
+    assert_eq!(run_ok(&sb, "python", LITTER, true).await.0, "littered\n");
+    // Without a reset the next job sees it all (the inspection can fail).
+    let (seen, _) = run_ok(&sb, "python", INSPECT, true).await;
+    assert_eq!(
+        seen,
+        "/work True\n/tmp True\n/dev/shm True\nshm 1\nsleepers 1\nbind 98\n"
+    );
+    let peak_before = sb.memory_peak_bytes().unwrap();
+    assert!(peak_before > 96 << 20, "{peak_before}");
+    // Seen from the host: the detached sleeper is in the jail's cgroup.
+    let sleepers = || {
+        sb.cgroup()
+            .unwrap()
+            .procs()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep"))
+            })
+            .count()
+    };
+    assert_eq!(sleepers(), 1);
+
+    sb.reset().await.unwrap();
+    assert_eq!(sleepers(), 0, "killed with the room");
+    assert!(
+        sb.memory_peak_bytes().unwrap() < 64 << 20,
+        "the peak starts over: {:?}",
+        sb.memory_peak_bytes()
+    );
+    until_warm(&sb).await;
+    let (seen, warm) = run_ok(&sb, "python", INSPECT, true).await;
+    assert!(warm);
+    assert_eq!(seen, CLEAN, "warm, after the reset");
+    sb.reset().await.unwrap();
+    let (seen, warm) = run_ok(
+        &sb,
+        "bash",
+        &format!("python3 - <<'EOF'\n{INSPECT}\nEOF"),
+        false,
+    )
+    .await;
+    assert!(!warm);
+    assert_eq!(seen, CLEAN, "cold, after another reset");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+/// What a job process is allowed, from its own /proc/self/status, and what
+/// it can see of other processes.
+const PRIVILEGES: &str = r#"
+import os
+status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+for k in ("Uid", "CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters"):
+    print(k, " ".join(status[k].split()))
+print("procs", len([p for p in os.listdir("/proc") if p.isdigit()]))
+print("oom", open("/proc/self/oom_score_adj").read().strip())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_a_room_have_no_privileges_warm_or_cold_before_and_after_resets() {
+    let env = Env::new("privileges");
+    let sb = env.sandbox("python").await;
+    let want = |procs: usize| {
+        format!(
+            "Uid 1000 1000 1000 1000\nCapEff 0000000000000000\nCapPrm 0000000000000000\nCapBnd 0000000000000000\nCapAmb 0000000000000000\nNoNewPrivs 1\nSeccomp 2\nSeccomp_filters 4\nprocs {procs}\noom 1000\n"
+        )
+    };
+    for round in 0..3 {
+        until_warm(&sb).await;
+        // The room holds its holder and the job: nothing of the jail.
+        let (warm, _) = run_ok(&sb, "python", PRIVILEGES, true).await;
+        assert_eq!(warm, want(2), "warm, round {round}");
+        let (cold, _) = run_ok(
+            &sb,
+            "bash",
+            &format!("exec python3 - <<'EOF'\n{PRIVILEGES}\nEOF"),
+            false,
+        )
+        .await;
+        // The warm interpreter waiting for the next job is in the room too.
+        assert_eq!(cold, want(3), "cold, round {round}");
+        sb.reset().await.unwrap();
+    }
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}

@@ -27,12 +27,16 @@ pub const NOBODY: u32 = 65534;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh, empty directory under /tmp, removed on drop.
+/// A fresh, empty directory under /tmp (or elsewhere), removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    pub fn new_in(parent: &Path, name: &str) -> Self {
+        let p = parent.join(format!(
             "kiln-agent-test-{name}-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -181,7 +185,40 @@ impl Host {
             workdir: self.workdir.path().to_str().unwrap().to_owned(),
             uid: NOBODY,
             gid: NOBODY,
+            rooms: None,
         }
+    }
+
+    /// A Hello asking for rooms (no job filters unless given), with the
+    /// work directory at `room_workdir`, which must not lie in /tmp: every
+    /// room mounts its own /tmp.
+    pub fn rooms_hello_frame(
+        &self,
+        runtimes: RuntimeTable,
+        warm: &[&str],
+        room_workdir: &Path,
+        job_filters: Vec<Vec<u8>>,
+    ) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            runtimes,
+            warm: warm.iter().map(|s| s.to_string()).collect(),
+            workdir: room_workdir.to_str().unwrap().to_owned(),
+            uid: NOBODY,
+            gid: NOBODY,
+            rooms: Some(kiln_protocol::Rooms {
+                disk_mb: 16,
+                job_filters,
+                loopback: true,
+            }),
+        }
+    }
+
+    /// Sends `Reset` and waits for its answer (Ack, or the Error).
+    pub fn reset(&mut self) -> Frame {
+        let tag = self.tag();
+        self.send(&Frame::Reset { tag });
+        self.answer_to(tag)
     }
 
     pub fn hello(&mut self, warm: &[&str]) -> HelloAck {

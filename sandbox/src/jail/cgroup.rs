@@ -145,6 +145,67 @@ pub struct CgroupStats {
 pub struct Cgroup {
     layout: Layout,
     dirs: Vec<PathBuf>,
+    hot: HotFiles,
+}
+
+/// The group files read or written for every job, kept open: a path lookup
+/// and an open of a cgroupfs file cost more than the read itself, and a
+/// pooled sandbox touches these several times per job. On v2, `memory.peak`
+/// must stay open anyway: a reset of the peak holds only for reads through
+/// the descriptor that wrote it.
+#[derive(Debug, Default)]
+struct HotFiles {
+    /// `memory.oom_control` (v1) or `memory.events` (v2).
+    oom: Option<fs::File>,
+    /// `memory.max_usage_in_bytes` (v1) or `memory.peak` (v2).
+    peak: Option<fs::File>,
+    /// `cpu.shares` (v1) or `cpu.weight` (v2), where there is a cpu controller.
+    cpu_weight: Option<fs::File>,
+}
+
+impl HotFiles {
+    fn open(layout: &Layout, dirs: &[PathBuf]) -> Self {
+        let open = |dir: Option<&PathBuf>, file: &str| {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir?.join(file))
+                .ok()
+        };
+        match layout {
+            Layout::V2 { .. } => Self {
+                oom: open(dirs.first(), "memory.events"),
+                peak: open(dirs.first(), "memory.peak"),
+                cpu_weight: open(dirs.first(), "cpu.weight"),
+            },
+            Layout::V1 { cpu, .. } => Self {
+                oom: open(dirs.first(), "memory.oom_control"),
+                peak: open(dirs.first(), "memory.max_usage_in_bytes"),
+                cpu_weight: open(dir_under(dirs, cpu.as_ref()), "cpu.shares"),
+            },
+        }
+    }
+}
+
+/// Reads a small cgroup file through a kept descriptor (from offset 0,
+/// which regenerates its contents).
+fn read_kept(f: &fs::File) -> Option<String> {
+    let mut buf = [0u8; 512];
+    let n = std::os::unix::fs::FileExt::read_at(f, &mut buf, 0).ok()?;
+    Some(std::str::from_utf8(&buf[..n]).ok()?.to_owned())
+}
+
+/// Writes a value to a cgroup file through a kept descriptor.
+fn write_kept(f: &fs::File, value: &str) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, value.as_bytes(), 0)
+}
+
+/// The value of `key` in `key value` lines.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// The directory of `dirs` under hierarchy mount `mount`, if any.
@@ -174,13 +235,15 @@ impl Cgroup {
             }
         }
         let dirs = layout.dirs(parent, name);
-        let cg = Self {
+        let mut cg = Self {
             layout: layout.clone(),
             dirs,
+            hot: HotFiles::default(),
         };
         for d in &cg.dirs {
             fs::create_dir_all(d).map_err(file_err(d))?;
         }
+        cg.hot = HotFiles::open(layout, &cg.dirs);
         if let Err(e) = cg.set_limits(limits) {
             cg.remove();
             return Err(e);
@@ -193,6 +256,7 @@ impl Cgroup {
         Self {
             layout: layout.clone(),
             dirs,
+            hot: HotFiles::default(),
         }
     }
 
@@ -215,10 +279,7 @@ impl Cgroup {
 
     /// Reads `key value` lines (memory.events, memory.oom_control, cpu.stat).
     fn read_keyed(dir: &Path, file: &str, key: &str) -> Option<u64> {
-        Self::read(dir, file)?.lines().find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == key).then(|| v.trim().parse().ok()).flatten()
-        })
+        keyed(&Self::read(dir, file)?, key)
     }
 
     /// Applies limits; also used to resize a pooled sandbox for a job.
@@ -262,6 +323,18 @@ impl Cgroup {
     /// warming up gets a sixteenth of what a sandbox running a job gets.
     /// No-op where the cpu controller is not available.
     pub fn set_cpu_background(&self, background: bool) -> Result<(), CgroupError> {
+        if let Some(f) = &self.hot.cpu_weight {
+            let value = match (&self.layout, background) {
+                (Layout::V2 { .. }, true) => "6",
+                (Layout::V2 { .. }, false) => "100",
+                (Layout::V1 { .. }, true) => "64",
+                (Layout::V1 { .. }, false) => "1024",
+            };
+            return write_kept(f, value).map_err(|source| CgroupError::File {
+                path: self.dirs[0].clone(),
+                source,
+            });
+        }
         match &self.layout {
             Layout::V2 { .. } => {
                 let weight = if background { "6" } else { "100" };
@@ -356,6 +429,11 @@ impl Cgroup {
 
     /// Times the kernel's OOM killer has killed a process in the group.
     pub fn oom_kills(&self) -> u64 {
+        if let Some(f) = &self.hot.oom {
+            return read_kept(f)
+                .and_then(|t| keyed(&t, "oom_kill"))
+                .unwrap_or(0);
+        }
         let d = &self.dirs[0];
         match self.layout {
             Layout::V2 { .. } => Self::read_keyed(d, "memory.events", "oom_kill").unwrap_or(0),
@@ -363,12 +441,39 @@ impl Cgroup {
         }
     }
 
-    /// Peak memory of the group, from one file (cheaper than `stats`).
+    /// Peak memory of the group since it was made or since the last
+    /// [`reset_memory_peak`](Self::reset_memory_peak), from one file
+    /// (cheaper than `stats`).
     pub fn memory_peak_bytes(&self) -> Option<u64> {
+        if let Some(f) = &self.hot.peak {
+            return read_kept(f)?.trim().parse().ok();
+        }
         let d = &self.dirs[0];
         match self.layout {
             Layout::V2 { .. } => Self::read_u64(d, "memory.peak"),
             Layout::V1 { .. } => Self::read_u64(d, "memory.max_usage_in_bytes"),
+        }
+    }
+
+    /// Starts the peak over from the current usage, so that the next job in
+    /// a reused sandbox is measured on its own (v1: writing 0 to
+    /// `memory.max_usage_in_bytes`; v2, kernels from 6.12: writing to
+    /// `memory.peak`, which holds for that descriptor).
+    pub fn reset_memory_peak(&self) -> Result<(), CgroupError> {
+        let value = match &self.layout {
+            Layout::V1 { .. } => "0",
+            Layout::V2 { .. } => "reset",
+        };
+        match &self.hot.peak {
+            Some(f) => write_kept(f, value).map_err(|source| CgroupError::File {
+                path: self.dirs[0].clone(),
+                source,
+            }),
+            // v1 without a kept descriptor; v2 only resets per descriptor.
+            None if matches!(self.layout, Layout::V1 { .. }) => {
+                Self::write(&self.dirs[0], "memory.max_usage_in_bytes", value)
+            }
+            None => Ok(()),
         }
     }
 
@@ -377,7 +482,7 @@ impl Cgroup {
         match self.layout {
             Layout::V2 { .. } => CgroupStats {
                 memory_bytes: Self::read_u64(d, "memory.current").unwrap_or(0),
-                memory_peak_bytes: Self::read_u64(d, "memory.peak"),
+                memory_peak_bytes: self.memory_peak_bytes(),
                 cpu_usage_us: Self::read_keyed(d, "cpu.stat", "usage_usec"),
                 pids: Self::read_u64(d, "pids.current").unwrap_or(0),
                 oom_kills: self.oom_kills(),

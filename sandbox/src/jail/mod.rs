@@ -1,11 +1,19 @@
 //! The `jail` backend: each sandbox is `kiln-agent` running as init of new
 //! user, pid, mount, net, ipc, uts and cgroup namespaces, in a read-only root
 //! built from the host's system directories (or a template directory), with
-//! tmpfs `/tmp` and `/work` of capped size, a minimal `/dev`, a fresh
-//! `/proc`, a cgroup with memory/pids/CPU limits, rlimits, only the three
-//! capabilities the agent needs (setuid, setgid, kill; jobs run as an
-//! unprivileged uid with none), no_new_privs and a seccomp filter. There is
-//! no network: only a loopback interface.
+//! a minimal `/dev`, a fresh `/proc`, a cgroup with memory/pids/CPU limits,
+//! rlimits, only the capabilities the agent needs, no_new_privs and a
+//! seccomp filter. There is no network.
+//!
+//! Jobs do not run in the jail's own namespaces but in a *room* the agent
+//! makes inside it (`Hello.rooms`; see the agent's `room` module): new pid,
+//! mount, network and IPC namespaces with tmpfs `/work`, `/tmp` and
+//! `/dev/shm` of the job's disk size, a fresh `/proc` and only a loopback
+//! interface, as an unprivileged uid with no capabilities, bound by the
+//! job's seccomp filters as well as the jail's. [`Sandbox::reset`] replaces
+//! the room, which is what lets a pool reuse a jail for the next job with
+//! nothing of the last one left: remove-on-exit at the cost of a few
+//! namespaces instead of a whole jail and an interpreter start.
 //!
 //! Every sandbox leaves a record in `<state_dir>/jails/<id>/` naming its
 //! owner process, its init pid and its cgroups, so that a later process can
@@ -28,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupStats, Layout as CgroupLayout};
-use kiln_protocol::{Hello, RuntimeTable, PROTOCOL_VERSION};
+use kiln_protocol::{Hello, Rooms, RuntimeTable, PROTOCOL_VERSION};
 pub use seccomp::SeccompError;
 use seccompiler::BpfProgram;
 
@@ -66,7 +74,7 @@ pub struct JailConfig {
     /// Uid and gid (inside the jail) that jobs run as.
     pub job_uid: u32,
     pub job_gid: u32,
-    /// Bring the jail's loopback interface up (it has no other).
+    /// Bring each room's loopback interface up (it has no other).
     pub loopback: bool,
     pub runtimes: RuntimeTable,
     /// Time the agent gets to start and answer the handshake.
@@ -95,9 +103,20 @@ impl JailConfig {
 /// Where inside the jail jobs run.
 pub const WORKDIR: &str = "/work";
 
-/// Capabilities the agent keeps: CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7)
-/// (numbers from linux/capability.h).
-const AGENT_CAPS: u64 = (1 << 5) | (1 << 6) | (1 << 7);
+/// How long the agent may take to replace a room. It takes a few
+/// milliseconds; the bound is for a process that will not die (the kernel
+/// kills a pid namespace's processes, but a task stuck in the kernel can
+/// delay it).
+const RESET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Capabilities the agent keeps, in the jail's user namespace only (numbers
+/// from linux/capability.h): CAP_KILL (5), CAP_SETGID (6) and CAP_SETUID (7)
+/// to run and signal jobs as their user; for making rooms, CAP_SETPCAP (8)
+/// to empty a job's bounding set, CAP_NET_ADMIN (12) to bring a room's
+/// loopback up, CAP_SYS_CHROOT (18) and CAP_SYS_ADMIN (21) for its
+/// namespaces, mounts and `setns`. Jobs end up with none.
+const AGENT_CAPS: u64 =
+    (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 21);
 
 /// A host system directory as it appears in a jail's root.
 #[derive(Debug, Clone)]
@@ -113,7 +132,10 @@ struct Inner {
     cfg: JailConfig,
     layout: CgroupLayout,
     agent_exe: OwnedFd,
+    /// The jail's filters, installed on the agent.
     filters: Vec<BpfProgram>,
+    /// The job's filters, as raw programs for `Hello.rooms`.
+    job_filters: Vec<Vec<u8>>,
     host: Vec<HostEntry>,
     root_flags: libc::c_ulong,
     owner: record::Owner,
@@ -206,7 +228,11 @@ impl JailBackend {
     pub fn new(cfg: JailConfig) -> Result<Self, SandboxError> {
         let layout = CgroupLayout::detect(&cfg.cgroup_mount)?;
         let agent_exe = seal_agent(&cfg.agent)?;
-        let filters = seccomp::jail_filters()?;
+        let filters = seccomp::cell_filters()?;
+        let job_filters = seccomp::job_filters()?
+            .iter()
+            .map(seccomp::to_bytes)
+            .collect();
         let mut host = Vec::new();
         let root_flags = match &cfg.rootfs {
             RootFs::Host => {
@@ -256,6 +282,7 @@ impl JailBackend {
                 layout,
                 agent_exe,
                 filters,
+                job_filters,
                 host,
                 root_flags,
                 owner,
@@ -279,7 +306,7 @@ impl Inner {
     }
 
     /// The child's filesystem plan for a jail rooted at `root`.
-    fn plan(&self, root: &Path, spec: &SandboxSpec) -> Plan {
+    fn plan(&self, root: &Path) -> Plan {
         let mut steps = Vec::new();
         let under = |rel: &str| cstr(root.join(rel));
         let mkdir = |steps: &mut Vec<Step>, rel: &str, mode| {
@@ -364,26 +391,15 @@ impl Inner {
                 path: under(&format!("dev/{name}")),
             });
         }
+        // Mount points only: every room mounts its own tmpfs on them.
         mkdir(&mut steps, "dev/shm", 0o1777);
-        let disk = spec.disk_mb;
-        tmpfs(&mut steps, "dev/shm", format!("mode=1777,size={disk}m"));
         steps.push(Step::remount_read_only(under("dev"), libc::MS_NOEXEC));
-        tmpfs(&mut steps, "tmp", format!("mode=1777,size={disk}m"));
-        tmpfs(
-            &mut steps,
-            "work",
-            format!(
-                "mode=0755,size={disk}m,uid={},gid={}",
-                self.cfg.job_uid, self.cfg.job_gid
-            ),
-        );
         steps.push(Step::PivotInto { root: cstr(root) });
         steps.push(Step::remount_read_only(c"/".into(), self.root_flags));
         let log_level = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
         Plan {
             steps,
             hostname: c"kiln".into(),
-            loopback_up: self.cfg.loopback,
             filters: self.filters.clone(),
             keep_caps: AGENT_CAPS,
             rlimits: vec![
@@ -437,7 +453,7 @@ impl Inner {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
         let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
-        let plan = self.plan(&root, spec);
+        let plan = self.plan(&root);
         let fds = spawn::ChildFds {
             agent_exe: self.agent_exe.as_raw_fd(),
             control: theirs.as_raw_fd(),
@@ -553,6 +569,25 @@ impl Jail {
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.remains.as_ref().map(|r| &r.cgroup)
     }
+
+    /// The host pid of the current room's holder (its pid 1), through which
+    /// the room's mounts and network are seen from the host
+    /// (`/proc/<pid>/root`, `/proc/<pid>/net`). Found among the jail's
+    /// processes as the one that is pid 1 one pid namespace below the
+    /// agent's; `None` between rooms.
+    pub fn room_pid(&self) -> Option<i32> {
+        let r = self.remains.as_ref()?;
+        let ns_pids = |pid: i32| -> Option<Vec<String>> {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            Some(line.split_whitespace().map(str::to_owned).collect())
+        };
+        let depth = ns_pids(r.pid)?.len();
+        r.cgroup.procs().into_iter().find(|&p| {
+            ns_pids(p)
+                .is_some_and(|ns| ns.len() == depth + 1 && ns.last().is_some_and(|l| l == "1"))
+        })
+    }
 }
 
 impl Drop for Jail {
@@ -604,6 +639,14 @@ impl Sandbox for Jail {
             pids: s.pids,
             oom_kills: s.oom_kills,
         }
+    }
+
+    async fn reset(&self) -> Result<(), SandboxError> {
+        self.agent.reset(RESET_TIMEOUT).await?;
+        if let Some(r) = &self.remains {
+            r.cgroup.reset_memory_peak()?;
+        }
+        Ok(())
     }
 
     async fn destroy(mut self) {
@@ -681,6 +724,11 @@ impl Backend for JailBackend {
             workdir: WORKDIR.into(),
             uid: self.inner.cfg.job_uid,
             gid: self.inner.cfg.job_gid,
+            rooms: Some(Rooms {
+                disk_mb: spec.disk_mb,
+                job_filters: self.inner.job_filters.clone(),
+                loopback: self.inner.cfg.loopback,
+            }),
         };
         match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
             Ok(_) => Ok(jail),

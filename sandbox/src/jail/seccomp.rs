@@ -1,10 +1,18 @@
-//! The jail's seccomp filter: a deny list of the system calls that untrusted
+//! The jail's seccomp filters: deny lists of the system calls that untrusted
 //! code never needs and that widen the kernel's attack surface or would undo
 //! the jail (new namespaces, mounts, tracing, kernel modules, eBPF,
 //! io_uring, which bypasses seccomp for the operations it queues).
 //! Everything else is allowed: interpreters use a long and changing tail of
 //! system calls, and an allow list that breaks `pip` or `node` on the next
 //! distribution upgrade protects nobody. Compiled with `seccompiler`.
+//!
+//! There are two: [`job_filters`], which every job process installs as its
+//! last step before running job code (the agent hands them on, see
+//! `Rooms::job_filters`), and [`cell_filters`], installed on the agent and so
+//! inherited by everything in the jail: the same list, minus what the agent
+//! needs to make rooms (`clone` with new pid, mount, network and IPC
+//! namespaces; `mount`, the new mount API calls that attach a tmpfs, and
+//! `setns`). Filters stack, so a job is bound by both.
 
 use std::collections::BTreeMap;
 
@@ -89,14 +97,69 @@ const NAMESPACE_FLAGS: &[u64] = &[
     libc::CLONE_NEWCGROUP as u64,
 ];
 
-/// The filters to install, in order. Two programs because seccompiler gives a
-/// filter one match action: the deny list answers `EPERM`, while `clone3`
-/// answers `ENOSYS` so that libc falls back to `clone`, whose flags (unlike
-/// `clone3`'s, which sit behind a pointer) the filter can inspect.
-pub fn jail_filters() -> Result<Vec<BpfProgram>, SeccompError> {
+/// What the agent keeps for making rooms (see the module docs).
+const ROOM_MAKING: &[i64] = &[
+    libc::SYS_mount,
+    libc::SYS_setns,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_move_mount,
+];
+
+/// Namespaces a room has of its own, which the agent may `clone` into.
+const ROOM_NAMESPACES: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+];
+
+/// The filters every job process installs, in order.
+pub fn job_filters() -> Result<Vec<BpfProgram>, SeccompError> {
+    build(DENIED, NAMESPACE_FLAGS)
+}
+
+/// The filters of the agent and all of the jail, in order: the job's
+/// filters minus room making.
+pub fn cell_filters() -> Result<Vec<BpfProgram>, SeccompError> {
+    let denied: Vec<i64> = DENIED
+        .iter()
+        .copied()
+        .filter(|nr| !ROOM_MAKING.contains(nr))
+        .collect();
+    let clone_flags: Vec<u64> = NAMESPACE_FLAGS
+        .iter()
+        .copied()
+        .filter(|f| !ROOM_NAMESPACES.contains(f))
+        .collect();
+    build(&denied, &clone_flags)
+}
+
+/// A program as the raw `struct sock_filter` array (8 bytes per
+/// instruction, little-endian) that `Rooms::job_filters` carries.
+pub fn to_bytes(program: &BpfProgram) -> Vec<u8> {
+    program
+        .iter()
+        .flat_map(|i| {
+            let mut b = [0u8; 8];
+            b[..2].copy_from_slice(&i.code.to_le_bytes());
+            b[2] = i.jt;
+            b[3] = i.jf;
+            b[4..].copy_from_slice(&i.k.to_le_bytes());
+            b
+        })
+        .collect()
+}
+
+/// Two programs because seccompiler gives a filter one match action: the
+/// deny list answers `EPERM`, while `clone3` answers `ENOSYS` so that libc
+/// falls back to `clone`, whose flags (unlike `clone3`'s, which sit behind a
+/// pointer) the filter can inspect.
+fn build(denied: &[i64], clone_flags: &[u64]) -> Result<Vec<BpfProgram>, SeccompError> {
     let arch = TargetArch::x86_64;
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+        denied.iter().map(|&nr| (nr, Vec::new())).collect();
     // `personality` is used by some runtimes to query the persona; only
     // changing it is refused (0xffffffff queries).
     deny.insert(
@@ -108,7 +171,7 @@ pub fn jail_filters() -> Result<Vec<BpfProgram>, SeccompError> {
             0xffff_ffff,
         )?])?],
     );
-    let clone_rules = NAMESPACE_FLAGS
+    let clone_rules = clone_flags
         .iter()
         .map(|&f| {
             SeccompRule::new(vec![SeccompCondition::new(
@@ -144,8 +207,14 @@ mod tests {
 
     #[test]
     fn filters_compile_to_nonempty_programs() {
-        let f = jail_filters().unwrap();
-        assert_eq!(f.len(), 2);
-        assert!(f.iter().all(|p| !p.is_empty()));
+        for f in [job_filters().unwrap(), cell_filters().unwrap()] {
+            assert_eq!(f.len(), 2);
+            assert!(f.iter().all(|p| !p.is_empty()));
+            assert!(f.iter().all(|p| to_bytes(p).len() == p.len() * 8));
+        }
+        assert!(
+            cell_filters().unwrap()[0].len() < job_filters().unwrap()[0].len(),
+            "the agent's list is the job's minus room making"
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! installs the filters and execs the agent from a sealed memfd (so that the
 //! agent's host path need not be visible, or even exist, inside the jail).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -91,7 +91,6 @@ impl Step {
 pub struct Plan {
     pub steps: Vec<Step>,
     pub hostname: CString,
-    pub loopback_up: bool,
     pub filters: Vec<BpfProgram>,
     /// Capabilities the agent keeps (a bit mask of `CAP_*` numbers).
     pub keep_caps: u64,
@@ -110,7 +109,6 @@ const FIXED_STEPS: &[&str] = &[
     "unshare(CLONE_NEWCGROUP)",
     "make / private",
     "sethostname",
-    "bring loopback up",
     "setrlimit",
     "arrange file descriptors",
     "drop capabilities",
@@ -402,16 +400,13 @@ fn child_main(ctx: &ChildCtx) -> isize {
         if libc::sethostname(h.as_ptr().cast(), h.len()) != 0 {
             return fail(ctx, base);
         }
-        if ctx.plan.loopback_up && !loopback_up() {
-            return fail(ctx, base + 1);
-        }
         for &(res, v) in &ctx.plan.rlimits {
             let lim = libc::rlimit {
                 rlim_cur: v,
                 rlim_max: v,
             };
             if libc::setrlimit(res, &lim) != 0 {
-                return fail(ctx, base + 2);
+                return fail(ctx, base + 1);
             }
         }
         // Move every fd we need above the range we are about to fill.
@@ -424,11 +419,11 @@ fn child_main(ctx: &ChildCtx) -> isize {
             hi(ctx.err_w),
         );
         if null < 0 || exe < 0 || ctl < 0 || log < 0 || err < 0 {
-            return fail(ctx, base + 3);
+            return fail(ctx, base + 2);
         }
         let ctx = ChildCtx { err_w: err, ..*ctx };
         if !(place_fd(null, 0) && place_fd(log, 1) && place_fd(log, 2) && place_fd(ctl, 3)) {
-            return fail(&ctx, base + 3);
+            return fail(&ctx, base + 2);
         }
         for cap in 0..64u32 {
             if ctx.plan.keep_caps & (1 << cap) == 0 {
@@ -460,10 +455,10 @@ fn child_main(ctx: &ChildCtx) -> isize {
             },
         ];
         if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
-            return fail(&ctx, base + 4);
+            return fail(&ctx, base + 3);
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return fail(&ctx, base + 5);
+            return fail(&ctx, base + 4);
         }
         for prog in ctx.fprogs {
             if libc::prctl(
@@ -474,7 +469,7 @@ fn child_main(ctx: &ChildCtx) -> isize {
                 0,
             ) != 0
             {
-                return fail(&ctx, base + 6);
+                return fail(&ctx, base + 5);
             }
         }
         libc::syscall(
@@ -485,7 +480,7 @@ fn child_main(ctx: &ChildCtx) -> isize {
             ctx.envp.as_ptr(),
             libc::AT_EMPTY_PATH,
         );
-        fail(&ctx, base + 7)
+        fail(&ctx, base + 6)
     }
 }
 
@@ -503,25 +498,4 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
-}
-
-/// Sets IFF_UP on `lo` in the new network namespace (it starts down).
-///
-/// SAFETY (for callers): raw socket/ioctl calls on a stack ifreq.
-unsafe fn loopback_up() -> bool {
-    let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-    if s < 0 {
-        return false;
-    }
-    let mut req: libc::ifreq = std::mem::zeroed();
-    let name: &CStr = c"lo";
-    for (i, b) in name.to_bytes().iter().enumerate() {
-        req.ifr_name[i] = *b as libc::c_char;
-    }
-    let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) == 0 && {
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        libc::ioctl(s, libc::SIOCSIFFLAGS, &req) == 0
-    };
-    libc::close(s);
-    ok
 }

@@ -889,6 +889,7 @@ impl Backend for QemuBackend {
             workdir: WORKDIR.into(),
             uid: inner.cfg.job_uid,
             gid: inner.cfg.job_gid,
+            rooms: None,
         };
         match vm.agent.hello(hello, inner.cfg.hello_timeout).await {
             Ok(_) => Ok(vm),
