@@ -89,6 +89,10 @@ pub struct PoolConfig {
     pub max_idle_age_s: u64,
     /// How long a job waits for a pooled sandbox when all are out, in ms.
     pub lease_timeout_ms: u64,
+    /// Jobs one pooled sandbox serves before it is replaced. Between two
+    /// jobs it is reset: its room (processes, files, IPC, network) is
+    /// destroyed and made anew. 1: a new sandbox for every job.
+    pub max_uses: u32,
 }
 
 impl Default for PoolConfig {
@@ -98,6 +102,7 @@ impl Default for PoolConfig {
             min_idle: 2,
             max_idle_age_s: 3600,
             lease_timeout_ms: 5000,
+            max_uses: 1000,
         }
     }
 }
@@ -229,6 +234,9 @@ pub struct ServeArgs {
     /// pool.lease_timeout_ms
     #[arg(long, env = "KILN_LEASE_TIMEOUT_MS", value_name = "MS")]
     pub lease_timeout_ms: Option<u64>,
+    /// pool.max_uses
+    #[arg(long, env = "KILN_POOL_MAX_USES", value_name = "N")]
+    pub pool_max_uses: Option<u32>,
     /// sandboxes.max
     #[arg(long, env = "KILN_MAX_SANDBOXES", value_name = "N")]
     pub max_sandboxes: Option<usize>,
@@ -307,6 +315,7 @@ impl Config {
         over!(args.min_idle => c.pool.min_idle);
         over!(args.max_idle_age_s => c.pool.max_idle_age_s);
         over!(args.lease_timeout_ms => c.pool.lease_timeout_ms);
+        over!(args.pool_max_uses => c.pool.max_uses);
         over!(args.max_sandboxes => c.sandboxes.max);
         over!(args.default_ttl_s => c.sandboxes.default_ttl_s);
         over!(args.max_ttl_s => c.sandboxes.max_ttl_s);
@@ -372,6 +381,10 @@ impl Config {
         anyhow::ensure!(
             self.pool.max_idle_age_s >= 1,
             "pool.max_idle_age_s is 0: set it to at least 1"
+        );
+        anyhow::ensure!(
+            self.pool.max_uses >= 1,
+            "pool.max_uses is 0: set it to at least 1 (1 makes a new sandbox for every job)"
         );
         anyhow::ensure!(
             self.server.max_body_bytes >= 1024,

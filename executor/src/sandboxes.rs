@@ -1,6 +1,7 @@
 //! Where the scheduler's sandboxes come from: the warm pool's [`Factory`]
 //! over the configured backend (one template per runtime, sized by the
-//! default limits), [`Held`], a sandbox that is either leased from the pool
+//! default limits; between two jobs a pooled sandbox is reset, see
+//! `Sandbox::reset`), [`Held`], a sandbox that is either leased from the pool
 //! or made on the spot for limits no template fits, and the few operations
 //! that depend on which backend made a sandbox (resizing, killing at once).
 
@@ -20,7 +21,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Makes the pool's sandboxes: `create` is the backend's create with the
 /// template's spec (pre-warming its runtime), `check` an agent ping,
-/// `destroy` the sandbox's destroy.
+/// `recycle` the sandbox's reset (at background CPU weight, like a fresh
+/// spare), `destroy` the sandbox's destroy.
 pub struct SandboxFactory {
     backend: AnyBackend,
     specs: HashMap<TemplateKey, SandboxSpec>,
@@ -50,6 +52,17 @@ impl Factory for SandboxFactory {
         item.agent().ping(CHECK_TIMEOUT).await.is_ok()
     }
 
+    async fn recycle(&self, template: &TemplateKey, item: &mut AnySandbox) -> bool {
+        item.set_background(true);
+        match item.reset().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(sandbox = %item.id(), template = %template, "reset failed, destroying the sandbox: {e}");
+                false
+            }
+        }
+    }
+
     async fn destroy(&self, item: AnySandbox) {
         let id = item.id().clone();
         item.destroy().await;
@@ -59,7 +72,12 @@ impl Factory for SandboxFactory {
 
 /// A sandbox in use: leased from the pool, or owned outright.
 pub enum Held {
-    Leased(Lease<SandboxFactory>),
+    Leased {
+        lease: Lease<SandboxFactory>,
+        /// The template's limits, when the job's differed and the sandbox
+        /// was resized for it: put back before it serves another job.
+        restore: Option<Limits>,
+    },
     Own(AnySandbox),
 }
 
@@ -68,7 +86,7 @@ impl Deref for Held {
 
     fn deref(&self) -> &AnySandbox {
         match self {
-            Held::Leased(l) => l,
+            Held::Leased { lease, .. } => lease,
             Held::Own(j) => j,
         }
     }
@@ -79,7 +97,25 @@ impl Held {
     /// the background; an owned one is destroyed before this returns).
     pub async fn destroy(self) {
         match self {
-            Held::Leased(l) => l.discard(),
+            Held::Leased { lease, .. } => lease.discard(),
+            Held::Own(j) => j.destroy().await,
+        }
+    }
+
+    /// Removes everything the finished job left. A pooled sandbox goes back
+    /// to the pool, which resets it in the background (or destroys it when
+    /// it is used up or the reset fails); an owned one is destroyed.
+    pub async fn remove_job(self) {
+        match self {
+            Held::Leased { lease, restore } => {
+                if let Some(limits) = restore {
+                    if let Err(e) = set_limits(&lease, &limits) {
+                        tracing::debug!("restoring a pooled sandbox's limits failed ({e})");
+                        return lease.discard();
+                    }
+                }
+                lease.recycle();
+            }
             Held::Own(j) => j.destroy().await,
         }
     }
@@ -97,15 +133,27 @@ pub fn fits(template: &SandboxSpec, limits: &Limits) -> bool {
     template.disk_mb == limits.disk_mb
 }
 
+/// Whether a job with `limits` needs a sandbox of `template` resized.
+pub fn needs_resize(template: &SandboxSpec, limits: &Limits) -> bool {
+    template.memory_mb != limits.memory_mb
+        || template.pids != limits.pids
+        || template.cpu_millis != limits.cpu_millis
+}
+
+/// The limits a sandbox of `template` has when it is made.
+pub fn template_limits(template: &SandboxSpec) -> Limits {
+    Limits {
+        memory_mb: template.memory_mb,
+        pids: template.pids,
+        cpu_millis: template.cpu_millis,
+        disk_mb: template.disk_mb,
+        ..Limits::default()
+    }
+}
+
 /// Resizes a leased sandbox's cgroup to a job's limits (jails only; a
 /// microVM's size is fixed when it boots).
-pub fn resize(sandbox: &AnySandbox, template: &SandboxSpec, limits: &Limits) -> Result<(), String> {
-    if template.memory_mb == limits.memory_mb
-        && template.pids == limits.pids
-        && template.cpu_millis == limits.cpu_millis
-    {
-        return Ok(());
-    }
+pub fn set_limits(sandbox: &AnySandbox, limits: &Limits) -> Result<(), String> {
     let AnySandbox::Jail(jail) = sandbox else {
         return Err("this backend cannot resize a running sandbox".into());
     };

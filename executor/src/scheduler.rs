@@ -6,8 +6,10 @@
 //! grows with the offered load. An admitted job waits for a run slot, leases
 //! a sandbox for its runtime from the warm pool (or makes one when its
 //! limits fit no template), runs with the host enforcing its deadline, and
-//! its sandbox is destroyed afterwards (remove-on-exit) unless the submitter
-//! asked to keep it as a workspace. Every result carries where the time went
+//! afterwards (remove-on-exit) everything the job left is removed: a pooled
+//! sandbox is reset in the background (its room destroyed and made anew)
+//! and serves another job, any other one is destroyed. A submitter may ask
+//! to keep the sandbox as a workspace instead. Every result carries where the time went
 //! (`queued_ms`, `acquire_ms` + `warm|cold`, `run_ms`, `total_ms`).
 
 use std::collections::HashMap;
@@ -44,6 +46,9 @@ pub struct SchedulerSettings {
     pub max_idle_age: Duration,
     /// How long a job waits for a pooled sandbox when all are out.
     pub lease_timeout: Duration,
+    /// Jobs a pooled sandbox serves, reset between them, before it is
+    /// replaced.
+    pub max_uses: u32,
     /// Finished results kept for `GET /v1/jobs/{id}`.
     pub retention: Retention,
     pub workspaces: WorkspaceSettings,
@@ -240,7 +245,7 @@ impl Scheduler {
                     max_total: settings.max_running + settings.min_idle + 2,
                     replenish_concurrency: 2,
                     max_age: settings.max_idle_age,
-                    max_uses: 1,
+                    max_uses: settings.max_uses,
                     lease_timeout: settings.lease_timeout,
                     ..TemplateSettings::default()
                 },
@@ -490,8 +495,20 @@ async fn acquire(
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,
             };
             lease.set_background(false);
-            match sandboxes::resize(&lease, &t.spec, &spec.limits) {
-                Ok(()) => return Ok((Held::Leased(lease), how)),
+            if !sandboxes::needs_resize(&t.spec, &spec.limits) {
+                return Ok((
+                    Held::Leased {
+                        lease,
+                        restore: None,
+                    },
+                    how,
+                ));
+            }
+            match sandboxes::set_limits(&lease, &spec.limits) {
+                Ok(()) => {
+                    let restore = Some(sandboxes::template_limits(&t.spec));
+                    return Ok((Held::Leased { lease, restore }, how));
+                }
                 Err(e) => {
                     tracing::debug!("resizing a pooled sandbox failed ({e}); making one");
                     lease.discard();
@@ -561,8 +578,10 @@ async fn run(
                 let mut result = match outcome {
                     Some(o) => {
                         let mut r = o.result;
-                        if o.poisoned || opts.remove_on_exit {
+                        if o.poisoned {
                             held.destroy().await;
+                        } else if opts.remove_on_exit {
+                            held.remove_job().await;
                         } else {
                             match inner.workspaces.adopt(held, &runtime.name).await {
                                 Ok(ws) => {

@@ -213,17 +213,50 @@ fn auth_rejects_missing_and_wrong_tokens() {
     assert_eq!(r.json()["stdout"], "ok\n");
 }
 
+/// Waits (bounded) until no process on the host mentions `marker`.
+fn wait_gone(marker: &str, within: Duration) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = kiln_tests::processes_matching(marker);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_job_with_remove_on_exit_leaves_nothing_behind() {
-    let s = Server::start("removeonexit", &["--min-idle", "0"]);
+    // One pooled sandbox: the next job runs in the very sandbox the first
+    // one used, after its reset.
+    let s = Server::start("removeonexit", &["--min-idle", "1", "--max-running", "1"]);
     let (_, r) = s.json(
         "POST",
         "/v1/jobs",
-        &json!({"runtime": "bash", "code": "sleep 30 & echo bg; touch /work/x"}),
+        &json!({"runtime": "bash", "code": "setsid sleep 31 & echo bg; touch /work/x /tmp/y /dev/shm/z"}),
     );
     assert_eq!(r["outcome"], "ok", "{r}");
-    let left = s.wait_clean(Duration::from_secs(10));
-    assert!(left.is_empty(), "left behind: {left:?}");
+    let sandboxes = s.scope.leftovers();
+    assert!(
+        wait_gone("sleep 31", Duration::from_secs(10)).is_empty(),
+        "the job's background process outlived it"
+    );
+    let (_, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "bash", "code": "ls -A /work /tmp /dev/shm; ps -e -o comm= | grep -c sleep"}),
+    );
+    assert_eq!(r["outcome"], "error", "grep finds no sleep: {r}");
+    // The job's own file, and nothing of the first job's.
+    assert_eq!(
+        r["stdout"], "/dev/shm:\n\n/tmp:\n\n/work:\nmain.sh\n0\n",
+        "{r}"
+    );
+    assert_eq!(
+        s.scope.leftovers(),
+        sandboxes,
+        "the same pooled sandbox served both jobs"
+    );
     // Keeping the sandbox instead makes it a workspace.
     let resp = s.request(
         "POST",
@@ -238,59 +271,32 @@ fn a_job_with_remove_on_exit_leaves_nothing_behind() {
         .header("kiln-sandbox")
         .expect("kiln-sandbox header")
         .to_owned();
-    let r = s.request("GET", &format!("/v1/sandboxes/{ws}/files/k"), None);
-    assert_eq!(r.text(), "kept\n");
-    assert_eq!(
-        s.request("DELETE", &format!("/v1/sandboxes/{ws}"), None)
-            .status,
-        204
+    let (_, r) = s.json(
+        "POST",
+        &format!("/v1/sandboxes/{ws}/exec"),
+        &json!({"runtime": "bash", "code": "cat /work/k"}),
     );
-    assert!(s.wait_clean(Duration::from_secs(10)).is_empty());
-}
-
-#[test]
-fn fifty_concurrent_jobs_all_succeed_and_nothing_leaks() {
-    let s = Server::start(
-        "fifty",
-        &[
-            "--min-idle",
-            "2",
-            "--max-running",
-            "8",
-            "--queue-depth",
-            "64",
-        ],
-    );
-    wait_ready(&s);
-    let results: Vec<Value> = std::thread::scope(|t| {
-        let hs: Vec<_> = (0..50)
-            .map(|i| {
-                let s = &s;
-                let rt = ["python", "node", "bash"][i % 3];
-                let code = match rt {
-                    "python" => format!("print({i})"),
-                    "node" => format!("console.log({i})"),
-                    _ => format!("echo {i}"),
-                };
-                t.spawn(move || s.json("POST", "/v1/jobs", &json!({"runtime": rt, "code": code})))
-            })
-            .collect();
-        hs.into_iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let (st, r) = h.join().unwrap();
-                assert_eq!(st, 200, "job {i}: {r}");
-                assert_eq!(r["stdout"], format!("{i}\n"), "job {i}: {r}");
-                r
-            })
-            .collect()
-    });
-    assert!(results.iter().all(|r| r["outcome"] == "ok"));
-    assert!(results.iter().any(|r| r["timings"]["acquire"] == "warm"));
+    assert_eq!(r["stdout"], "kept\n", "{r}");
     let mut s = s;
     assert!(s.term(Duration::from_secs(60)).success());
     let left = s.scope.leftovers();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn with_max_uses_1_every_job_gets_a_new_sandbox_and_none_stays() {
+    let s = Server::start("maxuses1", &["--min-idle", "0", "--pool-max-uses", "1"]);
+    for _ in 0..3 {
+        let (_, r) = s.json(
+            "POST",
+            "/v1/jobs",
+            &json!({"runtime": "bash", "code": "setsid sleep 32 & echo bg"}),
+        );
+        assert_eq!(r["outcome"], "ok", "{r}");
+        let left = s.wait_clean(Duration::from_secs(10));
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+    assert!(wait_gone("sleep 32", Duration::from_secs(5)).is_empty());
 }
 
 #[test]
@@ -334,6 +340,10 @@ fn a_saturated_server_answers_429_with_retry_after_and_recovers() {
     );
     assert_eq!(st, 200, "recovered: {r}");
     assert_eq!(r["stdout"], "back\n");
-    let left = s.wait_clean(Duration::from_secs(10));
+    assert!(wait_gone("sleep 1; echo slow", Duration::from_secs(10)).is_empty());
+    // What stays is the pool: one reset sandbox, idle, until the end.
+    let mut s = s;
+    assert!(s.term(Duration::from_secs(60)).success());
+    let left = s.scope.leftovers();
     assert!(left.is_empty(), "left behind: {left:?}");
 }

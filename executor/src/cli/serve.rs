@@ -30,6 +30,7 @@ fn scheduler_settings(c: &Config, pooled: Vec<String>) -> SchedulerSettings {
         min_idle: c.pool.min_idle,
         max_idle_age: Duration::from_secs(c.pool.max_idle_age_s),
         lease_timeout: Duration::from_millis(c.pool.lease_timeout_ms),
+        max_uses: c.pool.max_uses,
         retention: Retention {
             max_results: c.scheduler.results_max,
             ttl: Duration::from_secs(c.scheduler.results_ttl_s),
