@@ -19,6 +19,13 @@ use tracing::Instrument as _;
 /// right before a lease; a healthy agent answers in well under a millisecond.
 const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// An idle sandbox whose agent spoke this recently (the answer to its reset,
+/// or its handshake) over a connection that is still up passes the health
+/// check without a ping: a dead agent closes the connection, and a job's
+/// host-side deadline covers one that hangs in the meantime. The ping cost
+/// a round trip and a wake-up of the daemon per job.
+const HEARD_IS_HEALTHY: Duration = Duration::from_secs(1);
+
 /// Makes the pool's sandboxes: `create` is the backend's create with the
 /// template's spec (pre-warming its runtime), `check` an agent ping,
 /// `recycle` the sandbox's reset (at background CPU weight, like a fresh
@@ -49,7 +56,8 @@ impl Factory for SandboxFactory {
     }
 
     async fn check(&self, item: &mut AnySandbox) -> bool {
-        item.agent().ping(CHECK_TIMEOUT).await.is_ok()
+        item.agent().heard_within(HEARD_IS_HEALTHY)
+            || item.agent().ping(CHECK_TIMEOUT).await.is_ok()
     }
 
     async fn recycle(&self, template: &TemplateKey, item: &mut AnySandbox) -> bool {

@@ -6,7 +6,7 @@
 //! all the way to the job, and bounded memory on the host.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ struct Inner {
     next_tag: AtomicU32,
     /// Execs of inline code in flight (see [`AgentConn::claim_inline`]).
     inline_in_flight: AtomicU32,
+    /// When bytes last came from the agent, in µs since `born`.
+    heard_us: AtomicU64,
+    born: Instant,
 }
 
 /// Tag reserved for the handshake, whose frames carry none.
@@ -133,6 +136,8 @@ impl AgentConn {
             }),
             next_tag: AtomicU32::new(1),
             inline_in_flight: AtomicU32::new(0),
+            heard_us: AtomicU64::new(0),
+            born: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
         let reader = tokio::spawn(async move {
@@ -144,6 +149,10 @@ impl AgentConn {
                     Ok(n) => n,
                     Err(e) => break format!("read failed: {e}"),
                 };
+                if let Some(inner) = weak.upgrade() {
+                    let us = inner.born.elapsed().as_micros() as u64;
+                    inner.heard_us.store(us, Ordering::Relaxed);
+                }
                 dec.extend(&buf[..n]);
                 loop {
                     let frame = match dec.next_frame() {
@@ -237,6 +246,16 @@ impl AgentConn {
                 f.name()
             ))),
         }
+    }
+
+    /// Whether the connection is up and the agent sent something within
+    /// `within`: as good as a [`ping`](Self::ping) for telling a live
+    /// agent, without the round trip.
+    pub fn heard_within(&self, within: Duration) -> bool {
+        let heard = Duration::from_micros(self.inner.heard_us.load(Ordering::Relaxed));
+        self.is_connected()
+            && self.inner.heard_us.load(Ordering::Relaxed) > 0
+            && self.inner.born.elapsed().saturating_sub(heard) <= within
     }
 
     /// Round-trips a ping; the health check of pooled sandboxes.
