@@ -15,6 +15,38 @@
 //! to it as long as the job cannot tell the difference: the built-in Python
 //! entry dry-runs the job path before waiting and skips CPython's module
 //! teardown when nothing can observe it (see `runtimes.toml`).
+//!
+//! ## The zygote contract
+//!
+//! A warm start marked `zygote = true` also works as a *zygote* in a
+//! sandbox with rooms (a jail): the agent starts one copy per sandbox, as
+//! the sandbox's root with the agent's capabilities, with fd 3 a
+//! `SOCK_SEQPACKET` socket instead of a pipe. The command must tell the two
+//! apart (the built-in Python looks at fd 3's type) and, on the socket:
+//!
+//! 1. read one message, the set-up: JSON `{"uid", "gid", "cwd", "filters"}`
+//!    (the job's identity, its work directory, and the job's seccomp
+//!    programs as base64 `struct sock_filter` arrays);
+//! 2. prepare what it can, then send `{"ready": true}`;
+//! 3. for each message `{"id": n}` arriving with five descriptors (a pidfd
+//!    of the room's holder, then the new interpreter's stdin, stdout,
+//!    stderr and control pipe), start an interpreter that is a child of the
+//!    agent (not of the zygote: the agent reaps every exec), in the room's
+//!    pid, mount, network and IPC namespaces (`setns` on the pidfd), and
+//!    answer `{"id": n, "pid": p}` with its pid as the zygote sees it, or
+//!    `{"id": n, "error": "..."}`. That interpreter must, before it reads
+//!    its job: put the four descriptors on 0-3 and close every other, start
+//!    a session, empty its capability bounding set, set its
+//!    `oom_score_adj` to 1000, drop to the uid and gid with no
+//!    supplementary groups, set no_new_privs, install the filters in order,
+//!    and change to the work directory; then it is a warm interpreter as
+//!    above. Any failure before the job must end it (status 127), never
+//!    let it run code;
+//! 4. exit when the socket closes.
+//!
+//! Everything a fork inherits was made before any job existed, and nothing
+//! a job does reaches the zygote. Where rooms are not in use (a microVM
+//! guest), the same command runs as a plain warm start.
 
 use serde::{Deserialize, Serialize};
 
