@@ -39,6 +39,10 @@ pub struct Server {
     pub max_body_bytes: u64,
     /// On SIGTERM, how long in-flight jobs get to finish, in seconds.
     pub drain_grace_s: u64,
+    /// Threads of the daemon's async runtime (HTTP, AMQP, scheduling).
+    /// 1: everything on one thread, which wakes fewer threads per job;
+    /// 0: one per CPU.
+    pub worker_threads: usize,
 }
 
 impl Default for Server {
@@ -48,6 +52,7 @@ impl Default for Server {
             token: String::new(),
             max_body_bytes: 16 * 1024 * 1024,
             drain_grace_s: 30,
+            worker_threads: 1,
         }
     }
 }
@@ -205,6 +210,9 @@ pub struct ServeArgs {
     /// server.drain_grace_s
     #[arg(long, env = "KILN_DRAIN_GRACE_S", value_name = "SECONDS")]
     pub drain_grace_s: Option<u64>,
+    /// server.worker_threads
+    #[arg(long, env = "KILN_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// scheduler.max_running
     #[arg(long, env = "KILN_MAX_RUNNING", value_name = "N")]
     pub max_running: Option<usize>,
@@ -307,6 +315,7 @@ impl Config {
         over!(args.token => c.server.token);
         over!(args.max_body_bytes => c.server.max_body_bytes);
         over!(args.drain_grace_s => c.server.drain_grace_s);
+        over!(args.worker_threads => c.server.worker_threads);
         over!(args.max_running => c.scheduler.max_running);
         over!(args.queue_depth => c.scheduler.queue_depth);
         over!(args.results_max => c.scheduler.results_max);

@@ -98,11 +98,34 @@ fn main() -> ExitCode {
         }
         command => Cli { command },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // The daemon's config decides its runtime, so it is read first.
+    let (serve_config, threads) = match &cli.command {
+        Command::Serve(args) => match config::Config::load(args, explicit) {
+            Ok(c) => {
+                let threads = c.server.worker_threads;
+                (Some(c), threads)
+            }
+            Err(e) => {
+                eprintln!("kiln: {e:#}");
+                return ExitCode::from(70);
+            }
+        },
+        _ => (None, 1),
+    };
+    // One thread unless asked for more: a job is a handful of events on the
+    // daemon's side, and on a VM every wake-up of another thread costs more
+    // than the work it hands over (measured in docs/BENCHMARKS.md). Blocking
+    // work (creating and destroying sandboxes) runs on tokio's blocking pool.
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kiln: cannot start the async runtime: {e}");
@@ -112,7 +135,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => cli::run::run(args).await,
-            Command::Serve(args) => cli::serve::serve(args, explicit).await,
+            Command::Serve(args) => {
+                let config = serve_config.expect("loaded above for serve");
+                cli::serve::serve(args, config).await
+            }
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
             Command::Snapshot(_) => unreachable!("handled before the runtime starts"),

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::amqp::{AmqpIntake, AmqpMetrics};
 use crate::backend;
-use crate::config::{Config, Explicit, ServeArgs};
+use crate::config::{Config, ServeArgs};
 use crate::http::{self, App};
 use crate::metrics::Metrics;
 use crate::scheduler::{Retention, Scheduler, SchedulerSettings};
@@ -43,8 +43,7 @@ fn scheduler_settings(c: &Config, pooled: Vec<String>) -> SchedulerSettings {
     }
 }
 
-pub async fn serve(args: ServeArgs, explicit: Explicit) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args, explicit)?;
+pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> {
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(ExitCode::SUCCESS);
