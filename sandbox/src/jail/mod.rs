@@ -543,6 +543,8 @@ pub struct Jail {
     id: SandboxId,
     agent: AgentConn,
     remains: Option<Remains>,
+    /// The CPU weight last set, so that setting it again costs nothing.
+    background: std::sync::atomic::AtomicBool,
 }
 
 struct Remains {
@@ -620,6 +622,10 @@ impl Sandbox for Jail {
     }
 
     fn set_background(&self, background: bool) {
+        use std::sync::atomic::Ordering;
+        if self.background.swap(background, Ordering::Relaxed) == background {
+            return;
+        }
         if let Some(r) = &self.remains {
             if let Err(e) = r.cgroup.set_cpu_background(background) {
                 tracing::debug!(sandbox = %self.id, "setting the CPU weight: {e}");
@@ -716,6 +722,7 @@ impl Backend for JailBackend {
             id,
             agent: AgentConn::new(stream),
             remains: Some(remains),
+            background: spec.background.into(),
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
