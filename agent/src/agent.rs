@@ -44,11 +44,13 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 /// How long a reset waits for the old room's processes to be gone.
 const RESET_REAP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an exec's first frames (`Started`, early output) are held back
-/// so that a short job's frames reach the host in one write with its
-/// `Exit`: each separate write wakes the host once more, and on the
-/// benchmark machine a wake-up costs the daemon tens of microseconds.
-/// Output of a longer job is at most this much later than it could be.
+/// How long an exec's `Started` is held back, so that it travels with the
+/// exec's first output (or its `Exit`) instead of waking the host on its
+/// own: on the benchmark machine every wake-up of the daemon costs it tens
+/// of microseconds. Output itself is never held: holding it too saved a
+/// little more CPU but cost the c=1 median ~0.35 ms, because the host then
+/// handles all of a job's frames after the job instead of while it runs
+/// (interleaved A/B in docs/BENCHMARKS.md).
 const COALESCE: Duration = Duration::from_millis(2);
 /// Held-back bytes past which the hold ends at once.
 const COALESCE_BYTES: usize = 64 * 1024;
@@ -314,8 +316,8 @@ impl Connection {
         self.out.len() - self.sent
     }
 
-    /// Queues a frame; anything but an exec's `Started` and output ends a
-    /// hold (see [`COALESCE`]), and `Started` begins one.
+    /// Queues a frame; an exec's `Started` begins a hold (see
+    /// [`COALESCE`]), and any other frame ends it.
     fn send(&mut self, frame: &Frame) {
         log_debug!("-> {}", frame.name());
         frame.encode_into(&mut self.out);
@@ -324,7 +326,6 @@ impl Connection {
                 self.hold_until
                     .get_or_insert_with(|| Instant::now() + COALESCE);
             }
-            Frame::Stdout { .. } | Frame::Stderr { .. } => {}
             _ => self.hold_until = None,
         }
         if self.pending() > COALESCE_BYTES {
