@@ -743,7 +743,9 @@ impl Agent {
                     r.pid,
                     r.status
                 );
-                rooms.room = None;
+                if let Some(mut room) = rooms.room.take() {
+                    room.holder_reaped();
+                }
             } else {
                 log_debug!("reaped orphan {}", r.pid);
             }
@@ -940,7 +942,7 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let own_pid_ns = sys::own_pid_namespace()
             .map_err(|e| format!("opening the agent's own pid namespace: {e}"))?;
-        let room = Room::create(&plan).map_err(|e| e.to_string())?;
+        let room = Room::create(&plan, None).map_err(|e| e.to_string())?;
         log_info!("room ready: holder {}", room.holder());
         let workdir = room_workdir(&room, workdir, uid, gid)?;
         Ok((
@@ -1158,8 +1160,8 @@ impl Agent {
         self.warm.clear();
         let setup = self.setup.as_mut().expect("checked above");
         let rooms = setup.rooms.as_mut().expect("checked above");
-        rooms.room = None;
-        let room = Room::create(&rooms.plan).map_err(|e| e.to_string())?;
+        let net = rooms.room.take().and_then(Room::retire);
+        let room = Room::create(&rooms.plan, net).map_err(|e| e.to_string())?;
         let path = setup.workdir.path().to_owned();
         setup.workdir = room_workdir(&room, &path, setup.workdir.uid(), setup.workdir.gid())?;
         log_info!("room reset: holder {}", room.holder());

@@ -288,10 +288,16 @@ impl FsIdentity {
 
 impl Drop for FsIdentity {
     fn drop(&mut self) {
-        // SAFETY: as in `assume`.
+        // SAFETY: as in `assume`; prctl takes integers.
         unsafe {
             libc::setfsuid(self.old_uid);
             libc::setfsgid(self.old_gid);
+            // A change of the fs ids clears "dumpable" (commit_creds), and
+            // a room's holder shares the agent's memory, whose flag that is:
+            // a non-dumpable holder cannot be entered with setns through
+            // its pidfd (see `room`). Nothing but the agent's own user can
+            // use the flag, and that user is trusted.
+            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
         }
     }
 }

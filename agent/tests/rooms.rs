@@ -270,6 +270,44 @@ fn a_reset_kills_a_running_exec_and_the_room_comes_back() {
     assert_eq!(ok(&again), "2\n");
 }
 
+/// A job's network namespace, and whether loopback works in it.
+const NET_ID: &str = r#"
+import os, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print(os.readlink("/proc/self/ns/net"), s.getsockname()[1] > 0)
+"#;
+
+#[test]
+fn a_room_whose_jobs_sent_no_packet_hands_its_network_namespace_on() {
+    let mut h = RoomHost::start(&["python"], vec![]);
+    let first = ok(&h.run_warm(NET_ID));
+    h.reset();
+    let second = ok(&h.run_warm(NET_ID));
+    assert_eq!(first, second, "binding a port and closing it sends nothing");
+    assert!(second.ends_with("True\n"), "{second}");
+    // One datagram, even to nobody, and the next room gets a new one.
+    ok(&h.run_warm(
+        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n",
+    ));
+    h.reset();
+    let third = ok(&h.run_warm(NET_ID));
+    assert_ne!(
+        second.split(' ').next(),
+        third.split(' ').next(),
+        "{second} {third}"
+    );
+    assert!(
+        third.ends_with("True\n"),
+        "loopback is up in a new one too: {third}"
+    );
+    h.reset();
+    assert_eq!(
+        ok(&h.run_warm(NET_ID)),
+        third,
+        "and that one is quiet again"
+    );
+}
+
 #[test]
 fn execs_with_warm_next_share_one_room_until_the_reset() {
     let mut h = RoomHost::start(&["python"], vec![]);
@@ -388,6 +426,23 @@ fn rooms_refuse_a_work_directory_inside_tmp() {
     host.send(&Frame::Hello(hello));
     match host.recv() {
         Frame::Error(e) => assert!(e.message.contains("/tmp"), "{}", e.message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_room_that_cannot_be_made_is_refused_with_the_step_and_the_reason() {
+    let mut host = Host::start();
+    let missing = Path::new("/run/kiln-agent-test-no-such-dir");
+    let hello = host.rooms_hello_frame(runtimes(), &[], missing, vec![]);
+    host.send(&Frame::Hello(hello));
+    match host.recv() {
+        Frame::Error(e) => assert!(
+            e.message.contains("attach the work directory")
+                && e.message.contains("No such file or directory"),
+            "{}",
+            e.message
+        ),
         other => panic!("expected an error, got {other:?}"),
     }
 }
