@@ -36,7 +36,7 @@
 //!    answer `{"id": n, "pid": p}` with its pid as the zygote sees it, or
 //!    `{"id": n, "error": "..."}`. That interpreter must, before it reads
 //!    its job: put the four descriptors on 0-3 and close every other, start
-//!    a session, empty its capability bounding set, set its
+//!    a session, have an empty capability bounding set, set its
 //!    `oom_score_adj` to 1000, drop to the uid and gid with no
 //!    supplementary groups, set no_new_privs, install the filters in order,
 //!    and change to the work directory; then it is a warm interpreter as

@@ -495,7 +495,7 @@ async fn jobs_in_a_room_have_no_privileges_warm_or_cold_before_and_after_resets(
     let sb = env.sandbox("python").await;
     let want = |procs: usize| {
         format!(
-            "Uid 1000 1000 1000 1000\nCapEff 0000000000000000\nCapPrm 0000000000000000\nCapBnd 0000000000000000\nCapAmb 0000000000000000\nNoNewPrivs 1\nSeccomp 2\nSeccomp_filters 4\nprocs {procs}\noom 1000\n"
+            "Uid 1000 1000 1000 1000\nCapEff 0000000000000000\nCapPrm 0000000000000000\nCapBnd 0000000000000000\nCapAmb 0000000000000000\nNoNewPrivs 1\nSeccomp 2\nSeccomp_filters 3\nprocs {procs}\noom 1000\n"
         )
     };
     for round in 0..3 {
