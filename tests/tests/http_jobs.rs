@@ -347,3 +347,22 @@ fn a_saturated_server_answers_429_with_retry_after_and_recovers() {
     let left = s.scope.leftovers();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn a_job_with_more_or_less_memory_than_the_template_still_gets_a_warm_sandbox() {
+    let s = Server::start("resize", &["--min-idle", "1", "--max-running", "1"]);
+    wait_ready(&s);
+    for memory_mb in [512, 64, 256] {
+        let (_, r) = s.json(
+            "POST",
+            "/v1/jobs",
+            &json!({
+                "runtime": "python",
+                "code": "print(1)",
+                "limits": {"memory_mb": memory_mb}
+            }),
+        );
+        assert_eq!(r["outcome"], "ok", "{memory_mb} MiB: {r}");
+        assert_eq!(r["timings"]["acquire"], "warm", "{memory_mb} MiB: {r}");
+    }
+}

@@ -295,14 +295,21 @@ impl Cgroup {
             }
             Layout::V1 { .. } => {
                 let (mem, pids) = (&self.dirs[0], &self.dirs[1]);
-                Self::write(mem, "memory.limit_in_bytes", &l.memory_bytes.to_string())?;
-                // Present only with swap accounting; keep swap out of reach.
-                if mem.join("memory.memsw.limit_in_bytes").exists() {
-                    let _ = Self::write(
-                        mem,
-                        "memory.memsw.limit_in_bytes",
-                        &l.memory_bytes.to_string(),
-                    );
+                let bytes = l.memory_bytes.to_string();
+                // memory.memsw.limit_in_bytes (present only with swap
+                // accounting) keeps swap out of reach. The kernel refuses a
+                // memory limit above the memsw limit (EINVAL), so a limit
+                // that grows goes to memsw first, one that shrinks last.
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                let has_memsw = memsw.exists();
+                let grows = Self::read_u64(mem, "memory.limit_in_bytes")
+                    .is_none_or(|now| l.memory_bytes > now);
+                if has_memsw && grows {
+                    let _ = Self::write(mem, "memory.memsw.limit_in_bytes", &bytes);
+                }
+                Self::write(mem, "memory.limit_in_bytes", &bytes)?;
+                if has_memsw && !grows {
+                    let _ = Self::write(mem, "memory.memsw.limit_in_bytes", &bytes);
                 }
                 Self::write(pids, "pids.max", &l.pids.to_string())?;
                 let cpu_mount = match &self.layout {
