@@ -56,6 +56,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.oom_kills())
     }
 
+    fn oom_kills_seen(&self) -> u64 {
+        each!(self, s => s.oom_kills_seen())
+    }
+
     fn memory_peak_bytes(&self) -> Option<u64> {
         each!(self, s => s.memory_peak_bytes())
     }

@@ -140,6 +140,13 @@ pub trait Sandbox: Send + Sync {
     fn agent(&self) -> &AgentConn;
     /// Kernel OOM kills inside the sandbox so far (a monotonic counter).
     fn oom_kills(&self) -> u64;
+    /// The OOM-kill count as of the end of the last job, reset or creation
+    /// (whichever came last), for a job's "before" without a fresh read.
+    /// Between those and the next job nothing runs that could be killed:
+    /// the warm interpreter waits for its job.
+    fn oom_kills_seen(&self) -> u64 {
+        self.oom_kills()
+    }
     /// Peak memory of the sandbox so far, when the backend knows it.
     fn memory_peak_bytes(&self) -> Option<u64>;
     fn stats(&self) -> SandboxStats;

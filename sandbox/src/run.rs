@@ -92,7 +92,7 @@ pub async fn run_job<S: Sandbox>(
     let start = Instant::now();
     let deadline = start + Duration::from_millis(spec.limits.timeout_ms);
     let agent = sandbox.agent();
-    let oom_before = sandbox.oom_kills();
+    let oom_before = sandbox.oom_kills_seen();
     let internal = |msg: String, poisoned: bool| RunOutcome {
         result: JobResult::internal(id.clone(), msg),
         warm: false,

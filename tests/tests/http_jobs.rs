@@ -349,6 +349,29 @@ fn a_saturated_server_answers_429_with_retry_after_and_recovers() {
 }
 
 #[test]
+fn an_oom_in_a_pooled_sandbox_is_its_jobs_alone() {
+    // One pooled sandbox, so that both jobs run in it.
+    let s = Server::start("oompool", &["--min-idle", "1", "--max-running", "1"]);
+    wait_ready(&s);
+    let bomb = json!({
+        "runtime": "python",
+        "code": "b = []\nwhile True: b.append(bytearray(1 << 20))",
+        "limits": {"memory_mb": 64}
+    });
+    let (_, r) = s.json("POST", "/v1/jobs", &bomb);
+    assert_eq!(r["outcome"], "oom", "{r}");
+    let sandboxes = s.scope.leftovers();
+    let (_, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": "print(1)"}),
+    );
+    assert_eq!(r["outcome"], "ok", "the next job is not blamed: {r}");
+    assert_eq!(r["stdout"], "1\n");
+    assert_eq!(s.scope.leftovers(), sandboxes, "it ran in the same sandbox");
+}
+
+#[test]
 fn a_job_with_more_or_less_memory_than_the_template_still_gets_a_warm_sandbox() {
     let s = Server::start("resize", &["--min-idle", "1", "--max-running", "1"]);
     wait_ready(&s);

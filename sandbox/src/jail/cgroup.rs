@@ -146,6 +146,9 @@ pub struct Cgroup {
     layout: Layout,
     dirs: Vec<PathBuf>,
     hot: HotFiles,
+    /// The OOM-kill count as last read, so that a job's "before" costs no
+    /// read (see [`Cgroup::oom_kills_seen`]).
+    oom_seen: std::sync::atomic::AtomicU64,
 }
 
 /// The group files read or written for every job, kept open: a path lookup
@@ -239,6 +242,7 @@ impl Cgroup {
             layout: layout.clone(),
             dirs,
             hot: HotFiles::default(),
+            oom_seen: 0.into(),
         };
         for d in &cg.dirs {
             fs::create_dir_all(d).map_err(file_err(d))?;
@@ -257,6 +261,7 @@ impl Cgroup {
             layout: layout.clone(),
             dirs,
             hot: HotFiles::default(),
+            oom_seen: 0.into(),
         }
     }
 
@@ -436,16 +441,26 @@ impl Cgroup {
 
     /// Times the kernel's OOM killer has killed a process in the group.
     pub fn oom_kills(&self) -> u64 {
-        if let Some(f) = &self.hot.oom {
-            return read_kept(f)
+        let n = if let Some(f) = &self.hot.oom {
+            read_kept(f)
                 .and_then(|t| keyed(&t, "oom_kill"))
-                .unwrap_or(0);
-        }
-        let d = &self.dirs[0];
-        match self.layout {
-            Layout::V2 { .. } => Self::read_keyed(d, "memory.events", "oom_kill").unwrap_or(0),
-            Layout::V1 { .. } => Self::read_keyed(d, "memory.oom_control", "oom_kill").unwrap_or(0),
-        }
+                .unwrap_or(0)
+        } else {
+            let d = &self.dirs[0];
+            match self.layout {
+                Layout::V2 { .. } => Self::read_keyed(d, "memory.events", "oom_kill"),
+                Layout::V1 { .. } => Self::read_keyed(d, "memory.oom_control", "oom_kill"),
+            }
+            .unwrap_or(0)
+        };
+        self.oom_seen.store(n, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+
+    /// The OOM-kill count as [`oom_kills`](Self::oom_kills) last read it
+    /// (the file is dear to read: the kernel formats three figures).
+    pub fn oom_kills_seen(&self) -> u64 {
+        self.oom_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Peak memory of the group since it was made or since the last

@@ -615,6 +615,12 @@ impl Sandbox for Jail {
         self.remains.as_ref().map_or(0, |r| r.cgroup.oom_kills())
     }
 
+    fn oom_kills_seen(&self) -> u64 {
+        self.remains
+            .as_ref()
+            .map_or(0, |r| r.cgroup.oom_kills_seen())
+    }
+
     fn memory_peak_bytes(&self) -> Option<u64> {
         self.remains
             .as_ref()
@@ -651,6 +657,7 @@ impl Sandbox for Jail {
         self.agent.reset(RESET_TIMEOUT).await?;
         if let Some(r) = &self.remains {
             r.cgroup.reset_memory_peak()?;
+            r.cgroup.oom_kills();
         }
         Ok(())
     }
@@ -738,7 +745,10 @@ impl Backend for JailBackend {
             }),
         };
         match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
-            Ok(_) => Ok(jail),
+            Ok(_) => {
+                jail.oom_kills();
+                Ok(jail)
+            }
             Err(e) => {
                 jail.destroy().await;
                 Err(e.into())
