@@ -16,18 +16,18 @@ use crate::scheduler::JobSource;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
-    source: String,
-    outcome: String,
+    source: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
-    phase: String,
+    phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AcquireLabels {
-    acquire: String,
+    acquire: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,8 +127,8 @@ impl Metrics {
     pub fn finished(&self, source: JobSource, r: &JobResult) {
         self.jobs
             .get_or_create(&OutcomeLabels {
-                source: source.as_str().into(),
-                outcome: r.outcome.as_str().into(),
+                source: source.as_str(),
+                outcome: r.outcome.as_str(),
             })
             .inc();
         let t = &r.timings;
@@ -139,9 +139,7 @@ impl Metrics {
             ("total", t.total_ms),
         ] {
             self.phases
-                .get_or_create(&PhaseLabels {
-                    phase: phase.into(),
-                })
+                .get_or_create(&PhaseLabels { phase })
                 .observe(ms / 1000.0);
         }
         if let Some(a) = t.acquire {
@@ -150,9 +148,7 @@ impl Metrics {
                 Acquire::Cold => "cold",
             };
             self.acquires
-                .get_or_create(&AcquireLabels {
-                    acquire: acquire.into(),
-                })
+                .get_or_create(&AcquireLabels { acquire })
                 .inc();
         }
     }
