@@ -481,19 +481,7 @@ impl Agent {
                 sys::kill_group(exec.pid, libc::SIGKILL);
             }
         }
-        for w in std::mem::take(&mut self.warm) {
-            sys::kill_group(w.process.pid, libc::SIGKILL);
-        }
-        for z in std::mem::take(&mut self.zygotes) {
-            z.kill();
-        }
-        if let Some(room) = self
-            .setup
-            .as_mut()
-            .and_then(|s| s.rooms.as_mut()?.room.take())
-        {
-            room.kill();
-        }
+        self.drop_rooms();
         if self.is_init {
             sys::kill_everything();
         }
@@ -956,8 +944,8 @@ impl Agent {
         ))
     }
 
-    /// Kills what an earlier connection's rooms left: warm interpreters,
-    /// zygotes and the room (reaped by the loop as they die).
+    /// Kills the warm interpreters, the zygotes and the room (reaped by
+    /// whoever reaps next: the loop, or shutdown).
     fn drop_rooms(&mut self) {
         for w in std::mem::take(&mut self.warm) {
             sys::kill_group(w.process.pid, libc::SIGKILL);

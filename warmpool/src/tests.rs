@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 
-use crate::{Acquire, Factory, Pool, PoolError, TemplateKey, TemplateSettings, TemplateStats};
+use crate::{
+    Acquire, Factory, Lease, Pool, PoolError, TemplateKey, TemplateSettings, TemplateStats,
+};
 
 /// What the test factory did, for the assertions.
 #[derive(Default)]
@@ -609,10 +611,9 @@ async fn shutdown_wakes_a_waiting_lease_with_an_error() {
     assert_no_leak(&pool, &ledger).await;
 }
 
-/// The same churn on two real worker threads and the real clock: no
-/// deadlock, no lost wake-up, no leak.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_item_leaks_on_a_multi_threaded_runtime() {
+/// A pool on the real clock for the multi-threaded churns below, with
+/// `max_uses` and `min_idle`.
+fn real_clock_pool(max_uses: u32, min_idle: usize) -> (Pool<Numbered>, Arc<Ledger>) {
     let ledger = Arc::new(Ledger::default());
     let pool = Pool::new(Numbered {
         ledger: Arc::clone(&ledger),
@@ -622,20 +623,25 @@ async fn no_item_leaks_on_a_multi_threaded_runtime() {
     pool.set_template(
         python(),
         TemplateSettings {
-            max_uses: 2,
+            max_uses,
             lease_timeout: Duration::from_secs(10),
-            ..settings(2, 3)
+            ..settings(min_idle, 3)
         },
     )
     .unwrap();
+    (pool, ledger)
+}
+
+/// Six workers each lease 20 times and end every lease as `end` says.
+async fn churn(pool: &Pool<Numbered>, end: fn(u64, Lease<Numbered>)) {
     let workers: Vec<_> = (0..6u64)
         .map(|worker| {
             let pool = pool.clone();
             tokio::spawn(async move {
                 for round in 0..20u64 {
-                    let mut lease = pool.lease(&python()).await.unwrap();
+                    let lease = pool.lease(&python()).await.unwrap();
                     tokio::task::yield_now().await;
-                    lease.set_remove_on_exit((worker + round) % 2 == 0);
+                    end(worker + round, lease);
                 }
             })
         })
@@ -643,6 +649,14 @@ async fn no_item_leaks_on_a_multi_threaded_runtime() {
     for worker in workers {
         worker.await.unwrap();
     }
+}
+
+/// The same churn on two real worker threads and the real clock: no
+/// deadlock, no lost wake-up, no leak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_item_leaks_on_a_multi_threaded_runtime() {
+    let (pool, ledger) = real_clock_pool(2, 2);
+    churn(&pool, |n, mut lease| lease.set_remove_on_exit(n % 2 == 0)).await;
     assert_no_leak(&pool, &ledger).await;
 }
 
@@ -1060,42 +1074,17 @@ async fn recycle_metrics_are_exported_per_template_with_help_text() {
 /// lost wake-up, no leaked claim or item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_item_leaks_with_recycles_on_a_multi_threaded_runtime() {
-    let ledger = Arc::new(Ledger::default());
-    let pool = Pool::new(Numbered {
-        ledger: Arc::clone(&ledger),
-        create_delay: Duration::from_millis(1),
-        recycle_delay: Duration::from_millis(1),
-    });
-    pool.set_template(
-        python(),
-        TemplateSettings {
-            max_uses: 3,
-            lease_timeout: Duration::from_secs(10),
-            ..settings(1, 3)
-        },
-    )
-    .unwrap();
+    let (pool, ledger) = real_clock_pool(3, 1);
     for id in (0..1000).step_by(4) {
         ledger.make_unrecyclable(id);
     }
-    let workers: Vec<_> = (0..6u64)
-        .map(|worker| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                for round in 0..20u64 {
-                    let lease = pool.lease(&python()).await.unwrap();
-                    tokio::task::yield_now().await;
-                    if (worker + round) % 3 == 0 {
-                        drop(lease);
-                    } else {
-                        lease.recycle();
-                    }
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.unwrap();
-    }
+    churn(&pool, |n, lease| {
+        if n % 3 == 0 {
+            drop(lease);
+        } else {
+            lease.recycle();
+        }
+    })
+    .await;
     assert_no_leak(&pool, &ledger).await;
 }
