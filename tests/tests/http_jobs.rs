@@ -300,6 +300,51 @@ fn with_max_uses_1_every_job_gets_a_new_sandbox_and_none_stays() {
 }
 
 #[test]
+fn fifty_concurrent_jobs_all_succeed_and_nothing_leaks() {
+    let s = Server::start(
+        "fifty",
+        &[
+            "--min-idle",
+            "2",
+            "--max-running",
+            "8",
+            "--queue-depth",
+            "64",
+        ],
+    );
+    wait_ready(&s);
+    let results: Vec<Value> = std::thread::scope(|t| {
+        let hs: Vec<_> = (0..50)
+            .map(|i| {
+                let s = &s;
+                let rt = ["python", "node", "bash"][i % 3];
+                let code = match rt {
+                    "python" => format!("print({i})"),
+                    "node" => format!("console.log({i})"),
+                    _ => format!("echo {i}"),
+                };
+                t.spawn(move || s.json("POST", "/v1/jobs", &json!({"runtime": rt, "code": code})))
+            })
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let (st, r) = h.join().unwrap();
+                assert_eq!(st, 200, "job {i}: {r}");
+                assert_eq!(r["stdout"], format!("{i}\n"), "job {i}: {r}");
+                r
+            })
+            .collect()
+    });
+    assert!(results.iter().all(|r| r["outcome"] == "ok"));
+    assert!(results.iter().any(|r| r["timings"]["acquire"] == "warm"));
+    let mut s = s;
+    assert!(s.term(Duration::from_secs(60)).success());
+    let left = s.scope.leftovers();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn a_saturated_server_answers_429_with_retry_after_and_recovers() {
     let s = Server::start(
         "saturate",
