@@ -185,6 +185,14 @@ async fn settle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// Leases an item and ends the lease with a recycle; returns the item's id.
+async fn lease_and_recycle(pool: &Pool<Numbered>) -> u64 {
+    let lease = pool.lease(&python()).await.unwrap();
+    let id = lease.id;
+    lease.recycle();
+    id
+}
+
 /// After shutdown, everything the factory made was destroyed exactly once.
 async fn assert_no_leak<F: Factory>(pool: &Pool<F>, ledger: &Ledger) {
     let report = pool.shutdown(Duration::from_secs(10)).await;
@@ -713,9 +721,7 @@ async fn an_item_at_max_uses_is_destroyed_without_a_recycle() {
         ..settings(1, 1)
     });
     settle().await;
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     settle().await;
     let second = pool.lease(&python()).await.unwrap();
     assert_eq!((second.id, second.uses()), (id, 2));
@@ -836,9 +842,7 @@ async fn the_refill_counts_recycling_items_towards_min_idle() {
 async fn a_lease_with_no_idle_item_waits_for_a_recycling_item_instead_of_creating() {
     let recycle_delay = Duration::from_millis(10);
     let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     let next = pool.lease(&python()).await.unwrap();
     assert_eq!(
         (
@@ -860,9 +864,7 @@ async fn a_lease_with_no_idle_item_waits_for_a_recycling_item_instead_of_creatin
 async fn leases_beyond_the_number_of_recycling_items_create_cold() {
     let recycle_delay = Duration::from_millis(10);
     let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     let key = python();
     let (a, b) = tokio::join!(pool.lease(&key), pool.lease(&key));
     let mut leases = [a.unwrap(), b.unwrap()];
@@ -890,9 +892,7 @@ async fn a_lease_waiting_for_a_recycle_that_fails_goes_on_to_create() {
     let recycle_delay = Duration::from_millis(10);
     let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 1));
     ledger.fail_recycles(true);
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     let next = pool.lease(&python()).await.unwrap();
     assert_ne!(next.id, id);
     assert_eq!(next.acquire(), Acquire::Cold);
@@ -912,9 +912,7 @@ async fn a_lease_waiting_for_a_recycle_that_fails_goes_on_to_create() {
 async fn a_cancelled_lease_waiting_for_a_recycle_gives_its_claim_back() {
     let recycle_delay = Duration::from_secs(1);
     let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     let cancelled = tokio::time::timeout(Duration::from_millis(100), pool.lease(&python())).await;
     assert!(cancelled.is_err());
     // With a leaked claim this lease would find the recycle taken and create.
@@ -929,9 +927,7 @@ async fn a_cancelled_lease_waiting_for_a_recycle_gives_its_claim_back() {
 async fn a_lease_whose_recycle_outlasts_its_timeout_creates_cold() {
     let recycle_delay = Duration::from_secs(10);
     let (pool, ledger) = pool_recycling_in(recycle_delay, reusable(0, 4));
-    let first = pool.lease(&python()).await.unwrap();
-    let id = first.id;
-    first.recycle();
+    let id = lease_and_recycle(&pool).await;
     let timeout = Duration::from_secs(1);
     let next = pool.lease_within(&python(), timeout).await.unwrap();
     assert_ne!(next.id, id);
