@@ -88,26 +88,43 @@ impl Default for Metrics {
     }
 }
 
+/// One template's series, looked up once when the template is set up: the
+/// handles share their values with the families, so the pool updates them
+/// without a family look-up (a lock and a label hash) per event.
+#[derive(Clone, Debug)]
+pub(crate) struct Series {
+    pub(crate) hits: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) creates: Counter,
+    pub(crate) create_failures: Counter,
+    pub(crate) destroys: Counter,
+    pub(crate) recycles: Counter,
+    pub(crate) recycle_failures: Counter,
+    pub(crate) idle: Gauge,
+    pub(crate) busy: Gauge,
+    pub(crate) recycling: Gauge,
+    pub(crate) create_seconds: Histogram,
+    pub(crate) recycle_seconds: Histogram,
+}
+
 impl Metrics {
-    /// Creates a template's series at zero, so that they show before the
+    /// A template's series, created at zero so that they show before the
     /// first event.
-    pub(crate) fn init(&self, label: &TemplateLabel) {
-        for counter in [
-            &self.hits,
-            &self.misses,
-            &self.creates,
-            &self.create_failures,
-            &self.destroys,
-            &self.recycles,
-            &self.recycle_failures,
-        ] {
-            drop(counter.get_or_create(label));
+    pub(crate) fn series(&self, label: &TemplateLabel) -> Series {
+        Series {
+            hits: self.hits.get_or_create(label).clone(),
+            misses: self.misses.get_or_create(label).clone(),
+            creates: self.creates.get_or_create(label).clone(),
+            create_failures: self.create_failures.get_or_create(label).clone(),
+            destroys: self.destroys.get_or_create(label).clone(),
+            recycles: self.recycles.get_or_create(label).clone(),
+            recycle_failures: self.recycle_failures.get_or_create(label).clone(),
+            idle: self.idle.get_or_create(label).clone(),
+            busy: self.busy.get_or_create(label).clone(),
+            recycling: self.recycling.get_or_create(label).clone(),
+            create_seconds: self.create_seconds.get_or_create(label).clone(),
+            recycle_seconds: self.recycle_seconds.get_or_create(label).clone(),
         }
-        for gauge in [&self.idle, &self.busy, &self.recycling] {
-            drop(gauge.get_or_create(label));
-        }
-        drop(self.create_seconds.get_or_create(label));
-        drop(self.recycle_seconds.get_or_create(label));
     }
 
     /// Registers every family. Counter names get their `_total` suffix from

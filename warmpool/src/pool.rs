@@ -27,7 +27,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use crate::lease::{Acquire, End, Lease};
-use crate::metrics::{Metrics, TemplateLabel};
+use crate::metrics::{Metrics, Series, TemplateLabel};
 use crate::{Factory, PoolError, SettingsError, TemplateKey, TemplateSettings};
 
 /// A pool of ready items per template, generic over the [`Factory`] that
@@ -149,7 +149,8 @@ struct Templates<I> {
 
 pub(crate) struct Template<I> {
     pub(crate) key: TemplateKey,
-    label: TemplateLabel,
+    /// Its metric series (see [`Series`]).
+    series: Series,
     state: Mutex<TemplateState<I>>,
     /// Woken when an item becomes idle or capacity frees up (and on
     /// shutdown); waiting leases re-check.
@@ -343,7 +344,7 @@ impl<F: Factory> Pool<F> {
         }
         let shutting_down = templates.shutting_down;
         let template = Arc::new(Template {
-            label: TemplateLabel::new(&key),
+            series: self.inner.metrics.series(&TemplateLabel::new(&key)),
             key: key.clone(),
             state: Mutex::new(TemplateState {
                 warmed: settings.min_idle == 0,
@@ -370,7 +371,6 @@ impl<F: Factory> Pool<F> {
             available: Notify::new(),
             refill: Notify::new(),
         });
-        self.inner.metrics.init(&template.label);
         self.inner.publish(&template, &template.lock());
         templates.by_key.insert(key, Arc::clone(&template));
         if !shutting_down {
@@ -459,11 +459,7 @@ impl<F: Factory> Pool<F> {
                     } else if state.live() < state.settings.max_total {
                         state.creating += 1;
                         state.misses += 1;
-                        self.inner
-                            .metrics
-                            .misses
-                            .get_or_create(&template.label)
-                            .inc();
+                        template.series.misses.inc();
                         step = Step::Create;
                     }
                 }
@@ -618,18 +614,9 @@ impl<F: Factory> Inner<F> {
 
     fn publish(&self, template: &Template<F::Item>, state: &TemplateState<F::Item>) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.metrics
-            .idle
-            .get_or_create(&template.label)
-            .set(gauge(state.idle.len()));
-        self.metrics
-            .busy
-            .get_or_create(&template.label)
-            .set(gauge(state.busy));
-        self.metrics
-            .recycling
-            .get_or_create(&template.label)
-            .set(gauge(state.recycling));
+        template.series.idle.set(gauge(state.idle.len()));
+        template.series.busy.set(gauge(state.busy));
+        template.series.recycling.set(gauge(state.recycling));
     }
 
     /// Hands an item to the factory for destruction, in its own task.
@@ -649,7 +636,7 @@ impl<F: Factory> Inner<F> {
             let mut state = template.lock();
             state.destroying -= 1;
             state.destroyed += 1;
-            inner.metrics.destroys.get_or_create(&template.label).inc();
+            template.series.destroys.inc();
             inner.changed(&template, &mut state);
             drop(state);
             template.refill.notify_one();
@@ -703,32 +690,20 @@ impl<F: Factory> Inner<F> {
             state.recycling -= 1;
             if fresh {
                 state.recycles += 1;
-                inner.metrics.recycles.get_or_create(&template.label).inc();
-                inner
-                    .metrics
-                    .recycle_seconds
-                    .get_or_create(&template.label)
-                    .observe(took.as_secs_f64());
+                template.series.recycles.inc();
+                template.series.recycle_seconds.observe(took.as_secs_f64());
                 debug!(template = %template.key, ?took, "recycled sandbox");
-                let retire = if state.shutting_down {
-                    Some(Retire::Shutdown)
-                } else if state.expired(&pooled, Instant::now()) {
-                    Some(Retire::MaxAge)
-                } else {
-                    None
-                };
-                match retire {
+                // `uses` is unchanged since `give_back` chose to recycle, so
+                // of the retirements only shutdown and age can apply now.
+                match state.retirement(&pooled, Instant::now()) {
                     Some(reason) => inner.retire(&template, &mut state, pooled, reason),
                     None => state.idle.push_back(pooled),
                 }
             } else {
                 state.recycle_failures += 1;
-                inner
-                    .metrics
-                    .recycle_failures
-                    .get_or_create(&template.label)
-                    .inc();
-                warn!(
+                template.series.recycle_failures.inc();
+                // The factory says why (the pool only learns that it failed).
+                debug!(
                     template = %template.key,
                     ?took,
                     "recycling a sandbox failed; destroying it"
@@ -756,7 +731,7 @@ impl<F: Factory> Inner<F> {
             return Err(PoolError::ShuttingDown);
         }
         state.hits += 1;
-        self.metrics.hits.get_or_create(&template.label).inc();
+        template.series.hits.inc();
         drop(state);
         lease.start(waited);
         Ok(lease)
@@ -796,11 +771,7 @@ impl<F: Factory> Inner<F> {
                     state.failure_streak = state.failure_streak.saturating_add(1);
                     let backoff = state.settings.backoff(state.failure_streak);
                     state.backoff_until = Some(Instant::now() + backoff);
-                    inner
-                        .metrics
-                        .create_failures
-                        .get_or_create(&template.label)
-                        .inc();
+                    template.series.create_failures.inc();
                     warn!(
                         template = %template.key,
                         %error,
@@ -824,12 +795,8 @@ impl<F: Factory> Inner<F> {
             state.creates += 1;
             state.failure_streak = 0;
             state.backoff_until = None;
-            inner.metrics.creates.get_or_create(&template.label).inc();
-            inner
-                .metrics
-                .create_seconds
-                .get_or_create(&template.label)
-                .observe(took.as_secs_f64());
+            template.series.creates.inc();
+            template.series.create_seconds.observe(took.as_secs_f64());
             debug!(template = %template.key, ?took, "created sandbox");
             let pooled = Pooled {
                 item,
@@ -922,7 +889,11 @@ async fn refill<F: Factory>(pool: Weak<Inner<F>>, template: Arc<Template<F::Item
             let wanted = state
                 .settings
                 .min_idle
-                .saturating_sub(state.idle.len() + state.refilling + state.recycling);
+                // A recycle that a waiting lease has claimed goes to that
+                // lease, not to idle.
+                .saturating_sub(
+                    state.idle.len() + state.refilling + (state.recycling - state.awaiting_recycle),
+                );
             let starts = if backing_off.is_some() {
                 0
             } else {
