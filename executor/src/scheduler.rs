@@ -234,6 +234,12 @@ impl Scheduler {
             specs.insert(key.clone(), spec.clone());
             templates.insert(rt.name.clone(), Template { key, spec });
         }
+        // A microVM has no rooms to reset (`Sandbox::reset` is unsupported):
+        // each serves one job, instead of failing a recycle after every job.
+        let max_uses = match backend {
+            AnyBackend::Jail(_) => settings.max_uses,
+            AnyBackend::Qemu(_) => 1,
+        };
         let pool = Pool::new(SandboxFactory::new(backend.clone(), specs));
         for t in templates.values() {
             pool.set_template(
@@ -245,7 +251,7 @@ impl Scheduler {
                     max_total: settings.max_running + settings.min_idle + 2,
                     replenish_concurrency: 2,
                     max_age: settings.max_idle_age,
-                    max_uses: settings.max_uses,
+                    max_uses,
                     lease_timeout: settings.lease_timeout,
                     ..TemplateSettings::default()
                 },
