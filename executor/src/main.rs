@@ -99,23 +99,23 @@ fn main() -> ExitCode {
         command => Cli { command },
     };
     // The daemon's config decides its runtime, so it is read first.
-    let (serve_config, threads) = match &cli.command {
+    let serve_config = match &cli.command {
         Command::Serve(args) => match config::Config::load(args, explicit) {
-            Ok(c) => {
-                let threads = c.server.worker_threads;
-                (Some(c), threads)
-            }
+            Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("kiln: {e:#}");
                 return ExitCode::from(70);
             }
         },
-        _ => (None, 1),
+        _ => None,
     };
     // One thread unless asked for more: a job is a handful of events on the
     // daemon's side, and on a VM every wake-up of another thread costs more
     // than the work it hands over (measured in docs/BENCHMARKS.md). Blocking
     // work (creating and destroying sandboxes) runs on tokio's blocking pool.
+    // The one-shot commands (run, submit, reap) wait on one job or request
+    // at a time, so they run on one thread too.
+    let threads = serve_config.as_ref().map_or(1, |c| c.server.worker_threads);
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

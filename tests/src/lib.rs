@@ -126,6 +126,25 @@ impl Drop for Scope {
     }
 }
 
+/// Calls `probe` every 20 ms until it returns nothing or `within` has
+/// passed; returns its last answer (empty unless something stayed).
+pub fn wait_empty<T>(within: std::time::Duration, mut probe: impl FnMut() -> Vec<T>) -> Vec<T> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = probe();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits (bounded) until no process's command line mentions `needle`;
+/// returns the pids of those still there.
+pub fn wait_processes_gone(needle: &str, within: std::time::Duration) -> Vec<i32> {
+    wait_empty(within, || processes_matching(needle))
+}
+
 /// Pids of processes whose command line mentions `needle`.
 pub fn processes_matching(needle: &str) -> Vec<i32> {
     let mut v = Vec::new();

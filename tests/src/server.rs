@@ -176,14 +176,7 @@ impl Server {
 
     /// Polls `leftovers()` until it is empty or `within` passes.
     pub fn wait_clean(&self, within: Duration) -> Vec<std::path::PathBuf> {
-        let deadline = Instant::now() + within;
-        loop {
-            let l = self.scope.leftovers();
-            if l.is_empty() || Instant::now() > deadline {
-                return l;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_empty(within, || self.scope.leftovers())
     }
 
     /// `kiln reap` for this server's scope.

@@ -213,18 +213,6 @@ fn auth_rejects_missing_and_wrong_tokens() {
     assert_eq!(r.json()["stdout"], "ok\n");
 }
 
-/// Waits (bounded) until no process on the host mentions `marker`.
-fn wait_gone(marker: &str, within: Duration) -> Vec<i32> {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let left = kiln_tests::processes_matching(marker);
-        if left.is_empty() || std::time::Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_job_with_remove_on_exit_leaves_nothing_behind() {
     // One pooled sandbox: the next job runs in the very sandbox the first
@@ -238,7 +226,7 @@ fn a_job_with_remove_on_exit_leaves_nothing_behind() {
     assert_eq!(r["outcome"], "ok", "{r}");
     let sandboxes = s.scope.leftovers();
     assert!(
-        wait_gone("sleep 31", Duration::from_secs(10)).is_empty(),
+        kiln_tests::wait_processes_gone("sleep 31", Duration::from_secs(10)).is_empty(),
         "the job's background process outlived it"
     );
     let (_, r) = s.json(
@@ -296,7 +284,7 @@ fn with_max_uses_1_every_job_gets_a_new_sandbox_and_none_stays() {
         let left = s.wait_clean(Duration::from_secs(10));
         assert!(left.is_empty(), "left behind: {left:?}");
     }
-    assert!(wait_gone("sleep 32", Duration::from_secs(5)).is_empty());
+    assert!(kiln_tests::wait_processes_gone("sleep 32", Duration::from_secs(5)).is_empty());
 }
 
 #[test]
@@ -385,7 +373,9 @@ fn a_saturated_server_answers_429_with_retry_after_and_recovers() {
     );
     assert_eq!(st, 200, "recovered: {r}");
     assert_eq!(r["stdout"], "back\n");
-    assert!(wait_gone("sleep 1; echo slow", Duration::from_secs(10)).is_empty());
+    assert!(
+        kiln_tests::wait_processes_gone("sleep 1; echo slow", Duration::from_secs(10)).is_empty()
+    );
     // What stays is the pool: one reset sandbox, idle, until the end.
     let mut s = s;
     assert!(s.term(Duration::from_secs(60)).success());

@@ -64,11 +64,10 @@ fn orphans_of_a_killed_kiln_are_reaped_by_the_next_one() {
     kiln.wait().unwrap();
     // The agent sees its control socket close and kills its jobs: nothing
     // runs on without an owner...
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kiln_tests::processes_matching(&marker).is_empty() {
-        assert!(Instant::now() < deadline, "the job outlived its kiln");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        kiln_tests::wait_processes_gone(&marker, Duration::from_secs(10)).is_empty(),
+        "the job outlived its kiln"
+    );
     // ...but the record and the cgroup remain until someone reaps them.
     assert!(
         !s.leftovers().is_empty(),

@@ -186,7 +186,7 @@ async fn settle() {
 }
 
 /// Leases an item and ends the lease with a recycle; returns the item's id.
-async fn lease_and_recycle(pool: &Pool<Numbered>) -> u64 {
+async fn lease_and_recycle<F: Factory<Item = Item>>(pool: &Pool<F>) -> u64 {
     let lease = pool.lease(&python()).await.unwrap();
     let id = lease.id;
     lease.recycle();
@@ -699,9 +699,7 @@ async fn a_failed_recycle_destroys_the_item_once_and_the_refill_replaces_it() {
     let (pool, ledger) = pool_with(reusable(1, 1));
     ledger.fail_recycles(true);
     settle().await;
-    let lease = pool.lease(&python()).await.unwrap();
-    let id = lease.id;
-    lease.recycle();
+    let id = lease_and_recycle(&pool).await;
     settle().await;
     assert_eq!(ledger.recycled(), vec![id]);
     assert_eq!(ledger.destroyed(), vec![id]);
@@ -737,9 +735,7 @@ async fn an_item_at_max_uses_is_destroyed_without_a_recycle() {
 #[tokio::test(start_paused = true)]
 async fn the_default_max_uses_destroys_a_recycled_item() {
     let (pool, ledger) = pool_with(settings(0, 1));
-    let lease = pool.lease(&python()).await.unwrap();
-    let id = lease.id;
-    lease.recycle();
+    let id = lease_and_recycle(&pool).await;
     settle().await;
     assert!(ledger.recycled().is_empty());
     assert_eq!(ledger.destroyed(), vec![id]);
@@ -1014,9 +1010,7 @@ async fn the_default_recycle_destroys_the_item() {
         recycle_delay: RECYCLE_DELAY,
     }));
     pool.set_template(python(), reusable(0, 1)).unwrap();
-    let lease = pool.lease(&python()).await.unwrap();
-    let id = lease.id;
-    lease.recycle();
+    let id = lease_and_recycle(&pool).await;
     settle().await;
     assert!(
         ledger.recycled().is_empty(),
