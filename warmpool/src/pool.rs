@@ -890,9 +890,12 @@ async fn refill<F: Factory>(pool: Weak<Inner<F>>, template: Arc<Template<F::Item
                 .settings
                 .min_idle
                 // A recycle that a waiting lease has claimed goes to that
-                // lease, not to idle.
+                // lease, not to idle. (Claims are given back after their
+                // recycle ended, so for a moment they can outnumber it.)
                 .saturating_sub(
-                    state.idle.len() + state.refilling + (state.recycling - state.awaiting_recycle),
+                    state.idle.len()
+                        + state.refilling
+                        + state.recycling.saturating_sub(state.awaiting_recycle),
                 );
             let starts = if backing_off.is_some() {
                 0
