@@ -12,8 +12,8 @@
 //! that finds no idle item waits for an item being recycled rather than
 //! create one, but only as many leases as there are items recycling
 //! (`awaiting_recycle <= recycling` when they claim); the others create as
-//! before. The refill likewise counts recycling items as on their way to
-//! idle.
+//! before. The refill likewise counts recycling items that no lease claimed
+//! as on their way to idle.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
