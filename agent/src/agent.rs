@@ -560,7 +560,9 @@ impl Agent {
             if conn.pending() <= STOP_READING_HOST_BYTES {
                 sock_events |= libc::POLLIN;
             }
-            let holding = conn.holding(Instant::now());
+            // This clears an expired hold: below, `hold_until` is `Some`
+            // only while holding.
+            let holding = conn.holding(now);
             if conn.pending() > 0 && !holding {
                 sock_events |= libc::POLLOUT;
             }
@@ -569,10 +571,8 @@ impl Agent {
             for z in &self.zygotes {
                 add(z.fd(), libc::POLLIN, Source::Zygote(z.pid()));
             }
-            let mut timeout: Option<Duration> = conn
-                .hold_until
-                .filter(|_| holding)
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let mut timeout: Option<Duration> =
+                conn.hold_until.map(|t| t.saturating_duration_since(now));
             for (&tag, exec) in &self.execs {
                 if !backpressured {
                     for (s, o) in [Stream::Stdout, Stream::Stderr].iter().zip(&exec.output) {
@@ -707,14 +707,8 @@ impl Agent {
                     r.status
                 );
                 sys::kill_group(w.process.pid, libc::SIGKILL);
-            } else if let Some(i) = self.zygotes.iter().position(|z| z.pid() == r.pid) {
-                let z = self.zygotes.swap_remove(i);
-                log_warn!(
-                    "{} zygote {} died (status {:#x}); the next reset starts another",
-                    z.runtime(),
-                    r.pid,
-                    r.status
-                );
+            } else if self.forget_zygote(r.pid, r.status) {
+                // Logged and forgotten there.
             } else if let Some(rooms) =
                 self.setup
                     .as_mut()
@@ -897,9 +891,10 @@ impl Agent {
             // Keep interpreters from a previous connection (a restored
             // snapshot) that still fit; stop the others.
             let stale: Vec<Warm> = {
+                let wanted = self.wanted();
                 let (keep, stale) = std::mem::take(&mut self.warm)
                     .into_iter()
-                    .partition(|w| self.wanted().contains(&w.runtime) && self.warm_fits(w));
+                    .partition(|w| wanted.contains(&w.runtime) && self.warm_fits(w));
                 self.warm = keep;
                 stale
             };
@@ -1107,16 +1102,12 @@ impl Agent {
             return Err("this sandbox has no rooms (Hello.rooms was not set)".into());
         };
         let holder = rooms.room.as_ref().map(Room::holder);
+        // The execs and warm interpreters all live in the room's pid
+        // namespace (reset needs room mode), so killing the holder kills
+        // them too; they are the agent's children and must be reaped for
+        // the holder to finish.
         if let Some(room) = &rooms.room {
             room.kill();
-        }
-        // The execs and warm interpreters die with the room; they are the
-        // agent's children and must be reaped for the holder to finish.
-        for exec in self.execs.values().filter(|e| e.ended.is_none()) {
-            sys::kill_group(exec.pid, libc::SIGKILL);
-        }
-        for w in &self.warm {
-            sys::kill_group(w.process.pid, libc::SIGKILL);
         }
         let mut doomed: Vec<i32> = self
             .execs
@@ -1130,13 +1121,17 @@ impl Agent {
         while !doomed.is_empty() {
             while let Some(r) = sys::reap_one() {
                 doomed.retain(|&p| p != r.pid);
-                self.reaped_elsewhere(r.pid, r.status);
+                self.forget_zygote(r.pid, r.status);
             }
             if doomed.is_empty() {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // The sandbox is unusable after this error; what is left
+                // of the old room's execs and interpreters is not reused.
+                self.execs.clear();
+                self.warm.clear();
                 return Err(format!(
                     "processes {doomed:?} of the old room were still alive after {RESET_REAP_TIMEOUT:?}"
                 ));
@@ -1150,10 +1145,12 @@ impl Agent {
         let rooms = setup.rooms.as_mut().expect("checked above");
         let net = rooms.room.take().and_then(Room::retire);
         let room = Room::create(&rooms.plan, net).map_err(|e| e.to_string())?;
-        let path = setup.workdir.path().to_owned();
-        setup.workdir = room_workdir(&room, &path, setup.workdir.uid(), setup.workdir.gid())?;
         log_info!("room reset: holder {}", room.holder());
-        rooms.room = Some(room);
+        // Stored before the work directory is built, so that a failure there
+        // leaves the live room where it is killed and reaped like any other.
+        let room = rooms.room.insert(room);
+        let path = setup.workdir.path().to_owned();
+        setup.workdir = room_workdir(room, &path, setup.workdir.uid(), setup.workdir.gid())?;
         self.start_zygotes();
         for name in self.wanted() {
             self.start_warm(&name);
@@ -1161,17 +1158,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Bookkeeping for a child reaped outside [`Agent::reap`] (during a
-    /// reset): a zygote is forgotten; everything else belonged to the old
-    /// room.
-    fn reaped_elsewhere(&mut self, pid: i32, status: libc::c_int) {
-        if let Some(i) = self.zygotes.iter().position(|z| z.pid() == pid) {
-            let z = self.zygotes.swap_remove(i);
-            log_warn!(
-                "{} zygote {pid} died (status {status:#x}); starting another",
-                z.runtime()
-            );
-        }
+    /// Forgets the zygote `pid` if it is one (it was reaped with `status`);
+    /// returns whether it was.
+    fn forget_zygote(&mut self, pid: i32, status: libc::c_int) -> bool {
+        let Some(i) = self.zygotes.iter().position(|z| z.pid() == pid) else {
+            return false;
+        };
+        let z = self.zygotes.swap_remove(i);
+        log_warn!(
+            "{} zygote {pid} died (status {status:#x}); the next reset starts another",
+            z.runtime()
+        );
+        true
     }
 
     fn on_exec(&mut self, conn: &mut Connection, req: ExecRequest) -> Result<(), String> {

@@ -88,6 +88,16 @@ pub enum RoomError {
     /// A pidfd for the holder could not be had.
     #[error("opening a pidfd for the room's holder failed: {0}")]
     Pidfd(#[source] io::Error),
+    /// The holder's network namespace or its traffic counters could not be
+    /// opened.
+    #[error(
+        "opening the room's network namespace files (/proc/{holder}/ns/net, net/snmp, net/snmp6) failed: {source}"
+    )]
+    Net {
+        holder: i32,
+        #[source]
+        source: io::Error,
+    },
     /// The plan itself is unusable.
     #[error("{0}")]
     Plan(String),
@@ -192,15 +202,14 @@ impl RoomNet {
     /// counter of `snmp` (the `Ip`, `Icmp`, `IcmpMsg`, `Tcp`, `Udp`, `UdpLite`
     /// tables, but the constants among them) and of `snmp6` is zero.
     fn untouched(&self) -> bool {
-        let read = |f: &std::fs::File| -> Option<String> {
+        let check = |f: &std::fs::File, untouched: fn(&str) -> bool| -> bool {
             let mut buf = vec![0u8; 64 * 1024];
-            let n = std::os::unix::fs::FileExt::read_at(f, &mut buf, 0).ok()?;
-            String::from_utf8(buf[..n].to_vec()).ok()
+            let Ok(n) = std::os::unix::fs::FileExt::read_at(f, &mut buf, 0) else {
+                return false;
+            };
+            std::str::from_utf8(&buf[..n]).is_ok_and(untouched)
         };
-        match (read(&self.snmp), read(&self.snmp6)) {
-            (Some(v4), Some(v6)) => snmp_untouched(&v4) && snmp6_untouched(&v6),
-            _ => false,
-        }
+        check(&self.snmp, snmp_untouched) && check(&self.snmp6, snmp6_untouched)
     }
 }
 
@@ -363,7 +372,7 @@ impl Room {
             Some(n) => n,
             None => match RoomNet::open(holder) {
                 Ok(n) => n,
-                Err(e) => return Err(fail(RoomError::Pidfd(e))),
+                Err(e) => return Err(fail(RoomError::Net { holder, source: e })),
             },
         };
         Ok(Room {

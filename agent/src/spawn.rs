@@ -50,7 +50,7 @@ pub struct Spawned {
 }
 
 /// The descriptor number a warm interpreter reads its job from.
-pub const CONTROL_FD: RawFd = 3;
+const CONTROL_FD: RawFd = 3;
 
 /// The job's seccomp programs, decoded once from `Hello`.
 #[derive(Debug, Default)]
@@ -271,8 +271,6 @@ fn child_setup(s: &Setup) -> io::Result<()> {
                     break;
                 }
             }
-        }
-        if s.room >= 0 {
             // Before the uid change: it makes the process non-dumpable
             // until exec, and /proc/self unwritable.
             prefer_for_oom()?;

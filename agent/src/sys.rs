@@ -440,7 +440,7 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Most descriptors [`send_with_fds`] passes in one message.
-pub const MAX_PASSED_FDS: usize = 8;
+const MAX_PASSED_FDS: usize = 8;
 
 /// Sends one message with `fds` attached (SCM_RIGHTS).
 pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {

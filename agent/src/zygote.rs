@@ -42,7 +42,7 @@ use crate::spawn::{self, JobFilters, JobIdentity, Spawned};
 use crate::{log_info, log_warn, sys};
 
 /// How long a fork request may take before the zygote counts as broken.
-pub const FORK_TIMEOUT: Duration = Duration::from_secs(2);
+const FORK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Largest message either side sends.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -60,8 +60,6 @@ struct Reply {
 /// Why a zygote could not fork.
 #[derive(Debug, thiserror::Error)]
 pub enum ZygoteError {
-    #[error("the zygote is not ready yet")]
-    NotReady,
     #[error("talking to the zygote failed: {0}")]
     Io(#[from] io::Error),
     #[error("the zygote did not answer within {0:?}")]
@@ -80,6 +78,8 @@ pub struct Zygote {
     sock: OwnedFd,
     ready: bool,
     next_id: u64,
+    /// Receive buffer for the zygote's messages, allocated once.
+    buf: Vec<u8>,
 }
 
 impl Zygote {
@@ -110,6 +110,7 @@ impl Zygote {
             sock: ours,
             ready: false,
             next_id: 0,
+            buf: vec![0u8; MAX_MESSAGE],
         };
         if let Err(e) = sys::send_with_fds(zygote.fd(), setup.to_string().as_bytes(), &[]) {
             zygote.kill();
@@ -162,14 +163,13 @@ impl Zygote {
     }
 
     /// One message, if one is waiting.
-    fn recv(&self) -> Result<Option<Reply>, ZygoteError> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+    fn recv(&mut self) -> Result<Option<Reply>, ZygoteError> {
         // SAFETY: `buf` is valid writable memory of its length.
         let n = unsafe {
             libc::recv(
-                self.fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
+                self.sock.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
                 libc::MSG_DONTWAIT,
             )
         };
@@ -183,7 +183,7 @@ impl Zygote {
         if n == 0 {
             return Err(ZygoteError::Gone);
         }
-        match serde_json::from_slice::<Reply>(&buf[..n as usize]) {
+        match serde_json::from_slice::<Reply>(&self.buf[..n as usize]) {
             Ok(r) => Ok(Some(r)),
             Err(e) => {
                 log_warn!("{} zygote sent an unreadable message: {e}", self.runtime);
@@ -198,11 +198,9 @@ impl Zygote {
     }
 
     /// Has the zygote fork a warm interpreter into `room` and returns it with
-    /// the agent's ends of its pipes.
+    /// the agent's ends of its pipes. Only for a zygote that is ready
+    /// ([`Zygote::is_ready`]); the caller checks.
     pub fn fork_into(&mut self, room: &Room) -> Result<Spawned, ZygoteError> {
-        if !self.ready {
-            return Err(ZygoteError::NotReady);
-        }
         let (stdin_r, stdin_w) = sys::pipe()?;
         let (stdout_r, stdout_w) = sys::pipe()?;
         let (stderr_r, stderr_w) = sys::pipe()?;
