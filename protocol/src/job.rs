@@ -66,11 +66,11 @@ impl fmt::Display for JobId {
     }
 }
 
-/// Fills `buf` from `/dev/urandom`; ids only need uniqueness, and a failure
-/// to read it falls back to time and address entropy rather than panicking.
 /// Fills `buf` from the kernel's CSPRNG: getrandom(2), one system call (ids
-/// are made per job, on the daemon's hot path), or /dev/urandom where that
-/// call is missing.
+/// are made per job, on the daemon's hot path), retried when a signal
+/// interrupts it, or /dev/urandom where that call fails. Ids only need
+/// uniqueness, so when neither is available this falls back to time,
+/// address and counter entropy rather than panicking.
 fn fill_random(buf: &mut [u8]) {
     let mut got = 0;
     while got < buf.len() {
@@ -84,10 +84,29 @@ fn fill_random(buf: &mut [u8]) {
             continue;
         }
         use std::io::Read;
-        std::fs::File::open("/dev/urandom")
+        if std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut buf[got..]))
-            .expect("neither getrandom(2) nor /dev/urandom is available");
+            .is_err()
+        {
+            fill_fallback(&mut buf[got..]);
+        }
         return;
+    }
+}
+
+/// Time, address, pid and a process-wide counter: unique enough for ids
+/// when the kernel's random source cannot be read.
+fn fill_fallback(buf: &mut [u8]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let n = u128::from(COUNT.fetch_add(1, Ordering::Relaxed));
+    let seed = t ^ (buf.as_ptr() as u128) ^ (u128::from(std::process::id()) << 64) ^ (n << 96);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (seed >> ((i % 16) * 8)) as u8;
     }
 }
 
@@ -746,5 +765,13 @@ mod tests {
         let b = JobId::random();
         assert_ne!(a, b);
         JobId::parse(a.as_str()).unwrap();
+    }
+
+    #[test]
+    fn the_fallback_fill_gives_distinct_bytes() {
+        let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+        fill_fallback(&mut a);
+        fill_fallback(&mut b);
+        assert_ne!(a, b);
     }
 }
