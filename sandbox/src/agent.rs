@@ -149,19 +149,20 @@ impl AgentConn {
                     Ok(n) => n,
                     Err(e) => break format!("read failed: {e}"),
                 };
-                if let Some(inner) = weak.upgrade() {
-                    let us = inner.born.elapsed().as_micros() as u64;
-                    inner.heard_us.store(us, Ordering::Relaxed);
-                }
+                // One upgrade per read, for the stamp (any bytes count as
+                // heard) and the frames it completes; dropped before the
+                // next read, so an idle reader keeps only the weak pointer.
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let us = inner.born.elapsed().as_micros() as u64;
+                inner.heard_us.store(us, Ordering::Relaxed);
                 dec.extend(&buf[..n]);
                 loop {
                     let frame = match dec.next_frame() {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
                         Err(e) => break 'outer format!("bad frame from agent: {e}"),
-                    };
-                    let Some(inner) = weak.upgrade() else {
-                        return;
                     };
                     if let Err(why) = route(&inner, frame).await {
                         break 'outer why;
@@ -252,27 +253,47 @@ impl AgentConn {
     /// `within`: as good as a [`ping`](Self::ping) for telling a live
     /// agent, without the round trip.
     pub fn heard_within(&self, within: Duration) -> bool {
-        let heard = Duration::from_micros(self.inner.heard_us.load(Ordering::Relaxed));
+        let heard_us = self.inner.heard_us.load(Ordering::Relaxed);
         self.is_connected()
-            && self.inner.heard_us.load(Ordering::Relaxed) > 0
-            && self.inner.born.elapsed().saturating_sub(heard) <= within
+            && heard_us > 0
+            && self
+                .inner
+                .born
+                .elapsed()
+                .saturating_sub(Duration::from_micros(heard_us))
+                <= within
+    }
+
+    /// [`request`](Self::request) bounded by `within`; on timeout the tag's
+    /// route is removed (the late answer, if any, is then dropped).
+    async fn request_within(
+        &self,
+        tag: u32,
+        frame: Frame,
+        within: Duration,
+    ) -> Result<Frame, AgentError> {
+        match tokio::time::timeout(within, self.request(tag, frame)).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                self.inner.unregister(tag);
+                Err(AgentError::Timeout(within))
+            }
+        }
     }
 
     /// Round-trips a ping; the health check of pooled sandboxes.
     pub async fn ping(&self, within: Duration) -> Result<Duration, AgentError> {
         let tag = self.inner.tag();
         let start = Instant::now();
-        match tokio::time::timeout(within, self.request(tag, Frame::Ping(u64::from(tag)))).await {
-            Err(_) => {
-                self.inner.unregister(tag);
-                Err(AgentError::Timeout(within))
-            }
-            Ok(Ok(Frame::Pong(_))) => Ok(start.elapsed()),
-            Ok(Ok(f)) => Err(AgentError::Protocol(format!(
+        match self
+            .request_within(tag, Frame::Ping(u64::from(tag)), within)
+            .await?
+        {
+            Frame::Pong(_) => Ok(start.elapsed()),
+            f => Err(AgentError::Protocol(format!(
                 "{} in answer to ping",
                 f.name()
             ))),
-            Ok(Err(e)) => Err(e),
         }
     }
 
@@ -281,17 +302,15 @@ impl AgentConn {
     /// fresh room pre-warmed. Waits at most `within`.
     pub async fn reset(&self, within: Duration) -> Result<(), AgentError> {
         let tag = self.inner.tag();
-        match tokio::time::timeout(within, self.request(tag, Frame::Reset { tag })).await {
-            Err(_) => {
-                self.inner.unregister(tag);
-                Err(AgentError::Timeout(within))
-            }
-            Ok(Ok(Frame::Ack { .. })) => Ok(()),
-            Ok(Ok(f)) => Err(AgentError::Protocol(format!(
+        match self
+            .request_within(tag, Frame::Reset { tag }, within)
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            f => Err(AgentError::Protocol(format!(
                 "{} in answer to reset",
                 f.name()
             ))),
-            Ok(Err(e)) => Err(e),
         }
     }
 

@@ -140,10 +140,13 @@ pub trait Sandbox: Send + Sync {
     fn agent(&self) -> &AgentConn;
     /// Kernel OOM kills inside the sandbox so far (a monotonic counter).
     fn oom_kills(&self) -> u64;
-    /// The OOM-kill count as of the end of the last job, reset or creation
-    /// (whichever came last), for a job's "before" without a fresh read.
-    /// Between those and the next job nothing runs that could be killed:
-    /// the warm interpreter waits for its job.
+    /// The OOM-kill count as of the end of the last job, reset, creation or
+    /// resize (whichever came last), for a job's "before" without a fresh
+    /// read. A resize can kill (a lower memory limit on cgroup v2 OOM-kills
+    /// within the write, likely the idle warm interpreter), so a jail reads
+    /// the count again after each; between the last of those and the next
+    /// job nothing runs that could be killed: the warm interpreter waits
+    /// for its job.
     fn oom_kills_seen(&self) -> u64 {
         self.oom_kills()
     }

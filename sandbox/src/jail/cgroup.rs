@@ -149,6 +149,9 @@ pub struct Cgroup {
     /// The OOM-kill count as last read, so that a job's "before" costs no
     /// read (see [`Cgroup::oom_kills_seen`]).
     oom_seen: std::sync::atomic::AtomicU64,
+    /// v1: whether `memory.memsw.limit_in_bytes` exists (swap accounting
+    /// on), decided once at creation rather than on every resize.
+    has_memsw: bool,
 }
 
 /// The group files read or written for every job, kept open: a path lookup
@@ -168,25 +171,60 @@ struct HotFiles {
 
 impl HotFiles {
     fn open(layout: &Layout, dirs: &[PathBuf]) -> Self {
-        let open = |dir: Option<&PathBuf>, file: &str| {
+        let open = |dir: Option<&PathBuf>, file: &str, write: bool| {
             fs::OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(write)
                 .open(dir?.join(file))
                 .ok()
         };
-        match layout {
-            Layout::V2 { .. } => Self {
-                oom: open(dirs.first(), "memory.events"),
-                peak: open(dirs.first(), "memory.peak"),
-                cpu_weight: open(dirs.first(), "cpu.weight"),
-            },
-            Layout::V1 { cpu, .. } => Self {
-                oom: open(dirs.first(), "memory.oom_control"),
-                peak: open(dirs.first(), "memory.max_usage_in_bytes"),
-                cpu_weight: open(dir_under(dirs, cpu.as_ref()), "cpu.shares"),
-            },
+        // The OOM counter is only read (v2 `memory.events` is read-only);
+        // the peak is written to reset it, where the kernel allows that
+        // (v2 `memory.peak` is read-only before Linux 6.12), and otherwise
+        // still read through a kept descriptor.
+        let oom = |file| open(dirs.first(), file, false);
+        let peak =
+            |file| open(dirs.first(), file, true).or_else(|| open(dirs.first(), file, false));
+        Self {
+            oom: oom(layout.oom_file()),
+            peak: peak(layout.peak_file()),
+            cpu_weight: open(cpu_dir(layout, dirs), layout.cpu_weight_file(), true),
         }
+    }
+}
+
+impl Layout {
+    /// The file counting OOM kills (`oom_kill` line).
+    fn oom_file(&self) -> &'static str {
+        match self {
+            Layout::V2 { .. } => "memory.events",
+            Layout::V1 { .. } => "memory.oom_control",
+        }
+    }
+
+    /// The file holding the peak memory usage.
+    fn peak_file(&self) -> &'static str {
+        match self {
+            Layout::V2 { .. } => "memory.peak",
+            Layout::V1 { .. } => "memory.max_usage_in_bytes",
+        }
+    }
+
+    /// The file holding the CPU weight.
+    fn cpu_weight_file(&self) -> &'static str {
+        match self {
+            Layout::V2 { .. } => "cpu.weight",
+            Layout::V1 { .. } => "cpu.shares",
+        }
+    }
+}
+
+/// The directory of `dirs` in the cpu hierarchy: the only one on v2, the
+/// cpu controller's on v1 (none when it is not mounted).
+fn cpu_dir<'a>(layout: &Layout, dirs: &'a [PathBuf]) -> Option<&'a PathBuf> {
+    match layout {
+        Layout::V2 { .. } => dirs.first(),
+        Layout::V1 { cpu, .. } => dir_under(dirs, cpu.as_ref()),
     }
 }
 
@@ -238,16 +276,12 @@ impl Cgroup {
             }
         }
         let dirs = layout.dirs(parent, name);
-        let mut cg = Self {
-            layout: layout.clone(),
-            dirs,
-            hot: HotFiles::default(),
-            oom_seen: 0.into(),
-        };
+        let mut cg = Self::from_dirs(layout, dirs);
         for d in &cg.dirs {
             fs::create_dir_all(d).map_err(file_err(d))?;
         }
         cg.hot = HotFiles::open(layout, &cg.dirs);
+        cg.has_memsw = Self::memsw_exists(layout, &cg.dirs);
         if let Err(e) = cg.set_limits(limits) {
             cg.remove();
             return Err(e);
@@ -258,11 +292,20 @@ impl Cgroup {
     /// Re-opens the group of a recorded sandbox (orphan reaping).
     pub fn from_dirs(layout: &Layout, dirs: Vec<PathBuf>) -> Self {
         Self {
+            has_memsw: Self::memsw_exists(layout, &dirs),
             layout: layout.clone(),
             dirs,
             hot: HotFiles::default(),
             oom_seen: 0.into(),
         }
+    }
+
+    /// Whether the group has v1 swap accounting (`memory.memsw.*`).
+    fn memsw_exists(layout: &Layout, dirs: &[PathBuf]) -> bool {
+        matches!(layout, Layout::V1 { .. })
+            && dirs
+                .first()
+                .is_some_and(|d| d.join("memory.memsw.limit_in_bytes").exists())
     }
 
     pub fn dirs(&self) -> &[PathBuf] {
@@ -288,7 +331,19 @@ impl Cgroup {
     }
 
     /// Applies limits; also used to resize a pooled sandbox for a job.
+    ///
+    /// Ends by re-reading the OOM-kill count into the cache behind
+    /// [`oom_kills_seen`](Self::oom_kills_seen): on v2, lowering
+    /// `memory.max` below the usage makes the kernel OOM-kill in the group
+    /// (likely the idle warm interpreter) within the write, and that kill
+    /// must not be blamed on the job the sandbox is being resized for.
     pub fn set_limits(&self, l: CgroupLimits) -> Result<(), CgroupError> {
+        self.write_limits(l)?;
+        self.oom_kills();
+        Ok(())
+    }
+
+    fn write_limits(&self, l: CgroupLimits) -> Result<(), CgroupError> {
         let quota = l.cpu_millis * CPU_PERIOD_US / 1000;
         match &self.layout {
             Layout::V2 { .. } => {
@@ -305,8 +360,7 @@ impl Cgroup {
                 // accounting) keeps swap out of reach. The kernel refuses a
                 // memory limit above the memsw limit (EINVAL), so a limit
                 // that grows goes to memsw first, one that shrinks last.
-                let memsw = mem.join("memory.memsw.limit_in_bytes");
-                let has_memsw = memsw.exists();
+                let has_memsw = self.has_memsw;
                 let grows = Self::read_u64(mem, "memory.limit_in_bytes")
                     .is_none_or(|now| l.memory_bytes > now);
                 if has_memsw && grows {
@@ -342,8 +396,10 @@ impl Cgroup {
                 (Layout::V1 { .. }, true) => "64",
                 (Layout::V1 { .. }, false) => "1024",
             };
+            // The file is open only when the cpu hierarchy's directory is.
+            let dir = cpu_dir(&self.layout, &self.dirs).unwrap_or(&self.dirs[0]);
             return write_kept(f, value).map_err(|source| CgroupError::File {
-                path: self.dirs[0].clone(),
+                path: dir.join(self.layout.cpu_weight_file()),
                 source,
             });
         }
@@ -446,12 +502,7 @@ impl Cgroup {
                 .and_then(|t| keyed(&t, "oom_kill"))
                 .unwrap_or(0)
         } else {
-            let d = &self.dirs[0];
-            match self.layout {
-                Layout::V2 { .. } => Self::read_keyed(d, "memory.events", "oom_kill"),
-                Layout::V1 { .. } => Self::read_keyed(d, "memory.oom_control", "oom_kill"),
-            }
-            .unwrap_or(0)
+            Self::read_keyed(&self.dirs[0], self.layout.oom_file(), "oom_kill").unwrap_or(0)
         };
         self.oom_seen.store(n, std::sync::atomic::Ordering::Relaxed);
         n
@@ -470,32 +521,36 @@ impl Cgroup {
         if let Some(f) = &self.hot.peak {
             return read_kept(f)?.trim().parse().ok();
         }
-        let d = &self.dirs[0];
-        match self.layout {
-            Layout::V2 { .. } => Self::read_u64(d, "memory.peak"),
-            Layout::V1 { .. } => Self::read_u64(d, "memory.max_usage_in_bytes"),
-        }
+        Self::read_u64(&self.dirs[0], self.layout.peak_file())
     }
 
     /// Starts the peak over from the current usage, so that the next job in
     /// a reused sandbox is measured on its own (v1: writing 0 to
     /// `memory.max_usage_in_bytes`; v2, kernels from 6.12: writing to
     /// `memory.peak`, which holds for that descriptor).
+    ///
+    /// On v2 this is best effort and never fails: before Linux 6.12
+    /// `memory.peak` has no write handler (read-only, or EINVAL on a write),
+    /// and a failed reset must not fail every [`Sandbox::reset`](crate::Sandbox::reset);
+    /// the peak read there is then the group's lifetime peak.
     pub fn reset_memory_peak(&self) -> Result<(), CgroupError> {
-        let value = match &self.layout {
-            Layout::V1 { .. } => "0",
-            Layout::V2 { .. } => "reset",
-        };
-        match &self.hot.peak {
-            Some(f) => write_kept(f, value).map_err(|source| CgroupError::File {
-                path: self.dirs[0].clone(),
-                source,
-            }),
-            // v1 without a kept descriptor; v2 only resets per descriptor.
-            None if matches!(self.layout, Layout::V1 { .. }) => {
-                Self::write(&self.dirs[0], "memory.max_usage_in_bytes", value)
+        let d = &self.dirs[0];
+        match (&self.layout, &self.hot.peak) {
+            // A kept descriptor that cannot write (opened read-only) falls
+            // back to the path.
+            (Layout::V1 { .. }, Some(f)) if write_kept(f, "0").is_ok() => Ok(()),
+            (Layout::V1 { .. }, _) => Self::write(d, "memory.max_usage_in_bytes", "0"),
+            (Layout::V2 { .. }, Some(f)) => {
+                if let Err(e) = write_kept(f, "reset") {
+                    tracing::debug!(
+                        group = %d.display(),
+                        "memory.peak cannot be reset (kernel before 6.12?); it stays the lifetime peak: {e}"
+                    );
+                }
+                Ok(())
             }
-            None => Ok(()),
+            // v2 resets only per descriptor, and there is none.
+            (Layout::V2 { .. }, None) => Ok(()),
         }
     }
 
@@ -515,7 +570,7 @@ impl Cgroup {
                 ..
             } => CgroupStats {
                 memory_bytes: Self::read_u64(d, "memory.usage_in_bytes").unwrap_or(0),
-                memory_peak_bytes: Self::read_u64(d, "memory.max_usage_in_bytes"),
+                memory_peak_bytes: self.memory_peak_bytes(),
                 // cpuacct is either its own hierarchy or co-mounted with cpu.
                 cpu_usage_us: dir_under(&self.dirs, cpuacct.as_ref())
                     .or_else(|| dir_under(&self.dirs, cpu.as_ref()))

@@ -543,7 +543,8 @@ pub struct Jail {
     id: SandboxId,
     agent: AgentConn,
     remains: Option<Remains>,
-    /// The CPU weight last set, so that setting it again costs nothing.
+    /// The CPU weight last set successfully, so that setting it again costs
+    /// nothing (a write per lease saved).
     background: std::sync::atomic::AtomicBool,
 }
 
@@ -579,13 +580,20 @@ impl Jail {
     /// agent's; `None` between rooms.
     pub fn room_pid(&self) -> Option<i32> {
         let r = self.remains.as_ref()?;
+        self.room_pid_among(&r.cgroup.procs())
+    }
+
+    /// [`room_pid`](Self::room_pid) for a caller that has just read the
+    /// jail's processes ([`Cgroup::procs`]), which saves reading them again.
+    pub fn room_pid_among(&self, procs: &[i32]) -> Option<i32> {
+        let r = self.remains.as_ref()?;
         let ns_pids = |pid: i32| -> Option<Vec<String>> {
             let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
             let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
             Some(line.split_whitespace().map(str::to_owned).collect())
         };
         let depth = ns_pids(r.pid)?.len();
-        r.cgroup.procs().into_iter().find(|&p| {
+        procs.iter().copied().find(|&p| {
             ns_pids(p)
                 .is_some_and(|ns| ns.len() == depth + 1 && ns.last().is_some_and(|l| l == "1"))
         })
@@ -629,12 +637,15 @@ impl Sandbox for Jail {
 
     fn set_background(&self, background: bool) {
         use std::sync::atomic::Ordering;
-        if self.background.swap(background, Ordering::Relaxed) == background {
+        if self.background.load(Ordering::Relaxed) == background {
             return;
         }
         if let Some(r) = &self.remains {
-            if let Err(e) = r.cgroup.set_cpu_background(background) {
-                tracing::debug!(sandbox = %self.id, "setting the CPU weight: {e}");
+            // The flag follows only a write that took: after a failed one
+            // the next call tries again.
+            match r.cgroup.set_cpu_background(background) {
+                Ok(()) => self.background.store(background, Ordering::Relaxed),
+                Err(e) => tracing::debug!(sandbox = %self.id, "setting the CPU weight: {e}"),
             }
         }
     }
