@@ -33,11 +33,16 @@ pub struct LiveSample {
 pub fn sample(sandbox: &AnySandbox) -> LiveSample {
     let s = sandbox.stats();
     let (pid, cpu_usage_us) = match sandbox {
-        AnySandbox::Jail(j) => (
-            j.room_pid().unwrap_or(0),
-            s.cpu_usage_us
-                .or_else(|| j.cgroup().map(|cg| proc_cpu_us(&cg.procs()))),
-        ),
+        AnySandbox::Jail(j) => {
+            // One read of the group's processes serves both the room's
+            // holder and, without cpuacct, the CPU time.
+            let procs = j.cgroup().map(|cg| cg.procs());
+            (
+                j.room_pid_among(procs.as_deref().unwrap_or_default())
+                    .unwrap_or(0),
+                s.cpu_usage_us.or_else(|| procs.as_deref().map(proc_cpu_us)),
+            )
+        }
         AnySandbox::Qemu(_) => (0, s.cpu_usage_us),
     };
     let (disk_used_bytes, disk_total_bytes) = match disk(pid) {
