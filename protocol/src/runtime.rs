@@ -34,7 +34,11 @@
 //!    agent (not of the zygote: the agent reaps every exec), in the room's
 //!    pid, mount, network and IPC namespaces (`setns` on the pidfd), and
 //!    answer `{"id": n, "pid": p}` with its pid as the zygote sees it, or
-//!    `{"id": n, "error": "..."}`. That interpreter must, before it reads
+//!    `{"id": n, "error": "..."}`. The answer comes only once the
+//!    interpreter has entered the room: the `setns` needs the holder
+//!    dumpable, and the agent (whose memory the holder shares) is not
+//!    dumpable while it writes a job's files, which it may do as soon as
+//!    it has the answer. That interpreter must, before it reads
 //!    its job: put the four descriptors on 0-3 and close every other, start
 //!    a session, have an empty capability bounding set, set its
 //!    `oom_score_adj` to 1000, drop to the uid and gid with no
