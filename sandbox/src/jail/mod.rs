@@ -22,6 +22,7 @@
 //! namespace.
 
 mod cgroup;
+mod reach;
 mod record;
 mod seccomp;
 mod spawn;
@@ -273,8 +274,10 @@ impl JailBackend {
                 locked_flags(d).map_err(io_err(format!("statvfs {}", d.display())))?
             }
         };
-        fs::create_dir_all(cfg.state_dir.join("jails"))
-            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        let jails = cfg.state_dir.join("jails");
+        reach::create_searchable(&jails)
+            .map_err(io_err(format!("creating {}", jails.display())))?;
+        reach::check(&jails, cfg.id_base)?;
         let owner = record::Owner::current().map_err(io_err("reading our own /proc/self/stat"))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -419,7 +422,7 @@ impl Inner {
     fn start(&self, id: &SandboxId, spec: &SandboxSpec) -> Result<Started, SandboxError> {
         let dir = self.jail_dir(id);
         let root = dir.join("root");
-        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        reach::create_searchable(&root).map_err(io_err(format!("creating {}", root.display())))?;
         let dirs = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
         let mut rec = Record::new(id.as_str(), self.owner, dirs);
         rec.write(&dir)
