@@ -68,6 +68,14 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.stats())
     }
 
+    fn resize(&self, to: crate::Resources) -> Result<(), SandboxError> {
+        each!(self, s => s.resize(to))
+    }
+
+    fn kill_now(&self) {
+        each!(self, s => s.kill_now())
+    }
+
     fn set_background(&self, background: bool) {
         each!(self, s => s.set_background(background))
     }
@@ -88,6 +96,13 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.name(),
             Self::Qemu(b) => b.name(),
+        }
+    }
+
+    fn capabilities(&self) -> crate::Capabilities {
+        match self {
+            Self::Jail(b) => b.capabilities(),
+            Self::Qemu(b) => b.capabilities(),
         }
     }
 

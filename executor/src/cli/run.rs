@@ -12,7 +12,7 @@ use kiln_protocol::{limits, Acquire, JobId, JobResult, JobSpec, Outcome};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec, Stream};
 
 use super::job::{job_bytes, read_bounded, JobArgs};
-use crate::backend::{self, BackendArgs, BackendKind, QemuArgs};
+use kiln_sandbox::BackendFlags;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -34,18 +34,8 @@ pub struct RunArgs {
     /// Print the JobResult as JSON instead of streaming the output.
     #[arg(long)]
     json: bool,
-    /// Sandbox backend: jail, or qemu (a microVM).
-    #[arg(
-        long = "backend",
-        env = "KILN_BACKEND",
-        value_enum,
-        default_value = "jail"
-    )]
-    kind: BackendKind,
     #[command(flatten)]
-    backend: BackendArgs,
-    #[command(flatten)]
-    qemu: QemuArgs,
+    backend: BackendFlags,
 }
 
 /// Exit status for a result (see the command's help).
@@ -74,7 +64,8 @@ fn parse_job(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> Result<(JobSpe
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let table = backend::runtime_table(&a.backend)?;
+    let settings = a.backend.settings();
+    let table = settings.runtime_table()?;
     let reject = |msg: String| {
         let r = JobResult::rejected(JobId::random(), msg);
         report(&r, a.json);
@@ -95,7 +86,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
-    let backend = backend::any(a.kind, &a.backend, &a.qemu, table)?;
+    let backend = settings.open(table)?;
     let acquire_start = Instant::now();
     let sandbox = match backend
         .create(&SandboxSpec::for_job(&spec.limits, &runtime.name))

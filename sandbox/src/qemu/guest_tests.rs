@@ -15,32 +15,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::*;
 use crate::{run_job, Backend, Sandbox, SandboxSpec};
 
-fn newest(cache: &Path, prefix: &str, file: &str) -> Option<PathBuf> {
-    fs::read_dir(cache)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-}
-
 /// The guest artefacts, or `None` (SKIPPED) when they are not built.
 pub(crate) fn guest_artefacts() -> Option<(PathBuf, PathBuf)> {
-    let cache = PathBuf::from(
-        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
-    );
-    let kernel = std::env::var_os("KILN_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .or_else(|| newest(&cache, "kernel-", "vmlinux"));
-    let rootfs = std::env::var_os("KILN_GUEST_ROOTFS")
-        .map(PathBuf::from)
-        .or_else(|| newest(&cache, "rootfs-", "rootfs.ext4"));
-    match (kernel, rootfs) {
-        (Some(k), Some(r)) if k.is_file() && r.is_file() => Some((k, r)),
-        _ => {
-            let msg =
-                "no guest kernel/rootfs: run deploy/guest/build-kernel.sh and build-rootfs.sh";
+    match crate::vm::GuestImage::from_env() {
+        Ok(img) => Some((img.kernel, img.rootfs)),
+        Err(e) => {
+            let msg = format!("no guest kernel/rootfs ({e})");
             if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
                 panic!("{msg}");
             }

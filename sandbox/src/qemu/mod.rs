@@ -232,10 +232,8 @@ fn find_program(prog: &Path) -> Option<PathBuf> {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     let what = what.into();
-    move |source| SandboxError::Io { what, source }
+    move |error| SandboxError::Io { what, error }
 }
-
-use crate::procfs::start_time;
 
 struct Inner {
     cfg: QemuConfig,
@@ -243,7 +241,7 @@ struct Inner {
     qemu: PathBuf,
     vhost_vsock: PathBuf,
     /// Our pid and start time, written into every sandbox's record.
-    owner: (u32, u64),
+    owner: crate::record::Owner,
 }
 
 /// Makes QEMU microVMs. Cheap to clone.
@@ -282,7 +280,10 @@ impl QemuBackend {
         fs::create_dir_all(cfg.state_dir.join("qemu"))
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
         let me = std::process::id();
-        let owner = (me, start_time(me).unwrap_or(0));
+        let owner = crate::record::Owner::of(me as i32).unwrap_or(crate::record::Owner {
+            pid: me as i32,
+            start: 0,
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -448,34 +449,22 @@ impl Sandbox for QemuVm {
         None
     }
 
-    /// The host's view: QEMU's resident memory and CPU time.
+    /// The host's view: QEMU's resident memory and CPU time. The guest's
+    /// disk and network are not visible from the host.
     fn stats(&self) -> SandboxStats {
-        let pid = self.qemu_pid;
-        let rss_kib = fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        let cpu_us = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let after = s[s.rfind(')')? + 2..].to_owned();
-                let f: Vec<&str> = after.split_whitespace().collect();
-                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-                // SAFETY: sysconf has no preconditions.
-                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-                Some(ticks * 1_000_000 / hz)
-            });
+        let pid = self.qemu_pid as i32;
         SandboxStats {
-            memory_bytes: rss_kib * 1024,
-            memory_peak_bytes: None,
-            cpu_usage_us: cpu_us,
-            pids: 0,
+            memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
+            cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
             oom_kills: self.oom_kills(),
+            ..SandboxStats::default()
         }
+    }
+
+    fn kill_now(&self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is the
+        // VM's QEMU process, our child, not reaped until destroy.
+        unsafe { libc::kill(self.qemu_pid as i32, libc::SIGKILL) };
     }
 
     async fn destroy(self) {
@@ -508,7 +497,6 @@ impl Drop for QemuVm {
 }
 
 /// The files of a sandbox directory.
-const RECORD: &str = "record";
 const VHOST_SOCK: &str = "vhost.sock";
 const VSOCK_SOCK: &str = "vsock.sock";
 const QMP_SOCK: &str = "qmp.sock";
@@ -617,12 +605,12 @@ impl Inner {
         cmd
     }
 
-    fn write_record(&self, dir: &Path, pids: &[u32]) -> io::Result<()> {
-        let mut text = format!("owner {} {}\n", self.owner.0, self.owner.1);
+    fn write_record(&self, dir: &Path, id: &SandboxId, pids: &[u32]) -> io::Result<()> {
+        let mut rec = crate::record::Record::new("qemu", id.as_str(), self.owner);
         for p in pids {
-            text.push_str(&format!("pid {p}\n"));
+            rec.add_process(*p as i32);
         }
-        fs::write(dir.join(RECORD), text)
+        rec.write(dir)
     }
 }
 
@@ -687,6 +675,12 @@ impl Backend for QemuBackend {
         "qemu"
     }
 
+    /// A microVM's size is fixed when it boots, and it has no rooms to
+    /// replace: each serves one lease.
+    fn capabilities(&self) -> crate::Capabilities {
+        crate::Capabilities::default()
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
         let inner = &self.inner;
         for w in &spec.warm {
@@ -705,7 +699,7 @@ impl Backend for QemuBackend {
             dir: dir.clone(),
         };
         inner
-            .write_record(&dir, &[])
+            .write_record(&dir, &id, &[])
             .map_err(io_err("writing the sandbox record"))?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
@@ -757,7 +751,7 @@ impl Backend for QemuBackend {
         let qemu_pid = child.id();
         remains.qemu = Some(child);
         inner
-            .write_record(&dir, &[qemu_pid, vhost_pid])
+            .write_record(&dir, &id, &[qemu_pid, vhost_pid])
             .map_err(io_err("updating the sandbox record"))?;
 
         let exited = |r: &mut Remains| {
@@ -767,7 +761,7 @@ impl Backend for QemuBackend {
         };
         let dead = |what: &str, console: &Console| SandboxError::Io {
             what: format!("the guest {what}; its console said:\n{}", console.tail()),
-            source: io::Error::other("guest did not start"),
+            error: io::Error::other("guest did not start"),
         };
         // While waiting for the agent: fails if QEMU or the vsock device
         // died, or the boot took longer than `boot_timeout`.
@@ -807,7 +801,7 @@ impl Backend for QemuBackend {
                     if started.elapsed() > Duration::from_secs(10) {
                         return Err(SandboxError::Io {
                             what: "connecting to QEMU's QMP socket".into(),
-                            source: io::Error::other(e.to_string()),
+                            error: io::Error::other(e.to_string()),
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -910,52 +904,11 @@ impl Backend for QemuBackend {
 /// owner is dead. Needs no guest image, so `kiln reap` can call it on any
 /// host.
 pub fn reap_orphans_in(state_dir: &Path) -> ReapReport {
-    let mut report = ReapReport::default();
-    let Ok(entries) = fs::read_dir(state_dir.join("qemu")) else {
-        return report;
-    };
-    for e in entries.flatten() {
-        let dir = e.path();
-        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if SandboxId::parse(name).is_none() {
-            continue;
-        }
-        let record = fs::read_to_string(dir.join(RECORD)).unwrap_or_default();
-        let mut owner_alive = false;
-        let mut pids = Vec::new();
-        for line in record.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match f.as_slice() {
-                ["owner", pid, start] => {
-                    if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
-                        owner_alive = start_time(pid) == Some(start);
-                    }
-                }
-                ["pid", pid] => pids.extend(pid.parse::<u32>().ok()),
-                _ => {}
-            }
-        }
-        if owner_alive {
-            continue;
-        }
-        // Only processes whose command line names this directory are
-        // ours: a recycled pid belongs to someone else.
-        let needle = dir.to_string_lossy().into_owned();
-        for pid in pids {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => report.reaped.push(name.to_owned()),
-            Err(e) => report.failed.push(format!("{}: {e}", dir.display())),
-        }
-    }
-    report
+    let me = crate::record::Owner::current().unwrap_or(crate::record::Owner { pid: 0, start: 0 });
+    crate::record::reap_records(&state_dir.join("qemu"), me, |rec, _dir| {
+        rec.kill_and_remove_paths();
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -1000,10 +953,5 @@ mod tests {
         c.push("some job said Killed process".into());
         c.push("[    3.2] Memory cgroup out of memory: Killed process 240 (node)".into());
         assert_eq!(c.oom_kills.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn our_own_start_time_is_readable() {
-        assert!(start_time(std::process::id()).is_some());
     }
 }
