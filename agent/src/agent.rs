@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::limits::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
 use kiln_protocol::{
     Decoder, ExecError, ExecId, ExecRequest, ExitReport, ExitStatus, Frame, FrameError, GetFile,
-    Hello, HelloAck, Kill, PutFile, Runtime, RuntimeTable, Started, PROTOCOL_VERSION,
+    GuestSetup, Hello, HelloAck, Kill, PutFile, Runtime, RuntimeTable, Started, PROTOCOL_VERSION,
 };
 
 use crate::files::Workdir;
@@ -307,6 +307,9 @@ struct Connection {
     /// Bytes of `out` already written.
     sent: usize,
     hello_done: bool,
+    /// Whether this connection's [`Frame::Setup`] was applied (microVM
+    /// guests run nothing before).
+    setup_done: bool,
     /// Until when buffered frames wait (see [`COALESCE`]).
     hold_until: Option<Instant>,
 }
@@ -426,6 +429,11 @@ enum Source {
 pub struct Agent {
     signals: OwnedFd,
     is_init: bool,
+    /// PID 1 of a microVM guest: jobs wait for the host's guest setup.
+    guest: bool,
+    /// The sandbox's id from the last guest setup, for jobs'
+    /// `KILN_SANDBOX_ID`.
+    sandbox_id: Option<String>,
     setup: Option<Setup>,
     warm: Vec<Warm>,
     zygotes: Vec<Zygote>,
@@ -438,12 +446,20 @@ impl Agent {
         Self {
             signals,
             is_init,
+            guest: false,
+            sandbox_id: None,
             setup: None,
             warm: Vec::new(),
             zygotes: Vec::new(),
             execs: BTreeMap::new(),
             scratch: vec![0; MAX_CHUNK_BYTES],
         }
+    }
+
+    /// Makes this the agent of a microVM guest: every connection must bring
+    /// a [`Frame::Setup`] before jobs run.
+    pub fn serve_guest(&mut self) {
+        self.guest = true;
     }
 
     /// Serves one host connection until it ends; every exec still running
@@ -457,6 +473,7 @@ impl Agent {
             out: Vec::new(),
             sent: 0,
             hello_done: false,
+            setup_done: false,
             hold_until: None,
         };
         let closed = self.run(&mut conn);
@@ -779,6 +796,7 @@ impl Agent {
             Frame::PutFile(p) => Some(p.tag),
             Frame::GetFile(g) => Some(g.tag),
             Frame::Reset { tag } => Some(*tag),
+            Frame::Setup(s) => Some(s.tag),
             _ => None,
         };
         if let Some(tag) = request_tag.filter(|_| !conn.hello_done) {
@@ -811,6 +829,7 @@ impl Agent {
             Frame::PutFile(p) => self.on_put_file(conn, p),
             Frame::GetFile(g) => self.on_get_file(conn, g),
             Frame::Reset { tag } => self.on_reset(conn, tag),
+            Frame::Setup(s) => self.on_guest_setup(conn, s),
             other => {
                 let name = other.name();
                 conn.error(
@@ -1086,6 +1105,34 @@ impl Agent {
         }
     }
 
+    /// Applies what is unique to this sandbox in a microVM guest (see
+    /// `GuestSetup`), then replaces the warm interpreters that were started
+    /// before it: forked before the entropy arrived (in a restored
+    /// snapshot, before the snapshot was taken), they share the random
+    /// state of every clone of this guest. The zygote's fork of new ones
+    /// reseeds `random` from the fresh pool.
+    fn on_guest_setup(&mut self, conn: &mut Connection, s: GuestSetup) {
+        if !self.guest {
+            return conn.error(
+                Some(s.tag),
+                "setup is for microVM guests; this agent serves a jail",
+            );
+        }
+        if let Err(e) = crate::guest::apply_setup(&s) {
+            log_error!("guest setup failed: {e}");
+            return conn.error(Some(s.tag), format!("guest setup failed: {e}"));
+        }
+        self.sandbox_id = Some(s.sandbox_id);
+        for w in std::mem::take(&mut self.warm) {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        for name in self.wanted() {
+            self.start_warm(&name);
+        }
+        conn.setup_done = true;
+        conn.send(&Frame::Ack { tag: s.tag });
+    }
+
     /// Kills the current room with everything in it, waits until it is
     /// gone, and makes the next one (see `Frame::Reset`).
     fn on_reset(&mut self, conn: &mut Connection, tag: u32) {
@@ -1177,6 +1224,12 @@ impl Agent {
         let Some(setup) = &self.setup else {
             return Err("exec before hello".into());
         };
+        if self.guest && !conn.setup_done {
+            return Err(
+                "exec before setup: a microVM guest runs nothing until the host's setup frame has been applied"
+                    .into(),
+            );
+        }
         if self.execs.contains_key(&req.tag) {
             return Err(format!("an exec with tag {} is already running", req.tag));
         }
@@ -1191,6 +1244,9 @@ impl Agent {
             .map_err(|e| format!("entrypoint: {e}"))?;
         let who = setup.identity();
         let mut env = default_env(&who.cwd);
+        if let Some(id) = &self.sandbox_id {
+            env.insert("KILN_SANDBOX_ID".into(), id.clone());
+        }
         env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
 
         if let Some(i) = self.warm.iter().position(|w| w.runtime == rt.name) {

@@ -86,6 +86,17 @@ fn wrong_requests_get_tagged_errors_and_serving_continues() {
     expect_error(h.recv(), None, "pong");
     h.send(&Frame::Ping(77));
     assert_eq!(h.recv(), Frame::Pong(77));
+    // A guest setup is for microVM guests: a jail's agent refuses it.
+    h.send(&Frame::Setup(kiln_protocol::GuestSetup {
+        tag: 97,
+        sandbox_id: "0123456789abcdef".into(),
+        hostname: "kiln-x".into(),
+        entropy: vec![1; 64],
+        clock_unix_ns: 0,
+        disk_mb: 16,
+        pids: 16,
+    }));
+    expect_error(h.recv(), Some(97), "microVM guests");
 }
 
 #[test]

@@ -102,15 +102,23 @@ async fn guest_boots_runs_a_job_and_destroy_leaves_nothing() {
     let out = run(
         &vm,
         &job(serde_json::json!({"runtime": "python", "code":
-            "import os, socket, subprocess\nprint(os.getuid(), socket.gethostname(), open('/proc/cmdline').read()=='', os.access('/dev/kmsg', os.W_OK) or os.access('/dev/console', os.W_OK))\ntry:\n    open('/dev/kmsg').read(1)\n    print('kmsg readable')\nexcept OSError as e:\n    print('kmsg', e.errno)"})),
+            "import os, socket, time\nprint(os.getuid(), socket.gethostname(), os.environ.get('KILN_SANDBOX_ID'), open('/proc/cmdline').read()=='', os.access('/dev/kmsg', os.W_OK) or os.access('/dev/console', os.W_OK))\nst = os.statvfs('/work')\nprint(st.f_blocks * st.f_frsize // 2**20, abs(time.time() - float(os.environ['HOST_NOW'])) < 120)\ntry:\n    open('/dev/kmsg').read(1)\n    print('kmsg readable')\nexcept OSError as e:\n    print('kmsg', e.errno)",
+            "env": {"HOST_NOW": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string()}})),
     )
     .await;
     assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    // Runs as the job user, hostname set, the seed on the command line
-    // hidden, and the console (where the host counts OOM kills) out of
-    // reach.
-    // The kernel log (which quotes the command line) is root-only too.
-    assert_eq!(out.result.stdout, "1000 kiln True False\nkmsg 1\n");
+    // Runs as the job user; the hostname, the sandbox id, the size of
+    // /work and the clock come from the guest setup; the command line is
+    // hidden and the console (where the host counts OOM kills) out of
+    // reach. The kernel log is root-only too.
+    let id = vm.id().as_str();
+    assert_eq!(
+        out.result.stdout,
+        format!(
+            "1000 kiln-{id} {id} True False\n{} True\nkmsg 1\n",
+            spec(128).disk_mb
+        )
+    );
     let pid = vm.pid();
     let dir = env.state.join("qemu").join(vm.id().as_str());
     assert!(dir.exists());
