@@ -2,7 +2,9 @@
 //! submit`: the flags (a file, `-c`, code on stdin, or a whole `--job`
 //! document; extra files, env, limits) and their translation into the API's
 //! JSON, so that both commands accept the same job and validation (with its
-//! error messages) is exactly the API's.
+//! error messages) is exactly the API's. Limit flags are read and checked
+//! here, in the flag's terms ([`limit_flags`]), so that a mistake never
+//! comes back as an API field the user did not type.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -13,7 +15,7 @@ use clap::Args;
 use kiln_protocol::{limits, RuntimeTable};
 use serde_json::{json, Map, Value};
 
-use crate::units::{parse_duration_ms, parse_size_bytes};
+mod limit_flags;
 
 /// Largest `--job` document read.
 const MAX_JOB_DOCUMENT_BYTES: usize = 16 << 20;
@@ -42,23 +44,27 @@ pub struct JobArgs {
     /// Environment variable for the job.
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Wall-clock limit, e.g. 500ms, 10s, 2m.
-    #[arg(long, value_name = "DURATION")]
+    /// Wall-clock limit, with its unit (ms, s, m, h): 500ms, 10s, 2m.
+    /// 1ms to 15m; default 10s.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub timeout: Option<String>,
-    /// Memory limit of the sandbox, e.g. 64M, 1G.
-    #[arg(long, value_name = "SIZE")]
+    /// Memory limit of the sandbox, with its unit (B, K, M, G; binary):
+    /// 64M, 1G. 16M to 16G; default 256M.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub memory: Option<String>,
-    /// Most processes and threads at once.
-    #[arg(long)]
-    pub pids: Option<u64>,
-    /// CPU quota in CPUs, e.g. 0.5.
-    #[arg(long)]
-    pub cpus: Option<f64>,
-    /// Size of the writable work directory, e.g. 64M.
-    #[arg(long, value_name = "SIZE")]
+    /// Most processes and threads at once. 4 to 4096; default 64.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub pids: Option<String>,
+    /// CPU quota in CPUs: 0.5, 2. 0.01 to 64; default 1.
+    #[arg(long, value_name = "CPUS", allow_hyphen_values = true)]
+    pub cpus: Option<String>,
+    /// Size of the writable work directory, with its unit: 64M, 1G.
+    /// 1M to 16G; default 64M.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub disk: Option<String>,
-    /// Cap on stdout and on stderr, each, e.g. 1M.
-    #[arg(long, value_name = "SIZE")]
+    /// Cap on stdout and on stderr, each, with its unit: 100B, 64K, 1M.
+    /// 1B to 64M; default 1M.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub output_limit: Option<String>,
 }
 
@@ -165,36 +171,17 @@ fn spec_json(a: &JobArgs, table: &RuntimeTable) -> anyhow::Result<(Value, bool)>
         o.insert("env".into(), Value::Object(env));
     }
     let mut l = Map::new();
-    let flag = |name: &str, e: String| anyhow::anyhow!("--{name}: {e}");
-    if let Some(t) = &a.timeout {
-        l.insert(
-            "timeout_ms".into(),
-            json!(parse_duration_ms(t).map_err(|e| flag("timeout", e))?),
-        );
-    }
-    if let Some(m) = &a.memory {
-        l.insert(
-            "memory_mb".into(),
-            json!(parse_size_bytes(m).map_err(|e| flag("memory", e))? >> 20),
-        );
-    }
-    if let Some(d) = &a.disk {
-        l.insert(
-            "disk_mb".into(),
-            json!(parse_size_bytes(d).map_err(|e| flag("disk", e))? >> 20),
-        );
-    }
-    if let Some(o) = &a.output_limit {
-        l.insert(
-            "output_bytes".into(),
-            json!(parse_size_bytes(o).map_err(|e| flag("output-limit", e))?),
-        );
-    }
-    if let Some(p) = a.pids {
-        l.insert("pids".into(), json!(p));
-    }
-    if let Some(c) = a.cpus {
-        l.insert("cpus".into(), json!(c));
+    for (flag, typed) in [
+        (&limit_flags::TIMEOUT, &a.timeout),
+        (&limit_flags::MEMORY, &a.memory),
+        (&limit_flags::PIDS, &a.pids),
+        (&limit_flags::CPUS, &a.cpus),
+        (&limit_flags::DISK, &a.disk),
+        (&limit_flags::OUTPUT_LIMIT, &a.output_limit),
+    ] {
+        if let Some(typed) = typed {
+            l.insert(flag.field.into(), flag.json(flag.parse(typed)?));
+        }
     }
     if !l.is_empty() {
         o.insert("limits".into(), Value::Object(l));
