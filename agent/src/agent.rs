@@ -489,8 +489,9 @@ impl Agent {
         loop {
             while sys::reap_one().is_some() {}
             // ECHILD: nothing left to wait for.
-            // SAFETY: waitid with WNOHANG|WNOWAIT only queries.
+            // SAFETY: siginfo_t is plain data, valid when zeroed.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with WNOHANG|WNOWAIT only queries, into `info`.
             let r = unsafe {
                 libc::waitid(
                     libc::P_ALL,

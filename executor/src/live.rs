@@ -104,8 +104,9 @@ fn disk(pid: i32) -> Option<(u64, u64)> {
         return None;
     }
     let path = CString::new(format!("/proc/{pid}/root/work")).ok()?;
-    // SAFETY: statvfs fills the zeroed struct from a valid C path.
+    // SAFETY: statvfs is plain data, valid when zeroed.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct from a valid C path.
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return None;
     }

@@ -159,8 +159,9 @@ fn cstr(p: impl AsRef<Path>) -> CString {
 /// Mount flags of the filesystem at `path` that a bind remount must keep.
 fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
     let c = cstr(path);
-    // SAFETY: statvfs fills the zeroed struct from a valid C path.
+    // SAFETY: statvfs is plain data, valid when zeroed.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct from a valid C path.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
