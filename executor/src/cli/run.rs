@@ -21,10 +21,20 @@ Examples:
   kiln run script.py -- arg1 arg2
   echo 'console.log(2)' | kiln run --runtime node
   kiln run --job job.json --json
+  kiln run --job job.json --timeout 1s --runtime python3   # flags override the file
+
+Limits: sizes and durations need their unit; a bare number is refused.
+Sizes are binary, any case: 100B, 512K, 64M, 1G (64MB = 64MiB = 64M).
+Durations: 500ms, 1.5s, 2m, 1h. --pids is a whole number, --cpus a
+number of CPUs (0.5). Out of range values are refused with the range.
+
+With --job, the other job flags override the document's fields (--runtime,
+ARGS and limits replace, --env and --file add); the job's stdin is the
+document's `stdin`, kiln's own stdin is not read.
 
 Exit status: the job's own (128+N if killed by signal N); 124 on timeout,
 137 when out of memory or killed at the output cap, 2 when the job was
-rejected, 70 when Kiln itself failed.")]
+rejected (a wrong flag included), 70 when Kiln itself failed.")]
 pub struct RunArgs {
     #[command(flatten)]
     pub job_args: JobArgs,
@@ -54,8 +64,8 @@ pub fn exit_status(r: &JobResult) -> u8 {
     }
 }
 
-/// Parses the job from the flags or `--job`; `Err` carries the message of
-/// a ready `rejected` result.
+/// Parses the job from the flags, or from `--job` with the flags laid over
+/// it; `Err` carries the message of a ready `rejected` result.
 fn parse_job(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> Result<(JobSpec, bool), String> {
     let (bytes, used_stdin) = job_bytes(&a.job_args, table).map_err(|e| format!("{e:#}"))?;
     let spec = JobSpec::from_json(&bytes).map_err(|e| e.to_string())?;
