@@ -434,6 +434,8 @@ pub struct Agent {
     /// The sandbox's id from the last guest setup, for jobs'
     /// `KILN_SANDBOX_ID`.
     sandbox_id: Option<String>,
+    /// Tags of `AwaitWarm` requests to answer once everything is warm.
+    warm_waiters: Vec<u32>,
     setup: Option<Setup>,
     warm: Vec<Warm>,
     zygotes: Vec<Zygote>,
@@ -448,6 +450,7 @@ impl Agent {
             is_init,
             guest: false,
             sandbox_id: None,
+            warm_waiters: Vec::new(),
             setup: None,
             warm: Vec::new(),
             zygotes: Vec::new(),
@@ -477,6 +480,7 @@ impl Agent {
             hold_until: None,
         };
         let closed = self.run(&mut conn);
+        self.warm_waiters.clear();
         log_info!("connection ended: {closed:?}");
         if matches!(closed, Closed::Violation) {
             conn.flush_before_close();
@@ -558,6 +562,7 @@ impl Agent {
             let now = Instant::now();
             let backpressured = conn.pending() > BACKPRESSURE_BYTES;
             self.finish_execs(conn, now, backpressured);
+            self.answer_warm_waiters(conn);
             if let Err(e) = conn.flush() {
                 log_info!("writing to the host failed: {e}");
                 return Closed::Peer;
@@ -797,6 +802,7 @@ impl Agent {
             Frame::GetFile(g) => Some(g.tag),
             Frame::Reset { tag } => Some(*tag),
             Frame::Setup(s) => Some(s.tag),
+            Frame::AwaitWarm { tag } => Some(*tag),
             _ => None,
         };
         if let Some(tag) = request_tag.filter(|_| !conn.hello_done) {
@@ -830,6 +836,7 @@ impl Agent {
             Frame::GetFile(g) => self.on_get_file(conn, g),
             Frame::Reset { tag } => self.on_reset(conn, tag),
             Frame::Setup(s) => self.on_guest_setup(conn, s),
+            Frame::AwaitWarm { tag } => self.warm_waiters.push(tag),
             other => {
                 let name = other.name();
                 conn.error(
@@ -1102,6 +1109,23 @@ impl Agent {
                 });
             }
             Err(e) => log_warn!("cannot start a warm {} interpreter: {e}", rt.name),
+        }
+    }
+
+    /// Acks every `AwaitWarm` once each wanted runtime that has a warm
+    /// start has an interpreter waiting.
+    fn answer_warm_waiters(&mut self, conn: &mut Connection) {
+        if self.warm_waiters.is_empty() {
+            return;
+        }
+        let all_warm = self.wanted().iter().all(|name| match self.runtime(name) {
+            Some(rt) if rt.warm.is_some() => self.warm.iter().any(|w| w.runtime == rt.name),
+            _ => true,
+        });
+        if all_warm {
+            for tag in std::mem::take(&mut self.warm_waiters) {
+                conn.send(&Frame::Ack { tag });
+            }
         }
     }
 

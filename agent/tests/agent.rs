@@ -227,6 +227,22 @@ fn python_runs_warm_and_is_rewarmed_for_the_next_exec() {
 }
 
 #[test]
+fn await_warm_answers_once_the_warm_interpreters_wait_and_at_once_after() {
+    let mut h = Host::start();
+    h.hello(&["python", "node", "bash"]);
+    for _ in 0..2 {
+        let tag = h.tag();
+        h.send(&Frame::AwaitWarm { tag });
+        assert!(matches!(h.answer_to(tag), Frame::Ack { .. }));
+    }
+    // Whatever was warming is ready now: both execs start warm.
+    h.put("main.py", 0o644, b"print(1)");
+    let tag = h.tag();
+    let run = h.run(py_request(tag, false), Some(b""));
+    assert!(run.warm, "python was awaited warm");
+}
+
+#[test]
 fn node_runs_cold_and_warm() {
     let mut h = Host::start();
     h.hello(&["node"]);

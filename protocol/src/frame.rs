@@ -278,6 +278,13 @@ pub enum Frame {
     },
     /// Host to agent in a microVM guest (see [`GuestSetup`]).
     Setup(GuestSetup),
+    /// Host to agent: answer with `Ack` once every runtime the hello asked
+    /// to pre-warm has a warm interpreter waiting (at once if it has
+    /// already). A template is snapshotted only after this, so that its
+    /// restores start warm.
+    AwaitWarm {
+        tag: u32,
+    },
     Started(Started),
     Stdout {
         tag: ExecId,
@@ -305,6 +312,7 @@ mod kind {
     pub const ACK: u8 = 0x0b;
     pub const RESET: u8 = 0x0c;
     pub const SETUP: u8 = 0x0d;
+    pub const AWAIT_WARM: u8 = 0x0e;
     pub const STARTED: u8 = 0x10;
     pub const STDOUT: u8 = 0x11;
     pub const STDERR: u8 = 0x12;
@@ -362,6 +370,7 @@ impl Frame {
             Frame::Ack { .. } => "ack",
             Frame::Reset { .. } => "reset",
             Frame::Setup(_) => "setup",
+            Frame::AwaitWarm { .. } => "await_warm",
             Frame::Started(_) => "started",
             Frame::Stdout { .. } => "stdout",
             Frame::Stderr { .. } => "stderr",
@@ -394,6 +403,7 @@ impl Frame {
             Frame::FileData { tag, data } => tagged(out, kind::FILE_DATA, *tag, data),
             Frame::Ack { tag } => tagged(out, kind::ACK, *tag, &[]),
             Frame::Reset { tag } => tagged(out, kind::RESET, *tag, &[]),
+            Frame::AwaitWarm { tag } => tagged(out, kind::AWAIT_WARM, *tag, &[]),
             Frame::Ping(n) => {
                 out.push(kind::PING);
                 out.extend_from_slice(&n.to_be_bytes());
@@ -463,6 +473,10 @@ impl Frame {
             kind::RESET => {
                 let (tag, _) = split_tag("reset", rest, 0)?;
                 Frame::Reset { tag }
+            }
+            kind::AWAIT_WARM => {
+                let (tag, _) = split_tag("await_warm", rest, 0)?;
+                Frame::AwaitWarm { tag }
             }
             kind::PING => Frame::Ping(u64_body("ping", rest)?),
             kind::PONG => Frame::Pong(u64_body("pong", rest)?),
@@ -735,6 +749,7 @@ mod tests {
             },
             Frame::Ack { tag: 1 },
             Frame::Reset { tag: 3 },
+            Frame::AwaitWarm { tag: 5 },
             Frame::Setup(GuestSetup {
                 tag: 4,
                 sandbox_id: "0123456789abcdef".into(),

@@ -315,6 +315,22 @@ impl AgentConn {
         }
     }
 
+    /// Waits until every runtime the hello asked to pre-warm has a warm
+    /// interpreter waiting (a template is snapshotted only then).
+    pub async fn await_warm(&self, within: Duration) -> Result<(), AgentError> {
+        let tag = self.inner.tag();
+        match self
+            .request_within(tag, Frame::AwaitWarm { tag }, within)
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            f => Err(AgentError::Protocol(format!(
+                "{} in answer to await_warm",
+                f.name()
+            ))),
+        }
+    }
+
     /// Sends a microVM guest what is unique to its sandbox (entropy, clock,
     /// hostname, id, limits) and waits until the agent has applied it; the
     /// tag is assigned here.
