@@ -119,4 +119,29 @@ impl Backend for AnyBackend {
             Self::Qemu(b) => b.reap_orphans(),
         }
     }
+
+    async fn prepare_template(
+        &self,
+        spec: &SandboxSpec,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<crate::TemplateInfo, SandboxError> {
+        match self {
+            Self::Jail(b) => b.prepare_template(spec, progress).await,
+            Self::Qemu(b) => b.prepare_template(spec, progress).await,
+        }
+    }
+
+    fn templates(&self) -> Result<Vec<crate::TemplateInfo>, SandboxError> {
+        match self {
+            Self::Jail(b) => b.templates(),
+            Self::Qemu(b) => b.templates(),
+        }
+    }
+
+    fn remove_template(&self, id: &str) -> Result<(), SandboxError> {
+        match self {
+            Self::Jail(b) => b.remove_template(id),
+            Self::Qemu(b) => b.remove_template(id),
+        }
+    }
 }

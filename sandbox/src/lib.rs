@@ -14,6 +14,7 @@ pub mod qemu;
 pub mod record;
 mod run;
 pub mod settings;
+pub mod template;
 pub mod vm;
 
 use std::fmt;
@@ -24,6 +25,7 @@ pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};
 pub use settings::{BackendFlags, BackendKind, BackendSettings, OpenError};
+pub use template::TemplateInfo;
 
 /// A sandbox id: 16 random hex digits, unique per host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,6 +143,9 @@ pub struct Capabilities {
     /// [`Sandbox::resize`] changes the memory, pids and CPU of a live
     /// sandbox, so that a pooled sandbox can serve a job with other limits.
     pub resize: bool,
+    /// Sandboxes are restored from templates ([`Backend::prepare_template`])
+    /// instead of booted, once a template for their spec exists.
+    pub templates: bool,
 }
 
 /// What orphan reaping found and removed.
@@ -268,4 +273,35 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Sandbox, SandboxError>> + Send;
     /// Destroys what earlier, crashed processes left (call at start-up).
     fn reap_orphans(&self) -> ReapReport;
+
+    /// Makes sure the template for sandboxes of `spec` is built and
+    /// published from the current inputs (see `template`), building it if
+    /// it is missing or outdated; `progress` hears each step as a line.
+    /// Afterwards `create` restores such sandboxes from it. Only for a
+    /// backend with [`Capabilities::templates`].
+    fn prepare_template(
+        &self,
+        _spec: &SandboxSpec,
+        _progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> impl Future<Output = Result<TemplateInfo, SandboxError>> + Send {
+        async {
+            Err(SandboxError::Unsupported(format!(
+                "the {} backend has no templates",
+                self.name()
+            )))
+        }
+    }
+
+    /// This backend's published templates (none without templates).
+    fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes a published template; sandboxes restored from it live on.
+    fn remove_template(&self, id: &str) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(format!(
+            "the {} backend has no templates (no template {id})",
+            self.name()
+        )))
+    }
 }

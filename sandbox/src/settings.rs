@@ -122,8 +122,46 @@ impl Default for QemuSettings {
     }
 }
 
-/// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]` and
-/// `[qemu]` of the configuration file.
+/// How a restore loads the template's guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// Every page on its first touch (Kiln's page server, userfaultfd).
+    Lazy,
+    /// The template's recorded working set installed at once while the
+    /// guest runs, the rest on first touch; the first restores record it.
+    #[default]
+    Prefetch,
+    /// The VMM maps the memory file itself (Firecracker's `File` backend),
+    /// for comparison.
+    File,
+}
+
+/// `[snapshot]`: templates of the microVM backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSettings {
+    /// Restore microVM sandboxes from templates (a guest booted once, its
+    /// runtimes warmed, snapshotted) instead of booting each one.
+    pub templates: bool,
+    /// Where templates are kept.
+    pub store: PathBuf,
+    /// How a restore loads guest memory.
+    pub memory: MemoryMode,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        Self {
+            templates: true,
+            store: PathBuf::from(crate::template::DEFAULT_STORE),
+            memory: MemoryMode::Prefetch,
+        }
+    }
+}
+
+/// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]`,
+/// `[qemu]` and `[snapshot]` of the configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackendSettings {
@@ -131,11 +169,12 @@ pub struct BackendSettings {
     pub jail: JailSettings,
     pub guest: GuestSettings,
     pub qemu: QemuSettings,
+    pub snapshot: SnapshotSettings,
 }
 
 impl BackendSettings {
     /// The top-level sections these settings own in a configuration file.
-    pub const SECTIONS: [&'static str; 4] = ["backend", "jail", "guest", "qemu"];
+    pub const SECTIONS: [&'static str; 5] = ["backend", "jail", "guest", "qemu", "snapshot"];
 }
 
 /// The flags (and `KILN_*` variables) of every backend setting. Each one
@@ -191,6 +230,17 @@ pub struct BackendFlags {
     /// vhost-device-vsock]
     #[arg(long, env = "KILN_VHOST_VSOCK_BIN", value_name = "PATH")]
     pub vhost_vsock_bin: Option<PathBuf>,
+    /// snapshot.templates: restore microVM sandboxes from templates instead
+    /// of booting each [default: true]
+    #[arg(long, env = "KILN_SNAPSHOT_TEMPLATES", value_name = "BOOL")]
+    pub snapshot_templates: Option<bool>,
+    /// snapshot.store: where templates are kept [default: /var/lib/kiln/templates]
+    #[arg(long, env = "KILN_SNAPSHOT_STORE", value_name = "DIR")]
+    pub snapshot_store: Option<PathBuf>,
+    /// snapshot.memory: how a restore loads guest memory: lazy, prefetch or
+    /// file [default: prefetch]
+    #[arg(long, env = "KILN_SNAPSHOT_MEMORY", value_enum, value_name = "MODE")]
+    pub snapshot_memory: Option<MemoryMode>,
 }
 
 impl BackendFlags {
@@ -218,6 +268,9 @@ impl BackendFlags {
         over(&self.qemu_accel, &mut s.qemu.accel);
         over(&self.qemu_bin, &mut s.qemu.bin);
         over(&self.vhost_vsock_bin, &mut s.qemu.vhost_vsock_bin);
+        over(&self.snapshot_templates, &mut s.snapshot.templates);
+        over(&self.snapshot_store, &mut s.snapshot.store);
+        over(&self.snapshot_memory, &mut s.snapshot.memory);
     }
 
     /// The default settings with these flags applied (no config file).
@@ -345,6 +398,7 @@ impl BackendSettings {
         cfg.qemu.clone_from(&self.qemu.bin);
         cfg.vhost_vsock.clone_from(&self.qemu.vhost_vsock_bin);
         cfg.state_dir.clone_from(&self.backend.state_dir);
+        cfg.templates = self.snapshot.templates.then(|| self.snapshot.store.clone());
         let backend = QemuBackend::new(cfg).map_err(|source| OpenError::Backend {
             backend: "qemu",
             source,

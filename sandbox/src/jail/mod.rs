@@ -771,6 +771,7 @@ impl Backend for JailBackend {
         crate::Capabilities {
             reset: true,
             resize: true,
+            templates: false,
         }
     }
 

@@ -173,6 +173,8 @@ pub struct QemuConfig {
     /// Let the guest kernel log its boot on the console (slower under
     /// TCG; for diagnosis). Default from `KILN_GUEST_VERBOSE=1`.
     pub verbose_console: bool,
+    /// The template store, when sandboxes are restored from templates.
+    pub templates: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -194,6 +196,7 @@ impl QemuConfig {
             boot_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(20),
             verbose_console: std::env::var("KILN_GUEST_VERBOSE").as_deref() == Ok("1"),
+            templates: None,
             tcg_cache_mb: std::env::var("KILN_QEMU_TCG_CACHE_MB")
                 .ok()
                 .and_then(|v| v.parse().ok())
