@@ -1131,10 +1131,10 @@ impl Agent {
 
     /// Applies what is unique to this sandbox in a microVM guest (see
     /// `GuestSetup`), then replaces the warm interpreters that were started
-    /// before it: forked before the entropy arrived (in a restored
-    /// snapshot, before the snapshot was taken), they share the random
-    /// state of every clone of this guest. The zygote's fork of new ones
-    /// reseeds `random` from the fresh pool.
+    /// before it and do not reseed themselves with their job
+    /// (`WarmStart::reseeds`): started before the entropy arrived (in a
+    /// restored snapshot, before the snapshot was taken), they would share
+    /// the random state of every clone of this guest.
     fn on_guest_setup(&mut self, conn: &mut Connection, s: GuestSetup) {
         if !self.guest {
             return conn.error(
@@ -1147,7 +1147,14 @@ impl Agent {
             return conn.error(Some(s.tag), format!("guest setup failed: {e}"));
         }
         self.sandbox_id = Some(s.sandbox_id);
-        for w in std::mem::take(&mut self.warm) {
+        let (keep, stale): (Vec<Warm>, Vec<Warm>) =
+            std::mem::take(&mut self.warm).into_iter().partition(|w| {
+                self.runtime(&w.runtime)
+                    .and_then(|rt| rt.warm.as_ref())
+                    .is_some_and(|ws| ws.reseeds)
+            });
+        self.warm = keep;
+        for w in stale {
             sys::kill_group(w.process.pid, libc::SIGKILL);
         }
         for name in self.wanted() {
