@@ -291,6 +291,32 @@ impl Scheduler {
         })
     }
 
+    /// For a backend with templates: prepares (builds if missing or
+    /// outdated) the template of every pooled runtime in the background,
+    /// logging each step. Until one is published, sandboxes of its runtime
+    /// are restored from an older template of the same kind or booted.
+    pub fn prepare_templates(&self) {
+        let inner = &self.inner;
+        if !inner.capabilities.templates {
+            return;
+        }
+        for (runtime, t) in &inner.templates {
+            let (inner, runtime, spec) = (self.inner.clone(), runtime.clone(), t.spec.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                inner.metrics.template_started();
+                let progress = |line: &str| tracing::info!(%runtime, "template: {line}");
+                let result = inner.backend.prepare_template(&spec, &progress).await;
+                let secs = started.elapsed().as_secs_f64();
+                inner.metrics.template_finished(result.is_ok(), secs);
+                match result {
+                    Ok(t) => tracing::info!(%runtime, template = %t.id, secs, "template ready"),
+                    Err(e) => tracing::error!(%runtime, "template could not be prepared: {e}"),
+                }
+            });
+        }
+    }
+
     /// Validates against the runtime table and admits. Never blocks: a full
     /// queue is an error.
     // The error carries a whole ready `rejected` result by contract with the
