@@ -24,7 +24,6 @@
 
 mod cgroup;
 mod reach;
-mod record;
 mod rootfs;
 mod seccomp;
 mod spawn;
@@ -43,10 +42,10 @@ use kiln_protocol::{Hello, Rooms, RuntimeTable, PROTOCOL_VERSION};
 pub use seccomp::SeccompError;
 use seccompiler::BpfProgram;
 
+use crate::record::{self, Record};
 use crate::{
     AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
 };
-use record::Record;
 use spawn::{Plan, Step};
 
 /// Where a jail's root filesystem comes from. Either way each jail sees it
@@ -103,6 +102,51 @@ impl JailConfig {
     }
 }
 
+/// Why a jail could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Setting up or changing the jail's cgroup failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The jail's init failed before running the agent.
+    #[error("setup failed at {step}: {source}")]
+    Setup {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The seccomp filter could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// A jail's root could not be prepared or mounted.
+    #[error(transparent)]
+    Root(#[from] rootfs::RootFsError),
+}
+
+impl From<JailError> for SandboxError {
+    fn from(e: JailError) -> Self {
+        SandboxError::backend("jail", e)
+    }
+}
+
+impl From<CgroupError> for SandboxError {
+    fn from(e: CgroupError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
+impl From<SeccompError> for SandboxError {
+    fn from(e: SeccompError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
+impl From<rootfs::RootFsError> for SandboxError {
+    fn from(e: rootfs::RootFsError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
 /// Where inside the jail jobs run.
 pub const WORKDIR: &str = "/work";
 
@@ -138,18 +182,9 @@ pub struct JailBackend {
     inner: Arc<Inner>,
 }
 
-impl From<rootfs::RootFsError> for SandboxError {
-    fn from(e: rootfs::RootFsError) -> Self {
-        SandboxError::Io {
-            what: e.to_string(),
-            source: e.into_source(),
-        }
-    }
-}
-
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     let what = what.into();
-    move |source| SandboxError::Io { what, source }
+    move |error| SandboxError::Io { what, error }
 }
 
 fn cstr(p: impl AsRef<Path>) -> CString {
@@ -255,8 +290,8 @@ impl Inner {
         let dir = self.jail_dir(id);
         let root = dir.join("root");
         reach::create_searchable(&root).map_err(io_err(format!("creating {}", root.display())))?;
-        let dirs = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
-        let mut rec = Record::new(id.as_str(), self.owner, dirs);
+        let mut rec = Record::new("jail", id.as_str(), self.owner);
+        rec.cgroups = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
         rec.write(&dir)
             .map_err(io_err("writing the sandbox record"))?;
         let cg = match Cgroup::create(
@@ -304,7 +339,7 @@ impl Inner {
         drop(theirs);
         drop(log_w);
         let pid = child.pid;
-        rec.set_pid(pid);
+        rec.add_process(pid);
         let prepared = (|| -> Result<(), SandboxError> {
             rec.write(&dir)
                 .map_err(io_err("updating the sandbox record"))?;
@@ -321,10 +356,11 @@ impl Inner {
         }
         if let Err((step, errno)) = child.release() {
             let step = spawn::describe_step(&plan, step);
-            let e = SandboxError::Setup {
+            let e = JailError::Setup {
                 step,
                 source: io::Error::from_raw_os_error(errno),
-            };
+            }
+            .into();
             return Err(fail(e, Some(pid), &cg));
         }
         Ok(Started {
@@ -488,17 +524,58 @@ impl Sandbox for Jail {
         }
     }
 
+    /// The cgroup's figures; disk use of the work directory (statvfs
+    /// through `/proc/<holder>/root`, which reaches into the mount
+    /// namespace of the current room) and the network counters of the
+    /// room's own network namespace (`/proc/<holder>/net/dev`).
     fn stats(&self) -> SandboxStats {
         let Some(r) = &self.remains else {
             return SandboxStats::default();
         };
         let s = r.cgroup.stats();
+        // One read of the group's processes serves both the room's holder
+        // and, where cgroup v1's cpuacct is not beside the jail's group,
+        // the CPU time (the agent is init and reaps every job, so finished
+        // jobs stay counted in its children's time).
+        let procs = r.cgroup.procs();
+        let holder = self.room_pid_among(&procs);
+        let disk =
+            holder.and_then(|p| crate::procfs::disk_usage(&format!("/proc/{p}/root{WORKDIR}")));
+        let net = holder.and_then(crate::procfs::net_bytes);
         SandboxStats {
             memory_bytes: s.memory_bytes,
             memory_peak_bytes: s.memory_peak_bytes,
-            cpu_usage_us: s.cpu_usage_us,
+            cpu_usage_us: s
+                .cpu_usage_us
+                .or_else(|| Some(crate::procfs::cpu_us(&procs, true))),
             pids: s.pids,
             oom_kills: s.oom_kills,
+            disk_used_bytes: disk.map(|d| d.0),
+            disk_total_bytes: disk.map(|d| d.1),
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
+        }
+    }
+
+    /// Writes the cgroup's limits; a smaller memory limit may OOM-kill
+    /// (cgroup v2), so the OOM count is read again afterwards (see
+    /// [`Sandbox::oom_kills_seen`]).
+    fn resize(&self, to: crate::Resources) -> Result<(), SandboxError> {
+        let r = self
+            .remains
+            .as_ref()
+            .ok_or_else(|| SandboxError::Unsupported("the jail is being destroyed".into()))?;
+        r.cgroup.set_limits(CgroupLimits {
+            memory_bytes: to.memory_mb * 1024 * 1024,
+            pids: to.pids,
+            cpu_millis: to.cpu_millis,
+        })?;
+        Ok(())
+    }
+
+    fn kill_now(&self) {
+        if let Some(r) = &self.remains {
+            r.cgroup.kill_all(Duration::from_secs(2));
         }
     }
 
@@ -525,6 +602,16 @@ impl Backend for JailBackend {
         "jail"
     }
 
+    /// A jail resets (its agent replaces the room) and resizes (cgroup
+    /// limits).
+    fn capabilities(&self) -> crate::Capabilities {
+        crate::Capabilities {
+            reset: true,
+            resize: true,
+            templates: false,
+        }
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<Jail, SandboxError> {
         if spec.allow_internet {
             return Err(SandboxError::Unsupported(
@@ -546,7 +633,7 @@ impl Backend for JailBackend {
             .await
             .map_err(|e| SandboxError::Io {
                 what: "jail start task".into(),
-                source: io::Error::other(e.to_string()),
+                error: io::Error::other(e.to_string()),
             })??;
         let Started {
             pid,
@@ -606,10 +693,25 @@ impl Backend for JailBackend {
     }
 
     fn reap_orphans(&self) -> ReapReport {
-        record::reap(
-            &self.inner.cfg.state_dir.join("jails"),
+        reap_jails(
+            &self.inner.cfg.state_dir,
             &self.inner.layout,
             self.inner.owner,
         )
     }
+}
+
+/// Destroys the jails recorded under `state_dir` whose owner died: kills
+/// their init, empties and removes their cgroups, removes their
+/// directories. Needs no agent binary, so `kiln reap` can run it anywhere.
+pub fn reap_jails(state_dir: &Path, layout: &CgroupLayout, me: record::Owner) -> ReapReport {
+    record::reap_records(&state_dir.join("jails"), me, |rec, _dir| {
+        rec.kill_and_remove_paths();
+        let cg = Cgroup::from_dirs(layout, rec.cgroups.clone());
+        if cg.kill_all(Duration::from_secs(5)) && cg.remove() {
+            Ok(())
+        } else {
+            Err(format!("cgroup {:?} could not be emptied", rec.cgroups))
+        }
+    })
 }

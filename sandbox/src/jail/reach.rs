@@ -45,18 +45,18 @@ pub fn create_searchable(dir: &Path) -> io::Result<()> {
 /// every directory from `/` down to `dir`, and says which it cannot and
 /// what to do.
 pub fn check(dir: &Path, id: u32) -> Result<(), SandboxError> {
-    let dir = std::path::absolute(dir).map_err(|source| SandboxError::Io {
+    let dir = std::path::absolute(dir).map_err(|error| SandboxError::Io {
         what: format!("making {} absolute", dir.display()),
-        source,
+        error,
     })?;
     let walk = dir.clone();
     let blocked = std::thread::spawn(move || first_unsearchable(&walk, id))
         .join()
         .map_err(|_| SandboxError::Io {
-            what: "checking the state directory's permissions: the checking thread panicked".into(),
-            source: io::Error::other("thread panicked"),
+            what: "checking the state directory's permissions".into(),
+            error: io::Error::other("the checking thread panicked"),
         })?;
-    let Some((at, source)) = blocked else {
+    let Some((at, error)) = blocked else {
         return Ok(());
     };
     let how = match fs::metadata(&at) {
@@ -76,7 +76,7 @@ pub fn check(dir: &Path, id: u32) -> Result<(), SandboxError> {
             at.display(),
             at.display(),
         ),
-        source,
+        error,
     })
 }
 

@@ -88,38 +88,27 @@ const HOST_DIRS: [&str; 8] = [
 #[derive(Debug, thiserror::Error)]
 pub enum RootFsError {
     /// The backend's base filesystem could not be made.
-    #[error("making the jails' base filesystem: {what}")]
+    #[error("making the jails' base filesystem: {what}: {source}")]
     Base {
         what: String,
         #[source]
         source: io::Error,
     },
     /// A host directory or device a root is made of could not be read.
-    #[error("reading {path} for the jails' root")]
+    #[error("reading {path} for the jails' root: {source}")]
     Host {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
     /// An overlay could not be mounted.
-    #[error("mounting an overlay of {lowers} ({step})")]
+    #[error("mounting an overlay of {lowers} ({step}): {source}")]
     Overlay {
         lowers: String,
         step: &'static str,
         #[source]
         source: io::Error,
     },
-}
-
-impl RootFsError {
-    /// The underlying system error.
-    pub fn into_source(self) -> io::Error {
-        match self {
-            Self::Base { source, .. }
-            | Self::Host { source, .. }
-            | Self::Overlay { source, .. } => source,
-        }
-    }
 }
 
 /// A writable layer on top of an overlay's lowers, and the work directory
