@@ -192,8 +192,9 @@ fn cstr(p: impl AsRef<Path>) -> CString {
 }
 
 impl JailBackend {
-    /// Checks the host (cgroups, agent binary) and prepares what every jail
-    /// shares.
+    /// Checks the host (cgroups, agent binary, that the jails' ids can
+    /// reach the state directory) and prepares what every jail's root is
+    /// made of.
     pub fn new(cfg: JailConfig) -> Result<Self, SandboxError> {
         let layout = CgroupLayout::detect(&cfg.cgroup_mount)?;
         let agent = fs::read(&cfg.agent).map_err(io_err(format!(
