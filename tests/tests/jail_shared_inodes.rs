@@ -17,8 +17,9 @@
 //! opening system call runs, so whatever B and the host did is in A's queue
 //! before the marker that ends the first phase: nothing here depends on
 //! timing. A second phase, in which A opens the files itself, proves that its
-//! watches work (a watch that silently saw nothing would prove nothing), and
-//! the markers prove that inotify on a sandbox's own `/work` works.
+//! watches work (a watch that silently saw nothing would prove nothing); the
+//! markers, and a file A makes and locks in its `/tmp`, prove that watches
+//! and locks on a sandbox's own files still work.
 
 use std::fs::File;
 use std::io::Read as _;
@@ -64,6 +65,8 @@ for p in targets + sorted({os.path.dirname(p) for p in targets}):
         raise OSError(ctypes.get_errno(), "inotify_add_watch " + p)
     watched[wd] = p
 work = libc.inotify_add_watch(ino, b"/work", IN_CREATE | IN_MOVED_TO)
+tmp = libc.inotify_add_watch(ino, b"/tmp", IN_CREATE)
+watched[tmp] = "/tmp"
 open("/work/ready", "w").write(json.dumps(locks))
 seen = {"setup": [], "before": [], "after": []}
 phase, deadline = "setup", time.monotonic() + 120
@@ -86,7 +89,7 @@ while phase != "done" and time.monotonic() < deadline:
             elif name == "stop":
                 phase = "done"
         elif phase != "done":
-            what = "open" if mask & IN_OPEN else "read"
+            what = "create" if mask & IN_CREATE else "open" if mask & IN_OPEN else "read"
             seen[phase].append("%s %s" % (what, os.path.join(watched[wd], name) if name else watched[wd]))
 seen["stopped"] = phase == "done"
 open("/work/result.tmp", "w").write(json.dumps(seen))
@@ -126,11 +129,15 @@ import colorsys
 print(json.dumps(out))
 "#;
 
-/// A's own opens in the second phase, which its watches must see.
+/// A's own opens in the second phase, which its watches must see, and a
+/// file of its own in `/tmp`, which it can lock while the watcher holds its
+/// locks.
 const OWN_OPENS: &str = r#"
-import json, os
+import fcntl, json, os
 for p in TARGETS:
     os.close(os.open(p, os.O_RDONLY))
+with open("/tmp/mine", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 print(json.dumps(TARGETS))
 "#;
 
@@ -249,6 +256,10 @@ fn sandboxes_and_the_host_neither_see_nor_block_each_others_shared_files() {
         "a sandbox saw another sandbox's (and the host's) opens and reads"
     );
     let after: Vec<String> = serde_json::from_value(seen["after"].clone()).unwrap();
+    assert!(
+        after.iter().any(|e| e == "create /tmp/mine"),
+        "a watch on the sandbox's own /tmp missed a file made there: {after:?}"
+    );
     for t in &all {
         assert!(
             after.iter().any(|e| e == &format!("open {t}")),
