@@ -327,22 +327,37 @@ fn warn_about_hidden_mounts(lowers: &[&Path]) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    for line in info.lines() {
+    for (point, lower) in hidden_mounts(&info, lowers) {
+        tracing::warn!(
+            "{} is mounted inside {}, and jails do not see it: a jail's root is an overlay of {}'s own filesystem",
+            point.display(),
+            lower.display(),
+            lower.display()
+        );
+    }
+}
+
+/// The mount points of `mountinfo` (its text) strictly inside one of
+/// `lowers`, each with that lower.
+fn hidden_mounts(mountinfo: &str, lowers: &[&Path]) -> Vec<(PathBuf, PathBuf)> {
+    let lowers: Vec<PathBuf> = lowers
+        .iter()
+        .filter_map(|l| std::path::absolute(l).ok())
+        .collect();
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        // Field 5 is the mount point, with spaces and the like as \ooo.
         let Some(point) = line.split(' ').nth(4) else {
             continue;
         };
         let point = Path::new(point);
-        for lower in lowers {
-            if point != *lower && point.starts_with(lower) {
-                tracing::warn!(
-                    "{} is mounted inside {}, and jails do not see it: a jail's root is an overlay of {}'s own filesystem",
-                    point.display(),
-                    lower.display(),
-                    lower.display()
-                );
+        for lower in &lowers {
+            if point != lower && point.starts_with(lower) {
+                out.push((point.to_path_buf(), lower.clone()));
             }
         }
     }
+    out
 }
 
 /// The backend's own small tmpfs: an empty directory, the `/dev` of every
@@ -830,5 +845,25 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         assert_eq!(fs::metadata(&through_jail).unwrap().mode() & 0o7777, 0o555);
+    }
+
+    #[test]
+    fn mounts_inside_a_lower_are_found() {
+        let info = "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+                    61 27 0:40 / /etc/hosts rw - ext4 /dev/vda rw\n\
+                    62 27 0:41 / /etcetera rw - tmpfs t rw\n\
+                    63 27 0:42 / /srv/tpl/opt rw - tmpfs t rw\n\
+                    64 27 0:43 / /usr rw - ext4 /dev/vdb rw\n";
+        let found = hidden_mounts(
+            info,
+            &[Path::new("/etc"), Path::new("/usr"), Path::new("/srv/tpl")],
+        );
+        assert_eq!(
+            found,
+            vec![
+                ("/etc/hosts".into(), "/etc".into()),
+                ("/srv/tpl/opt".into(), "/srv/tpl".into()),
+            ]
+        );
     }
 }
