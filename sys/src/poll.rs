@@ -78,10 +78,8 @@ mod tests {
         let (r, w) = crate::fd::pipe().unwrap();
         assert!(!wait_readable(r.as_fd(), Duration::from_millis(10)).unwrap());
         // SAFETY: writes one byte from a live buffer to our own pipe.
-        assert_eq!(
-            unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) },
-            1
-        );
+        let written = unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        assert_eq!(written, 1);
         assert!(wait_readable(r.as_fd(), Duration::from_secs(5)).unwrap());
         let ev = poll_borrowed(
             &[(r.as_fd(), libc::POLLIN), (w.as_fd(), libc::POLLOUT)],
