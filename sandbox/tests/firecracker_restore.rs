@@ -352,6 +352,48 @@ async fn a_recorded_working_set_cuts_the_next_restores_faults_by_nine_tenths() {
     assert_eq!(scope.wait_clean(), Vec::<String>::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_vsock_device_moves_to_the_new_vms_socket() {
+    let Some(scope) = scope("vsock") else { return };
+    // Unjailed, the vsock socket's path names the VM's own directory, which
+    // is gone by the time of the restore: without `vsock_override` the
+    // restored device would bind the old path.
+    let mut spec = scope.boot_spec(small());
+    spec.vsock_cid = Some(7);
+    let vm = FirecrackerVm::start(&scope.config(false), &spec)
+        .await
+        .expect("boot");
+    ready(&vm).await;
+    write_pattern(&vm, SEED, 16).await;
+    let old = vm.vsock_uds().unwrap();
+    let snapshot = vm
+        .snapshot(&scope.dir.join("snapshots/vsock"))
+        .await
+        .expect("snapshot");
+    assert_eq!(snapshot.machine.vsock_cid, Some(7));
+    assert!(vm.destroy().await.is_clean());
+    assert!(!old.exists());
+
+    for jailed in [false, true] {
+        let vm = FirecrackerVm::restore(
+            &scope.config(jailed),
+            &restore_spec(&snapshot, MemoryBackend::File),
+        )
+        .await
+        .expect("restore with a vsock device");
+        let uds = vm.vsock_uds().unwrap();
+        assert_ne!(uds, old);
+        tokio::net::UnixStream::connect(&uds)
+            .await
+            .expect("the restored device listens on the new VM's socket");
+        let config = vm.api().vm_config().await.unwrap();
+        assert_eq!(config.vsock.map(|v| v.guest_cid), Some(7));
+        assert_pattern(&vm, SEED, 16).await;
+        assert!(vm.destroy().await.is_clean());
+    }
+    assert_eq!(scope.wait_clean(), Vec::<String>::new());
+}
+
 /// Runs futures concurrently on the current task and returns their outputs
 /// in order (the workspace has no futures crate for `join_all`).
 async fn futures_join<F: std::future::Future>(
