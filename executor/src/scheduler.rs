@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_protocol::{Acquire, JobId, JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
-use kiln_sandbox::{run_job, AnyBackend, Backend, Sandbox, SandboxSpec, Stream};
+use kiln_sandbox::{run_job, AnyBackend, Backend, Capabilities, Sandbox, SandboxSpec, Stream};
 use kiln_warmpool::{Pool, TemplateKey, TemplateSettings};
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
@@ -188,6 +188,7 @@ struct Inner {
     settings: SchedulerSettings,
     runtimes: RuntimeTable,
     backend: AnyBackend,
+    capabilities: Capabilities,
     pool: Pool<SandboxFactory>,
     templates: HashMap<String, Template>,
     run_slots: Semaphore,
@@ -234,11 +235,13 @@ impl Scheduler {
             specs.insert(key.clone(), spec.clone());
             templates.insert(rt.name.clone(), Template { key, spec });
         }
-        // A microVM has no rooms to reset (`Sandbox::reset` is unsupported):
-        // each serves one job, instead of failing a recycle after every job.
-        let max_uses = match backend {
-            AnyBackend::Jail(_) => settings.max_uses,
-            AnyBackend::Qemu(_) => 1,
+        // A sandbox that cannot be reset (a microVM has no rooms to
+        // replace) serves one job, instead of failing a recycle after each.
+        let capabilities = backend.capabilities();
+        let max_uses = if capabilities.reset {
+            settings.max_uses
+        } else {
+            1
         };
         let pool = Pool::new(SandboxFactory::new(backend.clone(), specs));
         for t in templates.values() {
@@ -272,6 +275,7 @@ impl Scheduler {
             settings,
             runtimes,
             backend,
+            capabilities,
             pool,
             templates,
             running: AtomicUsize::new(0),
@@ -485,7 +489,10 @@ async fn acquire(
     spec: &JobSpec,
 ) -> Result<(Held, Acquire), String> {
     if let Some(t) = inner.templates.get(&runtime.name) {
-        if sandboxes::fits(&t.spec, &spec.limits) {
+        let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
+        // A job whose limits the template's sandboxes cannot take gets a
+        // sandbox of its own rather than a pooled one thrown away.
+        if sandboxes::fits(&t.spec, &spec.limits) && (!resize || inner.capabilities.resize) {
             let lease = inner.pool.lease(&t.key).await.map_err(|e| {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
@@ -501,7 +508,7 @@ async fn acquire(
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,
             };
             lease.set_background(false);
-            if !sandboxes::needs_resize(&t.spec, &spec.limits) {
+            if !resize {
                 return Ok((
                     Held::Leased {
                         lease,
@@ -510,7 +517,7 @@ async fn acquire(
                     how,
                 ));
             }
-            match sandboxes::set_limits(&lease, &spec.limits) {
+            match lease.resize((&spec.limits).into()) {
                 Ok(()) => {
                     let restore = Some(sandboxes::template_limits(&t.spec));
                     return Ok((Held::Leased { lease, restore }, how));

@@ -13,7 +13,8 @@ mod runtime;
 
 pub use frame::{
     read_frame, Decoder, ExecError, ExecRequest, ExitReport, ExitStatus, Frame, FrameError,
-    GetFile, Hello, HelloAck, Kill, PutFile, Rooms, Started, PROTOCOL_VERSION,
+    GetFile, GuestSetup, Hello, HelloAck, Kill, PutFile, Rooms, Started, MAX_SETUP_ENTROPY_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use job::{
     check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome, SpecError,
