@@ -28,8 +28,9 @@ pub struct FirecrackerConfig {
     /// Run each VMM under the jailer; `None` runs it directly as our child
     /// (tests, development).
     pub jailer: Option<JailerConfig>,
-    /// Per-sandbox records (`<state_dir>/firecracker/<id>/record.json`),
-    /// uid claims, and the files of unjailed VMs.
+    /// Per-sandbox records (`<state_dir>/firecracker/<id>/record.json`) and
+    /// the files of unjailed VMs beside them; uid claims in
+    /// `<state_dir>/firecracker-uids/`.
     pub state_dir: PathBuf,
     /// How long Firecracker may take, from spawn, to accept connections on
     /// its API socket.

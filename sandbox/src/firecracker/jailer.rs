@@ -16,7 +16,6 @@ use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::config::{IdRange, JailerConfig, VmResources};
-use super::record::UIDS;
 use crate::jail::CgroupLayout;
 use crate::SandboxId;
 
@@ -72,11 +71,11 @@ pub enum JailError {
     Cgroups(#[source] crate::jail::CgroupError),
 }
 
-/// Claims a free id of `range` for `id` by creating `<layer>/uids/<n>`
-/// exclusively; probing starts at a random offset so that concurrent
-/// creators rarely collide.
-fn claim_id(layer_dir: &Path, range: IdRange, id: &SandboxId) -> Result<(u32, PathBuf), JailError> {
-    let dir = layer_dir.join(UIDS);
+/// Claims a free id of `range` for `id` by creating `<claims>/<n>`
+/// exclusively; probing starts at an offset derived from the (random) id so
+/// that concurrent creators rarely collide.
+fn claim_id(claims: &Path, range: IdRange, id: &SandboxId) -> Result<(u32, PathBuf), JailError> {
+    let dir = claims.to_owned();
     let claim_err = |source| JailError::Claim {
         dir: dir.clone(),
         source,
@@ -108,7 +107,7 @@ impl Jail {
     /// Nothing but the claim exists yet.
     pub fn plan(
         config: &JailerConfig,
-        layer_dir: &Path,
+        claims: &Path,
         firecracker: &Path,
         id: &SandboxId,
         resources: VmResources,
@@ -120,7 +119,7 @@ impl Jail {
             })?;
         let layout =
             CgroupLayout::detect(Path::new("/sys/fs/cgroup")).map_err(JailError::Cgroups)?;
-        let (uid, claim) = claim_id(layer_dir, config.ids, id)?;
+        let (uid, claim) = claim_id(claims, config.ids, id)?;
         let dir = base.join(exec_name(firecracker)).join(id.as_str());
         let memory = (resources.memory_mib + config.vmm_memory_overhead_mib) << 20;
         let (cgroup_version, cgroups, cgroup_args) = match &layout {

@@ -18,14 +18,14 @@
 //!   api: metrics, machine-config, boot-source,    api: metrics,
 //!        drives, vsock, entropy, InstanceStart         snapshot/load (File | Uffd, vsock_override)
 //!        │                                             │
-//!        └── pause / resume / snapshot / metrics / destroy (record::Remains::teardown)
+//!        └── pause / resume / snapshot / metrics / destroy (teardown::Remains::teardown)
 //! ```
 //!
 //! Files: `config` (settings and the preflight check), `api` and `models`
 //! (the HTTP client and its bodies), `process` (the launch), `jailer` (uid
 //! claims, chroot, cgroups), `console`, `metrics` (Firecracker's metrics
-//! lines), `snapshot`, `record` (teardown and orphan reaping), `sys`
-//! (pidfds, namespaces). What was verified on which host, and what is not
+//! lines), `snapshot`, `teardown` (removal of what a VM holds, from Kiln's
+//! crash record, and orphan reaping), `sys` (pidfds, namespaces). What was verified on which host, and what is not
 //! covered yet, is in `docs/firecracker.md`.
 
 mod api;
@@ -35,9 +35,9 @@ mod jailer;
 mod metrics;
 mod models;
 mod process;
-mod record;
 mod snapshot;
 mod sys;
+mod teardown;
 mod vm;
 
 use std::path::Path;
@@ -60,10 +60,10 @@ pub use models::{
     Vsock, VsockOverride,
 };
 pub use process::{LaunchError, VmPaths};
-pub use record::TeardownReport;
 pub use snapshot::{
     MachineSummary, MemoryBackend, RestoreError, RestoreSpec, Snapshot, SnapshotError,
 };
+pub use teardown::TeardownReport;
 pub use vm::{BootSpec, BootTimings, FirecrackerVm, RestoreTimings, StartError, VmMetricsError};
 
 use crate::ReapReport;
@@ -73,7 +73,7 @@ use crate::ReapReport;
 /// their VMMs and every process in their cgroups or chroots are killed,
 /// and their cgroups, files, uid claims and records removed.
 pub fn reap_orphans(state_dir: &Path) -> ReapReport {
-    record::reap_orphans(&state_dir.join("firecracker"))
+    teardown::reap_orphans(state_dir)
 }
 
 /// Makes this process adopt the VMMs it starts under the jailer with

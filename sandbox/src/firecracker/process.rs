@@ -13,16 +13,17 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::api::ApiClient;
 use super::config::{Binaries, FirecrackerConfig, PreflightError, VmResources};
 use super::console::Console;
 use super::jailer::{Jail, JailError};
-use super::record::{has_root, ProcessRef, Record, Remains};
 use super::sys;
+use super::teardown::{claims_dir, has_root, Remains, BACKEND, PID_FILE};
+use crate::record::{Owner, Record};
+use crate::vm::process::spawn_tied;
 use crate::SandboxId;
 
 /// Names of the VM's files inside its root.
@@ -38,8 +39,6 @@ pub(crate) mod names {
     pub const SNAPSHOT_DIR: &str = "snapshot";
     pub const VMSTATE: &str = "snapshot/vmstate";
     pub const MEMORY: &str = "snapshot/memory";
-    /// Written by the jailer: Firecracker's pid on the host.
-    pub const PID_FILE: &str = "firecracker.pid";
 }
 
 /// Where a VM's files are, for the host and for Firecracker.
@@ -208,25 +207,25 @@ pub(crate) async fn launch(plan: LaunchPlan<'_>) -> Result<Launched, LaunchError
         path: dir.clone(),
         source,
     })?;
-    let mut remains = Remains {
-        record: Record {
-            id: plan.id.as_str().to_owned(),
-            owner: ProcessRef::current(),
-            vmm: None,
-            root: dir.join("root"),
-            jail_dir: None,
-            cgroups: Vec::new(),
-            uid_claim: None,
-        },
-        dir: dir.clone(),
-        vmm: None,
-        children: Vec::new(),
-    };
     let record_err = |source| LaunchError::Record {
         dir: dir.clone(),
         source,
     };
-    remains.record.write(&dir).map_err(record_err)?;
+    let mut record = Record::new(
+        BACKEND,
+        plan.id.as_str(),
+        Owner::current().map_err(record_err)?,
+    );
+    // Unjailed, the VM's files live in its state directory, whose removal
+    // does not descend into subdirectories: the root is named.
+    record.paths.push(dir.join("root"));
+    record.write(&dir).map_err(record_err)?;
+    let mut remains = Remains {
+        record,
+        dir: dir.clone(),
+        vmm: None,
+        children: Vec::new(),
+    };
     match launch_in(&plan, &binaries, &mut remains).await {
         Ok(started) => Ok(Launched {
             id: plan.id.clone(),
@@ -275,23 +274,24 @@ async fn launch_in(
         (Some(jc), Some(_)) => {
             let jail = Jail::plan(
                 jc,
-                &config.layer_dir(),
+                &claims_dir(&config.state_dir),
                 &binaries.firecracker,
                 &plan.id,
                 plan.resources,
             )?;
-            // Written down before anything of the jail exists.
-            remains.record.root = jail.root.clone();
-            remains.record.jail_dir = Some(jail.dir.clone());
+            // Written down before anything of the jail exists (the claim
+            // just made is named at once).
+            remains.record.paths = vec![jail.dir.clone(), jail.claim.clone()];
             remains.record.cgroups = jail.cgroups.clone();
-            remains.record.uid_claim = Some(jail.claim.clone());
             remains.record.write(&dir).map_err(record_err)?;
             Some(jail)
         }
         _ => None,
     };
     let paths = VmPaths {
-        root: remains.record.root.clone(),
+        root: jail
+            .as_ref()
+            .map_or_else(|| dir.join("root"), |j| j.root.clone()),
         jailed: jail.is_some(),
     };
     prepare_root(plan, &paths, jail.as_ref())?;
@@ -314,15 +314,9 @@ async fn launch_in(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let own_netns = config.jailer.as_ref().is_some_and(|j| j.own_netns) && jail.is_some();
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::die_with_parent()?;
-            if own_netns {
-                sys::unshare_network()?;
-            }
-            Ok(())
-        });
+    if own_netns {
+        // SAFETY: the closure only makes one async-signal-safe system call.
+        unsafe { cmd.pre_exec(sys::unshare_network) };
     }
     let spawned = Instant::now();
     let mut child = spawn_tied(cmd).map_err(|source| LaunchError::Spawn {
@@ -365,7 +359,7 @@ async fn launch_in(
                 });
             }
             if pid.is_none() {
-                let pid_file = paths.host(names::PID_FILE);
+                let pid_file = paths.host(PID_FILE);
                 let found = fs::read_to_string(&pid_file)
                     .ok()
                     .and_then(|s| s.trim().parse::<u32>().ok());
@@ -375,7 +369,7 @@ async fn launch_in(
         if let (Some(p), None) = (pid, &remains.vmm) {
             let fd = sys::pidfd_open(p).map_err(|source| LaunchError::Watch { pid: p, source })?;
             remains.vmm = Some(fd);
-            remains.record.vmm = ProcessRef::of(p);
+            remains.record.add_process(p as i32);
             remains.record.write(&dir).map_err(record_err)?;
         }
         if remains.vmm.is_some() && is_socket(&socket) && accepts(&socket).await {
@@ -583,35 +577,4 @@ pub(crate) fn log_tail(path: &Path) -> String {
     } else {
         tail.join(" | ")
     }
-}
-
-/// A request to the spawner thread.
-type SpawnRequest = (Command, mpsc::SyncSender<io::Result<Child>>);
-
-/// Starts `cmd` from one long-lived thread: `PR_SET_PDEATHSIG` fires when
-/// the *thread* that forked exits, and a runtime's threads come and go, so
-/// a VMM forked from one of them could be killed while its VM is in use.
-fn spawn_tied(cmd: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("kiln-fc-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("starting the Firecracker spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply, answer) = mpsc::sync_channel(1);
-    tx.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply))
-        .map_err(|_| io::Error::other("the Firecracker spawner thread is gone"))?;
-    // A fork and exec: short enough to wait for on a runtime thread.
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the Firecracker spawner thread is gone"))?
 }

@@ -95,15 +95,6 @@ pub(crate) fn unshare_network() -> io::Result<()> {
     Ok(())
 }
 
-/// Asks for `SIGKILL` when the thread that forked us exits.
-pub(crate) fn die_with_parent() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments; async-signal-safe.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Makes this process the reaper of its orphaned descendants
 /// (`PR_SET_CHILD_SUBREAPER`).
 pub(crate) fn set_child_subreaper() -> io::Result<()> {

@@ -19,11 +19,11 @@ use super::models::{
     VmState, Vsock, VsockOverride,
 };
 use super::process::{launch, names, LaunchError, LaunchPlan, Launched, RootFile, VmPaths};
-use super::record::{Remains, TeardownReport};
 use super::snapshot::{
     collect, MachineSummary, MemoryBackend, RestoreError, RestoreSpec, Snapshot, SnapshotError,
 };
 use super::sys;
+use super::teardown::{Remains, TeardownReport};
 use crate::SandboxId;
 
 /// What to boot.

@@ -160,19 +160,14 @@ impl Scope {
     /// processes rooted or named in the scope, mounts of it.
     pub fn leftovers(&self) -> Vec<String> {
         let mut v = Vec::new();
-        let layer = self.state_dir().join("firecracker");
-        for e in fs::read_dir(&layer).into_iter().flatten().flatten() {
-            if e.file_name() == "uids" {
-                v.extend(
-                    fs::read_dir(e.path())
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .map(|c| format!("uid claim {}", c.path().display())),
-                );
-            } else {
-                v.push(format!("state {}", e.path().display()));
-            }
+        for (what, dir) in [("state", "firecracker"), ("uid claim", "firecracker-uids")] {
+            v.extend(
+                fs::read_dir(self.state_dir().join(dir))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| format!("{what} {}", e.path().display())),
+            );
         }
         for e in fs::read_dir(self.chroot_base())
             .into_iter()
