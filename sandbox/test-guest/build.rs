@@ -17,6 +17,12 @@ fn main() {
         println!("cargo:rerun-if-changed={}", input.display());
     }
     let elf = out.join("kiln-test-guest");
+    // The guest is x86-64 code entered by Firecracker's x86-64 boot path.
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64") {
+        println!("cargo:warning=the Firecracker test guest is x86-64 only; not built");
+        println!("cargo:rustc-env=KILN_TEST_GUEST_ELF=");
+        return;
+    }
     let status = Command::new(&rustc)
         .args(["--edition", "2021", "--crate-type", "bin"])
         .args(["--crate-name", "kiln_test_guest"])

@@ -107,8 +107,30 @@ async fn firecracker_refusals_keep_its_status_and_fault_message() {
         Some("The requested operation is not supported after starting the microVM.")
     );
     assert!(e.to_string().contains("PUT /machine-config"), "{e}");
+    // So is moving the logger (possible before boot only; Kiln gives the
+    // log file on the command line).
+    let e = vm
+        .api()
+        .put_logger(&kiln_sandbox::firecracker::Logger {
+            log_path: vm.paths().vmm("moved.log"),
+            level: Some(kiln_sandbox::firecracker::LogLevel::Debug),
+            show_level: true,
+            show_log_origin: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.fault_message(),
+        Some("The requested operation is not supported after starting the microVM.")
+    );
     // The machine did not change, and the VM still answers.
     assert_eq!(vm.api().machine_config().await.unwrap().mem_size_mib, 128);
+    assert!(
+        fs::read_to_string(vm.log_path())
+            .unwrap()
+            .contains("/machine-config"),
+        "Firecracker's log records the API calls"
+    );
     assert_eq!(ask(&vm, Command::Echo("still".into())).await, "echo still");
     assert!(vm.destroy().await.is_clean());
     assert_eq!(scope.wait_clean(), Vec::<String>::new());

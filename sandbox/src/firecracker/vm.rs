@@ -515,6 +515,13 @@ impl FirecrackerVm {
     }
 }
 
+/// A VM is shared between tasks like any sandbox (the contract's `Sandbox`
+/// is `Send + Sync`).
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<FirecrackerVm>();
+};
+
 impl Drop for FirecrackerVm {
     fn drop(&mut self) {
         let remains = self

@@ -7,9 +7,14 @@ use std::path::Path;
 
 pub mod pattern;
 
-/// The test guest's ELF, built with this crate.
+/// The test guest's ELF, built with this crate (on x86-64 hosts only).
 pub fn elf() -> &'static Path {
-    Path::new(env!("KILN_TEST_GUEST_ELF"))
+    let path = env!("KILN_TEST_GUEST_ELF");
+    assert!(
+        !path.is_empty(),
+        "the Firecracker test guest is x86-64 only and was not built for this target"
+    );
+    Path::new(path)
 }
 
 /// The line the guest prints once it is ready for commands.
