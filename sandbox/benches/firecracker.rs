@@ -146,12 +146,18 @@ struct Restores {
     load: Histogram<u64>,
     to_running: Histogram<u64>,
     pattern: Histogram<u64>,
+    /// Per restore through the page server: faults it served, pages it
+    /// prefetched, and how long the prefetch took (microseconds).
+    faults: Vec<u64>,
+    prefetched: Vec<u64>,
+    prefetch_us: Vec<u64>,
 }
 
 async fn restores(
     config: &kiln_sandbox::firecracker::FirecrackerConfig,
     snapshot: &Snapshot,
     backend: MemoryBackend,
+    server: &PageServer,
     runs: usize,
 ) -> Restores {
     let mut r = Restores {
@@ -159,6 +165,9 @@ async fn restores(
         load: histogram(),
         to_running: histogram(),
         pattern: histogram(),
+        faults: Vec::new(),
+        prefetched: Vec::new(),
+        prefetch_us: Vec::new(),
     };
     let spec = RestoreSpec {
         snapshot: snapshot.clone(),
@@ -179,9 +188,24 @@ async fn restores(
         let t = Instant::now();
         harness::assert_pattern(&vm, SEED, PAGES).await;
         record(&mut r.pattern, t.elapsed());
+        if let Some(live) = server
+            .restores()
+            .into_iter()
+            .find(|l| l.vmm_pid == vm.pid() as i32)
+        {
+            r.faults.push(live.metrics.faults_served);
+            r.prefetched.push(live.metrics.prefetch_pages);
+            r.prefetch_us.push(live.metrics.prefetch_ns / 1000);
+        }
         assert!(vm.destroy().await.is_clean());
     }
     r
+}
+
+fn median(v: &[u64]) -> Option<u64> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
 }
 
 fn main() {
@@ -243,7 +267,14 @@ fn main() {
         }
         let config = scope.config(false);
         // The recording restore writes the working set the prefetch uses.
-        restores(&config, &snapshot, MemoryBackend::Uffd { socket: rec }, 1).await;
+        restores(
+            &config,
+            &snapshot,
+            MemoryBackend::Uffd { socket: rec },
+            &server,
+            1,
+        )
+        .await;
         let ws = kiln_snapshotter::working_set::default_path(&snapshot.memory);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ws.is_file() && Instant::now() < deadline {
@@ -270,17 +301,29 @@ fn main() {
                 },
             ),
         ] {
-            let r = restores(&config, &snapshot, backend, flags.runs).await;
+            let r = restores(&config, &snapshot, backend, &server, flags.runs).await;
             println!("restore, {name} (direct; the guest's pattern: {PAGES} pages)");
             print_row("  spawn to API ready", &r.api_ready);
             print_row("  snapshot/load (+resume)", &r.load);
             print_row("  restore() to guest answer", &r.to_running);
             print_row("  guest reads its pattern", &r.pattern);
+            if let (Some(f), Some(p), Some(us)) = (
+                median(&r.faults),
+                median(&r.prefetched),
+                median(&r.prefetch_us),
+            ) {
+                println!(
+                    "  page server (medians): {f} faults served, {p} pages prefetched in {us} µs"
+                );
+            }
             out[name] = serde_json::json!({
                 "api_ready": summary(&r.api_ready),
                 "load": summary(&r.load),
                 "to_running": summary(&r.to_running),
                 "pattern": summary(&r.pattern),
+                "faults_served_p50": median(&r.faults),
+                "prefetched_pages_p50": median(&r.prefetched),
+                "prefetch_us_p50": median(&r.prefetch_us),
             });
         }
         out
