@@ -25,8 +25,9 @@
 //! (the HTTP client and its bodies), `process` (the launch), `jailer` (uid
 //! claims, chroot, cgroups), `console`, `metrics` (Firecracker's metrics
 //! lines), `snapshot`, `teardown` (removal of what a VM holds, from Kiln's
-//! crash record, and orphan reaping), `sys` (pidfds, namespaces). What was verified on which host, and what is not
-//! covered yet, is in `docs/firecracker.md`.
+//! crash record, and orphan reaping), `sys` (what `kiln-sys` lacks: pidfd
+//! signals and reaping, namespaces). What was verified on which host, and
+//! what is not covered yet, is in `docs/firecracker.md`.
 
 mod api;
 mod config;

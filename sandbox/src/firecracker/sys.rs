@@ -1,22 +1,16 @@
-//! The few system calls the Firecracker layer makes itself, each wrapped
-//! once: pidfds (a handle on the VMM that a recycled pid cannot fool, to
-//! signal it and to wait for its end) and the network-namespace unshare done
-//! in the jailer's child before `exec`. Kiln's other crates carry similar
-//! wrappers; they are meant to meet in one low-level crate.
+//! The system calls of the Firecracker layer that `kiln-sys` does not
+//! offer: signalling and reaping a VMM through its pidfd (opened and
+//! polled with `kiln_sys`), the network-namespace unshare done in the
+//! jailer's child before `exec`, and the subreaper flag. Candidates for
+//! `kiln-sys` once another crate needs them.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd, OwnedFd};
 use std::time::Duration;
 
-/// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3).
+/// A pidfd for `pid` (`pidfd_open(2)`).
 pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a plain system call with integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    kiln_sys::pidfd::pidfd_open(pid as i32)
 }
 
 /// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`).
@@ -45,27 +39,7 @@ pub(crate) fn pidfd_kill(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
 /// readable, zombie or reaped) or `within` passes; returns whether it
 /// exited. Blocks the calling thread.
 pub(crate) fn pidfd_wait_exit(pidfd: &OwnedFd, within: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd, for the length given.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n > 0 {
-            return true;
-        }
-        if n == 0 || left.is_zero() {
-            return false;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
+    kiln_sys::poll::wait_readable(pidfd.as_fd(), within).unwrap_or(false)
 }
 
 /// Reaps the process behind `pidfd` if it is our child and has exited;
