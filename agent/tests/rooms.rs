@@ -270,42 +270,147 @@ fn a_reset_kills_a_running_exec_and_the_room_comes_back() {
     assert_eq!(ok(&again), "2\n");
 }
 
-/// A job's network namespace, and whether loopback works in it.
+/// A job's network namespace: its cookie (`SO_NETNS_COOKIE`, never reused
+/// while the machine runs, unlike the namespace's inode number), and
+/// whether loopback works in it.
 const NET_ID: &str = r#"
-import os, socket
+import socket
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
-print(os.readlink("/proc/self/ns/net"), s.getsockname()[1] > 0)
+print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"), s.getsockname()[1] > 0)
 "#;
 
+/// The cookie of the job's network namespace, checking that loopback
+/// worked in it.
+fn net_cookie(h: &mut RoomHost) -> u64 {
+    let out = ok(&h.run_warm(NET_ID));
+    let (cookie, lo) = out.trim().split_once(' ').expect("cookie and loopback");
+    assert_eq!(lo, "True", "loopback is up: {out}");
+    cookie.parse().unwrap()
+}
+
 #[test]
-fn a_room_whose_jobs_sent_no_packet_hands_its_network_namespace_on() {
+fn every_room_gets_a_network_namespace_no_job_was_ever_in() {
     let mut h = RoomHost::start(&["python"], vec![]);
-    let first = ok(&h.run_warm(NET_ID));
-    h.reset();
-    let second = ok(&h.run_warm(NET_ID));
-    assert_eq!(first, second, "binding a port and closing it sends nothing");
-    assert!(second.ends_with("True\n"), "{second}");
-    // One datagram, even to nobody, and the next room gets a new one.
-    ok(&h.run_warm(
-        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n",
-    ));
-    h.reset();
-    let third = ok(&h.run_warm(NET_ID));
-    assert_ne!(
-        second.split(' ').next(),
-        third.split(' ').next(),
-        "{second} {third}"
-    );
+    let mut seen = vec![net_cookie(&mut h)];
+    // Quiet rooms (a port bound and closed, not one packet) and a room that
+    // sent a datagram alike: the next room's namespace is a new one.
+    for i in 0..4 {
+        if i == 2 {
+            ok(&h.run_warm(
+                "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n",
+            ));
+        }
+        h.reset();
+        let cookie = net_cookie(&mut h);
+        assert!(
+            !seen.contains(&cookie),
+            "room {i} reused {cookie}: {seen:?}"
+        );
+        seen.push(cookie);
+    }
+}
+
+/// Leaves an IPv6 flow label that outlives its socket for 150 s (the most
+/// an unprivileged process may ask for) with 16 bytes of its own in the
+/// destination field, and sends no packet; prints what
+/// `/proc/net/ip6_flowlabel` then shows.
+const FLOW_LABEL_LEFT: &str = r#"
+import socket, struct
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+# struct in6_flowlabel_req: dst, label 0 (the kernel picks one), action GET,
+# share EXCL, flags CREATE, expires 0, linger 150 s.
+req = struct.pack("=16sIBBHHHI", b"kiln-left-behind", 0, 0, 1, 1, 0, 150, 0)
+s.setsockopt(socket.IPPROTO_IPV6, 32, req)  # IPV6_FLOWLABEL_MGR
+s.close()
+print(open("/proc/net/ip6_flowlabel").read())
+"#;
+
+/// `kiln-left-behind` as `/proc/net/ip6_flowlabel` prints a destination.
+const FLOW_LABEL_BYTES: &str = "6b696c6e2d6c6566742d626568696e64";
+
+#[test]
+fn a_flow_label_a_job_leaves_without_a_packet_is_gone_in_the_next_room() {
+    let mut h = RoomHost::start(&["python"], vec![]);
+    let left = ok(&h.run_warm(FLOW_LABEL_LEFT));
     assert!(
-        third.ends_with("True\n"),
-        "loopback is up in a new one too: {third}"
+        left.contains(FLOW_LABEL_BYTES),
+        "the label lingers after its socket closed (the check can see it): {left}"
     );
+    // Still there for the next job of the same room.
+    let again = ok(&h.run_warm("print(open('/proc/net/ip6_flowlabel').read())"));
+    assert!(again.contains(FLOW_LABEL_BYTES), "{again}");
     h.reset();
-    assert_eq!(
-        ok(&h.run_warm(NET_ID)),
-        third,
-        "and that one is quiet again"
+    let after = ok(&h.run_warm("print(open('/proc/net/ip6_flowlabel').read())"));
+    assert!(
+        !after.contains(FLOW_LABEL_BYTES),
+        "the next room inherited the last lease's flow label: {after}"
     );
+}
+
+/// The agent's children that are the pid 1 of a namespace of their own:
+/// room holders, the current one and any spare.
+fn holders(agent: u32) -> Vec<u32> {
+    common::children(agent)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .is_some_and(|ids| ids.split_whitespace().count() > 1 && ids.ends_with("\t1"))
+            })
+        })
+        .collect()
+}
+
+/// Waits (bounded) until the agent has `n` room holders, and returns them.
+fn wait_holders(agent: u32, n: usize) -> Vec<u32> {
+    for _ in 0..200 {
+        let found = holders(agent);
+        if found.len() == n {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the agent never had {n} room holders: {:?}", holders(agent));
+}
+
+#[test]
+fn the_agent_keeps_one_spare_room_and_makes_one_inline_when_it_has_none() {
+    let mut h = RoomHost::start(&["python"], vec![]);
+    let agent = h.host.child.id();
+    let mut seen = vec![net_cookie(&mut h)];
+    // The current room and one spare, made ahead, however many resets.
+    for _ in 0..3 {
+        wait_holders(agent, 2);
+        h.reset();
+        seen.push(net_cookie(&mut h));
+    }
+    let both = wait_holders(agent, 2);
+    // The spare: the holder whose network namespace no job is in.
+    let job_ns = ok(&h.run_warm("import os\nprint(os.readlink('/proc/self/ns/net'))"));
+    let spare: Vec<u32> = both
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/ns/net"))
+                .unwrap()
+                .to_str()
+                != Some(job_ns.trim())
+        })
+        .collect();
+    assert_eq!(spare.len(), 1, "one holder is the job's room: {job_ns}");
+    // SAFETY: kill has no memory effects; the spare's holder is a child of
+    // this test's agent.
+    unsafe { libc::kill(spare[0] as i32, libc::SIGKILL) };
+    assert!(process_gone(spare[0], Duration::from_secs(5), false));
+    // Without a spare, the reset makes its room inline, fresh as ever.
+    h.reset();
+    let cookie = net_cookie(&mut h);
+    assert!(!seen.contains(&cookie), "{cookie} in {seen:?}");
+    seen.push(cookie);
+    wait_holders(agent, 2);
+    h.reset();
+    let cookie = net_cookie(&mut h);
+    assert!(!seen.contains(&cookie), "{cookie} in {seen:?}");
 }
 
 #[test]
