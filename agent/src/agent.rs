@@ -545,6 +545,9 @@ impl Agent {
                 log_info!("writing to the host failed: {e}");
                 return Closed::Peer;
             }
+            // Once the answers are out: a zygote's successor starts while
+            // its last fork waits for a job.
+            self.refresh_zygotes();
             let backpressured = conn.pending() > BACKPRESSURE_BYTES;
 
             fds.clear();
@@ -992,10 +995,30 @@ impl Agent {
             }
             let filters = &setup.rooms.as_ref().expect("room mode").filters;
             let env = default_env("/");
-            match Zygote::start(&rt.name, &warm.command, &env, &who, filters) {
+            let max_uses = warm.zygote_max_uses();
+            match Zygote::start(&rt.name, &warm.command, max_uses, &env, &who, filters) {
                 Ok(z) => self.zygotes.push(z),
                 Err(e) => log_warn!("cannot start a {} zygote: {e}", rt.name),
             }
+        }
+    }
+
+    /// Replaces every zygote that has made its runtime's `zygote_max_uses`
+    /// forks with a freshly started one (see `zygote`).
+    fn refresh_zygotes(&mut self) {
+        let mut refreshed = false;
+        while let Some(i) = self.zygotes.iter().position(Zygote::used_up) {
+            let z = self.zygotes.swap_remove(i);
+            log_info!(
+                "{} zygote {} made its last fork; starting a fresh one",
+                z.runtime(),
+                z.pid()
+            );
+            z.kill();
+            refreshed = true;
+        }
+        if refreshed {
+            self.start_zygotes();
         }
     }
 
@@ -1058,7 +1081,7 @@ impl Agent {
                 let Some(z) = self.zygotes.iter_mut().find(|z| z.runtime() == rt.name) else {
                     return log_warn!("no {} zygote; the next exec starts cold", rt.name);
                 };
-                if !z.is_ready() {
+                if !z.is_ready() || z.used_up() {
                     return;
                 }
                 match z.fork_into(room) {

@@ -437,6 +437,143 @@ fn forked_interpreters_do_not_share_random_state() {
     assert_ne!(a, b);
 }
 
+/// What a job can read of its process's memory layout: where libc is
+/// mapped, where the stack starts, the stack protector's canary
+/// (glibc keeps it at %fs:0x28), and its str hash seed (through `hash`).
+const LAYOUT: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+fs = ctypes.c_ulong()
+assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0  # arch_prctl(ARCH_GET_FS)
+canary = ctypes.c_ulong.from_address(fs.value + 0x28).value
+maps = open("/proc/self/maps").read().splitlines()
+libc_at = next(l.split("-")[0] for l in maps if "/libc.so" in l)
+stack_at = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[25])  # startstack
+print("libc=%s stack=%x canary=%016x hash=%x" % (libc_at, stack_at, canary, hash("kiln") & (2**64 - 1)))
+"#;
+
+/// The built-in table with the Python zygote replaced after `max_uses`
+/// jobs.
+fn runtimes_with_zygote_max_uses(max_uses: u32) -> RuntimeTable {
+    let toml: String = DEFAULT_RUNTIMES_TOML
+        .lines()
+        .filter(|l| !l.starts_with("zygote_max_uses"))
+        .map(|l| match l {
+            "zygote = true" => format!("{l}\nzygote_max_uses = {max_uses}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(
+        toml.contains("zygote_max_uses"),
+        "the zygote changed; update this test"
+    );
+    RuntimeTable::from_toml(&toml).unwrap()
+}
+
+/// A room host with the built-in table but `zygote_max_uses`.
+fn start_with_zygote_max_uses(max_uses: u32) -> RoomHost {
+    let workdir = TempDir::new_in(Path::new("/run"), "room-work");
+    let mut host = Host::start();
+    let hello = host.rooms_hello_frame(
+        runtimes_with_zygote_max_uses(max_uses),
+        &["python"],
+        workdir.path(),
+        vec![],
+    );
+    host.send(&Frame::Hello(hello));
+    assert!(matches!(host.recv(), Frame::HelloAck(_)));
+    RoomHost {
+        host,
+        _workdir: workdir,
+    }
+}
+
+/// The layouts of the next `n` warm jobs, each in a room of its own (a
+/// reset after each, as a pool does between leases). A job that found no
+/// warm interpreter (a fresh zygote still starting) ran cold, forked from
+/// nothing, and is not counted; no reset follows it, so that the fork the
+/// fresh zygote makes when it is ready goes to a job rather than to a
+/// reset (a fork counts against `zygote_max_uses` whether or not a job
+/// ran in it).
+fn warm_layouts(h: &mut RoomHost, n: usize) -> Vec<String> {
+    let mut layouts = Vec::new();
+    for _ in 0..200 {
+        if layouts.len() == n {
+            return layouts;
+        }
+        let r = h.run("python", "main.py", LAYOUT, false);
+        let out = ok(&r);
+        if r.warm {
+            h.reset();
+            layouts.push(out);
+        } else {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    panic!("only {} of {n} jobs were warm: {layouts:?}", layouts.len());
+}
+
+/// The `key=value` fields of two layouts that are equal.
+fn shared_fields(a: &str, b: &str) -> Vec<String> {
+    a.split_whitespace()
+        .zip(b.split_whitespace())
+        .filter(|(x, y)| x == y)
+        .map(|(x, _)| x.to_owned())
+        .collect()
+}
+
+#[test]
+fn forks_of_one_zygote_share_their_memory_layout() {
+    let mut h = start_with_zygote_max_uses(1000);
+    let l = warm_layouts(&mut h, 2);
+    assert_eq!(l[0], l[1], "what zygote_max_uses defends against");
+}
+
+#[test]
+fn with_zygote_max_uses_1_every_job_gets_a_fresh_layout() {
+    let mut h = start_with_zygote_max_uses(1);
+    let l = warm_layouts(&mut h, 3);
+    for (a, b) in [(0, 1), (1, 2), (0, 2)] {
+        let shared = shared_fields(&l[a], &l[b]);
+        assert!(shared.is_empty(), "jobs {a} and {b} share {shared:?}");
+    }
+}
+
+#[test]
+fn zygote_max_uses_is_the_number_of_jobs_that_share_a_layout() {
+    let mut h = start_with_zygote_max_uses(3);
+    let l = warm_layouts(&mut h, 7);
+    let same = |a: usize, b: usize| l[a] == l[b];
+    assert!(same(0, 1) && same(1, 2), "{l:#?}");
+    assert!(shared_fields(&l[2], &l[3]).is_empty(), "{l:#?}");
+    assert!(same(3, 4) && same(4, 5), "{l:#?}");
+    assert!(shared_fields(&l[5], &l[6]).is_empty(), "{l:#?}");
+}
+
+/// The jobs of one room (a workspace: `warm_next`, no reset) count alike.
+#[test]
+fn zygote_max_uses_counts_the_jobs_of_one_room_too() {
+    let mut h = start_with_zygote_max_uses(2);
+    let mut l: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        if l.len() == 4 {
+            break;
+        }
+        let r = h.run("python", "main.py", LAYOUT, true);
+        let out = ok(&r);
+        if r.warm {
+            l.push(out);
+        } else {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    assert_eq!(l.len(), 4, "{l:#?}");
+    assert_eq!(l[0], l[1]);
+    assert!(shared_fields(&l[1], &l[2]).is_empty(), "{l:#?}");
+    assert_eq!(l[2], l[3]);
+}
+
 #[test]
 fn a_dead_zygote_is_replaced_and_jobs_go_on_meanwhile() {
     let mut h = RoomHost::start(&["python"], vec![]);

@@ -86,3 +86,68 @@ print(open("/proc/net/ip6_flowlabel").read())
     }
     panic!("no later job ran in the jail of the first");
 }
+
+/// Prints where libc is mapped, where the stack starts, the stack
+/// protector's canary, the str hash of a constant, and whether the
+/// interpreter was forked by the zygote (its command line is the warm
+/// entry's `-c`) rather than started for the job.
+const LAYOUT: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None)
+libc.syscall.restype = ctypes.c_long
+fs = ctypes.c_ulong()
+assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0  # arch_prctl(ARCH_GET_FS)
+canary = ctypes.c_ulong.from_address(fs.value + 0x28).value
+libc_at = next(l.split("-")[0] for l in open("/proc/self/maps") if "/libc.so" in l)
+stack_at = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[25])
+forked = "-c" in open("/proc/self/cmdline").read().split("\0")
+print(forked, "libc=%s stack=%x canary=%016x hash=%x" % (libc_at, stack_at, canary, hash("kiln") & (2**64 - 1)))
+"#;
+
+#[test]
+fn a_runtime_table_with_zygote_max_uses_1_gives_every_pooled_job_a_fresh_layout() {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-layout", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let table = dir.join("runtimes.toml");
+    let toml: String = kiln_protocol::DEFAULT_RUNTIMES_TOML
+        .lines()
+        .filter(|l| !l.starts_with("zygote_max_uses"))
+        .map(|l| match l {
+            "zygote = true" => format!("{l}\nzygote_max_uses = 1\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&table, toml).unwrap();
+    let mut args = SMALL_POOL.to_vec();
+    args.extend(["--runtimes", table.to_str().unwrap()]);
+    let s = Server::start("layout", &args);
+    wait_ready(&s);
+    // Jobs that found the fresh zygote still starting ran in an interpreter
+    // started for them, and say so; only forked ones count, by jail.
+    let mut by_jail: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut layouts: Vec<String> = Vec::new();
+    for _ in 0..300 {
+        let (jail, out) = jail_and_output(&python(&s, &in_jail(LAYOUT)));
+        let out = out.trim();
+        match out.split_once(' ') {
+            Some(("True", layout)) => by_jail.entry(jail.clone()).or_default().push(layout.into()),
+            Some(("False", _)) => std::thread::sleep(Duration::from_millis(25)),
+            _ => panic!("{out}"),
+        }
+        if by_jail.get(&jail).is_some_and(|l| l.len() == 3) {
+            layouts = by_jail.remove(&jail).unwrap();
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(layouts.len(), 3, "{layouts:?}");
+    for (a, b) in [(0, 1), (1, 2), (0, 2)] {
+        let shared: Vec<&str> = layouts[a]
+            .split(' ')
+            .zip(layouts[b].split(' '))
+            .filter(|(x, y)| x == y)
+            .map(|(x, _)| x)
+            .collect();
+        assert!(shared.is_empty(), "jobs {a} and {b} share {shared:?}");
+    }
+}
