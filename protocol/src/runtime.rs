@@ -56,6 +56,16 @@
 //! started one, whose forks get a layout of their own (see
 //! `docs/security.md`). Where rooms are not in use (a microVM guest), the
 //! same command runs as a plain warm start.
+//!
+//! ## Clones
+//!
+//! A microVM restored from a template snapshot arrives with the warm
+//! interpreters the template had, and so with their state, random number
+//! generators included, shared by every clone. A warm start marked
+//! `reseeds = true` draws its generators afresh from the operating system
+//! when it takes its job (after the guest setup has renewed the kernel's
+//! pool); the agent replaces every other warm interpreter after the setup,
+//! at the price of a cold start for the next job.
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +85,11 @@ pub struct WarmStart {
     /// Unset: [`DEFAULT_ZYGOTE_MAX_USES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zygote_max_uses: Option<u32>,
+    /// The interpreter reseeds its random number generators from the
+    /// operating system when it takes its job (see "Clones" above), so a
+    /// restored guest may keep it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reseeds: bool,
 }
 
 /// Forks one zygote makes when the table does not say (see
