@@ -25,7 +25,7 @@ use kiln_protocol::{
 };
 
 use crate::files::Workdir;
-use crate::room::{Room, RoomPlan};
+use crate::room::{Room, RoomPlan, RoomSupply};
 use crate::spawn::{spawn, JobFilters, JobIdentity, Place, Spawned};
 use crate::zygote::Zygote;
 use crate::{log_debug, log_error, log_info, log_warn, sys};
@@ -255,10 +255,10 @@ struct Setup {
     rooms: Option<Rooms>,
 }
 
-/// Room mode: how rooms are made, and the current one.
+/// Room mode: where rooms come from, and the current one.
 #[derive(Debug)]
 struct Rooms {
-    plan: RoomPlan,
+    supply: RoomSupply,
     filters: JobFilters,
     own_pid_ns: OwnedFd,
     /// `None` once its holder died; only a reset brings a room back.
@@ -567,6 +567,9 @@ impl Agent {
                 log_info!("writing to the host failed: {e}");
                 return Closed::Peer;
             }
+            // Once the answers are out: a zygote's successor starts while
+            // its last fork waits for a job.
+            self.refresh_zygotes();
             let backpressured = conn.pending() > BACKPRESSURE_BYTES;
 
             fds.clear();
@@ -732,6 +735,12 @@ impl Agent {
                 sys::kill_group(w.process.pid, libc::SIGKILL);
             } else if self.forget_zygote(r.pid, r.status) {
                 // Logged and forgotten there.
+            } else if self.spare_room_holder_reaped(r.pid) {
+                log_warn!(
+                    "the spare room's holder {} died (status {:#x})",
+                    r.pid,
+                    r.status
+                );
             } else if let Some(rooms) =
                 self.setup
                     .as_mut()
@@ -932,6 +941,7 @@ impl Agent {
         for name in self.wanted() {
             self.start_warm(&name);
         }
+        self.prepare_spare_room();
         conn.hello_done = true;
         conn.send(&Frame::HelloAck(HelloAck {
             version: PROTOCOL_VERSION,
@@ -952,13 +962,14 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let own_pid_ns = sys::own_pid_namespace()
             .map_err(|e| format!("opening the agent's own pid namespace: {e}"))?;
-        let room = Room::create(&plan, None).map_err(|e| e.to_string())?;
+        let mut supply = RoomSupply::new(plan);
+        let room = supply.take().map_err(|e| e.to_string())?;
         log_info!("room ready: holder {}", room.holder());
         let workdir = room_workdir(&room, workdir, uid, gid)?;
         Ok((
             workdir,
             Rooms {
-                plan,
+                supply,
                 filters: JobFilters::decode(&spec.job_filters),
                 own_pid_ns,
                 room: Some(room),
@@ -975,12 +986,11 @@ impl Agent {
         for z in std::mem::take(&mut self.zygotes) {
             z.kill();
         }
-        if let Some(room) = self
-            .setup
-            .as_mut()
-            .and_then(|s| s.rooms.as_mut()?.room.take())
-        {
-            room.kill();
+        if let Some(rooms) = self.setup.as_mut().and_then(|s| s.rooms.as_mut()) {
+            if let Some(room) = rooms.room.take() {
+                room.kill();
+            }
+            rooms.supply.discard_spare();
         }
     }
 
@@ -1011,10 +1021,30 @@ impl Agent {
             }
             let filters = &setup.rooms.as_ref().expect("room mode").filters;
             let env = default_env("/");
-            match Zygote::start(&rt.name, &warm.command, &env, &who, filters) {
+            let max_uses = warm.zygote_max_uses();
+            match Zygote::start(&rt.name, &warm.command, max_uses, &env, &who, filters) {
                 Ok(z) => self.zygotes.push(z),
                 Err(e) => log_warn!("cannot start a {} zygote: {e}", rt.name),
             }
+        }
+    }
+
+    /// Replaces every zygote that has made its runtime's `zygote_max_uses`
+    /// forks with a freshly started one (see `zygote`).
+    fn refresh_zygotes(&mut self) {
+        let mut refreshed = false;
+        while let Some(i) = self.zygotes.iter().position(Zygote::used_up) {
+            let z = self.zygotes.swap_remove(i);
+            log_info!(
+                "{} zygote {} made its last fork; starting a fresh one",
+                z.runtime(),
+                z.pid()
+            );
+            z.kill();
+            refreshed = true;
+        }
+        if refreshed {
+            self.start_zygotes();
         }
     }
 
@@ -1077,7 +1107,7 @@ impl Agent {
                 let Some(z) = self.zygotes.iter_mut().find(|z| z.runtime() == rt.name) else {
                     return log_warn!("no {} zygote; the next exec starts cold", rt.name);
                 };
-                if !z.is_ready() {
+                if !z.is_ready() || z.used_up() {
                     return;
                 }
                 match z.fork_into(room) {
@@ -1200,7 +1230,9 @@ impl Agent {
         while !doomed.is_empty() {
             while let Some(r) = sys::reap_one() {
                 doomed.retain(|&p| p != r.pid);
-                self.forget_zygote(r.pid, r.status);
+                if !self.forget_zygote(r.pid, r.status) {
+                    self.spare_room_holder_reaped(r.pid);
+                }
             }
             if doomed.is_empty() {
                 break;
@@ -1222,8 +1254,10 @@ impl Agent {
         self.warm.clear();
         let setup = self.setup.as_mut().expect("checked above");
         let rooms = setup.rooms.as_mut().expect("checked above");
-        let net = rooms.room.take().and_then(Room::retire);
-        let room = Room::create(&rooms.plan, net).map_err(|e| e.to_string())?;
+        if let Some(mut old) = rooms.room.take() {
+            old.holder_reaped();
+        }
+        let room = rooms.supply.take().map_err(|e| e.to_string())?;
         log_info!("room reset: holder {}", room.holder());
         // Stored before the work directory is built, so that a failure there
         // leaves the live room where it is killed and reaped like any other.
@@ -1234,7 +1268,23 @@ impl Agent {
         for name in self.wanted() {
             self.start_warm(&name);
         }
+        self.prepare_spare_room();
         Ok(())
+    }
+
+    /// Starts making the next reset's room, in the background.
+    fn prepare_spare_room(&mut self) {
+        if let Some(rooms) = self.setup.as_mut().and_then(|s| s.rooms.as_mut()) {
+            rooms.supply.prepare_spare();
+        }
+    }
+
+    /// Whether `pid`, just reaped, was the spare room's holder.
+    fn spare_room_holder_reaped(&mut self, pid: i32) -> bool {
+        self.setup
+            .as_mut()
+            .and_then(|s| s.rooms.as_mut())
+            .is_some_and(|rooms| rooms.supply.reaped(pid))
     }
 
     /// Forgets the zygote `pid` if it is one (it was reaped with `status`);
