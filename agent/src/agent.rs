@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::limits::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
@@ -295,7 +295,7 @@ impl Setup {
 
 /// A room's work directory, as the agent reads and writes it.
 fn room_workdir(room: &Room, path: &str, uid: u32, gid: u32) -> Result<Workdir, String> {
-    let root = sys::dup(room.work()).map_err(|e| format!("workdir: {e}"))?;
+    let root = kiln_sys::fd::dup(room.work()).map_err(|e| format!("workdir: {e}"))?;
     Workdir::in_room(root, path, uid, gid).map_err(|e| format!("workdir: {e}"))
 }
 
@@ -469,7 +469,7 @@ impl Agent {
     /// is killed before this returns (warm interpreters survive, for the
     /// next connection).
     pub fn serve(&mut self, fd: OwnedFd) -> io::Result<()> {
-        sys::set_nonblocking(fd.as_raw_fd())?;
+        sys::set_nonblocking(fd.as_fd())?;
         let mut conn = Connection {
             fd,
             decoder: Decoder::new(MAX_FRAME_BYTES),
@@ -546,7 +546,7 @@ impl Agent {
             ];
             sys::poll(&mut p, None)?;
             if p[1].revents != 0 {
-                sys::read_signals(self.signals.as_raw_fd());
+                sys::read_signals(self.signals.as_fd());
                 self.reap();
             }
             if p[0].revents != 0 {
@@ -595,7 +595,7 @@ impl Agent {
             add(conn.fd.as_raw_fd(), sock_events, Source::Socket);
             add(self.signals.as_raw_fd(), libc::POLLIN, Source::Signals);
             for z in &self.zygotes {
-                add(z.fd(), libc::POLLIN, Source::Zygote(z.pid()));
+                add(z.fd().as_raw_fd(), libc::POLLIN, Source::Zygote(z.pid()));
             }
             let mut timeout: Option<Duration> =
                 conn.hold_until.map(|t| t.saturating_duration_since(now));
@@ -684,7 +684,7 @@ impl Agent {
     }
 
     fn on_signals(&mut self) {
-        for sig in sys::read_signals(self.signals.as_raw_fd()) {
+        for sig in sys::read_signals(self.signals.as_fd()) {
             if sig == libc::SIGCHLD {
                 continue;
             }
@@ -970,7 +970,8 @@ impl Agent {
             workdir,
             Rooms {
                 supply,
-                filters: JobFilters::decode(&spec.job_filters),
+                filters: JobFilters::decode(&spec.job_filters)
+                    .map_err(|e| format!("the job's seccomp filters: {e}"))?,
                 own_pid_ns,
                 room: Some(room),
             },
@@ -1247,8 +1248,8 @@ impl Agent {
                     "processes {doomed:?} of the old room were still alive after {RESET_REAP_TIMEOUT:?}"
                 ));
             }
-            let _ = sys::wait_readable(self.signals.as_raw_fd(), left);
-            sys::read_signals(self.signals.as_raw_fd());
+            let _ = sys::wait_readable(self.signals.as_fd(), left);
+            sys::read_signals(self.signals.as_fd());
         }
         self.execs.clear();
         self.warm.clear();

@@ -60,7 +60,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -318,7 +318,7 @@ impl PendingRoom {
 
     /// Waits until the room is ready (or failed).
     fn finish(mut self) -> Result<Room, RoomError> {
-        let verdict = match read_report(self.report.as_raw_fd()) {
+        let verdict = match read_report(self.report.as_fd()) {
             Ok(verdict) => verdict,
             Err(e) => {
                 // The builder or the holder may still read `ctx` and run on
@@ -461,13 +461,13 @@ impl Room {
     }
 
     /// A pidfd of the holder, for `setns` into the room.
-    pub fn pidfd(&self) -> RawFd {
-        self.pidfd.as_raw_fd()
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
     }
 
     /// The root of the room's work directory.
-    pub fn work(&self) -> RawFd {
-        self.work.as_raw_fd()
+    pub fn work(&self) -> BorrowedFd<'_> {
+        self.work.as_fd()
     }
 
     /// Kills the holder, and with it every process of the room. The agent
@@ -492,7 +492,7 @@ impl Room {
 /// has exited and the holder closed its end, and returns the verdict:
 /// ready when nothing came before it, else the failed step and its errno
 /// (8 bytes). `Err` when end of file did not come.
-fn read_report(fd: RawFd) -> Result<Result<(), RoomError>, RoomError> {
+fn read_report(fd: BorrowedFd<'_>) -> Result<Result<(), RoomError>, RoomError> {
     let deadline = Instant::now() + HOLDER_READY_TIMEOUT;
     let mut buf = [0u8; 8];
     let mut got = 0;
@@ -510,7 +510,7 @@ fn read_report(fd: RawFd) -> Result<Result<(), RoomError>, RoomError> {
         } else {
             &mut rest[..]
         };
-        match sys::read(fd, into) {
+        match sys::read(fd.as_raw_fd(), into) {
             Ok(0) => break,
             Ok(n) => got = (got + n).min(buf.len()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -918,7 +918,7 @@ pub struct ChildrenInRoom<'a> {
 /// namespace (setns with CLONE_NEWPID changes only where children go), until
 /// the guard drops.
 pub fn enter_for_children<'a>(room: &Room, own: &'a OwnedFd) -> io::Result<ChildrenInRoom<'a>> {
-    sys::setns(room.pidfd(), libc::CLONE_NEWPID)?;
+    sys::setns(room.pidfd().as_raw_fd(), libc::CLONE_NEWPID)?;
     Ok(ChildrenInRoom { own })
 }
 

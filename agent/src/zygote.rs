@@ -42,7 +42,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -157,8 +157,8 @@ impl Zygote {
     }
 
     /// The socket, for the agent's poll set.
-    pub fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 
     /// Reads what the zygote sent unasked; `Ok(true)` once it said it is
@@ -235,10 +235,10 @@ impl Zygote {
             serde_json::json!({ "id": id }).to_string().as_bytes(),
             &[
                 room.pidfd(),
-                stdin_r.as_raw_fd(),
-                stdout_w.as_raw_fd(),
-                stderr_w.as_raw_fd(),
-                control_r.as_raw_fd(),
+                stdin_r.as_fd(),
+                stdout_w.as_fd(),
+                stderr_w.as_fd(),
+                control_r.as_fd(),
             ],
         )?;
         drop((stdin_r, stdout_w, stderr_w, control_r));
@@ -263,7 +263,7 @@ impl Zygote {
             };
             self.forks += 1;
             for fd in [&stdin_w, &stdout_r, &stderr_r, &control_w] {
-                sys::set_nonblocking(fd.as_raw_fd())?;
+                sys::set_nonblocking(fd.as_fd())?;
             }
             return Ok(Spawned {
                 pid,
