@@ -657,4 +657,159 @@ mod tests {
         let e = e.to_string();
         assert!(e.contains("qemu.accel") && e.contains("hvf"), "{e}");
     }
+
+    /// Settings for the firecracker backend whose host checks can run
+    /// anywhere: binaries that exist (`/bin/true`), the guest files given.
+    fn firecracker_settings(dir: &Path) -> BackendSettings {
+        let mut s = BackendSettings::default();
+        s.backend.kind = BackendKind::Firecracker;
+        s.backend.state_dir = dir.join("state");
+        s.guest.kernel = Some("/proc/self/exe".into());
+        s.guest.rootfs = Some("/proc/self/exe".into());
+        s.firecracker.bin = "/bin/true".into();
+        s.firecracker.jailer_bin = "/bin/true".into();
+        s.firecracker.chroot_base = dir.join("jail");
+        s.snapshot.store = dir.join("store");
+        s
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-settings-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn open_error(s: &BackendSettings) -> String {
+        match s.open(RuntimeTable::default()) {
+            Ok(_) => panic!("the firecracker backend opened with {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn firecracker_settings_come_from_the_file_and_flags_override_them() {
+        let mut s: BackendSettings = toml::from_str(
+            "[backend]\nkind = \"firecracker\"\n[firecracker]\nbin = \"/opt/fc/firecracker\"\njailed = false\nuid_first = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(s.backend.kind, BackendKind::Firecracker);
+        assert_eq!(s.firecracker.bin, Path::new("/opt/fc/firecracker"));
+        assert!(!s.firecracker.jailed);
+        assert_eq!(s.firecracker.uid_count, 10_000, "default kept");
+        let cli = Cli::parse_from([
+            "x",
+            "--jailer-bin",
+            "/opt/fc/jailer",
+            "--firecracker-jailed",
+            "true",
+            "--firecracker-uid-count",
+            "7",
+        ]);
+        cli.flags.apply(&mut s);
+        assert_eq!(s.firecracker.jailer_bin, Path::new("/opt/fc/jailer"));
+        assert!(s.firecracker.jailed);
+        assert_eq!(
+            (s.firecracker.uid_first, s.firecracker.uid_count),
+            (5000, 7)
+        );
+        assert_eq!(s.firecracker.bin, Path::new("/opt/fc/firecracker"));
+        let e = toml::from_str::<BackendSettings>("[firecracker]\njailer = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jailer") && e.contains("jailed"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_firecracker_or_jailer_stops_the_start_naming_its_setting() {
+        let dir = scratch("fc-missing");
+        let mut s = firecracker_settings(&dir);
+        s.firecracker.bin = dir.join("no-firecracker");
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.bin")
+                && e.contains("KILN_FIRECRACKER_BIN")
+                && e.contains("no-firecracker"),
+            "{e}"
+        );
+        s.firecracker.bin = "/bin/true".into();
+        s.firecracker.jailer_bin = "no-such-jailer-on-path".into();
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.jailer_bin") && e.contains("KILN_JAILER_BIN"),
+            "{e}"
+        );
+        assert!(
+            !s.backend.state_dir.join("firecracker").exists(),
+            "a failed start creates nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_firecracker_values_are_named() {
+        let dir = scratch("fc-values");
+        let mut s = firecracker_settings(&dir);
+        s.firecracker.uid_first = 0;
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.uid_first") && e.contains("root"),
+            "{e}"
+        );
+        s.firecracker.uid_first = u32::MAX - 5;
+        let e = open_error(&s);
+        assert!(e.contains("2^32"), "{e}");
+        s.firecracker.uid_first = 900_000;
+        s.firecracker.cgroup_parent = "../escape".into();
+        let e = open_error(&s);
+        assert!(e.contains("firecracker.cgroup_parent"), "{e}");
+        s.firecracker.cgroup_parent = "kiln-firecracker".into();
+        s.guest.rootfs = Some(dir.join("no-rootfs.ext4"));
+        let e = open_error(&s);
+        assert!(
+            e.contains("KILN_GUEST_ROOTFS") && e.contains("no-rootfs"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_kvm_or_a_chroot_base_on_the_guests_filesystem_firecracker_does_not_start() {
+        let dir = scratch("fc-host");
+        let mut s = firecracker_settings(&dir);
+        match crate::firecracker::kvm_usable() {
+            Err(_) => {
+                // This host has no KVM: that is what the start says, naming
+                // the setting that chooses another backend.
+                let e = open_error(&s);
+                assert!(e.contains("/dev/kvm") && e.contains("backend.kind"), "{e}");
+            }
+            Ok(()) => {
+                let e = open_error(&s);
+                assert!(
+                    e.contains("chroot base") && e.contains("firecracker.chroot_base"),
+                    "{e}"
+                );
+                // A chroot base on another filesystem (the tmpfs of
+                // /dev/shm) than the guest's files cannot take hard links.
+                let base =
+                    Path::new("/dev/shm").join(format!("kiln-settings-{}", std::process::id()));
+                std::fs::create_dir_all(&base).unwrap();
+                s.firecracker.chroot_base.clone_from(&base);
+                s.guest.kernel = Some(dir.join("vmlinux"));
+                s.guest.rootfs = Some(dir.join("rootfs.ext4"));
+                std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+                std::fs::write(dir.join("rootfs.ext4"), b"r").unwrap();
+                let e = open_error(&s);
+                std::fs::remove_dir_all(&base).unwrap();
+                assert!(
+                    e.contains("another filesystem")
+                        && e.contains("guest.kernel")
+                        && e.contains("firecracker.chroot_base"),
+                    "{e}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
