@@ -18,6 +18,20 @@ pub mod scheduler;
 mod units;
 mod workspaces;
 
+/// The parsers at the executor's edges, public for the fuzz targets
+/// (`fuzz/`) and tests: each turns untrusted bytes (an HTTP body, an AMQP
+/// message, the config file) into a typed value, or refuses them with an
+/// error naming the input at fault.
+pub mod edges {
+    pub use crate::amqp::message::{parse_job, Poison};
+    pub use crate::config::Config;
+    pub use crate::http::jobs::parse_spec;
+    pub use crate::http::piston::{parse_execute, Refusal};
+    pub use crate::http::sandboxes::parse_create;
+    pub use crate::http::ApiError;
+    pub use crate::workspaces::{WorkspaceRequest, WorkspaceSettings};
+}
+
 use std::process::ExitCode;
 
 use clap::parser::ValueSource;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use kiln_protocol::{JobResult, Outcome, Runtime};
+use kiln_protocol::{JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -57,11 +57,65 @@ fn version_matches(asked: &str, ours: &str) -> bool {
     asked == "*" || asked.is_empty() || prefix(asked, ours) || prefix(ours, asked)
 }
 
+/// Why a Piston execute body was refused: the request field at fault
+/// (`body` when it is not a Piston request at all) and the whole message,
+/// which starts with or names that field, as Piston clients get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub field: String,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a Piston execute body into the runtime it selects from
+/// `runtimes` and a validated Kiln job, or the refusal naming the field.
+pub fn parse_execute(body: &[u8], runtimes: &RuntimeTable) -> Result<(Runtime, JobSpec), Refusal> {
+    let preq: PistonRequest = serde_json::from_slice(body)
+        .map_err(|e| Refusal::new("body", format!("invalid request: {e}")))?;
+    let version = preq.version.clone().unwrap_or_else(|| "*".into());
+    let rt = match runtimes.resolve(&preq.language) {
+        Ok(rt) if version_matches(&version, &rt.version) => rt.clone(),
+        Ok(_) => {
+            return Err(Refusal::new(
+                "version",
+                format!("{}-{version} runtime is unknown", preq.language),
+            ))
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                "language",
+                format!("{}-{version} runtime is unknown", preq.language),
+            ))
+        }
+    };
+    let job = to_job(preq, &rt)?;
+    let spec = JobSpec::from_json(job.to_string().as_bytes()).map_err(|e| {
+        let field = match e.field.as_str() {
+            "limits.timeout_ms" => "run_timeout".to_owned(),
+            "limits.memory_mb" => "run_memory_limit".to_owned(),
+            f => f.to_owned(),
+        };
+        Refusal::new(field.clone(), format!("{field}: {}", e.message))
+    })?;
+    Ok((rt, spec))
+}
+
 /// Turns a Piston request into a Kiln job (as JSON, so the job's own
 /// validation and messages apply).
-fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
+fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, Refusal> {
     if req.files.is_empty() {
-        return Err("files: at least one file is required".into());
+        return Err(Refusal::new(
+            "files",
+            "files: at least one file is required",
+        ));
     }
     let mut files = Vec::new();
     for (i, f) in req.files.into_iter().enumerate() {
@@ -74,16 +128,21 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
             None | Some("utf8") | Some("utf-8") => (f.content, "utf8"),
             Some("base64") => (f.content, "base64"),
             Some("hex") => {
-                let bytes = decode_hex(&f.content)
-                    .ok_or_else(|| format!("files[{i}].content is not valid hex"))?;
+                let bytes = decode_hex(&f.content).ok_or_else(|| {
+                    Refusal::new(
+                        format!("files[{i}].content"),
+                        format!("files[{i}].content is not valid hex"),
+                    )
+                })?;
                 (
                     base64::engine::general_purpose::STANDARD.encode(bytes),
                     "base64",
                 )
             }
             Some(other) => {
-                return Err(format!(
-                    "files[{i}].encoding {other:?} is not one of utf8, base64, hex"
+                return Err(Refusal::new(
+                    format!("files[{i}].encoding"),
+                    format!("files[{i}].encoding {other:?} is not one of utf8, base64, hex"),
                 ))
             }
         };
@@ -98,8 +157,9 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
         if m >= 0 {
             limits.insert("memory_mb".into(), json!((m + (1 << 20) - 1) / (1 << 20)));
         } else if m != -1 {
-            return Err(format!(
-                "run_memory_limit {m} is negative; use -1 for no limit"
+            return Err(Refusal::new(
+                "run_memory_limit",
+                format!("run_memory_limit {m} is negative; use -1 for no limit"),
             ));
         }
     }
@@ -180,42 +240,9 @@ pub async fn execute(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         Ok(b) => b,
         Err(e) => return Ok(message(e.status, e.message)),
     };
-    let preq: PistonRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request: {e}"),
-            ))
-        }
-    };
-    let version = preq.version.clone().unwrap_or_else(|| "*".into());
-    let rt = match app.scheduler.runtimes().resolve(&preq.language) {
-        Ok(rt) if version_matches(&version, &rt.version) => rt.clone(),
-        _ => {
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("{}-{version} runtime is unknown", preq.language),
-            ))
-        }
-    };
-    let job = match to_job(preq, &rt) {
-        Ok(j) => j,
-        Err(m) => return Ok(message(StatusCode::BAD_REQUEST, m)),
-    };
-    let spec = match kiln_protocol::JobSpec::from_json(job.to_string().as_bytes()) {
-        Ok(s) => s,
-        Err(e) => {
-            let field = match e.field.as_str() {
-                "limits.timeout_ms" => "run_timeout".to_owned(),
-                "limits.memory_mb" => "run_memory_limit".to_owned(),
-                f => f.to_owned(),
-            };
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("{field}: {}", e.message),
-            ));
-        }
+    let (rt, spec) = match parse_execute(&body, app.scheduler.runtimes()) {
+        Ok(parsed) => parsed,
+        Err(r) => return Ok(message(StatusCode::BAD_REQUEST, r.message)),
     };
     let handle = match app.scheduler.submit(
         spec,
@@ -278,6 +305,30 @@ mod tests {
         assert!(version_matches("3.11.2", "3"));
         assert!(!version_matches("2", "3"));
         assert!(!version_matches("31", "3"));
+    }
+
+    #[test]
+    fn a_refused_body_names_the_request_field() {
+        let table = RuntimeTable::default();
+        let field = |body: &str| parse_execute(body.as_bytes(), &table).unwrap_err().field;
+        assert_eq!(field("{"), "body");
+        assert_eq!(field(r#"{"language":"cobol","files":[]}"#), "language");
+        assert_eq!(
+            field(r#"{"language":"python","version":"2","files":[]}"#),
+            "version"
+        );
+        assert_eq!(field(r#"{"language":"python","files":[]}"#), "files");
+        let bad_hex = r#"{"language":"python","files":[{"content":"zz","encoding":"hex"}]}"#;
+        assert_eq!(field(bad_hex), "files[0].content");
+        let timeout = r#"{"language":"python","files":[{"content":"1"}],"run_timeout":0}"#;
+        assert_eq!(field(timeout), "run_timeout");
+        let (rt, spec) = parse_execute(
+            br#"{"language":"py","files":[{"content":"print(1)"}]}"#,
+            &table,
+        )
+        .unwrap();
+        assert_eq!(spec.runtime, rt.name);
+        assert_eq!(spec.entrypoint.as_deref(), Some(rt.file.as_str()));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::jobs::OutputEvent;
 use crate::live::LiveSample;
-use crate::workspaces::{Workspace, WorkspaceError, WorkspaceRequest};
+use crate::workspaces::{Workspace, WorkspaceError, WorkspaceRequest, WorkspaceSettings};
 
 fn ws_error(e: WorkspaceError) -> ApiError {
     match e {
@@ -78,7 +78,9 @@ fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Resul
     }
 }
 
-fn parse_create(app: &App, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
+/// Parses a create body against the server's workspace settings (default
+/// and longest TTL), naming the first wrong field.
+pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
     let b: CreateBody = serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             let mut a = ApiError::new(
@@ -92,7 +94,6 @@ fn parse_create(app: &App, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
             ApiError::field("sandbox", e)
         }
     })?;
-    let ws = app.scheduler.workspaces().settings();
     let max_ttl = ws.max_ttl.as_secs_f64();
     let ttl = match b.ttl_s {
         None => ws.default_ttl,
@@ -166,7 +167,7 @@ fn shutting_down(app: &App) -> Result<(), ApiError> {
 pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     shutting_down(app)?;
     let body = read_body(req, app.max_body_bytes).await?;
-    let wreq = parse_create(app, &body)?;
+    let wreq = parse_create(app.scheduler.workspaces().settings(), &body)?;
     let info = app
         .scheduler
         .workspaces()
