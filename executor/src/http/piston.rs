@@ -155,7 +155,9 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, Refusal> {
     }
     if let Some(m) = req.run_memory_limit {
         if m >= 0 {
-            limits.insert("memory_mb".into(), json!((m + (1 << 20) - 1) / (1 << 20)));
+            // Bytes to MiB, rounded up; `m + 2^20 - 1` overflowed near i64::MAX.
+            let mb = (m as u64).div_ceil(1 << 20);
+            limits.insert("memory_mb".into(), json!(mb));
         } else if m != -1 {
             return Err(Refusal::new(
                 "run_memory_limit",
@@ -329,6 +331,20 @@ mod tests {
         .unwrap();
         assert_eq!(spec.runtime, rt.name);
         assert_eq!(spec.entrypoint.as_deref(), Some(rt.file.as_str()));
+    }
+
+    /// Found writing the piston_body fuzz target (and crashing it): bytes
+    /// to MiB added 2^20 - 1 first, which overflowed for a limit near
+    /// i64::MAX (a panic in a debug build, a negative limit in a release one).
+    #[test]
+    fn the_largest_memory_limit_is_refused_by_range_not_overflow() {
+        let body = format!(
+            r#"{{"language":"python","files":[{{"content":"1"}}],"run_memory_limit":{}}}"#,
+            i64::MAX
+        );
+        let r = parse_execute(body.as_bytes(), &RuntimeTable::default()).unwrap_err();
+        assert_eq!(r.field, "run_memory_limit");
+        assert!(r.message.contains("8796093022208 is out of range"), "{r:?}");
     }
 
     #[test]
