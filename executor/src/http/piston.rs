@@ -177,12 +177,13 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, Refusal> {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if !s.len().is_multiple_of(2) {
+    // from_str_radix alone would take a sign: "+f" as 0x0f.
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
 }
 
@@ -350,6 +351,16 @@ mod tests {
     #[test]
     fn hex_decodes() {
         assert_eq!(decode_hex("6869").unwrap(), b"hi");
+        assert_eq!(decode_hex(" 6A6b ").unwrap(), b"jk");
         assert!(decode_hex("6").is_none());
+    }
+
+    /// Found by the piston_body fuzz target: u8::from_str_radix accepts a
+    /// leading '+', so "+f" passed as the byte 0x0f.
+    #[test]
+    fn a_sign_is_not_a_hex_digit() {
+        assert!(decode_hex("+f").is_none());
+        assert!(decode_hex("8545358e742831+90a").is_none());
+        assert!(decode_hex("-1").is_none());
     }
 }
