@@ -15,6 +15,25 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# The toolchain: rust-toolchain.toml pins the machine's one Rust by its
+# version. Where rustup knows that release only as `stable`, give it the
+# pinned name too (a link, no download), then check that the compiler cargo
+# uses is the release Cargo.toml's rust-version declares.
+want=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup toolchain list | grep -q "^$want"; then
+    stable=$(rustup run stable rustc --version | awk '{print $2}')
+    if [ "$stable" != "$want" ]; then
+        echo "rust-toolchain.toml pins Rust $want, but rustup has only $stable" >&2
+        exit 1
+    fi
+    rustup toolchain link "$want" "$(rustup run stable rustc --print sysroot)"
+fi
+declared=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+case "$(rustc --version | awk '{print $2}')" in
+    "$declared" | "$declared".*) ;;
+    *) echo "rustc is $(rustc --version), Cargo.toml declares rust-version $declared" >&2; exit 1 ;;
+esac
+
 # Debian packages: the runtimes the default runtime table names, and
 # bubblewrap for the benchmark baseline. (The page server issues its
 # userfaultfd ioctls itself, so no libclang/bindgen is needed.)

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::limits::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
 use kiln_protocol::{
     Decoder, ExecError, ExecId, ExecRequest, ExitReport, ExitStatus, Frame, FrameError, GetFile,
-    Hello, HelloAck, Kill, PutFile, Runtime, RuntimeTable, Started, PROTOCOL_VERSION,
+    GuestSetup, Hello, HelloAck, Kill, PutFile, Runtime, RuntimeTable, Started, PROTOCOL_VERSION,
 };
 
 use crate::files::Workdir;
@@ -307,6 +307,9 @@ struct Connection {
     /// Bytes of `out` already written.
     sent: usize,
     hello_done: bool,
+    /// Whether this connection's [`Frame::Setup`] was applied (microVM
+    /// guests run nothing before).
+    setup_done: bool,
     /// Until when buffered frames wait (see [`COALESCE`]).
     hold_until: Option<Instant>,
 }
@@ -426,6 +429,13 @@ enum Source {
 pub struct Agent {
     signals: OwnedFd,
     is_init: bool,
+    /// PID 1 of a microVM guest: jobs wait for the host's guest setup.
+    guest: bool,
+    /// The sandbox's id from the last guest setup, for jobs'
+    /// `KILN_SANDBOX_ID`.
+    sandbox_id: Option<String>,
+    /// Tags of `AwaitWarm` requests to answer once everything is warm.
+    warm_waiters: Vec<u32>,
     setup: Option<Setup>,
     warm: Vec<Warm>,
     zygotes: Vec<Zygote>,
@@ -438,12 +448,21 @@ impl Agent {
         Self {
             signals,
             is_init,
+            guest: false,
+            sandbox_id: None,
+            warm_waiters: Vec::new(),
             setup: None,
             warm: Vec::new(),
             zygotes: Vec::new(),
             execs: BTreeMap::new(),
             scratch: vec![0; MAX_CHUNK_BYTES],
         }
+    }
+
+    /// Makes this the agent of a microVM guest: every connection must bring
+    /// a [`Frame::Setup`] before jobs run.
+    pub fn serve_guest(&mut self) {
+        self.guest = true;
     }
 
     /// Serves one host connection until it ends; every exec still running
@@ -457,9 +476,11 @@ impl Agent {
             out: Vec::new(),
             sent: 0,
             hello_done: false,
+            setup_done: false,
             hold_until: None,
         };
         let closed = self.run(&mut conn);
+        self.warm_waiters.clear();
         log_info!("connection ended: {closed:?}");
         if matches!(closed, Closed::Violation) {
             conn.flush_before_close();
@@ -489,8 +510,9 @@ impl Agent {
         loop {
             while sys::reap_one().is_some() {}
             // ECHILD: nothing left to wait for.
-            // SAFETY: waitid with WNOHANG|WNOWAIT only queries.
+            // SAFETY: siginfo_t is plain data, valid when zeroed.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with WNOHANG|WNOWAIT only queries, into `info`.
             let r = unsafe {
                 libc::waitid(
                     libc::P_ALL,
@@ -540,6 +562,7 @@ impl Agent {
             let now = Instant::now();
             let backpressured = conn.pending() > BACKPRESSURE_BYTES;
             self.finish_execs(conn, now, backpressured);
+            self.answer_warm_waiters(conn);
             if let Err(e) = conn.flush() {
                 log_info!("writing to the host failed: {e}");
                 return Closed::Peer;
@@ -778,6 +801,8 @@ impl Agent {
             Frame::PutFile(p) => Some(p.tag),
             Frame::GetFile(g) => Some(g.tag),
             Frame::Reset { tag } => Some(*tag),
+            Frame::Setup(s) => Some(s.tag),
+            Frame::AwaitWarm { tag } => Some(*tag),
             _ => None,
         };
         if let Some(tag) = request_tag.filter(|_| !conn.hello_done) {
@@ -810,6 +835,8 @@ impl Agent {
             Frame::PutFile(p) => self.on_put_file(conn, p),
             Frame::GetFile(g) => self.on_get_file(conn, g),
             Frame::Reset { tag } => self.on_reset(conn, tag),
+            Frame::Setup(s) => self.on_guest_setup(conn, s),
+            Frame::AwaitWarm { tag } => self.warm_waiters.push(tag),
             other => {
                 let name = other.name();
                 conn.error(
@@ -1085,6 +1112,58 @@ impl Agent {
         }
     }
 
+    /// Acks every `AwaitWarm` once each wanted runtime that has a warm
+    /// start has an interpreter waiting.
+    fn answer_warm_waiters(&mut self, conn: &mut Connection) {
+        if self.warm_waiters.is_empty() {
+            return;
+        }
+        let all_warm = self.wanted().iter().all(|name| match self.runtime(name) {
+            Some(rt) if rt.warm.is_some() => self.warm.iter().any(|w| w.runtime == rt.name),
+            _ => true,
+        });
+        if all_warm {
+            for tag in std::mem::take(&mut self.warm_waiters) {
+                conn.send(&Frame::Ack { tag });
+            }
+        }
+    }
+
+    /// Applies what is unique to this sandbox in a microVM guest (see
+    /// `GuestSetup`), then replaces the warm interpreters that were started
+    /// before it and do not reseed themselves with their job
+    /// (`WarmStart::reseeds`): started before the entropy arrived (in a
+    /// restored snapshot, before the snapshot was taken), they would share
+    /// the random state of every clone of this guest.
+    fn on_guest_setup(&mut self, conn: &mut Connection, s: GuestSetup) {
+        if !self.guest {
+            return conn.error(
+                Some(s.tag),
+                "setup is for microVM guests; this agent serves a jail",
+            );
+        }
+        if let Err(e) = crate::guest::apply_setup(&s) {
+            log_error!("guest setup failed: {e}");
+            return conn.error(Some(s.tag), format!("guest setup failed: {e}"));
+        }
+        self.sandbox_id = Some(s.sandbox_id);
+        let (keep, stale): (Vec<Warm>, Vec<Warm>) =
+            std::mem::take(&mut self.warm).into_iter().partition(|w| {
+                self.runtime(&w.runtime)
+                    .and_then(|rt| rt.warm.as_ref())
+                    .is_some_and(|ws| ws.reseeds)
+            });
+        self.warm = keep;
+        for w in stale {
+            sys::kill_group(w.process.pid, libc::SIGKILL);
+        }
+        for name in self.wanted() {
+            self.start_warm(&name);
+        }
+        conn.setup_done = true;
+        conn.send(&Frame::Ack { tag: s.tag });
+    }
+
     /// Kills the current room with everything in it, waits until it is
     /// gone, and makes the next one (see `Frame::Reset`).
     fn on_reset(&mut self, conn: &mut Connection, tag: u32) {
@@ -1176,6 +1255,12 @@ impl Agent {
         let Some(setup) = &self.setup else {
             return Err("exec before hello".into());
         };
+        if self.guest && !conn.setup_done {
+            return Err(
+                "exec before setup: a microVM guest runs nothing until the host's setup frame has been applied"
+                    .into(),
+            );
+        }
         if self.execs.contains_key(&req.tag) {
             return Err(format!("an exec with tag {} is already running", req.tag));
         }
@@ -1190,6 +1275,9 @@ impl Agent {
             .map_err(|e| format!("entrypoint: {e}"))?;
         let who = setup.identity();
         let mut env = default_env(&who.cwd);
+        if let Some(id) = &self.sandbox_id {
+            env.insert("KILN_SANDBOX_ID".into(), id.clone());
+        }
         env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
 
         if let Some(i) = self.warm.iter().position(|w| w.runtime == rt.name) {

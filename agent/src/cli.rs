@@ -22,10 +22,12 @@ pub const USAGE: &str = "usage: kiln-agent --fd N | --vsock-port PORT | --guest-
   --vsock-port PORT  listen on AF_VSOCK (any CID) port PORT and serve host
                      connections one after another (inside a microVM)
   --guest-init       as PID 1 of a microVM guest: mount /proc, /sys, /dev, a
-                     tmpfs overlay on the read-only root, seed the RNG, then
-                     listen on vsock (kiln.port=, kiln.seed=, kiln.disk_mb=,
-                     kiln.hostname=, kiln.log= on the kernel command line);
-                     the default when started as PID 1 with no argument
+                     tmpfs overlay on the read-only root, then listen on
+                     vsock (kiln.port=, kiln.ready=, kiln.log=, kiln.dns= on
+                     the kernel command line) and run jobs only after each
+                     connection's guest setup (entropy, clock, hostname, id,
+                     disk size, task cap); the default as PID 1 with no
+                     argument
   --version          print the agent's version
 environment: KILN_AGENT_LOG=error|warn|info|debug (default warn)";
 

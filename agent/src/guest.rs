@@ -4,19 +4,24 @@
 //! builds the little a job needs:
 //!
 //! - `/proc`, then the settings the host put on the kernel command line
-//!   (`kiln.*`, see [`GuestConfig::parse`]);
+//!   (`kiln.*`, see [`GuestConfig::parse`]): only what every sandbox of a
+//!   template shares, since a snapshot freezes the command line;
 //! - an overlay on `/` whose upper layer is a tmpfs (the image stays
 //!   read-only and shared by every guest; writes vanish with the guest),
 //!   switched to as the root the way `switch_root` does (move + chroot:
 //!   `pivot_root` is not needed and would fail on an initramfs root);
 //! - fresh `/proc`, `/sys`, `/dev` (devtmpfs, with `/dev/fd`, `/dev/shm`),
-//!   tmpfs `/tmp`, `/work` and `/run` of the job's disk size;
-//! - the random pool seeded with the host's seed (credited, so `getrandom`
-//!   never blocks); `/proc/cmdline` and the kernel log, which carry the
-//!   seed, are then out of jobs' reach;
-//! - the number of tasks capped (`kernel.threads-max`), the hostname set,
-//!   and the loopback interface up;
+//!   tmpfs `/tmp`, `/work` and `/run`;
+//! - `/proc/cmdline` and the kernel log out of jobs' reach, and the
+//!   loopback interface up;
 //! - once it listens on vsock, a `ready` note to the host ([`announce`]).
+//!
+//! What is unique to a sandbox comes later, over the protocol, on every
+//! connection ([`apply_setup`], `Frame::Setup`): entropy for the random
+//! pool and a reseed of the kernel's generator, the wall clock, the
+//! hostname, the sandbox's id, the size of the tmpfs directories and the
+//! cap on tasks (`kernel.threads-max`). A VM restored from a snapshot gets
+//! its own before it runs anything.
 //!
 //! Any failure is fatal: PID 1 exits, the kernel panics and, with
 //! `panic=-1 reboot=t` and QEMU's `-no-reboot` (or Firecracker's reboot
@@ -28,25 +33,19 @@ use std::io;
 /// The vsock port the agent listens on unless `kiln.port=` says otherwise.
 pub const DEFAULT_PORT: u32 = 1024;
 
-/// Size of the tmpfs mounts when the host gives none (`kiln.disk_mb=`).
-const DEFAULT_DISK_MB: u64 = 64;
+/// Size of the tmpfs mounts until the host's setup sizes them.
+const BOOT_DISK_MB: u64 = 64;
+
+/// The tmpfs directories a setup sizes (the job's disk).
+const SIZED_TMPFS: [&str; 3] = ["/work", "/tmp", "/dev/shm"];
 
 /// What the host tells the guest on the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {
     /// `kiln.port=P`: the vsock port to listen on.
     pub port: u32,
-    /// `kiln.seed=HEX`: bytes for the random pool (at most 512).
-    pub seed: Vec<u8>,
-    /// `kiln.hostname=NAME`.
-    pub hostname: String,
-    /// `kiln.disk_mb=N`: size of `/work`, `/tmp` and the overlay's upper layer.
-    pub disk_mb: u64,
     /// `kiln.log=LEVEL`: the agent's log level (as `KILN_AGENT_LOG`).
     pub log: Option<String>,
-    /// `kiln.pids=N`: most tasks that jobs may add to what runs at start-up
-    /// (the kernel's `threads-max`; the guest has no cgroup for it).
-    pub pids: Option<u64>,
     /// `kiln.dns=IPV4`: the name server for `/etc/resolv.conf` (a guest
     /// with a network device only).
     pub dns: Option<std::net::Ipv4Addr>,
@@ -60,11 +59,7 @@ impl GuestConfig {
     pub fn parse(cmdline: &str) -> Result<Self, String> {
         let mut cfg = Self {
             port: DEFAULT_PORT,
-            seed: Vec::new(),
-            hostname: "kiln".into(),
-            disk_mb: DEFAULT_DISK_MB,
             log: None,
-            pids: None,
             dns: None,
             ready_port: None,
         };
@@ -79,29 +74,6 @@ impl GuestConfig {
                         .ok()
                         .filter(|p| *p != u32::MAX)
                         .ok_or_else(|| format!("kiln.port={value:?} is not a vsock port"))?
-                }
-                "kiln.seed" => {
-                    cfg.seed = decode_hex(value)
-                        .filter(|b| b.len() <= 512)
-                        .ok_or("kiln.seed must be at most 512 bytes in hex")?
-                }
-                "kiln.hostname" => {
-                    if value.is_empty()
-                        || value.len() > 64
-                        || !value
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-                    {
-                        return Err(format!("kiln.hostname={value:?} is not a host name"));
-                    }
-                    cfg.hostname = value.into();
-                }
-                "kiln.disk_mb" => {
-                    cfg.disk_mb = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("kiln.disk_mb={value:?} is not a size in MiB"))?
                 }
                 "kiln.log" => cfg.log = Some(value.into()),
                 "kiln.ready" => {
@@ -120,30 +92,11 @@ impl GuestConfig {
                             .map_err(|_| format!("kiln.dns={value:?} is not an IPv4 address"))?,
                     )
                 }
-                "kiln.pids" => {
-                    cfg.pids = Some(
-                        value
-                            .parse()
-                            .ok()
-                            .filter(|n| *n > 0)
-                            .ok_or_else(|| format!("kiln.pids={value:?} is not a count"))?,
-                    )
-                }
                 _ => {}
             }
         }
         Ok(cfg)
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Where the new root is assembled before it replaces `/`.
@@ -166,7 +119,7 @@ pub fn setup() -> Result<GuestConfig, String> {
         std::env::set_var("KILN_AGENT_LOG", level);
         crate::log::init_from_env();
     }
-    let size = |mode: &str| cstring(format!("mode={mode},size={}m", cfg.disk_mb));
+    let size = |mode: &str| cstring(format!("mode={mode},size={BOOT_DISK_MB}m"));
 
     // The overlay: read-only image below, tmpfs above.
     sys::mount(
@@ -243,25 +196,70 @@ pub fn setup() -> Result<GuestConfig, String> {
     let _ = sys::umount_detach(c"/proc");
     sys::switch_root(&under("")).map_err(step("switch to the overlay root"))?;
 
-    if !cfg.seed.is_empty() {
-        sys::add_entropy(&cfg.seed).map_err(step("seed the random pool"))?;
-    }
-    // The command line carries the seed: jobs must read it neither in
-    // /proc/cmdline nor in the kernel log, which quotes it at boot.
+    // Jobs have no business with the host's settings or the kernel's
+    // boot messages.
     sys::mount(c"/dev/null", c"/proc/cmdline", c"", libc::MS_BIND, None)
         .map_err(step("hide /proc/cmdline"))?;
     std::fs::write("/proc/sys/kernel/dmesg_restrict", "1")
         .map_err(step("restrict the kernel log"))?;
-    if let Some(pids) = cfg.pids {
-        limit_tasks(pids).map_err(step("limit the number of tasks"))?;
-    }
     if let Some(dns) = cfg.dns {
         std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"))
             .map_err(step("write /etc/resolv.conf"))?;
     }
-    sys::sethostname(&cfg.hostname).map_err(step("set the hostname"))?;
+    sys::sethostname("kiln").map_err(step("set the hostname"))?;
     sys::loopback_up().map_err(step("bring lo up"))?;
     Ok(cfg)
+}
+
+/// Applies the host's per-sandbox setup (see the module documentation):
+/// entropy credited and the kernel's generator reseeded from it, the wall
+/// clock, the hostname, the size of the tmpfs directories, the cap on
+/// tasks. Runs on every connection: a restored snapshot arrives with the
+/// template's state of all of these.
+pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
+    let step = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+    if s.entropy.len() < 32 {
+        return Err(format!(
+            "{} bytes of entropy; the host must send at least 32",
+            s.entropy.len()
+        ));
+    }
+    sys::add_entropy(&s.entropy).map_err(step("seed the random pool"))?;
+    sys::reseed_crng().map_err(step("reseed the kernel's generator"))?;
+    sys::set_realtime(s.clock_unix_ns).map_err(step("set the clock"))?;
+    check_hostname(&s.hostname)?;
+    sys::sethostname(&s.hostname).map_err(step("set the hostname"))?;
+    if s.disk_mb == 0 {
+        return Err("a disk size of 0 MiB".into());
+    }
+    for dir in SIZED_TMPFS {
+        let data = cstring(format!("size={}m", s.disk_mb));
+        sys::mount(
+            c"tmpfs",
+            &cstring(dir.into()),
+            c"",
+            libc::MS_REMOUNT | NOSUID_NODEV,
+            Some(&data),
+        )
+        .map_err(|e| format!("resize {dir} to {} MiB: {e}", s.disk_mb))?;
+    }
+    limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    Ok(())
+}
+
+/// A host name the kernel and resolvers take: 1 to 64 letters, digits,
+/// `-` and `.`.
+fn check_hostname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a host name"))
+    }
 }
 
 /// Caps the guest's tasks at those running now (kernel threads, the agent)
@@ -362,6 +360,36 @@ mod sys {
     /// `RNDADDENTROPY` (linux/random.h): `_IOW('R', 0x03, int[2])`.
     const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 
+    /// `RNDRESEEDCRNG` (linux/random.h): `_IO('R', 0x07)`.
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+    /// Makes the kernel's generator take a new key from the input pool now.
+    /// Once the generator is initialised, new entropy waits in the pool
+    /// until the next scheduled reseed (up to a minute), and every clone of
+    /// a snapshot would produce the same bytes until then.
+    pub fn reseed_crng() -> io::Result<()> {
+        let urandom = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")?;
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        cvt(unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&urandom),
+                RNDRESEEDCRNG as _,
+            )
+        })
+    }
+
+    /// Sets the wall clock to `unix_ns` nanoseconds since the epoch.
+    pub fn set_realtime(unix_ns: u64) -> io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: a valid timespec.
+        cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+    }
+
     /// Mixes `seed` into the kernel's pool and credits it in full.
     pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
         let urandom = std::fs::OpenOptions::new()
@@ -443,23 +471,16 @@ mod tests {
     #[test]
     fn reads_the_kiln_settings_and_ignores_the_kernels() {
         let c = GuestConfig::parse(
-            "console=ttyS0 reboot=t kiln.port=52 kiln.seed=00ff10 kiln.hostname=box-1 kiln.disk_mb=128 kiln.log=info kiln.pids=32 kiln.dns=10.0.2.3 kiln.ready=1023 -- --guest-init",
+            "console=ttyS0 reboot=t kiln.port=52 kiln.log=info kiln.dns=10.0.2.3 kiln.ready=1023 -- --guest-init",
         )
         .unwrap();
         assert_eq!(c.port, 52);
-        assert_eq!(c.seed, vec![0, 0xff, 0x10]);
-        assert_eq!(c.hostname, "box-1");
-        assert_eq!(c.disk_mb, 128);
         assert_eq!(c.log.as_deref(), Some("info"));
-        assert_eq!(c.pids, Some(32));
         assert_eq!(c.ready_port, Some(1023));
         assert_eq!(c.dns, Some(std::net::Ipv4Addr::new(10, 0, 2, 3)));
         let d = GuestConfig::parse("console=ttyS0").unwrap();
-        assert_eq!(
-            (d.port, d.disk_mb, d.hostname.as_str()),
-            (DEFAULT_PORT, 64, "kiln")
-        );
-        assert!(d.seed.is_empty());
+        assert_eq!(d.port, DEFAULT_PORT);
+        assert_eq!(d.ready_port, None);
     }
 
     #[test]
@@ -468,18 +489,19 @@ mod tests {
             .unwrap_err()
             .contains("kiln.port"));
         assert!(GuestConfig::parse("kiln.port=4294967295").is_err());
-        assert!(GuestConfig::parse("kiln.seed=0")
-            .unwrap_err()
-            .contains("kiln.seed"));
-        assert!(GuestConfig::parse("kiln.seed=zz").is_err());
-        assert!(GuestConfig::parse(&format!("kiln.seed={}", "00".repeat(513))).is_err());
-        assert!(GuestConfig::parse("kiln.hostname=a/b")
-            .unwrap_err()
-            .contains("hostname"));
-        assert!(GuestConfig::parse("kiln.disk_mb=0").is_err());
-        assert!(GuestConfig::parse("kiln.pids=-1").is_err());
         assert!(GuestConfig::parse("kiln.dns=example.org")
             .unwrap_err()
             .contains("kiln.dns"));
+    }
+
+    #[test]
+    fn host_names_are_checked_before_they_reach_the_kernel() {
+        assert!(check_hostname("kiln-0123456789abcdef").is_ok());
+        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
+            assert!(
+                check_hostname(bad).unwrap_err().contains("host name"),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         Mode::Fd(fd) => run(|agent| serve_fd(agent, fd)),
         Mode::Vsock(port) => run(|agent| serve_vsock(agent, port, || {})),
         Mode::GuestInit => match guest::setup() {
-            Ok(cfg) => run(|agent| serve_vsock(agent, cfg.port, || guest::announce(&cfg))),
+            Ok(cfg) => run(|agent| {
+                agent.serve_guest();
+                serve_vsock(agent, cfg.port, || guest::announce(&cfg))
+            }),
             Err(e) => {
                 log_error!("{e}");
                 ExitCode::FAILURE

@@ -169,9 +169,10 @@ pub fn spawn_zygote(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    // SAFETY: getuid/getgid have no preconditions.
     let who = JobIdentity {
+        // SAFETY: getuid has no preconditions.
         uid: unsafe { libc::getuid() },
+        // SAFETY: getgid has no preconditions.
         gid: unsafe { libc::getgid() },
         cwd: "/".into(),
     };
@@ -225,6 +226,7 @@ struct Setup {
 // agent's setup, alive for the whole spawn; the closure holding `Setup` runs
 // only in the forked child.
 unsafe impl Send for Setup {}
+// SAFETY: as for Send: the pointed-to filters are never written.
 unsafe impl Sync for Setup {}
 
 impl Setup {

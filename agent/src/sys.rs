@@ -211,6 +211,7 @@ pub fn open_beneath(
     flags: libc::c_int,
     mode: libc::mode_t,
 ) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data, valid when zeroed.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.mode = if flags & libc::O_CREAT != 0 {
@@ -281,6 +282,7 @@ impl FsIdentity {
         // SAFETY: setfsgid/setfsuid have no memory effects; they return the
         // previous id whether or not the change succeeded.
         let old_gid = unsafe { libc::setfsgid(gid) } as u32;
+        // SAFETY: as above.
         let old_uid = unsafe { libc::setfsuid(uid) } as u32;
         Self { old_uid, old_gid }
     }
@@ -309,6 +311,7 @@ pub fn vsock_listen(cid: u32, port: u32) -> io::Result<OwnedFd> {
         cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket returned a fresh descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data, valid when zeroed.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
     addr.svm_cid = cid;

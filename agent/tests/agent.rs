@@ -86,6 +86,17 @@ fn wrong_requests_get_tagged_errors_and_serving_continues() {
     expect_error(h.recv(), None, "pong");
     h.send(&Frame::Ping(77));
     assert_eq!(h.recv(), Frame::Pong(77));
+    // A guest setup is for microVM guests: a jail's agent refuses it.
+    h.send(&Frame::Setup(kiln_protocol::GuestSetup {
+        tag: 97,
+        sandbox_id: "0123456789abcdef".into(),
+        hostname: "kiln-x".into(),
+        entropy: vec![1; 64],
+        clock_unix_ns: 0,
+        disk_mb: 16,
+        pids: 16,
+    }));
+    expect_error(h.recv(), Some(97), "microVM guests");
 }
 
 #[test]
@@ -213,6 +224,22 @@ fn python_runs_warm_and_is_rewarmed_for_the_next_exec() {
     let run = h.run(py_request(tag, false), Some(&stdin));
     assert!(!run.warm);
     check_py_run(&h, &run);
+}
+
+#[test]
+fn await_warm_answers_once_the_warm_interpreters_wait_and_at_once_after() {
+    let mut h = Host::start();
+    h.hello(&["python", "node", "bash"]);
+    for _ in 0..2 {
+        let tag = h.tag();
+        h.send(&Frame::AwaitWarm { tag });
+        assert!(matches!(h.answer_to(tag), Frame::Ack { .. }));
+    }
+    // Whatever was warming is ready now: both execs start warm.
+    h.put("main.py", 0o644, b"print(1)");
+    let tag = h.tag();
+    let run = h.run(py_request(tag, false), Some(b""));
+    assert!(run.warm, "python was awaited warm");
 }
 
 #[test]

@@ -92,9 +92,11 @@ if [ ! -f "$base/root.tar" ]; then
 fi
 
 # 2. The agent: static, built in its own target dir so the workspace's
-# target/ is not invalidated by different RUSTFLAGS.
+# target/ is not invalidated by different RUSTFLAGS; one per checkout, so
+# that two checkouts building at once never put one's agent into the
+# other's image.
 if [ -z "$agent" ]; then
-    target_dir="$KILN_GUEST_CACHE/agent-target"
+    target_dir="$KILN_GUEST_CACHE/agent-target-$(printf '%s' "$repo" | short_hash)"
     log "building the static kiln-agent (target dir $target_dir)"
     (cd "$repo" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target_dir" \
         cargo build --quiet --release --target x86_64-unknown-linux-gnu -p kiln-agent)
@@ -133,5 +135,7 @@ mv "$work/rootfs.ext4" "$out.tmp/rootfs.ext4"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 log "rootfs ready: $out/rootfs.ext4 (${size_mb} MiB)"
-prune rootfs- 3
+# Images of other checkouts (or of tests still running) may be in use: keep
+# a few.
+prune rootfs- 8
 echo "$out/rootfs.ext4"

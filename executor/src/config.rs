@@ -12,19 +12,26 @@ use anyhow::Context as _;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendArgs, BackendKind, QemuArgs};
+use kiln_sandbox::{BackendFlags, BackendSettings};
 
-/// The whole configuration.
+/// The whole configuration. Every section refuses keys it does not know;
+/// the sandbox backends' sections (`[backend]`, `[jail]`, `[guest]`, ...)
+/// belong to `kiln_sandbox::BackendSettings`, and [`Config::from_toml`]
+/// refuses unknown sections.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Config {
     pub server: Server,
     pub scheduler: Scheduler,
     pub pool: PoolConfig,
     pub sandboxes: Sandboxes,
-    pub backend: Backend,
+    #[serde(flatten)]
+    pub backends: BackendSettings,
     pub amqp: crate::amqp::AmqpConfig,
 }
+
+/// The sections of the executor's own.
+const SECTIONS: [&str; 5] = ["server", "scheduler", "pool", "sandboxes", "amqp"];
 
 /// `[server]`: the HTTP API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,60 +141,6 @@ impl Default for Sandboxes {
     }
 }
 
-/// `[backend]`: the sandbox backend (same keys as `kiln run`'s flags).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Backend {
-    /// `jail` (namespaces, cgroups, seccomp) or `qemu` (a microVM per sandbox).
-    pub kind: String,
-    /// The kiln-agent binary; default: next to the kiln binary.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<PathBuf>,
-    /// Where sandbox records are kept (for reaping after a crash).
-    pub state_dir: PathBuf,
-    /// A TOML runtime table replacing the built-in one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub runtimes: Option<PathBuf>,
-    /// A template root directory instead of the host's system directories.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rootfs: Option<PathBuf>,
-    /// Name of the parent cgroup of all sandboxes.
-    pub cgroup_parent: String,
-    /// qemu: guest kernel; default: newest in `guest_cache`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_kernel: Option<PathBuf>,
-    /// qemu: guest root image; default: newest in `guest_cache`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub guest_rootfs: Option<PathBuf>,
-    /// qemu: where the guest build scripts cache kernels and images.
-    pub guest_cache: PathBuf,
-    /// qemu: accelerator, `auto`, `kvm` or `tcg`.
-    pub qemu_accel: String,
-    /// qemu: the QEMU binary.
-    pub qemu_bin: PathBuf,
-    /// qemu: the vhost-device-vsock binary.
-    pub vhost_vsock_bin: PathBuf,
-}
-
-impl Default for Backend {
-    fn default() -> Self {
-        Self {
-            kind: "jail".into(),
-            guest_kernel: None,
-            guest_rootfs: None,
-            guest_cache: PathBuf::from("/var/cache/kiln/guest"),
-            qemu_accel: "auto".into(),
-            qemu_bin: PathBuf::from("qemu-system-x86_64"),
-            vhost_vsock_bin: PathBuf::from("vhost-device-vsock"),
-            agent: None,
-            state_dir: PathBuf::from("/run/kiln"),
-            runtimes: None,
-            rootfs: None,
-            cgroup_parent: "kiln".into(),
-        }
-    }
-}
-
 /// `kiln serve`'s flags; each overrides the config file's key of the same
 /// meaning (see `docs/configuration.md`).
 #[derive(Debug, Clone, Args)]
@@ -254,53 +207,41 @@ pub struct ServeArgs {
     /// sandboxes.max_ttl_s
     #[arg(long, env = "KILN_MAX_TTL_S", value_name = "SECONDS")]
     pub max_ttl_s: Option<u64>,
-    /// backend.kind: jail, or qemu (a microVM per sandbox)
-    #[arg(
-        long = "backend",
-        env = "KILN_BACKEND",
-        value_enum,
-        value_name = "KIND"
-    )]
-    pub kind: Option<BackendKind>,
     #[command(flatten)]
-    pub backend: BackendArgs,
-    #[command(flatten)]
-    pub qemu: QemuArgs,
+    pub backend: BackendFlags,
     #[command(flatten)]
     pub amqp: crate::amqp::AmqpArgs,
 }
 
-/// Which of the backend flags with defaults (shared with `kiln run`) were
-/// given explicitly, by flag or environment, so that a config file's value
-/// is not overridden by a mere default.
-#[derive(Debug, Clone, Default)]
-pub struct Explicit(pub Vec<&'static str>);
-
-impl Explicit {
-    /// The defaulted flags (clap ids) this applies to.
-    pub const IDS: [&'static str; 6] = [
-        "state_dir",
-        "cgroup_parent",
-        "guest_cache",
-        "qemu_accel",
-        "qemu_bin",
-        "vhost_vsock_bin",
-    ];
-
-    fn has(&self, id: &str) -> bool {
-        self.0.contains(&id)
-    }
-}
-
 impl Config {
+    /// Parses a configuration file, refusing sections nobody knows.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let table: toml::Table = toml::from_str(text)?;
+        for key in table.keys() {
+            let known = SECTIONS.contains(&key.as_str())
+                || BackendSettings::SECTIONS.contains(&key.as_str());
+            anyhow::ensure!(
+                known,
+                "unknown section [{key}]; the sections are {}",
+                SECTIONS
+                    .iter()
+                    .chain(BackendSettings::SECTIONS.iter())
+                    .map(|s| format!("[{s}]"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(table.try_into()?)
+    }
+
     /// The file (if any) overlaid by flags and environment.
-    pub fn load(args: &ServeArgs, explicit: Explicit) -> anyhow::Result<Self> {
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
         let mut c = match &args.config {
             None => Config::default(),
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading the config file {}", p.display()))?;
-                toml::from_str(&text)
+                Self::from_toml(&text)
                     .with_context(|| format!("in the config file {}", p.display()))?
             }
         };
@@ -328,47 +269,7 @@ impl Config {
         over!(args.max_sandboxes => c.sandboxes.max);
         over!(args.default_ttl_s => c.sandboxes.default_ttl_s);
         over!(args.max_ttl_s => c.sandboxes.max_ttl_s);
-        let b = &args.backend;
-        if b.agent.is_some() {
-            c.backend.agent = b.agent.clone();
-        }
-        if b.runtimes.is_some() {
-            c.backend.runtimes = b.runtimes.clone();
-        }
-        if b.rootfs.is_some() {
-            c.backend.rootfs = b.rootfs.clone();
-        }
-        if explicit.has("state_dir") {
-            c.backend.state_dir = b.state_dir.clone();
-        }
-        if explicit.has("cgroup_parent") {
-            c.backend.cgroup_parent = b.cgroup_parent.clone();
-        }
-        if let Some(k) = args.kind {
-            use clap::ValueEnum as _;
-            if let Some(v) = k.to_possible_value() {
-                c.backend.kind = v.get_name().to_owned();
-            }
-        }
-        let q = &args.qemu;
-        if q.guest_kernel.is_some() {
-            c.backend.guest_kernel = q.guest_kernel.clone();
-        }
-        if q.guest_rootfs.is_some() {
-            c.backend.guest_rootfs = q.guest_rootfs.clone();
-        }
-        if explicit.has("guest_cache") {
-            c.backend.guest_cache = q.guest_cache.clone();
-        }
-        if explicit.has("qemu_accel") {
-            c.backend.qemu_accel = q.qemu_accel.clone();
-        }
-        if explicit.has("qemu_bin") {
-            c.backend.qemu_bin = q.qemu_bin.clone();
-        }
-        if explicit.has("vhost_vsock_bin") {
-            c.backend.vhost_vsock_bin = q.vhost_vsock_bin.clone();
-        }
+        args.backend.apply(&mut c.backends);
         args.amqp.apply(&mut c.amqp);
         c.check()?;
         Ok(c)
@@ -377,7 +278,6 @@ impl Config {
     /// Refuses values that cannot work, naming the key.
     pub fn check(&self) -> anyhow::Result<()> {
         self.bind_addr()?;
-        self.backend_kind()?;
         let s = &self.scheduler;
         anyhow::ensure!(
             s.max_running >= 1,
@@ -428,41 +328,6 @@ impl Config {
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
     }
 
-    /// The backend flags `crate::backend` builds the jail backend from.
-    pub fn backend_args(&self) -> BackendArgs {
-        BackendArgs {
-            agent: self.backend.agent.clone(),
-            state_dir: self.backend.state_dir.clone(),
-            runtimes: self.backend.runtimes.clone(),
-            rootfs: self.backend.rootfs.clone(),
-            cgroup_parent: self.backend.cgroup_parent.clone(),
-        }
-    }
-
-    /// `backend.kind` as the backend module's enum.
-    pub fn backend_kind(&self) -> anyhow::Result<BackendKind> {
-        use clap::ValueEnum as _;
-        BackendKind::from_str(&self.backend.kind, true).map_err(|_| {
-            anyhow::anyhow!(
-                "backend.kind {:?} is not a backend; use \"jail\" or \"qemu\"",
-                self.backend.kind
-            )
-        })
-    }
-
-    /// The qemu backend's flags.
-    pub fn qemu_args(&self) -> QemuArgs {
-        let b = &self.backend;
-        QemuArgs {
-            guest_kernel: b.guest_kernel.clone(),
-            guest_rootfs: b.guest_rootfs.clone(),
-            guest_cache: b.guest_cache.clone(),
-            qemu_accel: b.qemu_accel.clone(),
-            qemu_bin: b.qemu_bin.clone(),
-            vhost_vsock_bin: b.vhost_vsock_bin.clone(),
-        }
-    }
-
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.server.drain_grace_s)
     }
@@ -475,22 +340,33 @@ mod tests {
     #[test]
     fn defaults_round_trip_through_toml() {
         let c = Config::default();
-        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        let back = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(back, c);
         c.check().unwrap();
     }
 
     #[test]
-    fn unknown_keys_are_refused_by_name() {
-        let e = toml::from_str::<Config>("[server]\nbnd = '1'\n")
-            .unwrap_err()
-            .to_string();
+    fn unknown_keys_and_sections_are_refused_by_name() {
+        let e = format!(
+            "{:#}",
+            Config::from_toml("[server]\nbnd = '1'\n").unwrap_err()
+        );
         assert!(e.contains("bnd"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::from_toml("[qemu]\nbinn = 'q'\n").unwrap_err()
+        );
+        assert!(e.contains("binn"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::from_toml("[sever]\nbind = '1'\n").unwrap_err()
+        );
+        assert!(e.contains("[sever]") && e.contains("[server]"), "{e}");
     }
 
     #[test]
     fn a_file_sets_only_what_it_names() {
-        let c: Config = toml::from_str("[scheduler]\nqueue_depth = 3\n").unwrap();
+        let c = Config::from_toml("[scheduler]\nqueue_depth = 3\n").unwrap();
         assert_eq!(c.scheduler.queue_depth, 3);
         assert_eq!(c.scheduler.max_running, Scheduler::default().max_running);
     }

@@ -6,7 +6,6 @@
 //! private.
 
 mod amqp;
-mod backend;
 mod cli;
 mod config;
 mod http;
@@ -34,7 +33,6 @@ pub mod edges {
 
 use std::process::ExitCode;
 
-use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Kiln runs untrusted code in isolated sandboxes.
@@ -57,7 +55,10 @@ enum Command {
     /// Submit a job to a running `kiln serve` and print its result.
     Submit(cli::submit::SubmitArgs),
     /// Destroy sandboxes left behind by crashed kiln processes.
-    Reap(backend::BackendArgs),
+    Reap(kiln_sandbox::BackendFlags),
+    /// Templates of the microVM backends: build, list, remove.
+    #[command(subcommand)]
+    Template(cli::template::TemplateCommand),
     /// Snapshots of microVM memory.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -86,20 +87,6 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    // Which defaulted flags of `serve` were given (flag or environment), so
-    // that the config file is not overridden by a mere default.
-    let explicit = matches
-        .subcommand_matches("serve")
-        .map(|m| {
-            let given = |id: &&str| {
-                matches!(
-                    m.value_source(id),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                )
-            };
-            config::Explicit(config::Explicit::IDS.into_iter().filter(given).collect())
-        })
-        .unwrap_or_default();
     // The page server is plain threads that wait for signals with sigwait:
     // it must start before any runtime thread exists, or a signal could land
     // on a thread that does not block it.
@@ -117,7 +104,7 @@ pub fn main() -> ExitCode {
     };
     // The daemon's config decides its runtime, so it is read first.
     let serve_config = match &cli.command {
-        Command::Serve(args) => match config::Config::load(args, explicit) {
+        Command::Serve(args) => match config::Config::load(args) {
             Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("kiln: {e:#}");
@@ -158,6 +145,7 @@ pub fn main() -> ExitCode {
             }
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
+            Command::Template(cmd) => cli::template::run(cmd).await,
             Command::Snapshot(_) => unreachable!("handled before the runtime starts"),
         }
     });

@@ -2,15 +2,14 @@
 //! over the configured backend (one template per runtime, sized by the
 //! default limits; between two jobs a pooled sandbox is reset, see
 //! `Sandbox::reset`), [`Held`], a sandbox that is either leased from the pool
-//! or made on the spot for limits no template fits, and the few operations
-//! that depend on which backend made a sandbox (resizing, killing at once).
+//! or made on the spot for limits no template fits. What a backend can do
+//! (reset, resize) the scheduler asks through `Backend::capabilities`.
 
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::time::Duration;
 
 use kiln_protocol::Limits;
-use kiln_sandbox::jail::CgroupLimits;
 use kiln_sandbox::{AnyBackend, AnySandbox, Backend, Sandbox, SandboxError, SandboxSpec};
 use kiln_warmpool::{Factory, Lease, TemplateKey};
 use tracing::Instrument as _;
@@ -122,7 +121,7 @@ impl Held {
         match self {
             Held::Leased { lease, restore } => {
                 if let Some(limits) = restore {
-                    if let Err(e) = set_limits(&lease, &limits) {
+                    if let Err(e) = lease.resize((&limits).into()) {
                         tracing::debug!("restoring a pooled sandbox's limits failed ({e})");
                         return lease.discard();
                     }
@@ -161,40 +160,5 @@ pub fn template_limits(template: &SandboxSpec) -> Limits {
         cpu_millis: template.cpu_millis,
         disk_mb: template.disk_mb,
         ..Limits::default()
-    }
-}
-
-/// Resizes a leased sandbox's cgroup to a job's limits (jails only; a
-/// microVM's size is fixed when it boots).
-pub fn set_limits(sandbox: &AnySandbox, limits: &Limits) -> Result<(), String> {
-    let AnySandbox::Jail(jail) = sandbox else {
-        return Err("this backend cannot resize a running sandbox".into());
-    };
-    let cg = jail
-        .cgroup()
-        .ok_or_else(|| "the sandbox has no cgroup".to_owned())?;
-    cg.set_limits(CgroupLimits {
-        memory_bytes: limits.memory_mb * 1024 * 1024,
-        pids: limits.pids,
-        cpu_millis: limits.cpu_millis,
-    })
-    .map_err(|e| e.to_string())
-}
-
-/// Kills everything in a sandbox now (blocking; run it off the async
-/// threads), so that a TTL or a delete stops running code at once rather
-/// than when its exec next yields. The destroy that follows cleans up.
-pub fn kill_now(sandbox: &AnySandbox) {
-    match sandbox {
-        AnySandbox::Jail(j) => {
-            if let Some(cg) = j.cgroup() {
-                cg.kill_all(Duration::from_secs(2));
-            }
-        }
-        AnySandbox::Qemu(vm) => {
-            // SAFETY: kill has no memory-safety preconditions; the pid is the
-            // VM's QEMU process, our child, not reaped until destroy.
-            unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
-        }
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_protocol::{Acquire, JobId, JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
-use kiln_sandbox::{run_job, AnyBackend, Backend, Sandbox, SandboxSpec, Stream};
+use kiln_sandbox::{run_job, AnyBackend, Backend, Capabilities, Sandbox, SandboxSpec, Stream};
 use kiln_warmpool::{Pool, TemplateKey, TemplateSettings};
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
@@ -97,7 +97,7 @@ pub enum AdmitError {
     /// The job is invalid here (unknown runtime, id already in use); the
     /// result says why, its message starting with the field's name.
     #[error("{}", .0.message.as_deref().unwrap_or("rejected"))]
-    Rejected(JobResult),
+    Rejected(Box<JobResult>),
     /// Every run slot and queue slot is taken; try again after `retry_after`.
     #[error("the server is at capacity; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
@@ -188,6 +188,7 @@ struct Inner {
     settings: SchedulerSettings,
     runtimes: RuntimeTable,
     backend: AnyBackend,
+    capabilities: Capabilities,
     pool: Pool<SandboxFactory>,
     templates: HashMap<String, Template>,
     run_slots: Semaphore,
@@ -234,11 +235,13 @@ impl Scheduler {
             specs.insert(key.clone(), spec.clone());
             templates.insert(rt.name.clone(), Template { key, spec });
         }
-        // A microVM has no rooms to reset (`Sandbox::reset` is unsupported):
-        // each serves one job, instead of failing a recycle after every job.
-        let max_uses = match backend {
-            AnyBackend::Jail(_) => settings.max_uses,
-            AnyBackend::Qemu(_) => 1,
+        // A sandbox that cannot be reset (a microVM has no rooms to
+        // replace) serves one job, instead of failing a recycle after each.
+        let capabilities = backend.capabilities();
+        let max_uses = if capabilities.reset {
+            settings.max_uses
+        } else {
+            1
         };
         let pool = Pool::new(SandboxFactory::new(backend.clone(), specs));
         for t in templates.values() {
@@ -272,6 +275,7 @@ impl Scheduler {
             settings,
             runtimes,
             backend,
+            capabilities,
             pool,
             templates,
             running: AtomicUsize::new(0),
@@ -287,11 +291,34 @@ impl Scheduler {
         })
     }
 
+    /// For a backend with templates: prepares (builds if missing or
+    /// outdated) the template of every pooled runtime in the background,
+    /// logging each step. Until one is published, sandboxes of its runtime
+    /// are restored from an older template of the same kind or booted.
+    pub fn prepare_templates(&self) {
+        let inner = &self.inner;
+        if !inner.capabilities.templates {
+            return;
+        }
+        for (runtime, t) in &inner.templates {
+            let (inner, runtime, spec) = (self.inner.clone(), runtime.clone(), t.spec.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                inner.metrics.template_started();
+                let progress = |line: &str| tracing::info!(%runtime, "template: {line}");
+                let result = inner.backend.prepare_template(&spec, &progress).await;
+                let secs = started.elapsed().as_secs_f64();
+                inner.metrics.template_finished(result.is_ok(), secs);
+                match result {
+                    Ok(t) => tracing::info!(%runtime, template = %t.id, secs, "template ready"),
+                    Err(e) => tracing::error!(%runtime, "template could not be prepared: {e}"),
+                }
+            });
+        }
+    }
+
     /// Validates against the runtime table and admits. Never blocks: a full
     /// queue is an error.
-    // The error carries a whole ready `rejected` result by contract with the
-    // intakes; it is built only on the refusal path.
-    #[allow(clippy::result_large_err)]
     pub fn submit(&self, spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
@@ -303,10 +330,10 @@ impl Scheduler {
             Ok(r) => r.clone(),
             Err(e) => {
                 inner.metrics.rejected(opts.source, "invalid");
-                return Err(AdmitError::Rejected(JobResult::rejected(
+                return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
                     id,
                     format!("runtime: {e}"),
-                )));
+                ))));
             }
         };
         if !inner.admission.try_admit() {
@@ -318,10 +345,10 @@ impl Scheduler {
         let Some(record) = inner.jobs.insert(id.clone()) else {
             inner.admission.release();
             inner.metrics.rejected(opts.source, "invalid");
-            return Err(AdmitError::Rejected(JobResult::rejected(
+            return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
                 id.clone(),
                 format!("id: a job with id {id:?} already exists; use another id or none"),
-            )));
+            ))));
         };
         self.publish_capacity();
         let (sandbox_tx, sandbox_rx) = watch::channel(None);
@@ -485,7 +512,10 @@ async fn acquire(
     spec: &JobSpec,
 ) -> Result<(Held, Acquire), String> {
     if let Some(t) = inner.templates.get(&runtime.name) {
-        if sandboxes::fits(&t.spec, &spec.limits) {
+        let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
+        // A job whose limits the template's sandboxes cannot take gets a
+        // sandbox of its own rather than a pooled one thrown away.
+        if sandboxes::fits(&t.spec, &spec.limits) && (!resize || inner.capabilities.resize) {
             let lease = inner.pool.lease(&t.key).await.map_err(|e| {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
@@ -501,7 +531,7 @@ async fn acquire(
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,
             };
             lease.set_background(false);
-            if !sandboxes::needs_resize(&t.spec, &spec.limits) {
+            if !resize {
                 return Ok((
                     Held::Leased {
                         lease,
@@ -510,7 +540,7 @@ async fn acquire(
                     how,
                 ));
             }
-            match sandboxes::set_limits(&lease, &spec.limits) {
+            match lease.resize((&spec.limits).into()) {
                 Ok(()) => {
                     let restore = Some(sandboxes::template_limits(&t.spec));
                     return Ok((Held::Leased { lease, restore }, how));
@@ -569,6 +599,7 @@ async fn run(
             Err(e) => acquire_failed(&id, e),
             Ok((held, how)) => {
                 tracing::debug!(sandbox = %held.id(), acquire = ?how, "sandbox acquired");
+                let sandbox_timings = held.start_timings();
                 let rec = record.clone();
                 let mut sink = move |s: Stream, d: &[u8]| {
                     let b = Bytes::copy_from_slice(d);
@@ -609,6 +640,9 @@ async fn run(
                     }
                 };
                 result.timings.acquire = Some(how);
+                if how == Acquire::Cold {
+                    result.timings.sandbox = sandbox_timings;
+                }
                 result
             }
         };

@@ -331,7 +331,7 @@ impl Workspaces {
         let Some(held) = held else { return false };
         // Kill first, so that a running exec stops now, not when it yields.
         let h = held.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::sandboxes::kill_now(&h)).await;
+        let _ = tokio::task::spawn_blocking(move || h.kill_now()).await;
         let mut held = held;
         for _ in 0..500 {
             match Arc::try_unwrap(held) {

@@ -11,7 +11,9 @@
 //! every answer repeats it (an exec's tag is its [`ExecId`]).
 //!
 //! The exchange: the host sends [`Hello`], the agent answers [`HelloAck`] or
-//! an error and closes if the versions differ. Then any number of `PutFile`,
+//! an error and closes if the versions differ. In a microVM guest the host
+//! then sends [`GuestSetup`] (answered with `Ack`) before anything else.
+//! Then any number of `PutFile`,
 //! `GetFile`, `Exec` (+ `Stdin`, `Kill`), `Ping` and `Reset` requests, in any
 //! order and concurrently; the agent answers with `Ack`, `FileData`,
 //! `Started` / `Stdout` / `Stderr` / `Exit`, `Pong`, or `Error`.
@@ -30,7 +32,7 @@ use crate::limits::{MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FRAME_BYTES, MAX_PATH_B
 use crate::runtime::RuntimeTable;
 
 /// Version of this protocol; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// First frame, host to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,8 +63,8 @@ pub struct Rooms {
     /// Size of each of the room's three tmpfs, in MiB.
     pub disk_mb: u64,
     /// Seccomp programs every job process installs, in order, as the last
-    /// step before it runs job code: each a `struct sock_filter` array
-    /// (8 bytes per instruction, little-endian), base64 in JSON.
+    /// step before it runs job code: each in `kiln_sys::seccomp`'s wire
+    /// format (a `struct sock_filter` array), base64 in JSON.
     #[serde(with = "bpf_programs")]
     pub job_filters: Vec<Vec<u8>>,
     /// Bring each room's loopback interface up.
@@ -88,15 +90,64 @@ mod bpf_programs {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(p)
                     .map_err(serde::de::Error::custom)?;
-                if bytes.is_empty() || bytes.len() % 8 != 0 {
-                    return Err(serde::de::Error::custom(format!(
-                        "a seccomp program is a non-empty array of 8-byte instructions, not {} bytes",
-                        bytes.len()
-                    )));
-                }
+                kiln_sys::seccomp::check(&bytes).map_err(serde::de::Error::custom)?;
                 Ok(bytes)
             })
             .collect()
+    }
+}
+
+/// Host to agent in a microVM guest, after [`HelloAck`] on every
+/// connection: what is unique to this sandbox. A snapshot freezes the
+/// guest's memory and its kernel command line, so every VM restored from
+/// one template shares whatever travelled there, the random pool first of
+/// all; this frame brings each one its own. The agent applies it before it
+/// runs anything (an `Exec` before it is refused) and answers `Ack`, or
+/// `Error` when a step failed (the sandbox must then not be used).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSetup {
+    pub tag: u32,
+    /// The sandbox's id (given to jobs as `KILN_SANDBOX_ID`).
+    pub sandbox_id: String,
+    pub hostname: String,
+    /// Fresh random bytes, mixed into the kernel's pool and credited; the
+    /// kernel's generator is then reseeded from it (at most 512 bytes).
+    #[serde(with = "base64_bytes")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when it sent the frame, in nanoseconds since
+    /// the Unix epoch: a restored guest's clock stopped at snapshot time.
+    pub clock_unix_ns: u64,
+    /// Size of the work directory, `/tmp` and `/dev/shm` (tmpfs), in MiB.
+    pub disk_mb: u64,
+    /// Most tasks jobs may add to those running now.
+    pub pids: u64,
+}
+
+/// Most bytes of [`GuestSetup::entropy`] (the kernel's `RNDADDENTROPY`
+/// takes any size; 512 bytes is four times the pool).
+pub const MAX_SETUP_ENTROPY_BYTES: usize = 512;
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)?;
+        if bytes.len() > super::MAX_SETUP_ENTROPY_BYTES {
+            return Err(serde::de::Error::custom(format!(
+                "{} bytes of entropy; at most {}",
+                bytes.len(),
+                super::MAX_SETUP_ENTROPY_BYTES
+            )));
+        }
+        Ok(bytes)
     }
 }
 
@@ -220,6 +271,15 @@ pub enum Frame {
     Reset {
         tag: u32,
     },
+    /// Host to agent in a microVM guest (see [`GuestSetup`]).
+    Setup(GuestSetup),
+    /// Host to agent: answer with `Ack` once every runtime the hello asked
+    /// to pre-warm has a warm interpreter waiting (at once if it has
+    /// already). A template is snapshotted only after this, so that its
+    /// restores start warm.
+    AwaitWarm {
+        tag: u32,
+    },
     Started(Started),
     Stdout {
         tag: ExecId,
@@ -246,6 +306,8 @@ mod kind {
     pub const FILE_DATA: u8 = 0x0a;
     pub const ACK: u8 = 0x0b;
     pub const RESET: u8 = 0x0c;
+    pub const SETUP: u8 = 0x0d;
+    pub const AWAIT_WARM: u8 = 0x0e;
     pub const STARTED: u8 = 0x10;
     pub const STDOUT: u8 = 0x11;
     pub const STDERR: u8 = 0x12;
@@ -302,6 +364,8 @@ impl Frame {
             Frame::FileData { .. } => "file_data",
             Frame::Ack { .. } => "ack",
             Frame::Reset { .. } => "reset",
+            Frame::Setup(_) => "setup",
+            Frame::AwaitWarm { .. } => "await_warm",
             Frame::Started(_) => "started",
             Frame::Stdout { .. } => "stdout",
             Frame::Stderr { .. } => "stderr",
@@ -324,6 +388,7 @@ impl Frame {
             Frame::Exec(v) => json(out, kind::EXEC, v),
             Frame::Kill(v) => json(out, kind::KILL, v),
             Frame::GetFile(v) => json(out, kind::GET_FILE, v),
+            Frame::Setup(v) => json(out, kind::SETUP, v),
             Frame::Started(v) => json(out, kind::STARTED, v),
             Frame::Exit(v) => json(out, kind::EXIT, v),
             Frame::Error(v) => json(out, kind::ERROR, v),
@@ -333,6 +398,7 @@ impl Frame {
             Frame::FileData { tag, data } => tagged(out, kind::FILE_DATA, *tag, data),
             Frame::Ack { tag } => tagged(out, kind::ACK, *tag, &[]),
             Frame::Reset { tag } => tagged(out, kind::RESET, *tag, &[]),
+            Frame::AwaitWarm { tag } => tagged(out, kind::AWAIT_WARM, *tag, &[]),
             Frame::Ping(n) => {
                 out.push(kind::PING);
                 out.extend_from_slice(&n.to_be_bytes());
@@ -374,6 +440,7 @@ impl Frame {
             kind::EXEC => Frame::Exec(from_json("exec", rest)?),
             kind::KILL => Frame::Kill(from_json("kill", rest)?),
             kind::GET_FILE => Frame::GetFile(from_json("get_file", rest)?),
+            kind::SETUP => Frame::Setup(from_json("setup", rest)?),
             kind::STARTED => Frame::Started(from_json("started", rest)?),
             kind::EXIT => Frame::Exit(from_json("exit", rest)?),
             kind::ERROR => Frame::Error(from_json("error", rest)?),
@@ -401,6 +468,10 @@ impl Frame {
             kind::RESET => {
                 let (tag, _) = split_tag("reset", rest, 0)?;
                 Frame::Reset { tag }
+            }
+            kind::AWAIT_WARM => {
+                let (tag, _) = split_tag("await_warm", rest, 0)?;
+                Frame::AwaitWarm { tag }
             }
             kind::PING => Frame::Ping(u64_body("ping", rest)?),
             kind::PONG => Frame::Pong(u64_body("pong", rest)?),
@@ -673,6 +744,16 @@ mod tests {
             },
             Frame::Ack { tag: 1 },
             Frame::Reset { tag: 3 },
+            Frame::AwaitWarm { tag: 5 },
+            Frame::Setup(GuestSetup {
+                tag: 4,
+                sandbox_id: "0123456789abcdef".into(),
+                hostname: "kiln-0123456789abcdef".into(),
+                entropy: vec![0, 1, 254, 255],
+                clock_unix_ns: 1_765_000_000_000_000_000,
+                disk_mb: 64,
+                pids: 256,
+            }),
             Frame::Started(Started {
                 tag: 7,
                 pid: 3,
@@ -752,6 +833,23 @@ mod tests {
         serde_json::to_writer(&mut body, &hello).unwrap();
         let e = Frame::decode_body(&body).unwrap_err().to_string();
         assert!(e.contains("8-byte instructions"), "{e}");
+    }
+
+    #[test]
+    fn a_setup_with_too_much_entropy_is_refused() {
+        let mut setup = serde_json::to_value(samples().iter().find_map(|f| match f {
+            Frame::Setup(s) => Some(s.clone()),
+            _ => None,
+        }))
+        .unwrap();
+        use base64::Engine as _;
+        setup["entropy"] = base64::engine::general_purpose::STANDARD
+            .encode([7u8; MAX_SETUP_ENTROPY_BYTES + 1])
+            .into();
+        let mut body = vec![kind::SETUP];
+        serde_json::to_writer(&mut body, &setup).unwrap();
+        let e = Frame::decode_body(&body).unwrap_err().to_string();
+        assert!(e.contains("at most 512"), "{e}");
     }
 
     #[test]

@@ -13,10 +13,11 @@ mod runtime;
 
 pub use frame::{
     read_frame, Decoder, ExecError, ExecRequest, ExitReport, ExitStatus, Frame, FrameError,
-    GetFile, Hello, HelloAck, Kill, PutFile, Rooms, Started, PROTOCOL_VERSION,
+    GetFile, GuestSetup, Hello, HelloAck, Kill, PutFile, Rooms, Started, MAX_SETUP_ENTROPY_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use job::{
-    check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome, SpecError,
-    Timings, Usage,
+    check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome,
+    SandboxStart, SandboxTimings, SpecError, Timings, Usage,
 };
 pub use runtime::{Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML};

@@ -51,6 +51,16 @@
 //! Everything a fork inherits was made before any job existed, and nothing
 //! a job does reaches the zygote. Where rooms are not in use (a microVM
 //! guest), the same command runs as a plain warm start.
+//!
+//! ## Clones
+//!
+//! A microVM restored from a template snapshot arrives with the warm
+//! interpreters the template had, and so with their state, random number
+//! generators included, shared by every clone. A warm start marked
+//! `reseeds = true` draws its generators afresh from the operating system
+//! when it takes its job (after the guest setup has renewed the kernel's
+//! pool); the agent replaces every other warm interpreter after the setup,
+//! at the price of a cold start for the next job.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +74,11 @@ pub struct WarmStart {
     /// interpreter instead of each being started from scratch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zygote: bool,
+    /// The interpreter reseeds its random number generators from the
+    /// operating system when it takes its job (see "Clones" above), so a
+    /// restored guest may keep it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reseeds: bool,
 }
 
 /// One language runtime.

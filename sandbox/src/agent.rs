@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{
-    limits::MAX_CHUNK_BYTES, Decoder, ExecRequest, Frame, GetFile, Hello, HelloAck, Kill, PutFile,
+    limits::MAX_CHUNK_BYTES, Decoder, ExecRequest, Frame, GetFile, GuestSetup, Hello, HelloAck,
+    Kill, PutFile,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
@@ -309,6 +310,40 @@ impl AgentConn {
             Frame::Ack { .. } => Ok(()),
             f => Err(AgentError::Protocol(format!(
                 "{} in answer to reset",
+                f.name()
+            ))),
+        }
+    }
+
+    /// Waits until every runtime the hello asked to pre-warm has a warm
+    /// interpreter waiting (a template is snapshotted only then).
+    pub async fn await_warm(&self, within: Duration) -> Result<(), AgentError> {
+        let tag = self.inner.tag();
+        match self
+            .request_within(tag, Frame::AwaitWarm { tag }, within)
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            f => Err(AgentError::Protocol(format!(
+                "{} in answer to await_warm",
+                f.name()
+            ))),
+        }
+    }
+
+    /// Sends a microVM guest what is unique to its sandbox (entropy, clock,
+    /// hostname, id, limits) and waits until the agent has applied it; the
+    /// tag is assigned here.
+    pub async fn setup(&self, mut setup: GuestSetup, within: Duration) -> Result<(), AgentError> {
+        let tag = self.inner.tag();
+        setup.tag = tag;
+        match self
+            .request_within(tag, Frame::Setup(setup), within)
+            .await?
+        {
+            Frame::Ack { .. } => Ok(()),
+            f => Err(AgentError::Protocol(format!(
+                "{} in answer to setup",
                 f.name()
             ))),
         }

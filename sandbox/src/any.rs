@@ -68,6 +68,18 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.stats())
     }
 
+    fn resize(&self, to: crate::Resources) -> Result<(), SandboxError> {
+        each!(self, s => s.resize(to))
+    }
+
+    fn kill_now(&self) {
+        each!(self, s => s.kill_now())
+    }
+
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        each!(self, s => s.start_timings())
+    }
+
     fn set_background(&self, background: bool) {
         each!(self, s => s.set_background(background))
     }
@@ -91,6 +103,13 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn capabilities(&self) -> crate::Capabilities {
+        match self {
+            Self::Jail(b) => b.capabilities(),
+            Self::Qemu(b) => b.capabilities(),
+        }
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<AnySandbox, SandboxError> {
         match self {
             Self::Jail(b) => b.create(spec).await.map(AnySandbox::Jail),
@@ -102,6 +121,31 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.reap_orphans(),
             Self::Qemu(b) => b.reap_orphans(),
+        }
+    }
+
+    async fn prepare_template(
+        &self,
+        spec: &SandboxSpec,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<crate::TemplateInfo, SandboxError> {
+        match self {
+            Self::Jail(b) => b.prepare_template(spec, progress).await,
+            Self::Qemu(b) => b.prepare_template(spec, progress).await,
+        }
+    }
+
+    fn templates(&self) -> Result<Vec<crate::TemplateInfo>, SandboxError> {
+        match self {
+            Self::Jail(b) => b.templates(),
+            Self::Qemu(b) => b.templates(),
+        }
+    }
+
+    fn remove_template(&self, id: &str) -> Result<(), SandboxError> {
+        match self {
+            Self::Jail(b) => b.remove_template(id),
+            Self::Qemu(b) => b.remove_template(id),
         }
     }
 }

@@ -11,7 +11,11 @@ mod any;
 pub mod jail;
 mod procfs;
 pub mod qemu;
+pub mod record;
 mod run;
+pub mod settings;
+pub mod template;
+pub mod vm;
 
 use std::fmt;
 use std::future::Future;
@@ -20,6 +24,8 @@ pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim, PendingReply};
 pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};
+pub use settings::{BackendFlags, BackendKind, BackendSettings, OpenError};
+pub use template::TemplateInfo;
 
 /// A sandbox id: 16 random hex digits, unique per host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,14 +85,67 @@ impl SandboxSpec {
     }
 }
 
-/// Live figures of a sandbox.
+/// Live figures of a sandbox, as far as its backend can see them (`None`:
+/// this backend cannot tell).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SandboxStats {
     pub memory_bytes: u64,
     pub memory_peak_bytes: Option<u64>,
+    /// CPU time used since the sandbox started, in microseconds.
     pub cpu_usage_us: Option<u64>,
     pub pids: u64,
     pub oom_kills: u64,
+    /// Used and total bytes of the work directory.
+    pub disk_used_bytes: Option<u64>,
+    pub disk_total_bytes: Option<u64>,
+    /// Received and sent bytes, summed over the sandbox's interfaces.
+    pub net_rx_bytes: Option<u64>,
+    pub net_tx_bytes: Option<u64>,
+}
+
+/// The resources of a live sandbox that [`Sandbox::resize`] can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub memory_mb: u64,
+    pub pids: u64,
+    pub cpu_millis: u64,
+}
+
+impl From<&Limits> for Resources {
+    fn from(l: &Limits) -> Self {
+        Self {
+            memory_mb: l.memory_mb,
+            pids: l.pids,
+            cpu_millis: l.cpu_millis,
+        }
+    }
+}
+
+impl From<&SandboxSpec> for Resources {
+    fn from(s: &SandboxSpec) -> Self {
+        Self {
+            memory_mb: s.memory_mb,
+            pids: s.pids,
+            cpu_millis: s.cpu_millis,
+        }
+    }
+}
+
+/// What a backend's sandboxes can do besides running jobs. The pool, the
+/// scheduler and the API ask this instead of knowing which backend they
+/// have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// [`Sandbox::reset`] makes a used sandbox as fresh as a new one, so
+    /// that it may serve another tenant's job; without it a sandbox serves
+    /// one lease and is destroyed.
+    pub reset: bool,
+    /// [`Sandbox::resize`] changes the memory, pids and CPU of a live
+    /// sandbox, so that a pooled sandbox can serve a job with other limits.
+    pub resize: bool,
+    /// Sandboxes are restored from templates ([`Backend::prepare_template`])
+    /// instead of booted, once a template for their spec exists.
+    pub templates: bool,
 }
 
 /// What orphan reaping found and removed.
@@ -98,35 +157,45 @@ pub struct ReapReport {
     pub failed: Vec<String>,
 }
 
+impl ReapReport {
+    /// Adds another report's findings to this one.
+    pub fn extend(&mut self, other: ReapReport) {
+        self.reaped.extend(other.reaped);
+        self.failed.extend(other.failed);
+    }
+}
+
 /// Why a sandbox could not be created or used.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// The request asks for something this backend cannot do.
     #[error("{0}")]
     Unsupported(String),
-    /// Setting up the sandbox's cgroup failed.
-    #[error(transparent)]
-    Cgroup(#[from] jail::CgroupError),
-    /// A host-side setup step failed.
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The sandbox's init failed before running the agent.
-    #[error("jail setup failed at {step}: {source}")]
-    Setup {
-        step: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A host-side step failed (`what` names the step).
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     /// The agent did not come up or broke the protocol.
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
-    /// The seccomp filter could not be built.
-    #[error(transparent)]
-    Seccomp(#[from] jail::SeccompError),
+    /// A step of the backend's own failed; its error names the step.
+    #[error("{backend}: {error}")]
+    Backend {
+        backend: &'static str,
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SandboxError {
+    /// A failure of `backend`'s own.
+    pub fn backend(
+        backend: &'static str,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Backend {
+            backend,
+            error: Box::new(error),
+        }
+    }
 }
 
 /// A ready sandbox with a connected agent.
@@ -152,12 +221,32 @@ pub trait Sandbox: Send + Sync {
     }
     /// Peak memory of the sandbox so far, when the backend knows it.
     fn memory_peak_bytes(&self) -> Option<u64>;
+    /// Live figures for metrics streams (reads the host's view now; not
+    /// for a job's hot path).
     fn stats(&self) -> SandboxStats;
+    /// Changes memory, pids and CPU of the live sandbox. Only called when
+    /// the backend's [`Capabilities::resize`] is set; `Err` leaves the
+    /// sandbox unfit for the job (the caller destroys it or runs the job
+    /// elsewhere).
+    fn resize(&self, _to: Resources) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this backend cannot resize a running sandbox".into(),
+        ))
+    }
+    /// How this sandbox was made, step by step (reported with the result
+    /// of a job whose sandbox was made for it).
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        None
+    }
+    /// Kills every process inside now, so that a TTL or a delete stops
+    /// running code at once rather than when its exec next yields. Blocking
+    /// (run it off the async threads); the sandbox is destroyed afterwards.
+    fn kill_now(&self);
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}
     /// Makes a sandbox whose job ended as fresh as a new one, for the next
-    /// job: every process the job left killed, every file, namespace and
+    /// job (only called when the backend's [`Capabilities::reset`] is set): every process the job left killed, every file, namespace and
     /// counter of its gone, the warm runtimes ready again. `Err` when the
     /// backend cannot (then the owner destroys it); a sandbox whose reset
     /// failed must not run anything else.
@@ -179,6 +268,8 @@ pub trait Backend: Send + Sync + 'static {
     type Sandbox: Sandbox + 'static;
     /// `"jail"`, `"firecracker"`, ...
     fn name(&self) -> &'static str;
+    /// What this backend's sandboxes can do.
+    fn capabilities(&self) -> Capabilities;
     /// Creates a sandbox whose agent has completed the handshake and started
     /// warming `spec.warm`.
     fn create(
@@ -187,4 +278,35 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Sandbox, SandboxError>> + Send;
     /// Destroys what earlier, crashed processes left (call at start-up).
     fn reap_orphans(&self) -> ReapReport;
+
+    /// Makes sure the template for sandboxes of `spec` is built and
+    /// published from the current inputs (see `template`), building it if
+    /// it is missing or outdated; `progress` hears each step as a line.
+    /// Afterwards `create` restores such sandboxes from it. Only for a
+    /// backend with [`Capabilities::templates`].
+    fn prepare_template(
+        &self,
+        _spec: &SandboxSpec,
+        _progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> impl Future<Output = Result<TemplateInfo, SandboxError>> + Send {
+        async {
+            Err(SandboxError::Unsupported(format!(
+                "the {} backend has no templates",
+                self.name()
+            )))
+        }
+    }
+
+    /// This backend's published templates (none without templates).
+    fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes a published template; sandboxes restored from it live on.
+    fn remove_template(&self, id: &str) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(format!(
+            "the {} backend has no templates (no template {id})",
+            self.name()
+        )))
+    }
 }

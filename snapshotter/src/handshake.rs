@@ -271,7 +271,7 @@ impl RegionTable {
                     min: system_page,
                 });
             }
-            let aligned = |v: u64| v % page_size == 0;
+            let aligned = |v: u64| v.is_multiple_of(page_size);
             if m.size == 0
                 || !aligned(m.base_host_virt_addr)
                 || !aligned(m.size)

@@ -25,7 +25,7 @@ const BUCKETS: usize = 57;
 /// Upper bound of bucket `i` in nanoseconds: 256 ns x 2^(i/2).
 fn bucket_bound_ns(i: usize) -> u64 {
     let base = 256u64 << (i / 2);
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         base
     } else {
         base + base * 41 / 100

@@ -20,7 +20,7 @@
 //! publication: it is derived data, replaced atomically, and its header ties
 //! it to the memory file's checksum, so it can never describe other bytes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -195,6 +195,11 @@ pub struct Manifest {
     pub rootfs: ArtifactIdentity,
     /// File name of the working set (present once a recording restore ran).
     pub working_set: String,
+    /// Everything else the snapshot was made from, by name (agent build,
+    /// runtime table, VMM version, machine configuration, ...): a change
+    /// in any of them makes another snapshot.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
 }
 
 /// What to publish.
@@ -212,6 +217,8 @@ pub struct SnapshotDraft<'a> {
     pub kernel: ArtifactIdentity,
     /// Identity of the rootfs.
     pub rootfs: ArtifactIdentity,
+    /// Everything else it was made from (see [`Manifest::inputs`]).
+    pub inputs: BTreeMap<String, String>,
 }
 
 /// A published snapshot.
@@ -410,6 +417,7 @@ impl SnapshotStore {
             kernel: draft.kernel.clone(),
             rootfs: draft.rootfs.clone(),
             working_set: WORKING_SET.into(),
+            inputs: draft.inputs.clone(),
         };
         let manifest_path = staging.join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -484,6 +492,24 @@ impl SnapshotStore {
         }
         out.sort_by(|a, b| a.manifest.id.cmp(&b.manifest.id));
         Ok(out)
+    }
+
+    /// Deletes one snapshot: renamed into `trash/` first, so that it
+    /// disappears atomically, then its files are removed. A VM restored
+    /// from it keeps the files it has open.
+    pub fn remove(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        let dir = self.snapshots_dir().join(id.as_str());
+        if !dir.exists() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let trash = self
+            .root
+            .join("trash")
+            .join(format!("{id}.{}", std::process::id()));
+        fs::rename(&dir, &trash).map_err(io_err("rename", &dir))?;
+        fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))?;
+        tracing::info!(%id, "snapshot removed");
+        Ok(())
     }
 
     /// Deletes every snapshot not in `keep`, and leftover staging directories
@@ -565,6 +591,7 @@ mod tests {
             vmstate: vm,
             kernel: ident("vmlinux"),
             rootfs: ident("rootfs.ext4"),
+            inputs: [("agent".to_string(), "0.1.0 abc".to_string())].into(),
         }
     }
 
@@ -596,6 +623,21 @@ mod tests {
                 .is_none(),
             "staging is empty"
         );
+    }
+
+    #[test]
+    fn inputs_read_back_and_a_removed_snapshot_is_gone() {
+        let (_dir, store, mem, vm) = setup("remove");
+        let snap = store.publish(&draft("py-2", &mem, &vm)).unwrap();
+        let id = snap.manifest().id.clone();
+        assert_eq!(
+            store.get(&id).unwrap().manifest().inputs["agent"],
+            "0.1.0 abc"
+        );
+        store.remove(&id).unwrap();
+        assert!(matches!(store.get(&id), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.remove(&id), Err(StoreError::NotFound(_))));
+        assert!(store.list().unwrap().is_empty());
     }
 
     #[test]

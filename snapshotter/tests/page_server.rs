@@ -591,7 +591,7 @@ fn parallel_prefetch_layout(
     ];
     let (in_ws, holes): (Vec<_>, Vec<_>) = shuffled_pages(&regions, 61)
         .into_iter()
-        .partition(|&(r, off)| (regions[r].offset + off) / PAGE % 61 != 0);
+        .partition(|&(r, off)| !((regions[r].offset + off) / PAGE).is_multiple_of(61));
     let identity = kiln_snapshotter::memory::MemoryFile::open(mem)
         .unwrap()
         .identity();

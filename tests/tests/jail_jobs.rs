@@ -172,12 +172,12 @@ fn bad_input_is_rejected_naming_what_was_wrong() {
         (
             "memory too small",
             vec!["--runtime", "python", "-c", "x", "--memory", "1M"],
-            "limits.memory_mb",
+            "--memory",
         ),
         (
             "timeout too long",
             vec!["--runtime", "python", "-c", "x", "--timeout", "10h"],
-            "limits.timeout_ms",
+            "--timeout",
         ),
         (
             "bad duration",

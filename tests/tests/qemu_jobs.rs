@@ -197,7 +197,7 @@ fn timeout_memory_bomb_and_output_cap_end_like_in_the_jail() {
             "--runtime",
             "bash",
             "--output-limit",
-            "1000",
+            "1000B",
             "--timeout",
             "60s",
             "-c",

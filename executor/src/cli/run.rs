@@ -12,7 +12,7 @@ use kiln_protocol::{limits, Acquire, JobId, JobResult, JobSpec, Outcome};
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec, Stream};
 
 use super::job::{job_bytes, read_bounded, JobArgs};
-use crate::backend::{self, BackendArgs, BackendKind, QemuArgs};
+use kiln_sandbox::BackendFlags;
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -21,10 +21,20 @@ Examples:
   kiln run script.py -- arg1 arg2
   echo 'console.log(2)' | kiln run --runtime node
   kiln run --job job.json --json
+  kiln run --job job.json --timeout 1s --runtime python3   # flags override the file
+
+Limits: sizes and durations need their unit; a bare number is refused.
+Sizes are binary, any case: 100B, 512K, 64M, 1G (64MB = 64MiB = 64M).
+Durations: 500ms, 1.5s, 2m, 1h. --pids is a whole number, --cpus a
+number of CPUs (0.5). Out of range values are refused with the range.
+
+With --job, the other job flags override the document's fields (--runtime,
+ARGS and limits replace, --env and --file add); the job's stdin is the
+document's `stdin`, kiln's own stdin is not read.
 
 Exit status: the job's own (128+N if killed by signal N); 124 on timeout,
 137 when out of memory or killed at the output cap, 2 when the job was
-rejected, 70 when Kiln itself failed.")]
+rejected (a wrong flag included), 70 when Kiln itself failed.")]
 pub struct RunArgs {
     #[command(flatten)]
     pub job_args: JobArgs,
@@ -34,18 +44,8 @@ pub struct RunArgs {
     /// Print the JobResult as JSON instead of streaming the output.
     #[arg(long)]
     json: bool,
-    /// Sandbox backend: jail, or qemu (a microVM).
-    #[arg(
-        long = "backend",
-        env = "KILN_BACKEND",
-        value_enum,
-        default_value = "jail"
-    )]
-    kind: BackendKind,
     #[command(flatten)]
-    backend: BackendArgs,
-    #[command(flatten)]
-    qemu: QemuArgs,
+    backend: BackendFlags,
 }
 
 /// Exit status for a result (see the command's help).
@@ -64,8 +64,8 @@ pub fn exit_status(r: &JobResult) -> u8 {
     }
 }
 
-/// Parses the job from the flags or `--job`; `Err` carries the message of
-/// a ready `rejected` result.
+/// Parses the job from the flags, or from `--job` with the flags laid over
+/// it; `Err` carries the message of a ready `rejected` result.
 fn parse_job(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> Result<(JobSpec, bool), String> {
     let (bytes, used_stdin) = job_bytes(&a.job_args, table).map_err(|e| format!("{e:#}"))?;
     let spec = JobSpec::from_json(&bytes).map_err(|e| e.to_string())?;
@@ -74,7 +74,8 @@ fn parse_job(a: &RunArgs, table: &kiln_protocol::RuntimeTable) -> Result<(JobSpe
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let table = backend::runtime_table(&a.backend)?;
+    let settings = a.backend.settings();
+    let table = settings.runtime_table()?;
     let reject = |msg: String| {
         let r = JobResult::rejected(JobId::random(), msg);
         report(&r, a.json);
@@ -95,12 +96,19 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
-    let backend = backend::any(a.kind, &a.backend, &a.qemu, table)?;
+    let backend = settings.open(table)?;
+    let sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
+    if backend.capabilities().templates {
+        // The first run of a runtime and size builds its template (seconds);
+        // later ones find it at once and restore from it. A failed build
+        // costs the job only a boot.
+        let progress = |line: &str| eprintln!("kiln: template: {line}");
+        if let Err(e) = backend.prepare_template(&sandbox_spec, &progress).await {
+            eprintln!("kiln: no template ({e}); booting the sandbox instead");
+        }
+    }
     let acquire_start = Instant::now();
-    let sandbox = match backend
-        .create(&SandboxSpec::for_job(&spec.limits, &runtime.name))
-        .await
-    {
+    let sandbox = match backend.create(&sandbox_spec).await {
         Ok(s) => s,
         Err(e) => {
             let r = JobResult::internal(id, format!("creating the sandbox: {e}"));

@@ -14,7 +14,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::amqp::{AmqpIntake, AmqpMetrics};
-use crate::backend;
 use crate::config::{Config, ServeArgs};
 use crate::http::{self, App};
 use crate::metrics::Metrics;
@@ -49,8 +48,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
     let addr = config.bind_addr()?;
-    let bargs = config.backend_args();
-    let table = backend::runtime_table(&bargs)?;
+    let table = config.backends.runtime_table()?;
     let pooled = if config.pool.runtimes.is_empty() {
         table.names().into_iter().map(str::to_owned).collect()
     } else {
@@ -58,12 +56,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> 
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let sandboxes = backend::any(
-        config.backend_kind()?,
-        &bargs,
-        &config.qemu_args(),
-        table.clone(),
-    )?;
+    let sandboxes = config.backends.open(table.clone())?;
     let metrics = Metrics::default();
     let scheduler = Scheduler::new(
         scheduler_settings(&config, pooled),
@@ -71,6 +64,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> 
         table,
         metrics.clone(),
     )?;
+    scheduler.prepare_templates();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     scheduler.register_pool_metrics(&mut registry);

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kiln_protocol::{JobResult, RuntimeTable};
+use kiln_protocol::{JobId, JobResult, RuntimeTable};
 use serde_json::Value;
 
 use super::job::{job_bytes, JobArgs};
@@ -25,10 +25,15 @@ Examples:
   kiln submit --runtime python -c 'print(1)'
   kiln submit script.py --follow -- arg1
   kiln submit --job job.json --json
+  kiln submit --job job.json --timeout 30s --memory 1G   # flags override the file
   KILN_SERVER=http://kiln-node-1:8080 KILN_TOKEN=... kiln submit main.js
 
+Job flags with --job override the document's fields. Sizes and durations
+need their unit (64M, 1G; 500ms, 10s, 2m; see `kiln run --help`).
+
 Exit status: as `kiln run` (the job's own; 124 timeout; 137 oom/killed;
-2 rejected; 70 internal), and 75 when the server is busy or shutting down.")]
+2 rejected, by the server or for a wrong flag; 70 internal), and 75 when
+the server is busy or shutting down.")]
 pub struct SubmitArgs {
     #[command(flatten)]
     job_args: JobArgs,
@@ -147,7 +152,16 @@ fn print_result(r: &JobResult, json: bool, output: bool) {
 }
 
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let (body, _) = job_bytes(&a.job_args, &RuntimeTable::default())?;
+    // A job the command line gets wrong is rejected here, like `kiln run`
+    // rejects it (status 2, a rejected result with --json), not sent.
+    let body = match job_bytes(&a.job_args, &RuntimeTable::default()) {
+        Ok((body, _)) => body,
+        Err(e) => {
+            let r = JobResult::rejected(JobId::random(), format!("{e:#}"));
+            print_result(&r, a.json, false);
+            return Ok(ExitCode::from(exit_status(&r)));
+        }
+    };
     if a.no_wait {
         let resp = send(&a, "/v1/jobs?wait=false", body, false).await?;
         if !resp.status().is_success() {

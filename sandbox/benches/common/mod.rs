@@ -66,8 +66,8 @@ pub fn runtimes() -> RuntimeTable {
 /// The release agent (or `KILN_AGENT`), and a backend whose sandboxes live
 /// under their own state directory and cgroup parent.
 pub fn backend() -> JailBackend {
-    // SAFETY: geteuid has no preconditions.
     assert!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() } == 0,
         "the jail benchmarks need root"
     );

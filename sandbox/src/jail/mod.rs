@@ -22,7 +22,6 @@
 //! namespace.
 
 mod cgroup;
-mod record;
 mod seccomp;
 mod spawn;
 
@@ -40,10 +39,10 @@ use kiln_protocol::{Hello, Rooms, RuntimeTable, PROTOCOL_VERSION};
 pub use seccomp::SeccompError;
 use seccompiler::BpfProgram;
 
+use crate::record::{self, Record};
 use crate::{
     AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
 };
-use record::Record;
 use spawn::{Plan, Step};
 
 /// Where a jail's root filesystem comes from.
@@ -100,6 +99,42 @@ impl JailConfig {
     }
 }
 
+/// Why a jail could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// Setting up or changing the jail's cgroup failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The jail's init failed before running the agent.
+    #[error("setup failed at {step}: {source}")]
+    Setup {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The seccomp filter could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+}
+
+impl From<JailError> for SandboxError {
+    fn from(e: JailError) -> Self {
+        SandboxError::backend("jail", e)
+    }
+}
+
+impl From<CgroupError> for SandboxError {
+    fn from(e: CgroupError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
+impl From<SeccompError> for SandboxError {
+    fn from(e: SeccompError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
 /// Where inside the jail jobs run.
 pub const WORKDIR: &str = "/work";
 
@@ -149,7 +184,7 @@ pub struct JailBackend {
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     let what = what.into();
-    move |source| SandboxError::Io { what, source }
+    move |error| SandboxError::Io { what, error }
 }
 
 fn cstr(p: impl AsRef<Path>) -> CString {
@@ -159,8 +194,9 @@ fn cstr(p: impl AsRef<Path>) -> CString {
 /// Mount flags of the filesystem at `path` that a bind remount must keep.
 fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
     let c = cstr(path);
-    // SAFETY: statvfs fills the zeroed struct from a valid C path.
+    // SAFETY: statvfs is plain data, valid when zeroed.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct from a valid C path.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -420,8 +456,8 @@ impl Inner {
         let dir = self.jail_dir(id);
         let root = dir.join("root");
         fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
-        let dirs = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
-        let mut rec = Record::new(id.as_str(), self.owner, dirs);
+        let mut rec = Record::new("jail", id.as_str(), self.owner);
+        rec.cgroups = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
         rec.write(&dir)
             .map_err(io_err("writing the sandbox record"))?;
         let cg = match Cgroup::create(
@@ -466,7 +502,7 @@ impl Inner {
         drop(theirs);
         drop(log_w);
         let pid = child.pid;
-        rec.set_pid(pid);
+        rec.add_process(pid);
         let prepared = (|| -> Result<(), SandboxError> {
             rec.write(&dir)
                 .map_err(io_err("updating the sandbox record"))?;
@@ -483,10 +519,11 @@ impl Inner {
         }
         if let Err((step, errno)) = child.release() {
             let step = spawn::describe_step(&plan, step);
-            let e = SandboxError::Setup {
+            let e = JailError::Setup {
                 step,
                 source: io::Error::from_raw_os_error(errno),
-            };
+            }
+            .into();
             return Err(fail(e, Some(pid), &cg));
         }
         Ok(Started {
@@ -542,6 +579,7 @@ fn remove_jail_dir(dir: &Path) {
 pub struct Jail {
     id: SandboxId,
     agent: AgentConn,
+    timings: kiln_protocol::SandboxTimings,
     remains: Option<Remains>,
     /// The CPU weight last set successfully, so that setting it again costs
     /// nothing (a write per lease saved).
@@ -650,17 +688,65 @@ impl Sandbox for Jail {
         }
     }
 
+    /// The cgroup's figures; disk use of the work directory (statvfs
+    /// through `/proc/<holder>/root`, which reaches into the mount
+    /// namespace of the current room) and the network counters of the
+    /// room's own network namespace (`/proc/<holder>/net/dev`).
     fn stats(&self) -> SandboxStats {
         let Some(r) = &self.remains else {
             return SandboxStats::default();
         };
         let s = r.cgroup.stats();
+        // One read of the group's processes serves both the room's holder
+        // and, where cgroup v1's cpuacct is not beside the jail's group,
+        // the CPU time (the agent is init and reaps every job, so finished
+        // jobs stay counted in its children's time).
+        let procs = r.cgroup.procs();
+        let holder = self.room_pid_among(&procs);
+        let disk =
+            holder.and_then(|p| crate::procfs::disk_usage(&format!("/proc/{p}/root{WORKDIR}")));
+        let net = holder.and_then(crate::procfs::net_bytes);
         SandboxStats {
             memory_bytes: s.memory_bytes,
             memory_peak_bytes: s.memory_peak_bytes,
-            cpu_usage_us: s.cpu_usage_us,
+            cpu_usage_us: s
+                .cpu_usage_us
+                .or_else(|| Some(crate::procfs::cpu_us(&procs, true))),
             pids: s.pids,
             oom_kills: s.oom_kills,
+            disk_used_bytes: disk.map(|d| d.0),
+            disk_total_bytes: disk.map(|d| d.1),
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
+        }
+    }
+
+    /// Writes the cgroup's limits; a smaller memory limit may OOM-kill
+    /// (cgroup v2), so the OOM count is read again afterwards (see
+    /// [`Sandbox::oom_kills_seen`]).
+    fn resize(&self, to: crate::Resources) -> Result<(), SandboxError> {
+        let r = self
+            .remains
+            .as_ref()
+            .ok_or_else(|| SandboxError::Unsupported("the jail is being destroyed".into()))?;
+        r.cgroup.set_limits(CgroupLimits {
+            memory_bytes: to.memory_mb * 1024 * 1024,
+            pids: to.pids,
+            cpu_millis: to.cpu_millis,
+        })?;
+        Ok(())
+    }
+
+    /// A jail's start is the clone until its init is released; its
+    /// connection is a socket pair made beforehand; its setup is the
+    /// handshake.
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        Some(self.timings)
+    }
+
+    fn kill_now(&self) {
+        if let Some(r) = &self.remains {
+            r.cgroup.kill_all(Duration::from_secs(2));
         }
     }
 
@@ -687,6 +773,16 @@ impl Backend for JailBackend {
         "jail"
     }
 
+    /// A jail resets (its agent replaces the room) and resizes (cgroup
+    /// limits).
+    fn capabilities(&self) -> crate::Capabilities {
+        crate::Capabilities {
+            reset: true,
+            resize: true,
+            templates: false,
+        }
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<Jail, SandboxError> {
         if spec.allow_internet {
             return Err(SandboxError::Unsupported(
@@ -701,6 +797,7 @@ impl Backend for JailBackend {
                 .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         }
         let id = SandboxId::random();
+        let t0 = std::time::Instant::now();
         let inner = self.inner.clone();
         let spec2 = spec.clone();
         let id2 = id.clone();
@@ -708,7 +805,7 @@ impl Backend for JailBackend {
             .await
             .map_err(|e| SandboxError::Io {
                 what: "jail start task".into(),
-                source: io::Error::other(e.to_string()),
+                error: io::Error::other(e.to_string()),
             })??;
         let Started {
             pid,
@@ -736,7 +833,14 @@ impl Backend for JailBackend {
                 return Err(e);
             }
         };
-        let jail = Jail {
+        let started = t0.elapsed();
+        let mut jail = Jail {
+            timings: kiln_protocol::SandboxTimings {
+                how: kiln_protocol::SandboxStart::Boot,
+                start_ms: started.as_secs_f64() * 1000.0,
+                connect_ms: 0.0,
+                setup_ms: 0.0,
+            },
             id,
             agent: AgentConn::new(stream),
             remains: Some(remains),
@@ -757,6 +861,7 @@ impl Backend for JailBackend {
         };
         match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
             Ok(_) => {
+                jail.timings.setup_ms = (t0.elapsed() - started).as_secs_f64() * 1000.0;
                 jail.oom_kills();
                 Ok(jail)
             }
@@ -768,12 +873,27 @@ impl Backend for JailBackend {
     }
 
     fn reap_orphans(&self) -> ReapReport {
-        record::reap(
-            &self.inner.cfg.state_dir.join("jails"),
+        reap_jails(
+            &self.inner.cfg.state_dir,
             &self.inner.layout,
             self.inner.owner,
         )
     }
+}
+
+/// Destroys the jails recorded under `state_dir` whose owner died: kills
+/// their init, empties and removes their cgroups, removes their
+/// directories. Needs no agent binary, so `kiln reap` can run it anywhere.
+pub fn reap_jails(state_dir: &Path, layout: &CgroupLayout, me: record::Owner) -> ReapReport {
+    record::reap_records(&state_dir.join("jails"), me, |rec, _dir| {
+        rec.kill_and_remove_paths();
+        let cg = Cgroup::from_dirs(layout, rec.cgroups.clone());
+        if cg.kill_all(Duration::from_secs(5)) && cg.remove() {
+            Ok(())
+        } else {
+            Err(format!("cgroup {:?} could not be emptied", rec.cgroups))
+        }
+    })
 }
 
 #[cfg(test)]

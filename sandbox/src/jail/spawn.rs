@@ -316,8 +316,8 @@ fn place_fd(fd: RawFd, target: RawFd) -> bool {
 
 /// The child, between clone and exec.
 fn child_main(ctx: &ChildCtx) -> isize {
-    // SAFETY (whole function): only raw, async-signal-safe system calls on
-    // C strings and structures prepared by the parent before clone; no
+    // SAFETY: (the whole function) only raw, async-signal-safe system calls
+    // on C strings and structures prepared by the parent before clone; no
     // allocation, no locks, no unwinding (failures `_exit`).
     unsafe {
         libc::close(ctx.go_w);

@@ -15,32 +15,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::*;
 use crate::{run_job, Backend, Sandbox, SandboxSpec};
 
-fn newest(cache: &Path, prefix: &str, file: &str) -> Option<PathBuf> {
-    fs::read_dir(cache)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .map(|e| e.path().join(file))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-}
-
 /// The guest artefacts, or `None` (SKIPPED) when they are not built.
 pub(crate) fn guest_artefacts() -> Option<(PathBuf, PathBuf)> {
-    let cache = PathBuf::from(
-        std::env::var("KILN_GUEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln/guest".into()),
-    );
-    let kernel = std::env::var_os("KILN_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .or_else(|| newest(&cache, "kernel-", "vmlinux"));
-    let rootfs = std::env::var_os("KILN_GUEST_ROOTFS")
-        .map(PathBuf::from)
-        .or_else(|| newest(&cache, "rootfs-", "rootfs.ext4"));
-    match (kernel, rootfs) {
-        (Some(k), Some(r)) if k.is_file() && r.is_file() => Some((k, r)),
-        _ => {
-            let msg =
-                "no guest kernel/rootfs: run deploy/guest/build-kernel.sh and build-rootfs.sh";
+    match crate::vm::GuestImage::from_env() {
+        Ok(img) => Some((img.kernel, img.rootfs)),
+        Err(e) => {
+            let msg = format!("no guest kernel/rootfs ({e})");
             if std::env::var("KILN_REQUIRE_GUEST").as_deref() == Ok("1") {
                 panic!("{msg}");
             }
@@ -122,15 +102,23 @@ async fn guest_boots_runs_a_job_and_destroy_leaves_nothing() {
     let out = run(
         &vm,
         &job(serde_json::json!({"runtime": "python", "code":
-            "import os, socket, subprocess\nprint(os.getuid(), socket.gethostname(), open('/proc/cmdline').read()=='', os.access('/dev/kmsg', os.W_OK) or os.access('/dev/console', os.W_OK))\ntry:\n    open('/dev/kmsg').read(1)\n    print('kmsg readable')\nexcept OSError as e:\n    print('kmsg', e.errno)"})),
+            "import os, socket, time\nprint(os.getuid(), socket.gethostname(), os.environ.get('KILN_SANDBOX_ID'), open('/proc/cmdline').read()=='', os.access('/dev/kmsg', os.W_OK) or os.access('/dev/console', os.W_OK))\nst = os.statvfs('/work')\nprint(st.f_blocks * st.f_frsize // 2**20, abs(time.time() - float(os.environ['HOST_NOW'])) < 120)\ntry:\n    open('/dev/kmsg').read(1)\n    print('kmsg readable')\nexcept OSError as e:\n    print('kmsg', e.errno)",
+            "env": {"HOST_NOW": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string()}})),
     )
     .await;
     assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    // Runs as the job user, hostname set, the seed on the command line
-    // hidden, and the console (where the host counts OOM kills) out of
-    // reach.
-    // The kernel log (which quotes the command line) is root-only too.
-    assert_eq!(out.result.stdout, "1000 kiln True False\nkmsg 1\n");
+    // Runs as the job user; the hostname, the sandbox id, the size of
+    // /work and the clock come from the guest setup; the command line is
+    // hidden and the console (where the host counts OOM kills) out of
+    // reach. The kernel log is root-only too.
+    let id = vm.id().as_str();
+    assert_eq!(
+        out.result.stdout,
+        format!(
+            "1000 kiln-{id} {id} True False\n{} True\nkmsg 1\n",
+            spec(128).disk_mb
+        )
+    );
     let pid = vm.pid();
     let dir = env.state.join("qemu").join(vm.id().as_str());
     assert!(dir.exists());

@@ -10,7 +10,7 @@
 //! Per sandbox, under `<state_dir>/qemu/<id>/`:
 //! - `vhost-device-vsock` serves the guest's virtio-vsock device over
 //!   vhost-user (`vhost.sock`) and exposes it to the host as a hybrid-vsock
-//!   unix socket (`vsock.sock`, [`vsock`]): the same bytes as Firecracker's;
+//!   unix socket (`vsock.sock`, `vm::vsock`): the same bytes as Firecracker's;
 //! - QEMU, with guest memory in a shared memfd (vhost-user needs it), the
 //!   image as a read-only virtio-blk disk, a virtio-rng, the serial console
 //!   on its stdout (read by the host: logs, and the guest's OOM kills), QMP
@@ -21,53 +21,39 @@
 //! Limits: the guest's RAM is the job's memory plus a fixed overhead for
 //! the guest kernel and agent, so a memory bomb meets the guest's own OOM
 //! killer, never the host's; vCPUs follow the CPU quota; the agent caps the
-//! number of threads in the guest and sizes `/work` and `/tmp`.
+//! number of threads in the guest and sizes `/work` and `/tmp` from the
+//! guest setup sent after the handshake (`vm::boot`), which also brings the
+//! guest fresh entropy, the clock, its hostname and its id. The kernel
+//! command line is the same for every sandbox.
 //!
 //! Acceleration: KVM when `/dev/kvm` opens and the CPU has hardware
 //! virtualisation (vmx/svm), TCG otherwise ([`AccelChoice`]), reported by
 //! [`QemuBackend::accel`].
 
 mod qmp;
-pub mod vsock;
 
-use std::collections::VecDeque;
 use std::fs;
-use std::io::{self, BufRead as _};
-use std::os::unix::process::CommandExt as _;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{Hello, RuntimeTable, PROTOCOL_VERSION};
 pub use qmp::{Qmp, QmpError};
-pub use vsock::VsockError;
+
+use crate::vm::process::{find_program, spawn_tied};
+use crate::vm::{boot, vsock, BootError, Console, ReadySignal, VsockError};
 
 use crate::{
     AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
 };
-
-/// The vsock port the guest agent listens on (`kiln.port=`).
-pub const AGENT_PORT: u32 = 1024;
-
-/// The host vsock port on which the guest agent says `ready` once it
-/// listens (`kiln.ready=`).
-pub const READY_PORT: u32 = 1023;
 
 /// Guest CID; every sandbox has its own vsock device, so they may share it.
 const GUEST_CID: u32 = 3;
 
 /// Where jobs run inside the guest (a tmpfs the agent mounts).
 pub const WORKDIR: &str = "/work";
-
-/// Lines of console output kept to explain a guest that failed.
-const CONSOLE_TAIL_LINES: usize = 30;
-
-/// The guest kernel's line for each OOM kill, global or memory cgroup
-/// (mm/oom_kill.c, `pr_err`, so it reaches the console even with `quiet`),
-/// in lower case.
-const OOM_KILL_LINE: &str = "out of memory: killed process";
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +173,8 @@ pub struct QemuConfig {
     /// Let the guest kernel log its boot on the console (slower under
     /// TCG; for diagnosis). Default from `KILN_GUEST_VERBOSE=1`.
     pub verbose_console: bool,
+    /// The template store, when sandboxes are restored from templates.
+    pub templates: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -208,6 +196,7 @@ impl QemuConfig {
             boot_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(20),
             verbose_console: std::env::var("KILN_GUEST_VERBOSE").as_deref() == Ok("1"),
+            templates: None,
             tcg_cache_mb: std::env::var("KILN_QEMU_TCG_CACHE_MB")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -216,26 +205,14 @@ impl QemuConfig {
     }
 }
 
-/// Finds `prog` as given (a path) or on `PATH`.
-fn find_program(prog: &Path) -> Option<PathBuf> {
-    if prog.components().count() > 1 {
-        return prog.is_file().then(|| prog.to_owned());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    // `cargo install` puts vhost-device-vsock here, often not on root's PATH.
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(prog)).find(|p| p.is_file())
+fn boot_err(e: BootError) -> SandboxError {
+    SandboxError::backend("qemu", e)
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
     let what = what.into();
-    move |source| SandboxError::Io { what, source }
+    move |error| SandboxError::Io { what, error }
 }
-
-use crate::procfs::start_time;
 
 struct Inner {
     cfg: QemuConfig,
@@ -243,7 +220,7 @@ struct Inner {
     qemu: PathBuf,
     vhost_vsock: PathBuf,
     /// Our pid and start time, written into every sandbox's record.
-    owner: (u32, u64),
+    owner: crate::record::Owner,
 }
 
 /// Makes QEMU microVMs. Cheap to clone.
@@ -282,7 +259,10 @@ impl QemuBackend {
         fs::create_dir_all(cfg.state_dir.join("qemu"))
             .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
         let me = std::process::id();
-        let owner = (me, start_time(me).unwrap_or(0));
+        let owner = crate::record::Owner::of(me as i32).unwrap_or(crate::record::Owner {
+            pid: me as i32,
+            start: 0,
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -304,44 +284,6 @@ impl QemuBackend {
     }
 }
 
-/// The guest's serial console as the host sees it.
-#[derive(Default)]
-struct Console {
-    tail: Mutex<VecDeque<String>>,
-    oom_kills: AtomicU64,
-}
-
-impl Console {
-    fn push(&self, line: String) {
-        if line.to_ascii_lowercase().contains(OOM_KILL_LINE) {
-            self.oom_kills.fetch_add(1, Ordering::SeqCst);
-        }
-        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() == CONSOLE_TAIL_LINES {
-            t.pop_front();
-        }
-        t.push_back(line);
-    }
-
-    fn tail(&self) -> String {
-        let t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-/// Reads a child's output line by line into the console (and the log).
-fn follow(id: &SandboxId, from: impl io::Read + Send + 'static, console: &Arc<Console>) {
-    let id = id.clone();
-    let console = console.clone();
-    std::thread::spawn(move || {
-        for line in io::BufReader::new(from).lines().map_while(Result::ok) {
-            let line = line.trim_end_matches('\r').to_owned();
-            tracing::debug!(sandbox = %id, "guest: {line}");
-            console.push(line);
-        }
-    });
-}
-
 /// The processes and files of one VM on the host.
 struct Remains {
     qemu: Option<Child>,
@@ -350,6 +292,21 @@ struct Remains {
 }
 
 impl Remains {
+    /// `Err` naming what stopped, if QEMU or its vsock device exited.
+    fn exited(&mut self) -> Result<(), String> {
+        let gone = |c: &mut Option<Child>| {
+            c.as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+        };
+        if gone(&mut self.qemu) {
+            return Err("stopped before its agent listened".into());
+        }
+        if gone(&mut self.vhost) {
+            return Err("lost its vsock device (vhost-device-vsock exited)".into());
+        }
+        Ok(())
+    }
+
     fn teardown(&mut self) {
         for child in [self.qemu.take(), self.vhost.take()].into_iter().flatten() {
             let mut child = child;
@@ -441,41 +398,29 @@ impl Sandbox for QemuVm {
     /// no cgroup to read, and the console carries only the kernel's and the
     /// agent's output (jobs cannot open it).
     fn oom_kills(&self) -> u64 {
-        self.console.oom_kills.load(Ordering::SeqCst)
+        self.console.oom_kills()
     }
 
     fn memory_peak_bytes(&self) -> Option<u64> {
         None
     }
 
-    /// The host's view: QEMU's resident memory and CPU time.
+    /// The host's view: QEMU's resident memory and CPU time. The guest's
+    /// disk and network are not visible from the host.
     fn stats(&self) -> SandboxStats {
-        let pid = self.qemu_pid;
-        let rss_kib = fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        let cpu_us = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let after = s[s.rfind(')')? + 2..].to_owned();
-                let f: Vec<&str> = after.split_whitespace().collect();
-                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-                // SAFETY: sysconf has no preconditions.
-                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-                Some(ticks * 1_000_000 / hz)
-            });
+        let pid = self.qemu_pid as i32;
         SandboxStats {
-            memory_bytes: rss_kib * 1024,
-            memory_peak_bytes: None,
-            cpu_usage_us: cpu_us,
-            pids: 0,
+            memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
+            cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
             oom_kills: self.oom_kills(),
+            ..SandboxStats::default()
         }
+    }
+
+    fn kill_now(&self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is the
+        // VM's QEMU process, our child, not reaped until destroy.
+        unsafe { libc::kill(self.qemu_pid as i32, libc::SIGKILL) };
     }
 
     async fn destroy(self) {
@@ -508,7 +453,6 @@ impl Drop for QemuVm {
 }
 
 /// The files of a sandbox directory.
-const RECORD: &str = "record";
 const VHOST_SOCK: &str = "vhost.sock";
 const VSOCK_SOCK: &str = "vsock.sock";
 const QMP_SOCK: &str = "qmp.sock";
@@ -518,30 +462,11 @@ impl Inner {
         self.cfg.state_dir.join("qemu").join(id.as_str())
     }
 
+    /// The guest kernel's command line: the same for every sandbox (a
+    /// snapshot freezes it); what is unique to one travels in its guest
+    /// setup.
     fn kernel_cmdline(&self, spec: &SandboxSpec) -> String {
-        let mut seed = [0u8; 32];
-        // SAFETY: getrandom fills the buffer it is given.
-        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-        let seed: String = if n == seed.len() as isize {
-            seed.iter().map(|b| format!("{b:02x}")).collect()
-        } else {
-            String::new()
-        };
-        let log = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
-        let mut c = format!(
-            "console=ttyS0 {} reboot=t panic=-1 root=/dev/vda ro rootfstype=ext4 \
-             init=/sbin/init kiln.port={AGENT_PORT} kiln.ready={READY_PORT} kiln.disk_mb={} kiln.pids={} kiln.log={log}",
-            if self.cfg.verbose_console {
-                ""
-            } else {
-                "quiet"
-            },
-            spec.disk_mb,
-            spec.pids
-        );
-        if !seed.is_empty() {
-            c.push_str(&format!(" kiln.seed={seed}"));
-        }
+        let mut c = boot::kernel_cmdline(self.cfg.verbose_console);
         if spec.allow_internet {
             // QEMU's user-mode network: fixed addresses (docs/system/devices/net.rst).
             c.push_str(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off kiln.dns=10.0.2.3");
@@ -617,55 +542,53 @@ impl Inner {
         cmd
     }
 
-    fn write_record(&self, dir: &Path, pids: &[u32]) -> io::Result<()> {
-        let mut text = format!("owner {} {}\n", self.owner.0, self.owner.1);
-        for p in pids {
-            text.push_str(&format!("pid {p}\n"));
+    /// Starts vhost-device-vsock for the VM: it serves the guest's
+    /// virtio-vsock device over vhost-user and exposes it to the host as
+    /// the hybrid vsock `uds`. Returns its pid once its socket exists.
+    async fn start_vhost(
+        &self,
+        id: &SandboxId,
+        dir: &Path,
+        uds: &Path,
+        console: &Arc<Console>,
+        remains: &mut Remains,
+    ) -> Result<u32, SandboxError> {
+        let mut vhost = Command::new(&self.vhost_vsock);
+        vhost
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string())
+            .arg("--socket")
+            .arg(dir.join(VHOST_SOCK))
+            .arg("--uds-path")
+            .arg(uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(vhost)
+            .map_err(io_err(format!("starting {}", self.vhost_vsock.display())))?;
+        if let Some(e) = child.stderr.take() {
+            Console::follow(console, id, e);
         }
-        fs::write(dir.join(RECORD), text)
+        let pid = child.id();
+        remains.vhost = Some(child);
+        let vhost_sock = dir.join(VHOST_SOCK);
+        if !wait_for(Duration::from_secs(5), || vhost_sock.exists()).await {
+            return Err(SandboxError::Unsupported(format!(
+                "vhost-device-vsock did not create {} within 5 s: {}",
+                vhost_sock.display(),
+                console.tail()
+            )));
+        }
+        Ok(pid)
     }
-}
 
-/// A request to the spawner thread.
-type SpawnRequest = (Command, std::sync::mpsc::SyncSender<io::Result<Child>>);
-
-/// Starts `cmd` so that it dies with us: `PR_SET_PDEATHSIG` fires when the
-/// *thread* that forked exits, and runtime threads come and go (blocking
-/// pool, `block_in_place`), so every VM process is forked by one thread
-/// that lives as long as the process.
-fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
-    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> =
-        std::sync::OnceLock::new();
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    fn write_record(&self, dir: &Path, id: &SandboxId, pids: &[u32]) -> io::Result<()> {
+        let mut rec = crate::record::Record::new("qemu", id.as_str(), self.owner);
+        for p in pids {
+            rec.add_process(*p as i32);
+        }
+        rec.write(dir)
     }
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("kiln-vm-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("starting the VM spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply, answer) = std::sync::mpsc::sync_channel(1);
-    tx.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply))
-        .map_err(|_| io::Error::other("the VM spawner thread is gone"))?;
-    // A fork and exec: short enough to wait for on a runtime thread.
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the VM spawner thread is gone"))?
 }
 
 /// Polls `cond` every 10 ms until it holds or `within` passes.
@@ -687,6 +610,12 @@ impl Backend for QemuBackend {
         "qemu"
     }
 
+    /// A microVM's size is fixed when it boots, and it has no rooms to
+    /// replace: each serves one lease.
+    fn capabilities(&self) -> crate::Capabilities {
+        crate::Capabilities::default()
+    }
+
     async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
         let inner = &self.inner;
         for w in &spec.warm {
@@ -705,41 +634,14 @@ impl Backend for QemuBackend {
             dir: dir.clone(),
         };
         inner
-            .write_record(&dir, &[])
+            .write_record(&dir, &id, &[])
             .map_err(io_err("writing the sandbox record"))?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
-
-        let mut vhost = Command::new(&inner.vhost_vsock);
-        vhost
-            .arg("--guest-cid")
-            .arg(GUEST_CID.to_string())
-            .arg("--socket")
-            .arg(dir.join(VHOST_SOCK))
-            .arg("--uds-path")
-            .arg(&uds)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = spawn_tied(vhost)
-            .map_err(io_err(format!("starting {}", inner.vhost_vsock.display())))?;
-        if let Some(e) = child.stderr.take() {
-            follow(&id, e, &console);
-        }
-        let vhost_pid = child.id();
-        remains.vhost = Some(child);
-        let vhost_sock = dir.join(VHOST_SOCK);
-        if !wait_for(Duration::from_secs(5), || vhost_sock.exists()).await {
-            return Err(SandboxError::Unsupported(format!(
-                "vhost-device-vsock did not create {} within 5 s: {}",
-                vhost_sock.display(),
-                console.tail()
-            )));
-        }
-
-        // The agent's `ready` arrives here (a guest-initiated connection).
-        let ready = tokio::net::UnixListener::bind(vsock::guest_listener_path(&uds, READY_PORT))
-            .map_err(io_err("listening for the guest's ready signal"))?;
+        let vhost_pid = inner
+            .start_vhost(&id, &dir, &uds, &console, &mut remains)
+            .await?;
+        let ready = ReadySignal::listen(&uds).map_err(boot_err)?;
 
         let started = Instant::now();
         let mut qemu = inner.qemu_command(&dir, spec);
@@ -749,65 +651,33 @@ impl Backend for QemuBackend {
         let mut child =
             spawn_tied(qemu).map_err(io_err(format!("starting {}", inner.qemu.display())))?;
         if let Some(o) = child.stdout.take() {
-            follow(&id, o, &console);
+            Console::follow(&console, &id, o);
         }
         if let Some(e) = child.stderr.take() {
-            follow(&id, e, &console);
+            Console::follow(&console, &id, e);
         }
         let qemu_pid = child.id();
         remains.qemu = Some(child);
         inner
-            .write_record(&dir, &[qemu_pid, vhost_pid])
+            .write_record(&dir, &id, &[qemu_pid, vhost_pid])
             .map_err(io_err("updating the sandbox record"))?;
 
-        let exited = |r: &mut Remains| {
-            r.qemu
-                .as_mut()
-                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
-        };
-        let dead = |what: &str, console: &Console| SandboxError::Io {
-            what: format!("the guest {what}; its console said:\n{}", console.tail()),
-            source: io::Error::other("guest did not start"),
-        };
-        // While waiting for the agent: fails if QEMU or the vsock device
-        // died, or the boot took longer than `boot_timeout`.
-        let still_booting = |r: &mut Remains, waiting_to: &str| {
-            if exited(r) {
-                return Err(dead("stopped before its agent listened", &console));
-            }
-            if r.vhost
-                .as_mut()
-                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
-            {
-                return Err(dead(
-                    "lost its vsock device (vhost-device-vsock exited)",
-                    &console,
-                ));
-            }
-            if started.elapsed() > inner.cfg.boot_timeout {
-                return Err(dead(
-                    &format!(
-                        "agent did not {waiting_to} within {:?}",
-                        inner.cfg.boot_timeout
-                    ),
-                    &console,
-                ));
-            }
-            Ok(())
-        };
         // QMP: the socket appears once QEMU has parsed its arguments.
         let qmp_path = dir.join(QMP_SOCK);
         let qmp = loop {
             match Qmp::connect(&qmp_path).await {
                 Ok(q) => break q,
                 Err(e) => {
-                    if exited(&mut remains) {
-                        return Err(dead("exited during start-up", &console));
+                    if remains.exited().is_err() {
+                        return Err(boot_err(BootError::Died {
+                            what: "exited during start-up".into(),
+                            console: console.tail(),
+                        }));
                     }
                     if started.elapsed() > Duration::from_secs(10) {
                         return Err(SandboxError::Io {
                             what: "connecting to QEMU's QMP socket".into(),
-                            source: io::Error::other(e.to_string()),
+                            error: io::Error::other(e.to_string()),
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -815,54 +685,16 @@ impl Backend for QemuBackend {
             }
         };
 
-        // Boot: wait for the agent's `ready`; connecting to the guest before
-        // its vsock driver is up can wedge vhost-device-vsock.
-        let mut waiting = true;
-        while waiting {
-            tokio::select! {
-                conn = ready.accept() => {
-                    if let Ok((mut c, _)) = conn {
-                        let mut line = [0u8; 6];
-                        let read = tokio::time::timeout(
-                            Duration::from_secs(5),
-                            tokio::io::AsyncReadExt::read_exact(&mut c, &mut line),
-                        )
-                        .await;
-                        waiting = !matches!(read, Ok(Ok(_)) if &line == b"ready\n");
-                    }
-                }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-            if !waiting {
-                break;
-            }
-            still_booting(&mut remains, "say ready")?;
-        }
-        drop(ready);
-        let _ = fs::remove_file(vsock::guest_listener_path(&uds, READY_PORT));
-
-        // The agent listens: connect (retrying briefly, should the device
-        // still be settling).
-        let stream = loop {
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(2), vsock::connect(&uds, AGENT_PORT))
-                    .await;
-            match attempt {
-                Ok(Ok(s)) => break s,
-                Ok(Err(VsockError::Socket { source, .. }))
-                    if source.kind() != io::ErrorKind::NotFound
-                        && source.kind() != io::ErrorKind::ConnectionRefused =>
-                {
-                    return Err(io_err(format!(
-                        "connecting to the guest's vsock at {}: {source}",
-                        uds.display()
-                    ))(source));
-                }
-                _ => {}
-            }
-            still_booting(&mut remains, "listen")?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        // Boot: wait for the agent's `ready`, then connect.
+        let deadline = started + inner.cfg.boot_timeout;
+        let mut alive = || remains.exited();
+        ready
+            .wait(deadline, &mut alive, &console)
+            .await
+            .map_err(boot_err)?;
+        let stream = boot::connect_agent(&uds, deadline, &mut alive, &console)
+            .await
+            .map_err(boot_err)?;
         let boot_time = started.elapsed();
         tracing::info!(
             sandbox = %id,
@@ -871,6 +703,7 @@ impl Backend for QemuBackend {
             "guest agent is listening"
         );
 
+        let setup = boot::guest_setup(&id, spec).map_err(io_err("drawing the guest's entropy"))?;
         let vm = QemuVm {
             id,
             agent: AgentConn::new(stream),
@@ -891,8 +724,8 @@ impl Backend for QemuBackend {
             gid: inner.cfg.job_gid,
             rooms: None,
         };
-        match vm.agent.hello(hello, inner.cfg.hello_timeout).await {
-            Ok(_) => Ok(vm),
+        match boot::handshake(&vm.agent, hello, setup, inner.cfg.hello_timeout).await {
+            Ok(()) => Ok(vm),
             Err(e) => {
                 vm.destroy().await;
                 Err(e.into())
@@ -910,52 +743,11 @@ impl Backend for QemuBackend {
 /// owner is dead. Needs no guest image, so `kiln reap` can call it on any
 /// host.
 pub fn reap_orphans_in(state_dir: &Path) -> ReapReport {
-    let mut report = ReapReport::default();
-    let Ok(entries) = fs::read_dir(state_dir.join("qemu")) else {
-        return report;
-    };
-    for e in entries.flatten() {
-        let dir = e.path();
-        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if SandboxId::parse(name).is_none() {
-            continue;
-        }
-        let record = fs::read_to_string(dir.join(RECORD)).unwrap_or_default();
-        let mut owner_alive = false;
-        let mut pids = Vec::new();
-        for line in record.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match f.as_slice() {
-                ["owner", pid, start] => {
-                    if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
-                        owner_alive = start_time(pid) == Some(start);
-                    }
-                }
-                ["pid", pid] => pids.extend(pid.parse::<u32>().ok()),
-                _ => {}
-            }
-        }
-        if owner_alive {
-            continue;
-        }
-        // Only processes whose command line names this directory are
-        // ours: a recycled pid belongs to someone else.
-        let needle = dir.to_string_lossy().into_owned();
-        for pid in pids {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => report.reaped.push(name.to_owned()),
-            Err(e) => report.failed.push(format!("{}: {e}", dir.display())),
-        }
-    }
-    report
+    let me = crate::record::Owner::current().unwrap_or(crate::record::Owner { pid: 0, start: 0 });
+    crate::record::reap_records(&state_dir.join("qemu"), me, |rec, _dir| {
+        rec.kill_and_remove_paths();
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -991,19 +783,5 @@ mod tests {
             .unwrap_err()
             .contains("auto, kvm, tcg"));
         assert_eq!(AccelChoice::Tcg.resolve().unwrap(), Accel::Tcg);
-    }
-
-    #[test]
-    fn console_counts_the_guest_kernels_oom_kills() {
-        let c = Console::default();
-        c.push("[    3.1] Out of memory: Killed process 231 (python3) total-vm:300000kB".into());
-        c.push("some job said Killed process".into());
-        c.push("[    3.2] Memory cgroup out of memory: Killed process 240 (node)".into());
-        assert_eq!(c.oom_kills.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn our_own_start_time_is_readable() {
-        assert!(start_time(std::process::id()).is_some());
     }
 }

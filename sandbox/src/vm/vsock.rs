@@ -5,8 +5,8 @@
 //! that the guest opens to the host (CID 2) arrive on `<uds>_<port>`
 //! sockets that the host listens on ([`guest_listener_path`]).
 //!
-//! This is the same byte protocol for every microVM backend; the Firecracker
-//! backend reuses it.
+//! The same bytes for every microVM backend (QEMU with vhost-device-vsock,
+//! Firecracker).
 
 use std::io;
 use std::path::{Path, PathBuf};
