@@ -114,17 +114,28 @@ fn check_reencoding(f: &Frame, body: &[u8]) {
         "a re-encoded {} frame decodes differently",
         f.name()
     );
-    let json = matches!(
-        f,
+    // Exhaustive, so that a new frame kind must be placed here.
+    let json = match f {
         Frame::Hello(_)
-            | Frame::HelloAck(_)
-            | Frame::Exec(_)
-            | Frame::Kill(_)
-            | Frame::GetFile(_)
-            | Frame::Started(_)
-            | Frame::Exit(_)
-            | Frame::Error(_)
-    );
+        | Frame::HelloAck(_)
+        | Frame::Exec(_)
+        | Frame::Kill(_)
+        | Frame::GetFile(_)
+        | Frame::Setup(_)
+        | Frame::Started(_)
+        | Frame::Exit(_)
+        | Frame::Error(_) => true,
+        Frame::Stdin { .. }
+        | Frame::Stdout { .. }
+        | Frame::Stderr { .. }
+        | Frame::FileData { .. }
+        | Frame::Ack { .. }
+        | Frame::Reset { .. }
+        | Frame::AwaitWarm { .. }
+        | Frame::Ping(_)
+        | Frame::Pong(_)
+        | Frame::PutFile(_) => false,
+    };
     if json {
         assert_eq!(again.encode(), enc, "{} has two encodings", f.name());
     } else {
