@@ -91,6 +91,12 @@ for t in "${run[@]}"; do
         >"$log" 2>&1 || status=$?
     took=$(($(date +%s) - start))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    if [ -z "$execs" ]; then
+        # No final statistics (a crash can cut them short): the last
+        # progress line's count is a lower bound.
+        execs=$(grep -aoE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
+        execs="at least ${execs:-0}"
+    fi
     after=$(find "$crashes" -type f | wc -l)
     new=$((after - before))
     if [ "$status" -ne 0 ] && [ "$new" -eq 0 ]; then
