@@ -1,16 +1,27 @@
-//! What a run measured: one [`Sample`] per job, folded into HDR histograms
-//! and counters by a [`Recorder`], and summarised as a [`Report`] (JSON for
-//! machines, [`Report::render`] for people).
+//! What a run measured: one [`Sample`] per job, folded by a [`Recorder`]
+//! into HDR histograms, counters, the cold-start split ([`cold`]) and the
+//! per-job points the timeline is drawn from, and summarised as a
+//! [`Report`] (JSON for machines and `--compare`, [`Report::render`] for
+//! people).
 //!
 //! Latencies are kept in microseconds with three significant digits, which
 //! is HDR's usual precision and far finer than the noise of a shared host.
+
+mod cold;
+mod report;
+mod series;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use kiln_protocol::{Acquire, Outcome, Timings};
-use serde::Serialize;
+
+pub use cold::{ColdSplit, Part};
+pub use report::{
+    Counts, Percentiles, Report, RunInfo, ServerTimings, ServerUsage, REPORT_VERSION,
+};
+pub use series::{Bucket, Cdfs, Timeline};
 
 /// Largest latency a histogram holds: one hour, in microseconds. Longer
 /// values are clamped (they would be failures of the run anyway).
@@ -19,11 +30,11 @@ const MAX_US: u64 = 3_600_000_000;
 /// How one job ended, as seen by the load generator.
 #[derive(Debug, Clone)]
 pub enum Ending {
-    /// The job ran: a `JobResult` came back (HTTP 200), or the spawned
-    /// program exited.
+    /// The job ran: a `JobResult` came back (HTTP 200, an AMQP reply), or
+    /// the spawned program exited.
     Ran {
         outcome: Outcome,
-        /// The server's own timings (HTTP only).
+        /// The server's own timings (HTTP and AMQP).
         timings: Option<Timings>,
         /// Whether stdout matched `--expect-stdout` (true when unchecked).
         stdout_ok: bool,
@@ -32,68 +43,47 @@ pub enum Ending {
     Throttled,
     /// Any other HTTP status.
     Status(u16),
-    /// A 200 whose body was not a `JobResult`.
+    /// An answer whose body was not a `JobResult`.
     BadBody(String),
-    /// Connection, spawn or timeout failure.
+    /// Connection, publish, spawn or timeout failure.
     Failed(String),
 }
 
-/// One job: its ending, its end-to-end latency (measured from the
-/// intended send time, so that a stalled server cannot hide its queue), and
-/// how many 429s it met on the way.
+/// One job: when it was meant to be sent, its ending, its end-to-end
+/// latency (measured from that intended send time, so that a stalled
+/// server cannot hide its queue), and how many 429s it met on the way.
 #[derive(Debug, Clone)]
 pub struct Sample {
+    /// The intended send time, from the start of the measured phase.
+    pub sent: Duration,
     pub latency: Duration,
     pub ending: Ending,
     pub throttled: u32,
 }
 
-/// Percentiles of one histogram, in milliseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Percentiles {
-    pub count: u64,
-    pub min: f64,
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
+/// One job on the timeline: 12 bytes, kept for every job of the run.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    /// Intended send time from the start of the phase, ms.
+    sent_ms: u32,
+    /// End-to-end latency, µs (at most [`MAX_US`], which fits).
+    latency_us: u32,
+    ran: bool,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_US, 3).expect("static bounds are valid")
 }
 
-fn record(h: &mut Histogram<u64>, us: u64) {
+pub(crate) fn record(h: &mut Histogram<u64>, us: u64) {
     h.saturating_record(us.clamp(1, MAX_US));
 }
 
-fn ms_to_us(ms: f64) -> u64 {
+pub(crate) fn ms_to_us(ms: f64) -> u64 {
     if ms.is_finite() && ms > 0.0 {
         (ms * 1000.0).round() as u64
     } else {
         0
-    }
-}
-
-impl Percentiles {
-    /// `None` for an empty histogram.
-    fn of(h: &Histogram<u64>) -> Option<Self> {
-        if h.is_empty() {
-            return None;
-        }
-        let ms = |us: u64| us as f64 / 1000.0;
-        Some(Self {
-            count: h.len(),
-            min: ms(h.min()),
-            mean: h.mean() / 1000.0,
-            p50: ms(h.value_at_quantile(0.50)),
-            p90: ms(h.value_at_quantile(0.90)),
-            p99: ms(h.value_at_quantile(0.99)),
-            p999: ms(h.value_at_quantile(0.999)),
-            max: ms(h.max()),
-        })
     }
 }
 
@@ -106,42 +96,15 @@ pub struct Recorder {
     acquire: Histogram<u64>,
     run: Histogram<u64>,
     total: Histogram<u64>,
+    /// The cold-start split, by how the sandbox was made (`boot`, `restore`).
+    cold: BTreeMap<String, cold::Accumulator>,
     counts: Counts,
     outcomes: BTreeMap<String, u64>,
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
-    /// Every end-to-end latency in microseconds, when asked for
-    /// (`--samples-out`), so that runs can be merged exactly.
-    samples: Option<Vec<u64>>,
-}
-
-/// Job and request counters of a run.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Counts {
-    /// Jobs whose ending was recorded.
-    pub jobs: u64,
-    /// Jobs that ran (a JobResult came back / the program exited).
-    pub ran: u64,
-    /// Jobs that ran with outcome `ok` (and the expected stdout, if given).
-    pub ok: u64,
-    /// Jobs that ran but whose stdout differed from `--expect-stdout`.
-    pub stdout_mismatch: u64,
-    /// 429 answers received (a retried job may meet several).
-    pub http_429: u64,
-    /// Jobs given up after a 429 (`--on-429 count`).
-    pub throttled_jobs: u64,
-    /// Jobs answered with another non-200 status.
-    pub http_other: u64,
-    /// Jobs whose 200 body was not a JobResult.
-    pub bad_body: u64,
-    /// Jobs lost to transport, spawn or timeout failures.
-    pub failed: u64,
-    /// Jobs still in flight when the drain timeout ended the run.
-    pub abandoned: u64,
-    /// Results by how the sandbox was acquired (`timings.acquire`).
-    pub acquire_warm: u64,
-    pub acquire_cold: u64,
-    pub acquire_unknown: u64,
+    /// Every job, in the order they ended: the timeline and
+    /// `--samples-out` are made from these.
+    points: Vec<Point>,
 }
 
 impl Default for Recorder {
@@ -154,11 +117,12 @@ impl Default for Recorder {
             acquire: histogram(),
             run: histogram(),
             total: histogram(),
+            cold: BTreeMap::new(),
             counts: Counts::default(),
             outcomes: BTreeMap::new(),
             statuses: BTreeMap::new(),
             errors: BTreeMap::new(),
-            samples: None,
+            points: Vec::new(),
         }
     }
 }
@@ -167,26 +131,42 @@ impl Default for Recorder {
 /// under one key so that a failing run cannot grow the report unboundedly.
 const MAX_ERROR_KINDS: usize = 32;
 
-impl Recorder {
-    /// A recorder that also keeps every latency (see [`Recorder::samples`]).
-    pub fn keeping_samples() -> Self {
-        Self {
-            samples: Some(Vec::new()),
-            ..Self::default()
-        }
-    }
+/// What the live progress line shows, read under the recorder's lock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// Jobs whose ending was recorded.
+    pub done: u64,
+    /// Jobs that did not end `ok` (any outcome but ok, 429s given up,
+    /// failures).
+    pub failed: u64,
+    /// p50 and p99 of the end-to-end latency so far, ms.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
 
+impl Recorder {
     /// The end-to-end latencies of the jobs that ran, in microseconds, in
-    /// the order they ended (only with [`Recorder::keeping_samples`]).
-    pub fn samples(&self) -> Option<&[u64]> {
-        self.samples.as_deref()
+    /// the order they ended.
+    pub fn samples(&self) -> impl Iterator<Item = u64> + '_ {
+        self.points
+            .iter()
+            .filter(|p| p.ran)
+            .map(|p| u64::from(p.latency_us))
     }
 
     pub fn add(&mut self, s: &Sample) {
         let c = &mut self.counts;
         c.jobs += 1;
         c.http_429 += u64::from(s.throttled);
-        let us = u64::try_from(s.latency.as_micros()).unwrap_or(u64::MAX);
+        let us = u64::try_from(s.latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .min(MAX_US);
+        let ran = matches!(s.ending, Ending::Ran { .. });
+        self.points.push(Point {
+            sent_ms: u32::try_from(s.sent.as_millis()).unwrap_or(u32::MAX),
+            latency_us: u32::try_from(us).unwrap_or(u32::MAX),
+            ran,
+        });
         match &s.ending {
             Ending::Ran {
                 outcome,
@@ -201,9 +181,6 @@ impl Recorder {
                     c.ok += 1;
                 }
                 record(&mut self.latency, us);
-                if let Some(v) = &mut self.samples {
-                    v.push(us);
-                }
                 match timings.as_ref().and_then(|t| t.acquire) {
                     Some(Acquire::Warm) => {
                         c.acquire_warm += 1;
@@ -220,6 +197,13 @@ impl Recorder {
                     record(&mut self.acquire, ms_to_us(t.acquire_ms));
                     record(&mut self.run, ms_to_us(t.run_ms));
                     record(&mut self.total, ms_to_us(t.total_ms));
+                    if let (Some(Acquire::Cold), Some(sb)) = (t.acquire, &t.sandbox) {
+                        let e2e_ms = s.latency.as_secs_f64() * 1000.0;
+                        self.cold
+                            .entry(cold::how_name(sb.how).to_owned())
+                            .or_default()
+                            .add(e2e_ms, t, sb);
+                    }
                 }
             }
             Ending::Throttled => c.throttled_jobs += 1,
@@ -255,11 +239,32 @@ impl Recorder {
         &self.counts
     }
 
+    /// The figures of the live progress line.
+    pub fn snapshot(&self) -> Snapshot {
+        let c = &self.counts;
+        let q = |q: f64| {
+            (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q) as f64 / 1000.0)
+        };
+        Snapshot {
+            done: c.jobs,
+            failed: c.jobs - c.ok,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+        }
+    }
+
     /// The report of a run that took `elapsed` (the measured phase only).
     pub fn report(&self, run: RunInfo, elapsed: Duration, server: Option<ServerUsage>) -> Report {
         let secs = elapsed.as_secs_f64();
         let per_s = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let span_s = self
+            .points
+            .iter()
+            .map(|p| f64::from(p.sent_ms) / 1000.0)
+            .fold(secs, f64::max);
         Report {
+            report_version: REPORT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").into(),
             run,
             elapsed_s: secs,
             throughput_per_s: per_s(self.counts.ran),
@@ -281,184 +286,35 @@ impl Recorder {
                 run: Percentiles::of(&self.run),
                 total: Percentiles::of(&self.total),
             },
+            cold_start: self
+                .cold
+                .iter()
+                .filter_map(|(how, acc)| Some((how.clone(), acc.split()?)))
+                .collect(),
+            latency_cdf_ms: Cdfs {
+                all: series::cdf(&self.latency),
+                warm: series::cdf(&self.latency_warm),
+                cold: series::cdf(&self.latency_cold),
+            },
+            timeline: series::timeline(
+                self.points
+                    .iter()
+                    .map(|p| (f64::from(p.sent_ms) / 1000.0, p.ran.then_some(p.latency_us))),
+                span_s,
+            ),
             server,
         }
-    }
-}
-
-/// How the run was set up, echoed into the report.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunInfo {
-    /// `"http"` or `"spawn"`.
-    pub target: String,
-    /// The URL, or the command line spawned per job.
-    pub endpoint: String,
-    /// `"closed"` or `"open"`.
-    pub loop_kind: String,
-    pub concurrency: Option<usize>,
-    pub rate_per_s: Option<f64>,
-    pub arrivals: Option<String>,
-    pub requests: u64,
-    pub duration_limit_s: f64,
-    pub warmup: u64,
-    pub cold: bool,
-    pub on_429: String,
-    /// Unix time at the start of the measured phase.
-    pub started_unix_s: f64,
-    /// 1-minute load average of the host at the start.
-    pub load_average_1m: Option<f64>,
-    /// Whether the open loop ever waited for an in-flight slot (its
-    /// latencies still count from the intended send time).
-    pub in_flight_cap_hit: bool,
-}
-
-/// The server's own timings from `JobResult.timings`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServerTimings {
-    pub queued: Option<Percentiles>,
-    pub acquire: Option<Percentiles>,
-    pub run: Option<Percentiles>,
-    pub total: Option<Percentiles>,
-}
-
-/// CPU and memory of the server process (`--server-pid`).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ServerUsage {
-    pub pid: i32,
-    /// utime+stime of the process itself (all threads, children
-    /// excluded) over the measured phase.
-    pub cpu_ms: f64,
-    /// `cpu_ms` over the jobs that ran, in microseconds.
-    pub cpu_us_per_job: Option<f64>,
-    /// VmRSS of the server process at the end, KiB.
-    pub rss_kib: u64,
-    /// Sum of VmRSS and of Pss over the server and all its descendants
-    /// (the sandboxes) at the end, KiB.
-    pub tree_rss_kib: u64,
-    pub tree_pss_kib: u64,
-    pub tree_processes: usize,
-}
-
-/// Everything a run measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub run: RunInfo,
-    pub elapsed_s: f64,
-    /// Jobs that ran, per second of the measured phase.
-    pub throughput_per_s: f64,
-    /// Jobs with outcome `ok`, per second.
-    pub ok_per_s: f64,
-    pub counts: Counts,
-    /// Jobs that ran, by outcome.
-    pub outcomes: BTreeMap<String, u64>,
-    /// Non-200, non-429 statuses.
-    pub other_statuses: BTreeMap<String, u64>,
-    pub errors: BTreeMap<String, u64>,
-    /// End-to-end latency of the jobs that ran.
-    pub latency_ms: Option<Percentiles>,
-    /// The same, split by `timings.acquire`.
-    pub latency_warm_ms: Option<Percentiles>,
-    pub latency_cold_ms: Option<Percentiles>,
-    pub server_ms: ServerTimings,
-    pub server: Option<ServerUsage>,
-}
-
-impl Report {
-    /// A human-readable summary.
-    pub fn render(&self) -> String {
-        use std::fmt::Write as _;
-        let mut s = String::new();
-        let r = &self.run;
-        let shape = match (r.concurrency, r.rate_per_s) {
-            (Some(c), _) => format!("closed loop, concurrency {c}"),
-            (None, Some(rate)) => format!(
-                "open loop, {rate}/s {} arrivals",
-                r.arrivals.as_deref().unwrap_or("?")
-            ),
-            _ => r.loop_kind.clone(),
-        };
-        let _ = writeln!(s, "target   {} {}", r.target, r.endpoint);
-        let _ = writeln!(
-            s,
-            "load     {shape}{}{}",
-            if r.cold { ", cold requested" } else { "" },
-            match r.load_average_1m {
-                Some(l) => format!(", host load {l:.2}"),
-                None => String::new(),
-            }
-        );
-        let c = &self.counts;
-        let _ = writeln!(
-            s,
-            "jobs     {} in {:.2} s: {} ran ({:.1}/s), {} ok ({:.1}/s)",
-            c.jobs, self.elapsed_s, c.ran, self.throughput_per_s, c.ok, self.ok_per_s
-        );
-        let outcomes: Vec<String> = self
-            .outcomes
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let _ = writeln!(s, "outcomes {}", outcomes.join(", "));
-        let _ = writeln!(
-            s,
-            "problems 429s {} (jobs given up {}), other status {}, bad body {}, failed {}, abandoned {}, stdout mismatch {}",
-            c.http_429, c.throttled_jobs, c.http_other, c.bad_body, c.failed, c.abandoned, c.stdout_mismatch
-        );
-        if r.target == "http" {
-            let _ = writeln!(
-                s,
-                "acquire  warm {}, cold {}, unreported {}",
-                c.acquire_warm, c.acquire_cold, c.acquire_unknown
-            );
-        }
-        for (k, v) in &self.errors {
-            let _ = writeln!(s, "  error x{v}: {k}");
-        }
-        let _ = writeln!(
-            s,
-            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "ms", "count", "min", "p50", "p90", "p99", "p99.9", "max"
-        );
-        let mut row = |name: &str, p: &Option<Percentiles>| {
-            if let Some(p) = p {
-                let _ = writeln!(
-                    s,
-                    "{name:<16} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                    p.count, p.min, p.p50, p.p90, p.p99, p.p999, p.max
-                );
-            }
-        };
-        row("end-to-end", &self.latency_ms);
-        row("  acquire=warm", &self.latency_warm_ms);
-        row("  acquire=cold", &self.latency_cold_ms);
-        row("server queued", &self.server_ms.queued);
-        row("server acquire", &self.server_ms.acquire);
-        row("server run", &self.server_ms.run);
-        row("server total", &self.server_ms.total);
-        if let Some(u) = &self.server {
-            let _ = writeln!(
-                s,
-                "server   pid {}: cpu {:.1} ms ({} per job), rss {} KiB; with descendants ({} processes): rss {} KiB, pss {} KiB",
-                u.pid,
-                u.cpu_ms,
-                u.cpu_us_per_job
-                    .map_or("-".into(), |v| format!("{v:.0} us")),
-                u.rss_kib,
-                u.tree_processes,
-                u.tree_rss_kib,
-                u.tree_pss_kib
-            );
-        }
-        s
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_protocol::{SandboxStart, SandboxTimings};
 
     fn ran(ms: u64, acquire: Option<Acquire>) -> Sample {
         Sample {
+            sent: Duration::from_millis(ms),
             latency: Duration::from_millis(ms),
             ending: Ending::Ran {
                 outcome: Outcome::Ok,
@@ -476,7 +332,16 @@ mod tests {
         }
     }
 
-    fn info() -> RunInfo {
+    fn not_ran(ending: Ending, throttled: u32) -> Sample {
+        Sample {
+            sent: Duration::ZERO,
+            latency: Duration::from_millis(3),
+            ending,
+            throttled,
+        }
+    }
+
+    pub(super) fn info() -> RunInfo {
         RunInfo {
             target: "http".into(),
             endpoint: "x".into(),
@@ -517,42 +382,30 @@ mod tests {
         assert_eq!(rep.latency_cold_ms.unwrap().count, 100);
         assert!((rep.throughput_per_s - 500.0).abs() < 1e-9);
         assert_eq!(rep.server_ms.run.unwrap().count, 1000);
+        // Cold results without `timings.sandbox` (an older server) have no
+        // split.
+        assert!(rep.cold_start.is_empty());
+        let cdf = &rep.latency_cdf_ms.all;
+        assert_eq!(cdf.last().unwrap()[1], 1.0);
+        assert_eq!(rep.latency_cdf_ms.cold.last().unwrap()[1], 1.0);
     }
 
     #[test]
-    fn samples_are_kept_only_when_asked() {
+    fn samples_are_the_latencies_of_jobs_that_ran() {
         let mut r = Recorder::default();
         r.add(&ran(3, None));
-        assert!(r.samples().is_none());
-        let mut r = Recorder::keeping_samples();
-        r.add(&ran(3, None));
-        r.add(&Sample {
-            latency: Duration::from_millis(1),
-            ending: Ending::Throttled,
-            throttled: 1,
-        });
-        assert_eq!(r.samples().unwrap(), [3000]);
+        r.add(&not_ran(Ending::Throttled, 1));
+        r.add(&ran(5, None));
+        assert_eq!(r.samples().collect::<Vec<_>>(), [3000, 5000]);
     }
 
     #[test]
     fn failures_are_counted_but_not_timed() {
         let mut r = Recorder::default();
-        r.add(&Sample {
-            latency: Duration::from_millis(3),
-            ending: Ending::Throttled,
-            throttled: 2,
-        });
-        r.add(&Sample {
-            latency: Duration::from_millis(3),
-            ending: Ending::Status(503),
-            throttled: 0,
-        });
+        r.add(&not_ran(Ending::Throttled, 2));
+        r.add(&not_ran(Ending::Status(503), 0));
         for _ in 0..100 {
-            r.add(&Sample {
-                latency: Duration::from_millis(3),
-                ending: Ending::Failed("connection refused".into()),
-                throttled: 0,
-            });
+            r.add(&not_ran(Ending::Failed("connection refused".into()), 0));
         }
         let rep = r.report(info(), Duration::from_secs(1), None);
         assert!(rep.latency_ms.is_none());
@@ -561,20 +414,67 @@ mod tests {
         assert_eq!(rep.other_statuses["503"], 1);
         assert_eq!(rep.errors["connection refused"], 100);
         assert_eq!(rep.counts.jobs, 102);
+        assert_eq!(r.snapshot().failed, 102);
+        assert!(r.snapshot().p50_ms.is_none());
+        let not_ran: u64 = rep.timeline.buckets.iter().map(|b| b.not_ran).sum();
+        assert_eq!(not_ran, 102);
     }
 
     #[test]
     fn distinct_errors_are_bounded() {
         let mut r = Recorder::default();
         for i in 0..100 {
-            r.add(&Sample {
-                latency: Duration::ZERO,
-                ending: Ending::Failed(format!("e{i}")),
-                throttled: 0,
-            });
+            r.add(&not_ran(Ending::Failed(format!("e{i}")), 0));
         }
         let rep = r.report(info(), Duration::from_secs(1), None);
         assert_eq!(rep.errors.len(), MAX_ERROR_KINDS + 1);
         assert_eq!(rep.errors.values().sum::<u64>(), 100);
+    }
+
+    #[test]
+    fn cold_jobs_with_sandbox_timings_are_split_by_how() {
+        let mut r = Recorder::default();
+        for (i, how) in [
+            SandboxStart::Boot,
+            SandboxStart::Restore,
+            SandboxStart::Restore,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            r.add(&Sample {
+                sent: Duration::from_millis(i as u64),
+                latency: Duration::from_millis(50),
+                ending: Ending::Ran {
+                    outcome: Outcome::Ok,
+                    timings: Some(Timings {
+                        queued_ms: 1.0,
+                        acquire_ms: 30.0,
+                        acquire: Some(Acquire::Cold),
+                        run_ms: 10.0,
+                        total_ms: 45.0,
+                        sandbox: Some(SandboxTimings {
+                            how,
+                            start_ms: 20.0,
+                            connect_ms: 2.0,
+                            setup_ms: 5.0,
+                        }),
+                    }),
+                    stdout_ok: true,
+                },
+                throttled: 0,
+            });
+        }
+        let rep = r.report(info(), Duration::from_secs(1), None);
+        assert_eq!(rep.cold_start["boot"].jobs, 1);
+        let restore = &rep.cold_start["restore"];
+        assert_eq!(restore.jobs, 2);
+        let mean = |p: Part| restore.part(p).mean;
+        assert_eq!(mean(Part::Start), 20.0);
+        assert_eq!(mean(Part::AcquireOther), 3.0);
+        assert_eq!(mean(Part::AfterRun), 4.0);
+        assert_eq!(mean(Part::Transport), 5.0);
+        let sum: f64 = Part::ALL.iter().map(|&p| mean(p)).sum();
+        assert!((sum - restore.end_to_end_ms.mean).abs() < 1e-9, "{sum}");
     }
 }

@@ -1,43 +1,31 @@
-//! What a job is sent to: `kiln serve`'s HTTP API ([`HttpTarget`], one
-//! keep-alive HTTP/1.1 connection per concurrent job, reused), or a program
-//! spawned once per job ([`SpawnTarget`]: the bare interpreter baseline,
-//! `kiln run`, bwrap...). Both turn one job into one [`Ending`].
+//! What a job is sent to: `kiln serve`'s HTTP API ([`HttpTarget`]), its
+//! AMQP intake through a RabbitMQ broker ([`AmqpTarget`]), or a program
+//! spawned once per job ([`SpawnTarget`]). Each turns one job into one
+//! [`Attempt`]; the loops in [`crate::drive`] do not know which.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::Mutex;
-use std::time::Duration;
+mod amqp;
+mod http;
+mod spawn;
 
-use anyhow::{bail, Context as _};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use kiln_protocol::{Outcome, Timings};
 use serde::Deserialize;
-use tokio::net::TcpStream;
+
+pub use amqp::{AmqpSetupError, AmqpTarget};
+pub use http::{HttpTarget, DEFAULT_RETRY_AFTER};
+pub use spawn::SpawnTarget;
 
 use crate::stats::Ending;
 
-/// Largest response body read; a `JobResult` carries at most twice the
-/// output cap (64 MiB per stream), so this bounds memory, not results.
+/// Largest result read; a `JobResult` carries at most twice the output cap
+/// (64 MiB per stream), so this bounds memory, not results.
 const MAX_BODY_BYTES: usize = 160 << 20;
-
-/// Wait assumed when a 429 carries no usable `Retry-After`.
-pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_millis(100);
-
-/// Longest `Retry-After` honoured, so that a confused server cannot park
-/// the load generator.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// What one attempt got.
 #[derive(Debug)]
 pub enum Attempt {
     Done(Ending),
     /// 429, with the wait the server asked for.
-    Throttled(Duration),
+    Throttled(std::time::Duration),
 }
 
 /// The part of a `JobResult` the load generator reads; other fields are
@@ -51,211 +39,23 @@ struct ResultView {
     timings: Option<Timings>,
 }
 
-/// `kiln serve`'s job endpoint.
-pub struct HttpTarget {
-    addr: SocketAddr,
-    host: HeaderValue,
-    path: String,
-    body: Bytes,
-    expect_stdout: Option<String>,
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
-}
-
-impl HttpTarget {
-    /// `url` must be `http://<loopback address>:<port>[/path]`: the load
-    /// generator never sends anything off this host.
-    pub fn new(url: &str, body: Bytes, expect_stdout: Option<String>) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .with_context(|| format!("--url {url:?}: only http:// URLs are supported"))?;
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest[i..].starts_with('?') => {
-                (&rest[..i], format!("/v1/jobs{}", &rest[i..]))
-            }
-            Some(i) => (&rest[..i], rest[i..].to_owned()),
-            None => (rest, "/v1/jobs".to_owned()),
-        };
-        let authority = if authority.starts_with("localhost:") {
-            authority.replacen("localhost", "127.0.0.1", 1)
-        } else {
-            authority.to_owned()
-        };
-        let addr: SocketAddr = authority.parse().with_context(|| {
-            format!("--url {url:?}: expected an IP address and port, like http://127.0.0.1:8080")
-        })?;
-        if !addr.ip().is_loopback() {
-            bail!("--url {url:?}: only loopback addresses (127.0.0.0/8, ::1) may be targeted");
-        }
-        Ok(Self {
-            addr,
-            host: HeaderValue::from_str(&authority).context("host header")?,
-            path,
-            body,
-            expect_stdout,
-            idle: Mutex::new(Vec::new()),
-        })
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://{}{}", self.addr, self.path)
-    }
-
-    /// The request body sent for every job.
-    pub fn body(&self) -> &[u8] {
-        &self.body
-    }
-
-    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .with_context(|| format!("connecting to {}", self.addr))?;
-        tcp.set_nodelay(true).context("TCP_NODELAY")?;
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .context("HTTP handshake")?;
-        tokio::spawn(async move {
-            // Ends when the server closes or the SendRequest is dropped.
-            let _ = conn.await;
-        });
-        Ok(send)
-    }
-
-    /// An idle keep-alive connection, or a new one.
-    async fn checkout(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        loop {
-            let c = self.idle.lock().expect("pool lock").pop();
-            match c {
-                Some(c) if !c.is_closed() => return Ok(c),
-                Some(_) => continue,
-                None => return self.connect().await,
-            }
-        }
-    }
-
-    fn checkin(&self, c: SendRequest<Full<Bytes>>) {
-        if !c.is_closed() {
-            self.idle.lock().expect("pool lock").push(c);
-        }
-    }
-
-    /// Sends the job once.
-    pub async fn attempt(&self) -> Attempt {
-        let fail = |e: String| Attempt::Done(Ending::Failed(e));
-        let mut conn = match self.checkout().await {
-            Ok(c) => c,
-            Err(e) => return fail(format!("{e:#}")),
-        };
-        if conn.ready().await.is_err() {
-            // The server closed an idle connection: one fresh try.
-            conn = match self.connect().await {
-                Ok(c) => c,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-        }
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(&self.path)
-            .header(HOST, self.host.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(self.body.clone()))
-            .expect("static request parts are valid");
-        let resp = match conn.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => return fail(format!("sending the request: {e}")),
-        };
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY_BYTES);
-        let body = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return fail(format!("reading the response: {e}")),
-        };
-        self.checkin(conn);
-        match status {
-            StatusCode::OK => Attempt::Done(match serde_json::from_slice::<ResultView>(&body) {
-                Ok(v) => Ending::Ran {
-                    outcome: v.outcome,
-                    stdout_ok: self.expect_stdout.as_ref().is_none_or(|e| *e == v.stdout),
-                    timings: v.timings,
-                },
-                Err(e) => Ending::BadBody(e.to_string()),
-            }),
-            StatusCode::TOO_MANY_REQUESTS => {
-                Attempt::Throttled(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
-            }
-            s => Attempt::Done(Ending::Status(s.as_u16())),
-        }
+/// The ending a `JobResult` body stands for (HTTP 200 body, AMQP reply).
+fn ending_of(body: &[u8], expect_stdout: Option<&str>) -> Ending {
+    match serde_json::from_slice::<ResultView>(body) {
+        Ok(v) => Ending::Ran {
+            outcome: v.outcome,
+            stdout_ok: expect_stdout.is_none_or(|e| e == v.stdout),
+            timings: v.timings,
+        },
+        Err(e) => Ending::BadBody(e.to_string()),
     }
 }
 
-/// A program spawned once per job; exit status 0 is outcome `ok`.
-pub struct SpawnTarget {
-    argv: Vec<String>,
-    expect_stdout: Option<String>,
-}
-
-impl SpawnTarget {
-    pub fn new(argv: Vec<String>, expect_stdout: Option<String>) -> anyhow::Result<Self> {
-        if argv.is_empty() {
-            bail!("the command to spawn is empty");
-        }
-        Ok(Self {
-            argv,
-            expect_stdout,
-        })
-    }
-
-    pub fn endpoint(&self) -> String {
-        self.argv
-            .iter()
-            .map(|a| {
-                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"()$".contains(c)) {
-                    format!("'{}'", a.replace('\'', r"'\''"))
-                } else {
-                    a.clone()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Runs the program to its exit (killed if the caller gives up).
-    pub async fn attempt(&self) -> Attempt {
-        let out = tokio::process::Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-            .await;
-        Attempt::Done(match out {
-            Ok(o) => Ending::Ran {
-                outcome: if o.status.success() {
-                    Outcome::Ok
-                } else {
-                    Outcome::Error
-                },
-                timings: None,
-                stdout_ok: self
-                    .expect_stdout
-                    .as_ref()
-                    .is_none_or(|e| e.as_bytes() == o.stdout),
-            },
-            Err(e) => Ending::Failed(format!("spawning {}: {e}", self.argv[0])),
-        })
-    }
-}
-
-/// Either target.
+/// Any target.
 pub enum Target {
     Http(HttpTarget),
+    /// Boxed: a connection and its channels are large beside the others.
+    Amqp(Box<AmqpTarget>),
     Spawn(SpawnTarget),
 }
 
@@ -263,6 +63,7 @@ impl Target {
     pub async fn attempt(&self) -> Attempt {
         match self {
             Target::Http(t) => t.attempt().await,
+            Target::Amqp(t) => t.attempt().await,
             Target::Spawn(t) => t.attempt().await,
         }
     }
@@ -270,6 +71,7 @@ impl Target {
     pub fn kind(&self) -> &'static str {
         match self {
             Target::Http(_) => "http",
+            Target::Amqp(_) => "amqp",
             Target::Spawn(_) => "spawn",
         }
     }
@@ -277,7 +79,16 @@ impl Target {
     pub fn endpoint(&self) -> String {
         match self {
             Target::Http(t) => t.endpoint(),
+            Target::Amqp(t) => t.endpoint(),
             Target::Spawn(t) => t.endpoint(),
+        }
+    }
+
+    /// Lets go of what the target holds (the AMQP connection) in an orderly
+    /// way.
+    pub async fn close(&self) {
+        if let Target::Amqp(t) = self {
+            t.close().await;
         }
     }
 }
@@ -287,55 +98,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_loopback_urls_are_accepted() {
-        let b = Bytes::new();
-        assert!(HttpTarget::new("http://127.0.0.1:8080", b.clone(), None).is_ok());
-        assert!(HttpTarget::new("http://localhost:8080/x", b.clone(), None).is_ok());
-        assert!(HttpTarget::new("http://[::1]:8080/x", b.clone(), None).is_ok());
-        let e = HttpTarget::new("http://10.0.0.1:8080", b.clone(), None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("loopback"), "{e}");
-        assert!(HttpTarget::new("https://127.0.0.1:8080", b, None).is_err());
-    }
-
-    #[test]
-    fn default_path_is_the_job_endpoint() {
-        let t = HttpTarget::new("http://127.0.0.1:9/", Bytes::new(), None).unwrap();
-        assert_eq!(t.endpoint(), "http://127.0.0.1:9/");
-        let t = HttpTarget::new("http://127.0.0.1:9", Bytes::new(), None).unwrap();
-        assert_eq!(t.endpoint(), "http://127.0.0.1:9/v1/jobs");
-    }
-
-    #[tokio::test]
-    async fn spawn_checks_exit_status_and_stdout() {
-        let t = SpawnTarget::new(
-            vec!["/bin/sh".into(), "-c".into(), "echo 1".into()],
-            Some("1\n".into()),
-        )
-        .unwrap();
-        match t.attempt().await {
-            Attempt::Done(Ending::Ran {
+    fn a_result_body_becomes_an_ending() {
+        let body = br#"{"id":"j","outcome":"ok","stdout":"1\n","timings":{"queued_ms":0,"acquire_ms":1,"acquire":"cold","run_ms":2,"total_ms":3,"sandbox":{"how":"boot","start_ms":1,"connect_ms":0,"setup_ms":0.5}}}"#;
+        match ending_of(body, Some("1\n")) {
+            Ending::Ran {
                 outcome: Outcome::Ok,
                 stdout_ok: true,
-                ..
-            }) => {}
+                timings: Some(t),
+            } => assert_eq!(t.sandbox.unwrap().setup_ms, 0.5),
             other => panic!("{other:?}"),
         }
-        let t =
-            SpawnTarget::new(vec!["/bin/sh".into(), "-c".into(), "exit 3".into()], None).unwrap();
         assert!(matches!(
-            t.attempt().await,
-            Attempt::Done(Ending::Ran {
-                outcome: Outcome::Error,
+            ending_of(body, Some("2\n")),
+            Ending::Ran {
+                stdout_ok: false,
                 ..
-            })
+            }
         ));
-        let t = SpawnTarget::new(vec!["/nonexistent/x".into()], None).unwrap();
-        assert!(matches!(
-            t.attempt().await,
-            Attempt::Done(Ending::Failed(_))
-        ));
+        assert!(matches!(ending_of(b"[]", None), Ending::BadBody(_)));
     }
 }
