@@ -271,7 +271,12 @@ pub fn render(c: &Comparison, a: &Report, b: &Report) -> String {
             section = &r.section;
             let _ = writeln!(s, "\n{:<34} {:>12} {:>12} {:>8}", section, "A", "B", "B/A");
         }
-        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+        let ratio = match r.ratio {
+            None => "-".into(),
+            // Two decimals, or enough to tell a tiny ratio from 0.
+            Some(x) if x != 0.0 && x.abs() < 0.01 => format!("{x:.1e}x"),
+            Some(x) => format!("{x:.2}x"),
+        };
         let _ = writeln!(
             s,
             "  {:<32} {:>12} {:>12} {:>8}",
