@@ -219,6 +219,20 @@ impl Queues {
     }
 }
 
+/// Connects to the broker, retrying for up to 30 s: a broker that
+/// `scripts/rabbitmq.sh` just started answers `rabbitmqctl status` a little
+/// before it accepts AMQP connections (they are reset meanwhile).
+async fn connect(url: &str) -> Connection {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Connection::connect(url, ConnectionProperties::default()).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_jobs_round_trip_in_closed_and_open_loops() {
     kiln_tests::broker::ensure();
@@ -228,9 +242,7 @@ async fn amqp_jobs_round_trip_in_closed_and_open_loops() {
     args.extend(q.serve_args(&url));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let s = serve("lt-amqp", &args);
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("connecting to the broker");
+    let conn = connect(&url).await;
     q.wait_for_consumer(&conn).await;
 
     let amqp = ["--amqp-url", &url, "--amqp-queue", &q.jobs];
