@@ -9,33 +9,46 @@ use bytes::Bytes;
 use clap::Parser;
 use serde_json::json;
 
+use crate::compare::{self, Comparison};
 use crate::drive::{self, Arrivals, Bounds, On429};
+use crate::plots;
 use crate::procfs;
+use crate::progress::{self, Progress};
 use crate::stats::{Recorder, Report, RunInfo, ServerUsage};
-use crate::target::{HttpTarget, SpawnTarget, Target};
+use crate::target::{AmqpTarget, HttpTarget, SpawnTarget, Target};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "kiln-loadtest",
-    about = "Load generator for Kiln's HTTP API, with spawn-per-job baselines",
+    about = "Load generator for Kiln's HTTP API and AMQP intake, with spawn-per-job baselines",
     after_help = "\
 Examples:
   # warm pool latency, 1000 jobs, one at a time
   kiln-loadtest --url http://127.0.0.1:8080 -n 1000 -c 1
   # throughput at concurrency 32 for 30 s, retrying 429s, with daemon CPU/RSS
   kiln-loadtest -c 32 -n 100000 -d 30s --on-429 retry --server-pid $(pidof kiln)
-  # open loop: 50 jobs/s, Poisson arrivals, JSON report
-  kiln-loadtest --rate 50 -d 60s -n 3000 --json-out run.json
+  # open loop: 50 jobs/s, Poisson arrivals, JSON report and SVG plots
+  kiln-loadtest --rate 50 -d 60s -n 3000 --json-out run.json --plots plots/
+  # cold starts: a sandbox made for every job, latency split into its parts
+  kiln-loadtest --cold -n 200 -c 2 --json-out cold.json
+  # the same jobs through the AMQP intake (RPC: reply_to + correlation_id)
+  kiln-loadtest --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f --amqp-queue kiln.jobs -c 8 -n 2000
+  # two runs side by side, with ratios, and their CDFs on one plot
+  kiln-loadtest --compare before.json after.json --plots plots/
   # baselines: the bare interpreter and `kiln run`, per job
   kiln-loadtest --baseline-bare -c 8 -n 2000
   kiln-loadtest --cli -c 1 -n 200
   # any command per job
   kiln-loadtest -n 200 -- /usr/bin/bwrap --ro-bind /usr /usr ... /usr/bin/python3 -c 'print(1)'
 
-Latency is end-to-end (send to full response, or spawn to exit) and, in an
-open loop, counts from each job's intended send time. Only jobs that ran
-(HTTP 200 with a JobResult, or a program that exited) are in the latency
-histograms; 429s, other statuses and failures are counted separately.
+Latency is end-to-end (send to full response or AMQP reply, or spawn to
+exit) and, in an open loop, counts from each job's intended send time. Only
+jobs that ran (a JobResult came back, or a program exited) are in the
+latency histograms; 429s, other statuses and failures are counted
+separately. A cold job whose result says how its sandbox was made
+(timings.sandbox) is split into queue, start (boot or restore), connect,
+setup, acquire other, run, after run and transport. While it runs, a
+progress line is drawn on stderr when stderr is a terminal.
 Exit status: 0 when every job ran with outcome ok, 1 otherwise, 2 on usage
 errors."
 )]
@@ -55,7 +68,9 @@ pub struct Cli {
     /// Ask for a cold sandbox per job. `kiln serve` serves a job cold when
     /// its `limits.disk_mb` differs from the pool template's (64 by
     /// default), so this sets `limits.disk_mb` to --cold-disk-mb. The server
-    /// decides: the report counts `timings.acquire` of the results.
+    /// decides: the report counts `timings.acquire` of the results. (A
+    /// server started with `--min-idle 0 --pool-max-uses 1` makes every
+    /// job's sandbox cold without it.)
     #[arg(long)]
     pub cold: bool,
     /// The `limits.disk_mb` that --cold sends.
@@ -65,6 +80,16 @@ pub struct Cli {
     /// backslash escapes \n and \t are understood).
     #[arg(long, value_name = "TEXT")]
     pub expect_stdout: Option<String>,
+
+    /// Send the jobs to `kiln serve`'s AMQP intake through this broker
+    /// (loopback only) instead of HTTP: each is published, with publisher
+    /// confirms, to --amqp-queue with reply_to (this run's exclusive reply
+    /// queue) and a fresh correlation_id; its latency ends at the reply.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["baseline_bare", "cli", "command"])]
+    pub amqp_url: Option<String>,
+    /// The jobs queue `kiln serve` consumes (its --amqp-queue).
+    #[arg(long, default_value = "kiln.jobs", value_name = "QUEUE")]
+    pub amqp_queue: String,
 
     /// Baseline: spawn the bare interpreter per job (`--python -c CODE`).
     #[arg(long, conflicts_with_all = ["cli", "command"])]
@@ -120,14 +145,23 @@ pub struct Cli {
     /// per job and its memory, alone and with its descendants (sandboxes).
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<i32>,
-    /// Write the report as JSON to this file.
+    /// Write the report as JSON to this file (with --compare: the
+    /// comparison).
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
+    /// Write SVG plots into this directory: latency-cdf.svg and
+    /// latency-over-time.svg (with --compare: compare-cdf.svg).
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
+    /// Run nothing: read two --json-out reports and print them side by side
+    /// with the ratio B/A of each figure.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    pub compare: Vec<PathBuf>,
     /// Write every end-to-end latency (ms, one per line, jobs that ran) to
     /// this file, to merge runs exactly.
     #[arg(long, value_name = "FILE")]
     pub samples_out: Option<PathBuf>,
-    /// Print nothing but errors.
+    /// Print nothing but errors (no report, no progress line).
     #[arg(short, long)]
     pub quiet: bool,
 }
@@ -150,7 +184,7 @@ fn unescape(s: &str) -> String {
 }
 
 impl Cli {
-    fn target(&self) -> anyhow::Result<Target> {
+    async fn target(&self) -> anyhow::Result<Target> {
         let expect = self.expect_stdout.as_deref().map(unescape);
         if self.baseline_bare {
             let argv = vec![
@@ -212,6 +246,18 @@ impl Cli {
             };
             limits.insert("disk_mb".into(), json!(self.cold_disk_mb));
         }
+        if let Some(url) = &self.amqp_url {
+            let t =
+                AmqpTarget::connect(url, &self.amqp_queue, body.to_string().into_bytes(), expect)
+                    .await?;
+            if t.consumers_at_start == 0 && !self.quiet {
+                eprintln!(
+                    "kiln-loadtest: warning: nothing consumes the queue {:?} yet; jobs wait there until a kiln serve does (or --timeout)",
+                    self.amqp_queue
+                );
+            }
+            return Ok(Target::Amqp(Box::new(t)));
+        }
         Ok(Target::Http(HttpTarget::new(
             &self.url,
             Bytes::from(body.to_string()),
@@ -228,6 +274,9 @@ impl Cli {
                 bail!("--rate must be a positive number of jobs per second");
             }
         }
+        if !self.compare.is_empty() {
+            bail!("--compare runs no load: it reads two reports (compare_reports)");
+        }
         Ok(())
     }
 }
@@ -241,10 +290,47 @@ fn load_average_1m() -> Option<f64> {
         .ok()
 }
 
+/// `--compare A B`: reads both reports, writes the comparison to
+/// `--json-out` and its plot to `--plots` when asked, and returns the
+/// side-by-side table.
+pub fn compare_reports(cli: &Cli) -> anyhow::Result<String> {
+    let [a, b] = &cli.compare[..] else {
+        bail!("--compare takes two reports, A and B");
+    };
+    let (ra, rb) = (compare::load(a)?, compare::load(b)?);
+    let c = Comparison {
+        a: a.display().to_string(),
+        b: b.display().to_string(),
+        rows: compare::compare(&ra, &rb),
+    };
+    if let Some(p) = &cli.json_out {
+        let text = serde_json::to_string_pretty(&c).context("encoding the comparison")?;
+        std::fs::write(p, text + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &cli.plots {
+        let name = |p: &std::path::Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        plots::write_compare((&name(a), &ra), (&name(b), &rb), dir)?;
+    }
+    Ok(compare::render(&c, &ra, &rb))
+}
+
 /// Runs the load described by `cli` and returns its report.
 pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     cli.check()?;
-    let target = Arc::new(cli.target()?);
+    let target = Arc::new(cli.target().await?);
+    let report = measure(cli, &target).await;
+    target.close().await;
+    report
+}
+
+/// The warm-up and the measured phase against `target`.
+async fn measure(cli: &Cli, target: &Arc<Target>) -> anyhow::Result<Report> {
+    let show_progress = progress::wanted(cli.quiet);
     let bounds = Bounds {
         requests: cli.requests,
         duration: cli.duration,
@@ -258,13 +344,13 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
             requests: cli.warmup,
             ..bounds
         };
+        let line = show_progress.then(|| Progress::start(discard.clone(), "warm-up: "));
         drive::closed(target.clone(), cli.concurrency, b, discard).await;
+        if let Some(l) = line {
+            l.finish().await;
+        }
     }
-    let rec = Arc::new(Mutex::new(if cli.samples_out.is_some() {
-        Recorder::keeping_samples()
-    } else {
-        Recorder::default()
-    }));
+    let rec = Arc::new(Mutex::new(Recorder::default()));
     let started_unix_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
@@ -273,6 +359,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     if let (Some(pid), None) = (cli.server_pid, cpu_before) {
         bail!("--server-pid {pid}: cannot read /proc/{pid}/stat");
     }
+    let line = show_progress.then(|| Progress::start(rec.clone(), ""));
     let ran = match cli.rate {
         None => drive::closed(target.clone(), cli.concurrency, bounds, rec.clone()).await,
         Some(rate) => {
@@ -288,11 +375,14 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
             .await
         }
     };
+    if let Some(l) = line {
+        l.finish().await;
+    }
     let rec = rec.lock().expect("recorder lock");
-    if let (Some(p), Some(samples)) = (&cli.samples_out, rec.samples()) {
-        let text: String = samples
-            .iter()
-            .map(|us| format!("{:.3}\n", *us as f64 / 1000.0))
+    if let Some(p) = &cli.samples_out {
+        let text: String = rec
+            .samples()
+            .map(|us| format!("{:.3}\n", us as f64 / 1000.0))
             .collect();
         std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
     }
@@ -349,22 +439,26 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
     }
 
-    #[test]
-    fn modes_pick_their_target() {
+    #[tokio::test]
+    async fn modes_pick_their_target() {
         let cli = Cli::parse_from(["kiln-loadtest", "--baseline-bare", "--code", "print(2)"]);
         assert_eq!(
-            cli.target().unwrap().endpoint(),
+            cli.target().await.unwrap().endpoint(),
             "/usr/bin/python3 -c 'print(2)'"
         );
         let cli = Cli::parse_from(["kiln-loadtest", "--", "/bin/true", "x"]);
-        assert_eq!(cli.target().unwrap().endpoint(), "/bin/true x");
+        assert_eq!(cli.target().await.unwrap().endpoint(), "/bin/true x");
         let cli = Cli::parse_from(["kiln-loadtest", "--cold", "--url", "http://127.0.0.1:1"]);
-        let Target::Http(t) = cli.target().unwrap() else {
+        let Target::Http(t) = cli.target().await.unwrap() else {
             panic!("not http")
         };
         let body: serde_json::Value = serde_json::from_slice(t.body()).unwrap();
         assert_eq!(body["limits"]["disk_mb"], 63);
         assert_eq!(body["runtime"], "python");
         assert!(Cli::try_parse_from(["kiln-loadtest", "--baseline-bare", "--cli"]).is_err());
+        assert!(Cli::try_parse_from(["kiln-loadtest", "--amqp-url", "amqp://x", "--cli"]).is_err());
+        let cli = Cli::parse_from(["kiln-loadtest", "--compare", "a.json", "b.json"]);
+        assert_eq!(cli.compare.len(), 2);
+        assert!(Cli::try_parse_from(["kiln-loadtest", "--compare", "a.json"]).is_err());
     }
 }

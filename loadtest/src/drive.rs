@@ -62,14 +62,17 @@ pub struct Ran {
     pub cap_hit: bool,
 }
 
-/// Runs one job to its ending. Returns the sample and, for a job given up
-/// on a 429, the wait the server asked for.
+/// Runs one job, meant to be sent at `intended` in a phase that began at
+/// `start`, to its ending. Returns the sample and, for a job given up on a
+/// 429, the wait the server asked for.
 async fn job(
     target: &Target,
+    start: Instant,
     intended: Instant,
     b: &Bounds,
     deadline: Instant,
 ) -> (Sample, Option<Duration>) {
+    let sent = intended.saturating_duration_since(start);
     let mut throttled = 0;
     loop {
         let ending = match timeout(b.timeout, target.attempt()).await {
@@ -82,6 +85,7 @@ async fn job(
                     continue;
                 }
                 let s = Sample {
+                    sent,
                     latency: intended.elapsed(),
                     ending: Ending::Throttled,
                     throttled,
@@ -90,6 +94,7 @@ async fn job(
             }
         };
         let s = Sample {
+            sent,
             latency: intended.elapsed(),
             ending,
             throttled,
@@ -117,7 +122,8 @@ pub async fn closed(
             while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < b.requests {
                 let intended = Instant::now();
                 let Ok((s, backoff)) =
-                    tokio::time::timeout_at(hard_stop, job(&target, intended, &b, deadline)).await
+                    tokio::time::timeout_at(hard_stop, job(&target, start, intended, &b, deadline))
+                        .await
                 else {
                     abandoned += 1;
                     break;
@@ -219,7 +225,7 @@ pub async fn open(
         };
         let (target, rec, last_end) = (target.clone(), rec.clone(), last_end.clone());
         tasks.spawn(async move {
-            let (s, _) = job(&target, intended, &b, deadline).await;
+            let (s, _) = job(&target, start, intended, &b, deadline).await;
             rec.lock().expect("recorder lock").add(&s);
             *last_end.lock().expect("end lock") = Instant::now();
             drop(permit);

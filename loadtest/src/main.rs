@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kiln_loadtest::{run, Cli};
+use kiln_loadtest::{compare_reports, plots, run, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,12 +27,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Returns whether every job ran with outcome ok.
+/// Returns whether every job ran with outcome ok (a comparison: true).
 async fn main_inner(cli: &Cli) -> anyhow::Result<bool> {
+    if !cli.compare.is_empty() {
+        let text = compare_reports(cli)?;
+        if !cli.quiet {
+            print!("{text}");
+        }
+        return Ok(true);
+    }
     let report = run(cli).await?;
     if let Some(p) = &cli.json_out {
         let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
         std::fs::write(p, text + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &cli.plots {
+        plots::write_run(&report, dir)?;
     }
     if !cli.quiet {
         print!("{}", report.render());

@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 
 use kiln_protocol::JobResult;
 
+pub mod broker;
 pub mod openapi;
 pub mod server;
 

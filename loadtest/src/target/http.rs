@@ -1,10 +1,8 @@
-//! What a job is sent to: `kiln serve`'s HTTP API ([`HttpTarget`], one
-//! keep-alive HTTP/1.1 connection per concurrent job, reused), or a program
-//! spawned once per job ([`SpawnTarget`]: the bare interpreter baseline,
-//! `kiln run`, bwrap...). Both turn one job into one [`Ending`].
+//! `kiln serve`'s HTTP API as a target: `POST /v1/jobs` over one
+//! keep-alive HTTP/1.1 connection per concurrent job (hyper's
+//! `client::conn::http1`), reused, on loopback only.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,15 +13,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use kiln_protocol::{Outcome, Timings};
-use serde::Deserialize;
 use tokio::net::TcpStream;
 
+use super::{ending_of, Attempt, MAX_BODY_BYTES};
 use crate::stats::Ending;
-
-/// Largest response body read; a `JobResult` carries at most twice the
-/// output cap (64 MiB per stream), so this bounds memory, not results.
-const MAX_BODY_BYTES: usize = 160 << 20;
 
 /// Wait assumed when a 429 carries no usable `Retry-After`.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -31,25 +24,6 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Longest `Retry-After` honoured, so that a confused server cannot park
 /// the load generator.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
-
-/// What one attempt got.
-#[derive(Debug)]
-pub enum Attempt {
-    Done(Ending),
-    /// 429, with the wait the server asked for.
-    Throttled(Duration),
-}
-
-/// The part of a `JobResult` the load generator reads; other fields are
-/// ignored so that additions to the API do not break it.
-#[derive(Deserialize)]
-struct ResultView {
-    outcome: Outcome,
-    #[serde(default)]
-    stdout: String,
-    #[serde(default)]
-    timings: Option<Timings>,
-}
 
 /// `kiln serve`'s job endpoint.
 pub struct HttpTarget {
@@ -178,106 +152,11 @@ impl HttpTarget {
         };
         self.checkin(conn);
         match status {
-            StatusCode::OK => Attempt::Done(match serde_json::from_slice::<ResultView>(&body) {
-                Ok(v) => Ending::Ran {
-                    outcome: v.outcome,
-                    stdout_ok: self.expect_stdout.as_ref().is_none_or(|e| *e == v.stdout),
-                    timings: v.timings,
-                },
-                Err(e) => Ending::BadBody(e.to_string()),
-            }),
+            StatusCode::OK => Attempt::Done(ending_of(&body, self.expect_stdout.as_deref())),
             StatusCode::TOO_MANY_REQUESTS => {
                 Attempt::Throttled(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
             }
             s => Attempt::Done(Ending::Status(s.as_u16())),
-        }
-    }
-}
-
-/// A program spawned once per job; exit status 0 is outcome `ok`.
-pub struct SpawnTarget {
-    argv: Vec<String>,
-    expect_stdout: Option<String>,
-}
-
-impl SpawnTarget {
-    pub fn new(argv: Vec<String>, expect_stdout: Option<String>) -> anyhow::Result<Self> {
-        if argv.is_empty() {
-            bail!("the command to spawn is empty");
-        }
-        Ok(Self {
-            argv,
-            expect_stdout,
-        })
-    }
-
-    pub fn endpoint(&self) -> String {
-        self.argv
-            .iter()
-            .map(|a| {
-                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"()$".contains(c)) {
-                    format!("'{}'", a.replace('\'', r"'\''"))
-                } else {
-                    a.clone()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Runs the program to its exit (killed if the caller gives up).
-    pub async fn attempt(&self) -> Attempt {
-        let out = tokio::process::Command::new(&self.argv[0])
-            .args(&self.argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-            .await;
-        Attempt::Done(match out {
-            Ok(o) => Ending::Ran {
-                outcome: if o.status.success() {
-                    Outcome::Ok
-                } else {
-                    Outcome::Error
-                },
-                timings: None,
-                stdout_ok: self
-                    .expect_stdout
-                    .as_ref()
-                    .is_none_or(|e| e.as_bytes() == o.stdout),
-            },
-            Err(e) => Ending::Failed(format!("spawning {}: {e}", self.argv[0])),
-        })
-    }
-}
-
-/// Either target.
-pub enum Target {
-    Http(HttpTarget),
-    Spawn(SpawnTarget),
-}
-
-impl Target {
-    pub async fn attempt(&self) -> Attempt {
-        match self {
-            Target::Http(t) => t.attempt().await,
-            Target::Spawn(t) => t.attempt().await,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Target::Http(_) => "http",
-            Target::Spawn(_) => "spawn",
-        }
-    }
-
-    pub fn endpoint(&self) -> String {
-        match self {
-            Target::Http(t) => t.endpoint(),
-            Target::Spawn(t) => t.endpoint(),
         }
     }
 }
@@ -306,36 +185,5 @@ mod tests {
         assert_eq!(t.endpoint(), "http://127.0.0.1:9/");
         let t = HttpTarget::new("http://127.0.0.1:9", Bytes::new(), None).unwrap();
         assert_eq!(t.endpoint(), "http://127.0.0.1:9/v1/jobs");
-    }
-
-    #[tokio::test]
-    async fn spawn_checks_exit_status_and_stdout() {
-        let t = SpawnTarget::new(
-            vec!["/bin/sh".into(), "-c".into(), "echo 1".into()],
-            Some("1\n".into()),
-        )
-        .unwrap();
-        match t.attempt().await {
-            Attempt::Done(Ending::Ran {
-                outcome: Outcome::Ok,
-                stdout_ok: true,
-                ..
-            }) => {}
-            other => panic!("{other:?}"),
-        }
-        let t =
-            SpawnTarget::new(vec!["/bin/sh".into(), "-c".into(), "exit 3".into()], None).unwrap();
-        assert!(matches!(
-            t.attempt().await,
-            Attempt::Done(Ending::Ran {
-                outcome: Outcome::Error,
-                ..
-            })
-        ));
-        let t = SpawnTarget::new(vec!["/nonexistent/x".into()], None).unwrap();
-        assert!(matches!(
-            t.attempt().await,
-            Attempt::Done(Ending::Failed(_))
-        ));
     }
 }
