@@ -78,3 +78,11 @@ cargo build --workspace --bins --quiet
 
 log "tests"
 cargo test --workspace --quiet 2>&1
+
+# The chaos soak, short: 300 jobs through RabbitMQ to two executors (one
+# SIGKILLed twice, the broker restarted, agents killed, poison sent) and 300
+# through HTTP, then nothing may be lost or left (docs/operations.md, "Soak").
+# A few minutes; `scripts/soak.sh` without --short is the full 10,000 + 10,000.
+log "chaos soak (short)"
+rm -rf target/soak/ci
+bash scripts/soak.sh --short --out target/soak/ci
