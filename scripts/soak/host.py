@@ -142,6 +142,7 @@ class Scope:
         self.state_dir = state_dir
         self.cgroup_parent = cgroup_parent
         os.makedirs(state_dir, exist_ok=True)
+        os.chmod(state_dir, 0o755)
 
     def records(self):
         """The sandbox records in the state directory (any backend)."""

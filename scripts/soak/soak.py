@@ -109,6 +109,8 @@ class Soak:
         self.tag = a.tag
         self.workdir = f"/run/kiln-soak-{self.tag}"
         os.makedirs(self.workdir, exist_ok=True)
+        # The jails' ids must be able to search the state directories below.
+        os.chmod(self.workdir, 0o755)
         self.tmpdir = os.path.join(self.workdir, "tmp")
         os.makedirs(self.tmpdir, exist_ok=True)
         self.out = a.out
@@ -527,18 +529,24 @@ def cleanup(tag, bin_dir):
     """Removes everything the soak made, from its records alone (so the
     shell's trap can call it after the orchestrator died): the daemons it
     started (by pid and start time), their sandboxes (`kiln reap`), the
-    cgroup parents, its RabbitMQ node and the work directory."""
+    cgroup parents, its RabbitMQ node and the work directory. Returns what
+    could not be removed (the work directory then stays, for `kiln reap`)."""
     workdir = f"/run/kiln-soak-{tag}"
     if not os.path.isdir(workdir):
-        return
+        return []
+    daemons = []
     try:
         with open(os.path.join(workdir, "pids")) as f:
-            for line in f:
-                pid, start = (int(x) for x in line.split())
-                if host.alive(pid, start):
-                    os.kill(pid, 9)
+            daemons = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
     except OSError:
         pass
+    for pid, start in daemons:
+        if host.alive(pid, start):
+            os.kill(pid, 9)
+    # `kiln reap` takes only records whose owner is gone, and a SIGKILLed
+    # daemon stays (a zombie) until its parent waits for it.
+    host.wait_until(lambda: not any(host.alive(p, s) for p, s in daemons), 30)
+    left = []
     for e in sorted(os.listdir(workdir)):
         if not e.startswith("state-"):
             continue
@@ -549,6 +557,7 @@ def cleanup(tag, bin_dir):
                             scope.state_dir, "--cgroup-parent", scope.cgroup_parent],
                            timeout=60, capture_output=True)
         scope.remove_cgroup_parent()
+        left += scope.cgroups() + [r["id"] for r in scope.records()]
     if os.path.exists(os.path.join(workdir, "broker.env")):
         b = Broker(workdir, tag)
         try:
@@ -560,7 +569,12 @@ def cleanup(tag, bin_dir):
                     os.kill(pid, 9)
                 except OSError:
                     pass
+    if left:
+        print(f"soak clean-up: left {left}; records kept in {workdir} for `kiln reap`",
+              file=sys.stderr)
+        return left
     shutil.rmtree(workdir, ignore_errors=True)
+    return []
 
 
 def main():
@@ -575,8 +589,7 @@ def main():
     p.add_argument("--cleanup-only", action="store_true")
     a = p.parse_args()
     if a.cleanup_only:
-        cleanup(a.tag, a.bin_dir)
-        return 0
+        return 1 if cleanup(a.tag, a.bin_dir) else 0
     if a.seed is None:
         a.seed = random.SystemRandom().randrange(1 << 31)
     os.makedirs(a.out, exist_ok=True)
@@ -596,7 +609,9 @@ def main():
         for d in s.daemons:
             if d.running():
                 d.kill()
-        cleanup(a.tag, a.bin_dir)
+        not_removed = cleanup(a.tag, a.bin_dir)
+        if not_removed:
+            s.fail(f"clean-up could not remove {not_removed}")
         s.report["seconds"] = round(time.monotonic() - t, 1)
         s.report["load_at_end"] = loadavg()
         s.report["failures"] = s.failures
