@@ -83,3 +83,11 @@ cargo test --workspace --quiet 2>&1
 # a short smoke run of every target; the long runs are in docs/BENCHMARKS.md.
 log "fuzzing, 15 s per target"
 bash scripts/fuzz.sh all 15
+
+# The chaos soak, short: 300 jobs through RabbitMQ to two executors (one
+# SIGKILLed twice, the broker restarted, agents killed, poison sent) and 300
+# through HTTP, then nothing may be lost or left (docs/operations.md, "Soak").
+# A few minutes; `scripts/soak.sh` without --short is the full 10,000 + 10,000.
+log "chaos soak (short)"
+rm -rf target/soak/ci
+bash scripts/soak.sh --short --out target/soak/ci
