@@ -14,7 +14,10 @@
 //!   tmpfs `/tmp`, `/work` and `/run`;
 //! - `/proc/cmdline` and the kernel log out of jobs' reach, and the
 //!   loopback interface up;
-//! - once it listens on vsock, a `ready` note to the host ([`announce`]).
+//! - once it listens on vsock, a `ready` note to the host ([`announce`]);
+//!   or, with `kiln.vport=NAME` (a VM that will be snapshotted), the host
+//!   served on that virtio-serial port instead (`port`), with no note: the
+//!   host's `Hello` is the first byte on it.
 //!
 //! What is unique to a sandbox comes later, over the protocol, on every
 //! connection ([`apply_setup`], `Frame::Setup`): entropy for the random
@@ -52,6 +55,9 @@ pub struct GuestConfig {
     /// `kiln.ready=PORT`: once listening, connect to the host (CID 2) on
     /// this vsock port and say `ready\n`.
     pub ready_port: Option<u32>,
+    /// `kiln.vport=NAME`: serve the host on the virtio-serial port of that
+    /// name instead of vsock (a VM that is snapshotted; see `port`).
+    pub vport: Option<String>,
 }
 
 impl GuestConfig {
@@ -62,6 +68,7 @@ impl GuestConfig {
             log: None,
             dns: None,
             ready_port: None,
+            vport: None,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -84,6 +91,14 @@ impl GuestConfig {
                             .filter(|p| *p != u32::MAX)
                             .ok_or_else(|| format!("kiln.ready={value:?} is not a vsock port"))?,
                     )
+                }
+                "kiln.vport" => {
+                    if !crate::port::valid_name(value) {
+                        return Err(format!(
+                            "kiln.vport={value:?} is not a port name (1 to 64 of A-Z a-z 0-9 . - _)"
+                        ));
+                    }
+                    cfg.vport = Some(value.into());
                 }
                 "kiln.dns" => {
                     cfg.dns = Some(
@@ -481,6 +496,9 @@ mod tests {
         let d = GuestConfig::parse("console=ttyS0").unwrap();
         assert_eq!(d.port, DEFAULT_PORT);
         assert_eq!(d.ready_port, None);
+        assert_eq!(d.vport, None);
+        let v = GuestConfig::parse("console=ttyS0 kiln.vport=kiln.agent").unwrap();
+        assert_eq!(v.vport.as_deref(), Some("kiln.agent"));
     }
 
     #[test]
@@ -492,6 +510,9 @@ mod tests {
         assert!(GuestConfig::parse("kiln.dns=example.org")
             .unwrap_err()
             .contains("kiln.dns"));
+        assert!(GuestConfig::parse("kiln.vport=a/b")
+            .unwrap_err()
+            .contains("kiln.vport"));
     }
 
     #[test]
