@@ -7,13 +7,15 @@
 //! `KILN_REQUIRE_GUEST=1` (set by scripts/test.sh) makes that a failure.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
-use crate::{run_job, Backend, Sandbox, SandboxSpec};
+use crate::vm::VsockError;
+use crate::{run_job, Backend, Sandbox, SandboxError, SandboxSpec};
 
 /// The guest artefacts, or `None` (SKIPPED) when they are not built.
 pub(crate) fn guest_artefacts() -> Option<(PathBuf, PathBuf)> {
@@ -139,7 +141,7 @@ async fn host_and_guest_initiated_vsock_connections_work() {
 
     // Guest-initiated: the guest connects to the host (CID 2) port 6000,
     // which arrives on <uds>_6000.
-    let path = vm.guest_listener_path(6000);
+    let path = vm.guest_listener_path(6000).expect("a booted VM has vsock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let accept = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
@@ -347,6 +349,216 @@ async fn a_dead_guest_is_detected_and_replaced_by_the_pool() {
         .unwrap()
         .next()
         .is_none());
+}
+
+/// An environment whose backend keeps templates in its own store.
+fn template_env(test: &str) -> Option<Env> {
+    let (kernel, rootfs) = guest_artefacts()?;
+    let mut cfg = QemuConfig::new(kernel, rootfs, RuntimeTable::default());
+    let state = std::env::temp_dir().join(format!("kiln-qemu-{}-{test}", std::process::id()));
+    cfg.state_dir = state.clone();
+    cfg.templates = Some(state.join("templates"));
+    let backend = QemuBackend::new(cfg).expect("qemu backend");
+    Some(Env { backend, state })
+}
+
+/// `Rss`, `Private_Dirty` and the size of QEMU's mapping of `file`, in KiB
+/// (from `/proc/<pid>/smaps`).
+fn mapping_kib(pid: u32, file: &Path) -> (u64, u64, u64) {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let name = file.to_string_lossy();
+    let (mut rss, mut dirty, mut size) = (0, 0, 0);
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            inside = line.ends_with(name.as_ref());
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kib = || {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Size:" => size += kib(),
+            "Rss:" => rss += kib(),
+            "Private_Dirty:" => dirty += kib(),
+            _ => {}
+        }
+    }
+    (rss, dirty, size)
+}
+
+/// What a job sees that must differ between two clones of one template.
+const CLONE_PROBE: &str = r#"import json, os, socket, time, uuid, random
+with open('/dev/urandom', 'rb') as f:
+    kernel = f.read(16).hex()
+print(json.dumps({"kernel_rng": kernel, "urandom": os.urandom(16).hex(),
+    "uuid4": str(uuid.uuid4()), "random": random.random(),
+    "hostname": socket.gethostname(), "id": os.environ.get("KILN_SANDBOX_ID"),
+    "time": time.time(), "str_hash": hash("kiln")}))
+"#;
+
+/// The template path end to end: with no template a sandbox boots; two
+/// concurrent builds make one template, whose state file holds no RAM;
+/// sandboxes then restore from it, each with its own randomness, identity
+/// and the right clock, served by the warm interpreter started before the
+/// snapshot; timeouts still kill inside a restored guest; the template's
+/// memory file is never written, and a restored VM's RSS grows only with
+/// what it touches; destroy leaves nothing; a removed template serves no
+/// more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_are_built_once_and_restored_clones_are_not_twins() {
+    let Some(env) = template_env("clones") else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let spec = spec(128);
+    assert!(env.backend.capabilities().templates);
+
+    let booted = env.backend.create(&spec).await.expect("guest boots");
+    assert_eq!(booted.origin(), &Origin::Booted, "no template yet");
+    booted.destroy().await;
+
+    let lines = Mutex::new(Vec::<String>::new());
+    let progress = |l: &str| {
+        eprintln!("template: {l}");
+        lines.lock().unwrap().push(l.to_owned());
+    };
+    let t0 = Instant::now();
+    let (a, b) = tokio::join!(
+        env.backend.prepare_template(&spec, &progress),
+        env.backend.prepare_template(&spec, &progress)
+    );
+    eprintln!("two concurrent prepare_template calls: {:?}", t0.elapsed());
+    let (a, b) = (a.expect("template built"), b.expect("template built"));
+    assert_eq!(a.id, b.id);
+    assert!(a.current);
+    let lines = lines.into_inner().unwrap();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("building template"))
+            .count(),
+        1,
+        "two builds of one template: {lines:#?}"
+    );
+    assert_eq!(a.memory_bytes, (spec.memory_mb + 64) << 20);
+    let vmstate = fs::metadata(a.dir.join("vmstate")).unwrap().len();
+    assert!(
+        vmstate * 16 < a.memory_bytes,
+        "the device state ({vmstate} bytes) holds guest RAM"
+    );
+    assert!(
+        !env.state.join("templates/building").exists()
+            || fs::read_dir(env.state.join("templates/building"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "the build left files"
+    );
+    let listed = env.backend.templates().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].current && listed[0].id == a.id);
+    // Already current: nothing is built.
+    let again = env
+        .backend
+        .prepare_template(&spec, &|l| assert!(!l.starts_with("building"), "{l}"))
+        .await
+        .unwrap();
+    assert_eq!(again.id, a.id);
+
+    let x = env.backend.create(&spec).await.expect("restore");
+    let y = env.backend.create(&spec).await.expect("restore");
+    for vm in [&x, &y] {
+        assert_eq!(
+            vm.origin(),
+            &Origin::Restored {
+                template: a.id.clone()
+            }
+        );
+        eprintln!("restored to a set-up agent in {:?}", vm.boot_time());
+    }
+    let probe = job(serde_json::json!({"runtime": "python", "code": CLONE_PROBE}));
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (ox, oy) = tokio::join!(run(&x, &probe), run(&y, &probe));
+    let mut seen = Vec::new();
+    for (vm, out) in [(&x, &ox), (&y, &oy)] {
+        assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+        assert!(
+            out.warm,
+            "the warm interpreter of the template was not used"
+        );
+        let v: serde_json::Value = serde_json::from_str(&out.result.stdout).unwrap();
+        assert_eq!(v["id"], vm.id().as_str());
+        assert_eq!(v["hostname"], format!("kiln-{}", vm.id()));
+        let skew = (v["time"].as_f64().unwrap() - host_now).abs();
+        assert!(skew < 5.0, "the guest's clock is {skew} s off the host's");
+        seen.push(v);
+    }
+    for field in ["kernel_rng", "urandom", "uuid4", "random", "hostname", "id"] {
+        assert_ne!(
+            seen[0][field], seen[1][field],
+            "{field} is the same in two clones"
+        );
+    }
+    // What cannot differ (docs/security.md, "Clones of a snapshot"): the
+    // str hash seed of the interpreter that was running at snapshot time.
+    assert_eq!(seen[0]["str_hash"], seen[1]["str_hash"]);
+
+    // The host still ends what runs too long inside a restored guest.
+    let out = run(
+        &x,
+        &job(
+            serde_json::json!({"runtime": "python", "code": "while True: pass",
+            "limits": {"timeout_ms": 1500}}),
+        ),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Timeout, "{:?}", out.result);
+    assert!(x.agent().ping(Duration::from_secs(5)).await.is_ok());
+
+    // Private mapping: only what the guest touched is resident.
+    let memory = a.dir.join("memory");
+    let (rss, dirty, size) = mapping_kib(y.pid(), &memory);
+    eprintln!(
+        "restored VM: {rss} KiB of its {size} KiB template mapping resident, {dirty} KiB copied on write; QEMU VmRSS {} KiB",
+        rss_kib(y.pid()).0
+    );
+    assert_eq!(
+        size,
+        a.memory_bytes / 1024,
+        "the template's memory is not mapped"
+    );
+    assert!(rss < size, "the whole template was loaded");
+
+    for vm in [x, y] {
+        let (pid, dir) = (vm.pid(), env.state.join("qemu").join(vm.id().as_str()));
+        vm.destroy().await;
+        assert!(!alive(pid), "QEMU survived destroy");
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert!(crate::qemu::tests::processes_naming(&dir).is_empty());
+    }
+    // The published memory is what was published: restores write nothing.
+    let store = kiln_snapshotter::store::SnapshotStore::open(env.state.join("templates")).unwrap();
+    let snap = store
+        .get(&kiln_snapshotter::store::SnapshotId::new(a.id.clone()).unwrap())
+        .unwrap();
+    snap.verify().expect("the template's files are unchanged");
+
+    env.backend.remove_template(&a.id).unwrap();
+    assert!(env.backend.templates().unwrap().is_empty());
+    let vm = env.backend.create(&spec).await.expect("guest boots");
+    assert_eq!(vm.origin(), &Origin::Booted, "a removed template served");
+    vm.destroy().await;
 }
 
 /// `VmRSS` and `RssShmem` of a process, in KiB.
