@@ -24,7 +24,7 @@
 //! One build per template id at a time: a second caller waits for the
 //! first and finds the template published. A template's id is the hash of
 //! its inputs ([`crate::template::TemplateInputs`]); the kernel and image
-//! are hashed once per backend.
+//! are hashed once per file version (remembered in the store).
 
 use std::collections::HashMap;
 use std::fs;
@@ -77,8 +77,6 @@ pub(super) struct Templates {
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The inputs of every spec seen, to flag current templates in lists.
     seen: Mutex<Vec<TemplateInputs>>,
-    /// SHA-256 of artefact files checked for outdated templates, by path.
-    checked: Mutex<HashMap<PathBuf, String>>,
 }
 
 /// Why a template could not be built.
@@ -123,7 +121,6 @@ impl Templates {
             base: tokio::sync::OnceCell::new(),
             building: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
-            checked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -178,10 +175,13 @@ impl Inner {
             .get_or_try_init(|| async {
                 let (kernel, rootfs) = (self.cfg.kernel.clone(), self.cfg.rootfs.clone());
                 let qemu = self.qemu.clone();
+                let store = t.store.clone();
                 let (kernel, rootfs, version) = tokio::task::spawn_blocking(move || {
-                    let kernel = TemplateStore::identify("guest kernel", &kernel)
+                    let kernel = store
+                        .identify_cached("guest kernel", &kernel)
                         .map_err(|e| SandboxError::backend("qemu", e))?;
-                    let rootfs = TemplateStore::identify("guest image", &rootfs)
+                    let rootfs = store
+                        .identify_cached("guest image", &rootfs)
                         .map_err(|e| SandboxError::backend("qemu", e))?;
                     let version = std::process::Command::new(&qemu)
                         .arg("--version")
@@ -293,27 +293,12 @@ impl Inner {
                 })
             };
             let path = PathBuf::from(m.inputs.get(path_input).ok_or_else(gone)?);
-            let known = t
-                .checked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&path)
-                .cloned();
-            let sha = match known {
-                Some(sha) => sha,
-                None => {
-                    let p = path.clone();
-                    let id = tokio::task::spawn_blocking(move || ArtifactIdentity::of_file(&p))
-                        .await
-                        .map_err(|_| gone())?
-                        .map_err(|_| gone())?;
-                    t.checked
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(path.clone(), id.sha256.clone());
-                    id.sha256
-                }
-            };
+            let (store, p) = (t.store.clone(), path.clone());
+            let sha = tokio::task::spawn_blocking(move || store.identify_cached(what, &p))
+                .await
+                .map_err(|_| gone())?
+                .map_err(|_| gone())?
+                .sha256;
             if sha != recorded.sha256 {
                 return Err(gone());
             }
