@@ -41,6 +41,9 @@ enum Command {
     Submit(cli::submit::SubmitArgs),
     /// Destroy sandboxes left behind by crashed kiln processes.
     Reap(kiln_sandbox::BackendFlags),
+    /// Templates of the microVM backends: build, list, remove.
+    #[command(subcommand)]
+    Template(cli::template::TemplateCommand),
     /// Snapshots of microVM memory.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             }
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
+            Command::Template(cmd) => cli::template::run(cmd).await,
             Command::Snapshot(_) => unreachable!("handled before the runtime starts"),
         }
     });

@@ -37,6 +37,11 @@ struct RejectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TemplateLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
     method: String,
     route: String,
@@ -61,6 +66,9 @@ pub struct Metrics {
     queued: Gauge,
     running: Gauge,
     workspaces: Gauge,
+    templates_building: Gauge,
+    template_builds: Family<TemplateLabels, Counter>,
+    template_build_seconds: Histogram,
     http: Family<HttpLabels, Counter>,
 }
 
@@ -74,6 +82,9 @@ impl Default for Metrics {
             queued: Gauge::default(),
             running: Gauge::default(),
             workspaces: Gauge::default(),
+            templates_building: Gauge::default(),
+            template_builds: Family::default(),
+            template_build_seconds: seconds_histogram(),
             http: Family::default(),
         }
     }
@@ -116,6 +127,22 @@ impl Metrics {
             "kiln_workspaces",
             "Sandboxes alive as workspaces",
             self.workspaces.clone(),
+        );
+        r.register(
+            "kiln_templates_building",
+            "Templates of the microVM backend being prepared (built, or found current)",
+            self.templates_building.clone(),
+        );
+        r.register(
+            "kiln_template_builds",
+            "Template preparations finished, by result (ready, failed)",
+            self.template_builds.clone(),
+        );
+        r.register_with_unit(
+            "kiln_template_build",
+            "Time a template preparation took (a few milliseconds when the current one exists)",
+            Unit::Seconds,
+            self.template_build_seconds.clone(),
         );
         r.register(
             "kiln_http_requests",
@@ -169,6 +196,22 @@ impl Metrics {
 
     pub fn set_workspaces(&self, n: usize) {
         self.workspaces.set(n as i64);
+    }
+
+    /// A template preparation started.
+    pub fn template_started(&self) {
+        self.templates_building.inc();
+    }
+
+    /// A template preparation ended after `seconds`.
+    pub fn template_finished(&self, ok: bool, seconds: f64) {
+        self.templates_building.dec();
+        self.template_builds
+            .get_or_create(&TemplateLabels {
+                result: if ok { "ready" } else { "failed" },
+            })
+            .inc();
+        self.template_build_seconds.observe(seconds);
     }
 
     pub fn http(&self, method: &str, route: &str, status: u16) {

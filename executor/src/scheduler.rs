@@ -97,7 +97,7 @@ pub enum AdmitError {
     /// The job is invalid here (unknown runtime, id already in use); the
     /// result says why, its message starting with the field's name.
     #[error("{}", .0.message.as_deref().unwrap_or("rejected"))]
-    Rejected(JobResult),
+    Rejected(Box<JobResult>),
     /// Every run slot and queue slot is taken; try again after `retry_after`.
     #[error("the server is at capacity; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
@@ -291,11 +291,34 @@ impl Scheduler {
         })
     }
 
+    /// For a backend with templates: prepares (builds if missing or
+    /// outdated) the template of every pooled runtime in the background,
+    /// logging each step. Until one is published, sandboxes of its runtime
+    /// are restored from an older template of the same kind or booted.
+    pub fn prepare_templates(&self) {
+        let inner = &self.inner;
+        if !inner.capabilities.templates {
+            return;
+        }
+        for (runtime, t) in &inner.templates {
+            let (inner, runtime, spec) = (self.inner.clone(), runtime.clone(), t.spec.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                inner.metrics.template_started();
+                let progress = |line: &str| tracing::info!(%runtime, "template: {line}");
+                let result = inner.backend.prepare_template(&spec, &progress).await;
+                let secs = started.elapsed().as_secs_f64();
+                inner.metrics.template_finished(result.is_ok(), secs);
+                match result {
+                    Ok(t) => tracing::info!(%runtime, template = %t.id, secs, "template ready"),
+                    Err(e) => tracing::error!(%runtime, "template could not be prepared: {e}"),
+                }
+            });
+        }
+    }
+
     /// Validates against the runtime table and admits. Never blocks: a full
     /// queue is an error.
-    // The error carries a whole ready `rejected` result by contract with the
-    // intakes; it is built only on the refusal path.
-    #[allow(clippy::result_large_err)]
     pub fn submit(&self, spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
@@ -307,10 +330,10 @@ impl Scheduler {
             Ok(r) => r.clone(),
             Err(e) => {
                 inner.metrics.rejected(opts.source, "invalid");
-                return Err(AdmitError::Rejected(JobResult::rejected(
+                return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
                     id,
                     format!("runtime: {e}"),
-                )));
+                ))));
             }
         };
         if !inner.admission.try_admit() {
@@ -322,10 +345,10 @@ impl Scheduler {
         let Some(record) = inner.jobs.insert(id.clone()) else {
             inner.admission.release();
             inner.metrics.rejected(opts.source, "invalid");
-            return Err(AdmitError::Rejected(JobResult::rejected(
+            return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
                 id.clone(),
                 format!("id: a job with id {id:?} already exists; use another id or none"),
-            )));
+            ))));
         };
         self.publish_capacity();
         let (sandbox_tx, sandbox_rx) = watch::channel(None);
@@ -576,6 +599,7 @@ async fn run(
             Err(e) => acquire_failed(&id, e),
             Ok((held, how)) => {
                 tracing::debug!(sandbox = %held.id(), acquire = ?how, "sandbox acquired");
+                let sandbox_timings = held.start_timings();
                 let rec = record.clone();
                 let mut sink = move |s: Stream, d: &[u8]| {
                     let b = Bytes::copy_from_slice(d);
@@ -616,6 +640,9 @@ async fn run(
                     }
                 };
                 result.timings.acquire = Some(how);
+                if how == Acquire::Cold {
+                    result.timings.sandbox = sandbox_timings;
+                }
                 result
             }
         };

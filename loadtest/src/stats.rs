@@ -468,6 +468,7 @@ mod tests {
                     acquire,
                     run_ms: ms as f64 / 2.0,
                     total_ms: ms as f64,
+                    sandbox: None,
                 }),
                 stdout_ok: true,
             },

@@ -63,8 +63,8 @@ pub struct Rooms {
     /// Size of each of the room's three tmpfs, in MiB.
     pub disk_mb: u64,
     /// Seccomp programs every job process installs, in order, as the last
-    /// step before it runs job code: each a `struct sock_filter` array
-    /// (8 bytes per instruction, little-endian), base64 in JSON.
+    /// step before it runs job code: each in `kiln_sys::seccomp`'s wire
+    /// format (a `struct sock_filter` array), base64 in JSON.
     #[serde(with = "bpf_programs")]
     pub job_filters: Vec<Vec<u8>>,
     /// Bring each room's loopback interface up.
@@ -90,12 +90,7 @@ mod bpf_programs {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(p)
                     .map_err(serde::de::Error::custom)?;
-                if bytes.is_empty() || bytes.len() % 8 != 0 {
-                    return Err(serde::de::Error::custom(format!(
-                        "a seccomp program is a non-empty array of 8-byte instructions, not {} bytes",
-                        bytes.len()
-                    )));
-                }
+                kiln_sys::seccomp::check(&bytes).map_err(serde::de::Error::custom)?;
                 Ok(bytes)
             })
             .collect()

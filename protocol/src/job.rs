@@ -620,6 +620,34 @@ pub struct Timings {
     pub acquire: Option<Acquire>,
     pub run_ms: f64,
     pub total_ms: f64,
+    /// How the job's sandbox was made, when it was made for this job (a
+    /// `cold` acquire): the backend's own steps, within `acquire_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxTimings>,
+}
+
+/// How a sandbox came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStart {
+    /// Started from nothing: a jail's init, or a microVM's kernel booted.
+    Boot,
+    /// A microVM restored from a template snapshot.
+    Restore,
+}
+
+/// The steps of making a sandbox, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SandboxTimings {
+    pub how: SandboxStart,
+    /// From starting the process (jail init, VMM) until the guest runs:
+    /// a boot until the agent listens, or a snapshot load and resume.
+    pub start_ms: f64,
+    /// Until the host is connected to the agent.
+    pub connect_ms: f64,
+    /// The handshake and, in a microVM, the guest setup (fresh entropy,
+    /// clock, identity) before any job code may run.
+    pub setup_ms: f64,
 }
 
 /// Resources the job used.

@@ -76,6 +76,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.kill_now())
     }
 
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        each!(self, s => s.start_timings())
+    }
+
     fn set_background(&self, background: bool) {
         each!(self, s => s.set_background(background))
     }

@@ -233,6 +233,11 @@ pub trait Sandbox: Send + Sync {
             "this backend cannot resize a running sandbox".into(),
         ))
     }
+    /// How this sandbox was made, step by step (reported with the result
+    /// of a job whose sandbox was made for it).
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        None
+    }
     /// Kills every process inside now, so that a TTL or a delete stops
     /// running code at once rather than when its exec next yields. Blocking
     /// (run it off the async threads); the sandbox is destroyed afterwards.

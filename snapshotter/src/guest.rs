@@ -82,13 +82,8 @@ pub fn send_handshake(
     fd: Option<BorrowedFd<'_>>,
 ) -> Result<UnixStream, GuestError> {
     let stream = UnixStream::connect(socket).map_err(GuestError::Send)?;
-    let sent = sys::send_with_fd(stream.as_fd(), payload, fd).map_err(GuestError::Send)?;
-    if sent != payload.len() {
-        return Err(GuestError::Send(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "short sendmsg",
-        )));
-    }
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    sys::send_with_fds(stream.as_fd(), payload, &fds).map_err(GuestError::Send)?;
     Ok(stream)
 }
 

@@ -437,7 +437,7 @@ impl Inner {
                 tracing::warn!(vmm_pid, error = %err, "refusing restore");
                 self.metrics.handshakes_refused.fetch_add(1, Relaxed);
                 let reply = serde_json::json!({ "error": err.to_string() }).to_string() + "\n";
-                let _ = sys::send_with_fd(stream.as_fd(), reply.as_bytes(), None);
+                let _ = sys::send_with_fds(stream.as_fd(), reply.as_bytes(), &[]);
                 self.remember(RestoreReport {
                     id,
                     vmm_pid,

@@ -35,6 +35,10 @@ fn a_sync_job_answers_its_result_with_timings_warm_from_the_pool() {
         assert!(t[k].as_f64().unwrap() >= 0.0, "{k} in {t}");
     }
     assert_eq!(t["acquire"], "warm", "{t}");
+    assert!(
+        t.get("sandbox").is_none(),
+        "a pooled sandbox's making is not the job's: {t}"
+    );
     assert!(t["total_ms"].as_f64() >= t["run_ms"].as_f64());
     // A job whose work dir differs from the template's gets its own sandbox.
     let (_, r) = s.json(
@@ -43,7 +47,19 @@ fn a_sync_job_answers_its_result_with_timings_warm_from_the_pool() {
         &json!({"runtime": "python", "code": "print(1)", "limits": {"disk_mb": 8}}),
     );
     assert_eq!(r["outcome"], "ok");
-    assert_eq!(r["timings"]["acquire"], "cold");
+    let t = &r["timings"];
+    assert_eq!(t["acquire"], "cold");
+    // Its making, step by step, within the acquire time.
+    let sb = &t["sandbox"];
+    assert_eq!(sb["how"], "boot", "{t}");
+    let steps: f64 = ["start_ms", "connect_ms", "setup_ms"]
+        .iter()
+        .map(|k| sb[k].as_f64().unwrap_or_else(|| panic!("{k} in {t}")))
+        .sum();
+    assert!(
+        steps > 0.0 && steps <= t["acquire_ms"].as_f64().unwrap(),
+        "{t}"
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@ mod job;
 pub mod run;
 pub mod serve;
 pub mod submit;
+pub mod template;
 
 use std::process::ExitCode;
 

@@ -97,11 +97,18 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
     let backend = settings.open(table)?;
+    let sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
+    if backend.capabilities().templates {
+        // The first run of a runtime and size builds its template (seconds);
+        // later ones find it at once and restore from it. A failed build
+        // costs the job only a boot.
+        let progress = |line: &str| eprintln!("kiln: template: {line}");
+        if let Err(e) = backend.prepare_template(&sandbox_spec, &progress).await {
+            eprintln!("kiln: no template ({e}); booting the sandbox instead");
+        }
+    }
     let acquire_start = Instant::now();
-    let sandbox = match backend
-        .create(&SandboxSpec::for_job(&spec.limits, &runtime.name))
-        .await
-    {
+    let sandbox = match backend.create(&sandbox_spec).await {
         Ok(s) => s,
         Err(e) => {
             let r = JobResult::internal(id, format!("creating the sandbox: {e}"));

@@ -64,6 +64,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> 
         table,
         metrics.clone(),
     )?;
+    scheduler.prepare_templates();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     scheduler.register_pool_metrics(&mut registry);

@@ -579,6 +579,7 @@ fn remove_jail_dir(dir: &Path) {
 pub struct Jail {
     id: SandboxId,
     agent: AgentConn,
+    timings: kiln_protocol::SandboxTimings,
     remains: Option<Remains>,
     /// The CPU weight last set successfully, so that setting it again costs
     /// nothing (a write per lease saved).
@@ -736,6 +737,13 @@ impl Sandbox for Jail {
         Ok(())
     }
 
+    /// A jail's start is the clone until its init is released; its
+    /// connection is a socket pair made beforehand; its setup is the
+    /// handshake.
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        Some(self.timings)
+    }
+
     fn kill_now(&self) {
         if let Some(r) = &self.remains {
             r.cgroup.kill_all(Duration::from_secs(2));
@@ -789,6 +797,7 @@ impl Backend for JailBackend {
                 .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         }
         let id = SandboxId::random();
+        let t0 = std::time::Instant::now();
         let inner = self.inner.clone();
         let spec2 = spec.clone();
         let id2 = id.clone();
@@ -824,7 +833,14 @@ impl Backend for JailBackend {
                 return Err(e);
             }
         };
-        let jail = Jail {
+        let started = t0.elapsed();
+        let mut jail = Jail {
+            timings: kiln_protocol::SandboxTimings {
+                how: kiln_protocol::SandboxStart::Boot,
+                start_ms: started.as_secs_f64() * 1000.0,
+                connect_ms: 0.0,
+                setup_ms: 0.0,
+            },
             id,
             agent: AgentConn::new(stream),
             remains: Some(remains),
@@ -845,6 +861,7 @@ impl Backend for JailBackend {
         };
         match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
             Ok(_) => {
+                jail.timings.setup_ms = (t0.elapsed() - started).as_secs_f64() * 1000.0;
                 jail.oom_kills();
                 Ok(jail)
             }

@@ -156,20 +156,19 @@ pub fn cell_filters() -> Result<Vec<BpfProgram>, SeccompError> {
         .collect()
 }
 
-/// A program as the raw `struct sock_filter` array (8 bytes per
-/// instruction, little-endian) that `Rooms::job_filters` carries.
+/// A program in the wire format `Rooms::job_filters` carries
+/// (`kiln_sys::seccomp`).
 pub fn to_bytes(program: &BpfProgram) -> Vec<u8> {
-    program
+    let insns: Vec<libc::sock_filter> = program
         .iter()
-        .flat_map(|i| {
-            let mut b = [0u8; 8];
-            b[..2].copy_from_slice(&i.code.to_le_bytes());
-            b[2] = i.jt;
-            b[3] = i.jf;
-            b[4..].copy_from_slice(&i.k.to_le_bytes());
-            b
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
         })
-        .collect()
+        .collect();
+    kiln_sys::seccomp::encode(&insns)
 }
 
 /// A filter answering `EPERM` to `denied`, to `clone` with any of
