@@ -9,9 +9,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_protocol::{SandboxStart, SandboxTimings};
+
 use super::command::{Channel, Launch, Machine, Memory};
 use super::vm::{Origin, QemuVm, Remains, QMP_SOCK, VHOST_SOCK, VSOCK_SOCK};
-use super::{boot_err, io_err, Inner, GUEST_CID};
+use super::{boot_err, io_err, ms, Inner, GUEST_CID};
 use crate::vm::process::spawn_tied;
 use crate::vm::{boot, Console, ReadySignal};
 use crate::{AgentConn, Sandbox as _, SandboxError, SandboxId, SandboxSpec};
@@ -50,33 +52,42 @@ impl Inner {
             .wait(deadline, &mut alive, &vm.console)
             .await
             .map_err(boot_err)?;
+        let booted = vm.at.elapsed();
         let stream = boot::connect_agent(&uds, deadline, &mut alive, &vm.console)
             .await
             .map_err(boot_err)?;
-        let ready_time = vm.at.elapsed();
+        let connected = vm.at.elapsed();
         tracing::info!(
             sandbox = %vm.id,
             accel = self.accel.as_str(),
-            boot_ms = ready_time.as_millis() as u64,
+            boot_ms = connected.as_millis() as u64,
             "guest agent is listening"
         );
 
         let setup =
             boot::guest_setup(&vm.id, spec).map_err(io_err("drawing the guest's entropy"))?;
-        let qemu = QemuVm {
+        let mut qemu = QemuVm {
             id: vm.id,
             agent: AgentConn::new(stream),
             remains: Mutex::new(Some(vm.remains)),
             console: vm.console,
             qemu_pid: vm.qemu_pid,
             uds: Some(uds),
-            ready_time,
+            timings: SandboxTimings {
+                how: SandboxStart::Boot,
+                start_ms: ms(booted),
+                connect_ms: ms(connected - booted),
+                setup_ms: 0.0,
+            },
             accel: self.accel,
             qmp: tokio::sync::Mutex::new(vm.qmp),
             origin: Origin::Booted,
         };
         match boot::handshake(&qemu.agent, self.hello(spec), setup, self.cfg.hello_timeout).await {
-            Ok(()) => Ok(qemu),
+            Ok(()) => {
+                qemu.timings.setup_ms = ms(vm.at.elapsed() - connected);
+                Ok(qemu)
+            }
             Err(e) => {
                 qemu.destroy().await;
                 Err(e.into())

@@ -220,6 +220,11 @@ impl QemuConfig {
     }
 }
 
+/// A duration in milliseconds, as results report them.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn boot_err(e: BootError) -> SandboxError {
     SandboxError::backend("qemu", e)
 }

@@ -19,13 +19,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kiln_protocol::{SandboxStart, SandboxTimings};
 use kiln_snapshotter::store::Snapshot;
 use serde_json::json;
 
 use super::command::{shell_quoted, Channel, Launch, Machine, Memory};
 use super::template::{await_migration, qmp_err};
 use super::vm::{Origin, QemuVm, AGENT_SOCK, QMP_SOCK};
-use super::{io_err, Inner};
+use super::{io_err, ms, Inner};
 use crate::vm::{boot, Console};
 use crate::{Sandbox as _, SandboxError, SandboxSpec};
 
@@ -93,14 +94,15 @@ impl Inner {
             })
             .await?;
 
-        // Only now: a host that connected during the load would be
-        // invisible to the guest (its port was open in the template too).
+        let resumed = vm.at.elapsed();
+        // Only once the state is loaded: the guest learns of its new host
+        // from the port-open message QEMU sends when the host connects.
         let agent = self.connect_port(&mut vm, deadline).await?;
-        let ready_time = vm.at.elapsed();
+        let connected = vm.at.elapsed();
         tracing::info!(
             sandbox = %vm.id,
             template = %template,
-            restore_ms = ready_time.as_millis() as u64,
+            restore_ms = connected.as_millis() as u64,
             "guest restored"
         );
         let setup =
@@ -115,6 +117,7 @@ impl Inner {
                     .map_err(SandboxError::from)
             })
             .await;
+        let setup_done = vm.at.elapsed();
         let qemu = QemuVm {
             id: vm.id,
             agent,
@@ -122,7 +125,12 @@ impl Inner {
             console: vm.console,
             qemu_pid: vm.qemu_pid,
             uds: None,
-            ready_time,
+            timings: SandboxTimings {
+                how: SandboxStart::Restore,
+                start_ms: ms(resumed),
+                connect_ms: ms(connected - resumed),
+                setup_ms: ms(setup_done - connected),
+            },
             accel: self.accel,
             qmp: tokio::sync::Mutex::new(vm.qmp),
             origin: Origin::Restored { template },

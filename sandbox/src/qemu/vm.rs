@@ -262,7 +262,8 @@ pub struct QemuVm {
     pub(super) qemu_pid: u32,
     /// The hybrid-vsock socket of a booted VM (a restored one has none).
     pub(super) uds: Option<PathBuf>,
-    pub(super) ready_time: Duration,
+    /// How it was made; the setup step is filled once the handshake is done.
+    pub(super) timings: kiln_protocol::SandboxTimings,
     pub(super) accel: Accel,
     pub(super) qmp: tokio::sync::Mutex<Qmp>,
     pub(super) origin: Origin,
@@ -274,10 +275,10 @@ impl QemuVm {
         self.qemu_pid
     }
 
-    /// Time from QEMU's start until the agent was reachable: a boot, or a
-    /// restore up to the connection.
+    /// Time from QEMU's start until the host was connected to the agent:
+    /// a boot, or a restore (load and resume) and the connection.
     pub fn boot_time(&self) -> Duration {
-        self.ready_time
+        Duration::from_secs_f64((self.timings.start_ms + self.timings.connect_ms) / 1000.0)
     }
 
     pub fn accel(&self) -> Accel {
@@ -354,6 +355,14 @@ impl Sandbox for QemuVm {
 
     fn memory_peak_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// A boot: QEMU's start until the agent said `ready`, the vsock
+    /// connection, the handshake and guest setup. A restore: QEMU's start,
+    /// the device state loaded and the guest resumed, the port connected,
+    /// the handshake and guest setup.
+    fn start_timings(&self) -> Option<kiln_protocol::SandboxTimings> {
+        Some(self.timings)
     }
 
     /// The host's view: QEMU's resident memory and CPU time. The guest's
