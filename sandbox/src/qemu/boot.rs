@@ -12,7 +12,7 @@ use std::time::Duration;
 use kiln_protocol::{SandboxStart, SandboxTimings};
 
 use super::command::{Channel, Launch, Machine, Memory};
-use super::vm::{Origin, QemuVm, Remains, QMP_SOCK, VHOST_SOCK, VSOCK_SOCK};
+use super::vm::{Origin, QemuVm, Remains, VmKind, QMP_SOCK, VHOST_SOCK, VSOCK_SOCK};
 use super::{boot_err, io_err, ms, Inner, GUEST_CID};
 use crate::vm::process::spawn_tied;
 use crate::vm::{boot, Console, ReadySignal};
@@ -21,7 +21,7 @@ use crate::{AgentConn, Sandbox as _, SandboxError, SandboxId, SandboxSpec};
 impl Inner {
     /// Boots a VM for `spec` and hands over its set-up agent.
     pub(super) async fn boot(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
-        let (id, dir, mut remains) = self.new_sandbox(Vec::new())?;
+        let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
         let vhost_pid = self

@@ -561,6 +561,43 @@ async fn templates_are_built_once_and_restored_clones_are_not_twins() {
     vm.destroy().await;
 }
 
+/// A build whose VM dies halfway fails, naming what happened, and leaves
+/// nothing: no VM directory, no build files, no template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_build_that_fails_leaves_nothing() {
+    let Some(env) = template_env("failed-build") else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let kill_qemu = |l: &str| {
+        if let Some(pid) = l
+            .strip_prefix("template VM started (QEMU pid ")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill has no memory-safety preconditions; the pid is
+            // the template VM's QEMU, a child of this process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    };
+    let e = env
+        .backend
+        .prepare_template(&spec(128), &kill_qemu)
+        .await
+        .expect_err("a build whose VM was killed succeeded");
+    assert!(e.to_string().contains("QEMU exited"), "{e}");
+    for dir in ["qemu-templates", "templates/building"] {
+        let left: Vec<_> = fs::read_dir(env.state.join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "left: {left:?}");
+    }
+    assert!(env.backend.templates().unwrap().is_empty());
+}
+
 /// `VmRSS` and `RssShmem` of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

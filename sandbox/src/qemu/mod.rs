@@ -20,7 +20,8 @@
 //!   chardev instead; the template's RAM is a file, mapped privately by
 //!   every restore.
 //!
-//! Either way, under `<state_dir>/qemu/<id>/`: QEMU's sockets (QMP on
+//! Either way, under `<state_dir>/qemu/<id>/` (a template being built:
+//! `<state_dir>/qemu-templates/<id>/`): QEMU's sockets (QMP on
 //! `qmp.sock`), with the image as a read-only virtio-blk disk, a
 //! virtio-rng, the serial console on its stdout (read by the host: logs,
 //! and the guest's OOM kills), no network device unless `allow_internet`,
@@ -284,8 +285,10 @@ impl QemuBackend {
             .map(template::Templates::open)
             .transpose()
             .map_err(|e| SandboxError::backend("qemu", e))?;
-        fs::create_dir_all(cfg.state_dir.join("qemu"))
-            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        for kind in vm::VmKind::ALL {
+            let dir = cfg.state_dir.join(kind.dir());
+            fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
         let me = std::process::id();
         let owner = crate::record::Owner::of(me as i32).unwrap_or(crate::record::Owner {
             pid: me as i32,
@@ -393,7 +396,7 @@ impl Backend for QemuBackend {
 
     fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
         match &self.inner.templates {
-            Some(t) => t.list().map_err(|e| SandboxError::backend("qemu", e)),
+            Some(_) => self.inner.list_templates(),
             None => Ok(Vec::new()),
         }
     }
@@ -411,15 +414,24 @@ impl Backend for QemuBackend {
     }
 }
 
-/// Kills and removes the qemu sandboxes recorded under `state_dir` whose
-/// owner is dead. Needs no guest image, so `kiln reap` can call it on any
-/// host.
+/// Kills and removes the qemu sandboxes and template builds recorded under
+/// `state_dir` whose owner is dead (a build's files in the template store
+/// are named in its record). Needs no guest image, so `kiln reap` can call
+/// it on any host.
 pub fn reap_orphans_in(state_dir: &Path) -> ReapReport {
     let me = crate::record::Owner::current().unwrap_or(crate::record::Owner { pid: 0, start: 0 });
-    crate::record::reap_records(&state_dir.join("qemu"), me, |rec, _dir| {
-        rec.kill_and_remove_paths();
-        Ok(())
-    })
+    let mut report = ReapReport::default();
+    for kind in vm::VmKind::ALL {
+        report.extend(crate::record::reap_records(
+            &state_dir.join(kind.dir()),
+            me,
+            |rec, _dir| {
+                rec.kill_and_remove_paths();
+                Ok(())
+            },
+        ));
+    }
+    report
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::command::{shell_quoted, Channel, Launch, Machine, Memory};
 use super::template::{await_migration, qmp_err};
-use super::vm::{Origin, QemuVm, AGENT_SOCK, QMP_SOCK};
+use super::vm::{Origin, QemuVm, VmKind, AGENT_SOCK, QMP_SOCK};
 use super::{io_err, ms, Inner};
 use crate::vm::{boot, Console};
 use crate::{Sandbox as _, SandboxError, SandboxSpec};
@@ -40,7 +40,7 @@ impl Inner {
     ) -> Result<QemuVm, SandboxError> {
         let template = snap.manifest().id.to_string();
         let (kernel, rootfs) = self.template_artefacts(snap).await?;
-        let (id, dir, remains) = self.new_sandbox(Vec::new())?;
+        let (id, dir, remains) = self.new_vm_dir(VmKind::Sandbox)?;
         let machine = Machine::of(self, spec);
         let launch = Launch {
             machine,

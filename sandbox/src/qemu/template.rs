@@ -39,7 +39,7 @@ use super::command::{
     shell_quoted, Channel, Launch, Machine, Memory, AGENT_PORT_ID, MACHINE_RECIPE,
 };
 use super::qmp::QmpError;
-use super::vm::{connect_when_there, Started, AGENT_SOCK, QMP_SOCK};
+use super::vm::{connect_when_there, Started, VmKind, AGENT_SOCK, QMP_SOCK};
 use super::{io_err, Inner};
 use crate::template::{TemplateError, TemplateInfo, TemplateInputs, TemplateKey, TemplateStore};
 use crate::vm::Console;
@@ -61,6 +61,7 @@ const SAVE_WITHIN: Duration = Duration::from_secs(60);
 
 /// What every template of this backend is made from besides its key: the
 /// kernel and image (hashed once), the runtime table and QEMU's version.
+#[derive(Debug)]
 struct BaseInputs {
     kernel: ArtifactIdentity,
     rootfs: ArtifactIdentity,
@@ -73,10 +74,9 @@ struct BaseInputs {
 pub(super) struct Templates {
     pub store: TemplateStore,
     root: PathBuf,
-    base: tokio::sync::OnceCell<BaseInputs>,
+    /// Known once the first template inputs were asked for.
+    base: Mutex<Option<Arc<BaseInputs>>>,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The inputs of every spec seen, to flag current templates in lists.
-    seen: Mutex<Vec<TemplateInputs>>,
 }
 
 /// Why a template could not be built.
@@ -118,39 +118,9 @@ impl Templates {
         Ok(Self {
             store: TemplateStore::open(root, "qemu")?,
             root: root.to_owned(),
-            base: tokio::sync::OnceCell::new(),
+            base: Mutex::new(None),
             building: Mutex::new(HashMap::new()),
-            seen: Mutex::new(Vec::new()),
         })
-    }
-
-    fn remember(&self, inputs: &TemplateInputs) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.iter().any(|s| s.id() == inputs.id()) {
-            seen.push(inputs.clone());
-        }
-    }
-
-    /// Every template of this backend in the store.
-    pub fn list(&self) -> Result<Vec<TemplateInfo>, TemplateError> {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.store.list(&seen)
-    }
-
-    fn info(&self, id: &str) -> Result<TemplateInfo, SandboxError> {
-        self.list()
-            .map_err(|e| SandboxError::backend("qemu", e))?
-            .into_iter()
-            .find(|t| t.id == id)
-            .ok_or_else(|| {
-                SandboxError::backend(
-                    "qemu",
-                    TemplateError::Store(StoreError::NotFound(
-                        kiln_snapshotter::store::SnapshotId::new(id)
-                            .expect("ids of published templates are valid"),
-                    )),
-                )
-            })
     }
 }
 
@@ -163,52 +133,58 @@ impl Inner {
         })
     }
 
-    /// The template inputs of sandboxes of `spec` (remembered, so that
-    /// listings flag their template as current).
+    /// The inputs all templates share, worked out on first use (blocking:
+    /// hashes the kernel and image unless the store remembers them, runs
+    /// `qemu --version`).
+    fn base_inputs(&self) -> Result<Arc<BaseInputs>, SandboxError> {
+        let t = self.templates()?;
+        if let Some(b) = &*t.base.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(b.clone());
+        }
+        let kernel = t
+            .store
+            .identify_cached("guest kernel", &self.cfg.kernel)
+            .map_err(|e| SandboxError::backend("qemu", e))?;
+        let rootfs = t
+            .store
+            .identify_cached("guest image", &self.cfg.rootfs)
+            .map_err(|e| SandboxError::backend("qemu", e))?;
+        let version = std::process::Command::new(&self.qemu)
+            .arg("--version")
+            .output()
+            .map_err(io_err(format!("running {} --version", self.qemu.display())))?;
+        let vmm = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let runtimes = serde_json::to_vec(&self.cfg.runtimes).expect("a runtime table serialises");
+        let base = Arc::new(BaseInputs {
+            kernel,
+            rootfs,
+            runtimes,
+            vmm,
+        });
+        *t.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base.clone());
+        Ok(base)
+    }
+
+    /// The template inputs of sandboxes of `spec`.
     pub(super) async fn template_inputs(
-        &self,
+        self: &Arc<Self>,
         spec: &SandboxSpec,
     ) -> Result<TemplateInputs, SandboxError> {
-        let t = self.templates()?;
-        let base = t
-            .base
-            .get_or_try_init(|| async {
-                let (kernel, rootfs) = (self.cfg.kernel.clone(), self.cfg.rootfs.clone());
-                let qemu = self.qemu.clone();
-                let store = t.store.clone();
-                let (kernel, rootfs, version) = tokio::task::spawn_blocking(move || {
-                    let kernel = store
-                        .identify_cached("guest kernel", &kernel)
-                        .map_err(|e| SandboxError::backend("qemu", e))?;
-                    let rootfs = store
-                        .identify_cached("guest image", &rootfs)
-                        .map_err(|e| SandboxError::backend("qemu", e))?;
-                    let version = std::process::Command::new(&qemu)
-                        .arg("--version")
-                        .output()
-                        .map_err(io_err(format!("running {} --version", qemu.display())))?;
-                    Ok::<_, SandboxError>((kernel, rootfs, version))
-                })
-                .await
-                .map_err(|e| SandboxError::Io {
-                    what: "hashing the guest kernel and image".into(),
-                    error: std::io::Error::other(e),
-                })??;
-                let vmm = String::from_utf8_lossy(&version.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let runtimes =
-                    serde_json::to_vec(&self.cfg.runtimes).expect("a runtime table serialises");
-                Ok::<_, SandboxError>(BaseInputs {
-                    kernel,
-                    rootfs,
-                    runtimes,
-                    vmm,
-                })
-            })
-            .await?;
+        let me = self.clone();
+        let base = tokio::task::spawn_blocking(move || me.base_inputs())
+            .await
+            .map_err(|e| SandboxError::Io {
+                what: "identifying the guest kernel and image".into(),
+                error: std::io::Error::other(e),
+            })??;
+        Ok(self.inputs_with(&base, spec))
+    }
+
+    fn inputs_with(&self, base: &BaseInputs, spec: &SandboxSpec) -> TemplateInputs {
         let machine = Machine::of(self, spec);
         let mut warm: Vec<String> = spec
             .warm
@@ -223,7 +199,7 @@ impl Inner {
             memory_mb: machine.mem_mb,
             network: machine.network,
         };
-        let inputs = TemplateInputs::new(
+        TemplateInputs::new(
             "qemu",
             key,
             base.kernel.clone(),
@@ -243,14 +219,70 @@ impl Inner {
             format!("{}:{}", self.cfg.job_uid, self.cfg.job_gid),
         )
         .with("kernel_path", self.cfg.kernel.to_string_lossy())
-        .with("rootfs_path", self.cfg.rootfs.to_string_lossy());
-        t.remember(&inputs);
-        Ok(inputs)
+        .with("rootfs_path", self.cfg.rootfs.to_string_lossy())
     }
 
+    /// The spec whose sandboxes a template of this key serves (the reverse
+    /// of [`Machine::of`]), from the key's entries among its inputs.
+    fn spec_of_key(
+        &self,
+        inputs: &std::collections::BTreeMap<String, String>,
+    ) -> Option<SandboxSpec> {
+        let num = |k: &str| inputs.get(k)?.parse::<u64>().ok();
+        let warm = inputs.get("warm")?;
+        Some(SandboxSpec {
+            memory_mb: num("memory_mb")?.checked_sub(self.cfg.memory_overhead_mb)?,
+            cpu_millis: num("vcpus")? * 1000,
+            warm: warm
+                .split(',')
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+                .collect(),
+            allow_internet: inputs.get("network")? == "true",
+            ..SandboxSpec::for_job(&kiln_protocol::Limits::default(), "")
+        })
+    }
+
+    /// Every template of this backend in the store; `current` is set for
+    /// those made from what this backend would make a template of their
+    /// key from now.
+    pub(super) fn list_templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+        let t = self.templates()?;
+        let all = t
+            .store
+            .list(&[])
+            .map_err(|e| SandboxError::backend("qemu", e))?;
+        let base = self.base_inputs()?;
+        let current: Vec<TemplateInputs> = all
+            .iter()
+            .filter_map(|i| self.spec_of_key(&i.inputs))
+            .map(|spec| self.inputs_with(&base, &spec))
+            .collect();
+        t.store
+            .list(&current)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn template_info(&self, id: &str) -> Result<TemplateInfo, SandboxError> {
+        self.list_templates()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| {
+                SandboxError::backend(
+                    "qemu",
+                    TemplateError::Store(StoreError::NotFound(
+                        kiln_snapshotter::store::SnapshotId::new(id)
+                            .expect("ids of published templates are valid"),
+                    )),
+                )
+            })
+    }
+}
+
+impl Inner {
     /// The template to restore a sandbox of `spec` from, if any.
     pub(super) async fn usable_template(
-        &self,
+        self: &Arc<Self>,
         spec: &SandboxSpec,
     ) -> Result<Option<Snapshot>, SandboxError> {
         let inputs = self.template_inputs(spec).await?;
@@ -265,10 +297,7 @@ impl Inner {
         snap: &Snapshot,
     ) -> Result<(PathBuf, PathBuf), SandboxError> {
         let t = self.templates()?;
-        let base = t
-            .base
-            .get()
-            .expect("template inputs are known before a template is used");
+        let base = self.base_inputs()?;
         let m = snap.manifest();
         let mut out = Vec::new();
         for (what, recorded, ours, path_input) in [
@@ -311,7 +340,7 @@ impl Inner {
 
     /// See [`crate::Backend::prepare_template`].
     pub(super) async fn prepare_template(
-        &self,
+        self: &Arc<Self>,
         spec: &SandboxSpec,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<TemplateInfo, SandboxError> {
@@ -321,7 +350,7 @@ impl Inner {
         let id = inputs.id().to_string();
         if t.store.current(&inputs).is_some() {
             progress(&format!("template {id} is current"));
-            return t.info(&id);
+            return self.template_info(&id);
         }
         let lock = t
             .building
@@ -333,7 +362,7 @@ impl Inner {
         let held = lock.lock().await;
         if t.store.current(&inputs).is_some() {
             progress(&format!("template {id} was built meanwhile"));
-            return t.info(&id);
+            return self.template_info(&id);
         }
         let started = Instant::now();
         progress(&format!(
@@ -357,7 +386,7 @@ impl Inner {
             "template {id} published after {:.1} s",
             started.elapsed().as_secs_f64()
         ));
-        t.info(&id)
+        self.template_info(&id)
     }
 
     async fn build_template(
@@ -371,7 +400,7 @@ impl Inner {
         // The build's files live in the store's file system (the memory
         // file is as large as the guest's RAM) and go with the VM on any
         // failure, or with a reap after a crash (the record names them).
-        let (id, dir, remains) = self.new_sandbox(Vec::new())?;
+        let (id, dir, remains) = self.new_vm_dir(VmKind::Template)?;
         let files = building.join(id.as_str());
         let mut remains = remains;
         remains.extra.push(files.clone());

@@ -25,8 +25,31 @@ pub(super) const VSOCK_SOCK: &str = "vsock.sock";
 pub(super) const QMP_SOCK: &str = "qmp.sock";
 pub(super) const AGENT_SOCK: &str = "agent.sock";
 
+/// What a VM is for, which decides where its directory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum VmKind {
+    /// A sandbox's VM: `<state_dir>/qemu/<id>`.
+    Sandbox,
+    /// A template being built: `<state_dir>/qemu-templates/<id>`, apart
+    /// from the sandboxes (it is none).
+    Template,
+}
+
+impl VmKind {
+    pub const ALL: [VmKind; 2] = [VmKind::Sandbox, VmKind::Template];
+
+    pub fn dir(self) -> &'static str {
+        match self {
+            VmKind::Sandbox => "qemu",
+            VmKind::Template => "qemu-templates",
+        }
+    }
+}
+
 /// How often a wait looks at whether QEMU still runs.
 const LIVENESS_POLL: Duration = Duration::from_millis(20);
+/// How many more looks a failed step gets to find QEMU exited (100 ms).
+const EXIT_GRACE_POLLS: u32 = 5;
 
 /// The processes and files of one VM on the host.
 pub(super) struct Remains {
@@ -63,23 +86,36 @@ impl Remains {
     }
 
     /// Runs `step`, failing at once with the console's last lines if QEMU
-    /// exits meanwhile.
+    /// exits meanwhile. A step that failed because QEMU died (its sockets
+    /// close a moment before it can be waited for) reports QEMU's death.
     pub async fn watch<T>(
         &mut self,
         console: &Console,
         what: &str,
         step: impl Future<Output = Result<T, SandboxError>>,
     ) -> Result<T, SandboxError> {
+        let died = |why: String| {
+            boot_err(BootError::Died {
+                what: format!("{why} while {what}"),
+                console: console.tail(),
+            })
+        };
         tokio::pin!(step);
         loop {
             tokio::select! {
-                r = &mut step => return r,
+                r = &mut step => {
+                    let Err(e) = r else { return r };
+                    for _ in 0..EXIT_GRACE_POLLS {
+                        if let Err(why) = self.exited() {
+                            return Err(died(why));
+                        }
+                        tokio::time::sleep(LIVENESS_POLL).await;
+                    }
+                    return Err(e);
+                }
                 _ = tokio::time::sleep(LIVENESS_POLL) => {
                     if let Err(why) = self.exited() {
-                        return Err(boot_err(BootError::Died {
-                            what: format!("{why} while {what}"),
-                            console: console.tail(),
-                        }));
+                        return Err(died(why));
                     }
                 }
             }
@@ -118,23 +154,18 @@ pub(super) struct Started {
 }
 
 impl Inner {
-    pub(super) fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
-        self.cfg.state_dir.join("qemu").join(id.as_str())
-    }
-
-    /// A new sandbox's directory, recorded (with `extra` paths to remove)
-    /// before anything runs in it.
-    pub(super) fn new_sandbox(
+    /// A new VM's directory under `<state_dir>/<kind's directory>/`,
+    /// recorded before anything runs in it.
+    pub(super) fn new_vm_dir(
         &self,
-        extra: Vec<PathBuf>,
+        kind: VmKind,
     ) -> Result<(SandboxId, PathBuf, Remains), SandboxError> {
         let id = SandboxId::random();
-        let dir = self.sandbox_dir(&id);
+        let dir = self.cfg.state_dir.join(kind.dir()).join(id.as_str());
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let mut remains = Remains::new(dir.clone());
-        remains.extra = extra;
+        let remains = Remains::new(dir.clone());
         self.write_record(&dir, &id, &[], &remains.extra)
-            .map_err(io_err("writing the sandbox record"))?;
+            .map_err(io_err("writing the VM's record"))?;
         Ok((id, dir, remains))
     }
 
