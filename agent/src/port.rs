@@ -24,7 +24,12 @@
 //! template's host disconnects and waits for the agent to reopen the port,
 //! which QEMU reports as `VSERPORT_CHANGE` events), so a restored guest
 //! starts from that wait and serves the restore's host from its first byte:
-//! nothing of the template's connection can leak into a clone's.
+//! nothing of the template's connection can leak into a clone's. Taken
+//! with a host connected, it could: QEMU saves whether a host was
+//! connected and, once the restored guest runs, tells it only if that
+//! changed (`virtio_serial_post_load_timer_cb`), so a restore's host that
+//! connected before that check would meet an agent still serving the
+//! template's connection, mid-protocol.
 //!
 //! The agent writes nothing before the host's `Hello`: the host sends it
 //! and waits for `HelloAck`, and QEMU holds the host's bytes until the
