@@ -32,6 +32,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The vsock port the agent listens on unless `kiln.port=` says otherwise.
 pub const DEFAULT_PORT: u32 = 1024;
@@ -247,8 +248,23 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
     if s.disk_mb == 0 {
         return Err("a disk size of 0 MiB".into());
     }
+    // Already that size (the boot's, or the last setup's): nothing to do,
+    // which spares a restored guest three remounts before its first job.
+    if TMPFS_MB.load(Ordering::Relaxed) != s.disk_mb {
+        resize_tmpfs(s.disk_mb)?;
+    }
+    limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    Ok(())
+}
+
+/// The size of the [`SIZED_TMPFS`] directories now, in MiB.
+static TMPFS_MB: AtomicU64 = AtomicU64::new(BOOT_DISK_MB);
+
+fn resize_tmpfs(disk_mb: u64) -> Result<(), String> {
+    // Unknown until every remount succeeded.
+    TMPFS_MB.store(0, Ordering::Relaxed);
     for dir in SIZED_TMPFS {
-        let data = cstring(format!("size={}m", s.disk_mb));
+        let data = cstring(format!("size={disk_mb}m"));
         sys::mount(
             c"tmpfs",
             &cstring(dir.into()),
@@ -256,9 +272,9 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
             libc::MS_REMOUNT | NOSUID_NODEV,
             Some(&data),
         )
-        .map_err(|e| format!("resize {dir} to {} MiB: {e}", s.disk_mb))?;
+        .map_err(|e| format!("resize {dir} to {disk_mb} MiB: {e}"))?;
     }
-    limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    TMPFS_MB.store(disk_mb, Ordering::Relaxed);
     Ok(())
 }
 

@@ -39,7 +39,7 @@ impl Inner {
             rootfs: self.cfg.rootfs.clone(),
             cmdline: self.kernel_cmdline(machine.network, false),
             qmp: dir.join(QMP_SOCK),
-            incoming: false,
+            incoming: None,
         };
         let mut vm = self
             .start_qemu(id, dir, remains, console, &launch, &[vhost_pid])

@@ -9,6 +9,9 @@
 //! kernel and image; everything here is shared by both so that they cannot
 //! drift apart.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd as _, RawFd};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -68,7 +71,7 @@ pub enum Memory {
 }
 
 /// A VM to start.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Launch {
     pub machine: Machine,
     pub channel: Channel,
@@ -77,9 +80,15 @@ pub struct Launch {
     pub rootfs: PathBuf,
     pub cmdline: String,
     pub qmp: PathBuf,
-    /// Wait for the device state (`-incoming defer`) instead of booting.
-    pub incoming: bool,
+    /// Wait for the device state (`-incoming defer`) instead of booting,
+    /// to be read from this file, which QEMU inherits as [`INCOMING_FD`].
+    pub incoming: Option<File>,
 }
+
+/// The descriptor number under which a restoring QEMU inherits its device
+/// state (`migrate-incoming fd:3`): QEMU reads it directly, instead of
+/// through a shell and `cat` that an `exec:` URI would start.
+pub const INCOMING_FD: RawFd = 3;
 
 impl Inner {
     /// The guest kernel's command line: the same for every sandbox of a
@@ -175,8 +184,25 @@ impl Inner {
                 "virtio-net-device,netdev=net0",
             ]);
         }
-        if l.incoming {
+        if let Some(state) = &l.incoming {
             cmd.args(["-incoming", "defer"]);
+            let fd = state.as_raw_fd();
+            // SAFETY: dup2 and fcntl are async-signal-safe and touch no
+            // memory; `fd` stays open until the spawn returns (the caller
+            // holds `l`).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = if fd == INCOMING_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, INCOMING_FD)
+                    };
+                    if r == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd
     }

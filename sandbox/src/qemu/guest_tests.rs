@@ -725,3 +725,145 @@ async fn measure_boot_warm_exec_and_idle_memory() {
     jail.destroy().await;
     let _ = fs::remove_dir(env.state.join("jails"));
 }
+
+/// `Rss` and `Pss` of a process, in KiB (`/proc/<pid>/smaps_rollup`).
+fn rss_pss_kib(pid: u32) -> (u64, u64) {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+/// The numbers for BENCHMARKS.md's "qemu templates": a template's build
+/// time; create + first job result (`print(1)`), restored against booted,
+/// alternating in one run; Rss and Pss of two idle restored VMs against
+/// two idle booted ones. Run by hand with
+/// `cargo test --release -p kiln-sandbox --lib qemu::guest_tests::measure_templates -- --ignored --nocapture`
+/// (`KILN_MEASURE_RUNS`, default 10; `KILN_MEASURE_BUILDS`, default 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a test: run by hand"]
+async fn measure_templates_restore_against_boot() {
+    let Some(env) = template_env("measure-templates") else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let var = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (runs, builds) = (var("KILN_MEASURE_RUNS", 10), var("KILN_MEASURE_BUILDS", 3));
+    // The daemon's pool spec: default limits, python warm.
+    let spec = SandboxSpec::for_job(&kiln_protocol::Limits::default(), "python");
+    let booting = {
+        let mut cfg = env.backend.config().clone();
+        cfg.templates = None;
+        QemuBackend::new(cfg).unwrap()
+    };
+    let print1 = job(serde_json::json!({"runtime": "python", "code": "print(1)"}));
+
+    let mut build_ms = Vec::new();
+    let mut id = String::new();
+    for i in 0..builds {
+        if i > 0 {
+            env.backend.remove_template(&id).unwrap();
+        }
+        let t = Instant::now();
+        id = env
+            .backend
+            .prepare_template(&spec, &|l| eprintln!("template: {l}"))
+            .await
+            .unwrap()
+            .id;
+        build_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    let (mut boot, mut restore) = (Vec::new(), Vec::new());
+    // Per kind: start, connect and setup of each sandbox.
+    let (mut boot_ready, mut restore_ready) = (Vec::new(), Vec::new());
+    let mut warm = (0, 0);
+    for _ in 0..runs {
+        for (backend, into, ready, restored) in [
+            (&booting, &mut boot, &mut boot_ready, false),
+            (&env.backend, &mut restore, &mut restore_ready, true),
+        ] {
+            let t = Instant::now();
+            let vm = backend.create(&spec).await.unwrap();
+            let out = run(&vm, &print1).await;
+            into.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(out.result.stdout, "1\n", "{:?}", out.result);
+            assert_eq!(matches!(vm.origin(), Origin::Restored { .. }), restored);
+            let s = vm.start_timings().unwrap();
+            ready.push([s.start_ms, s.connect_ms, s.setup_ms]);
+            if out.warm {
+                if restored {
+                    warm.1 += 1
+                } else {
+                    warm.0 += 1
+                }
+            }
+            vm.destroy().await;
+        }
+    }
+    let (b, r) = (percentile(&mut boot, 0.5), percentile(&mut restore, 0.5));
+    println!(
+        "template build (python, {} MiB guest): median {:.1} s over {builds} (min {:.1}, max {:.1})",
+        spec.memory_mb + 64,
+        percentile(&mut build_ms, 0.5) / 1000.0,
+        percentile(&mut build_ms, 0.0) / 1000.0,
+        percentile(&mut build_ms, 1.0) / 1000.0,
+    );
+    for (name, steps) in [("boot", &boot_ready), ("restore", &restore_ready)] {
+        let p50 = |i: usize| percentile(&mut steps.iter().map(|s| s[i]).collect::<Vec<_>>(), 0.5);
+        let mut total: Vec<f64> = steps.iter().map(|s| s.iter().sum()).collect();
+        println!(
+            "{name}: QEMU start to set-up agent p50 {:.0} ms (start p50 {:.0}, connect {:.0}, handshake and setup {:.0})",
+            percentile(&mut total, 0.5),
+            p50(0),
+            p50(1),
+            p50(2)
+        );
+    }
+    println!(
+        "create + first print(1) result over {runs} alternating runs: boot p50 {b:.0} ms (min {:.0}, max {:.0}, {} warm), restore p50 {r:.0} ms (min {:.0}, max {:.0}, {} warm): {:.1}x",
+        percentile(&mut boot, 0.0),
+        percentile(&mut boot, 1.0),
+        warm.0,
+        percentile(&mut restore, 0.0),
+        percentile(&mut restore, 1.0),
+        warm.1,
+        b / r
+    );
+
+    // Two idle VMs of each kind at once, after their warm interpreters had
+    // time to start (a booted guest starts its own after the handshake).
+    for (name, backend) in [("booted", &booting), ("restored", &env.backend)] {
+        let a = backend.create(&spec).await.unwrap();
+        let c = backend.create(&spec).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // QEMU and, for a booted VM, its vhost-device-vsock.
+        let of = |vm: &QemuVm| {
+            let dir = env.state.join("qemu").join(vm.id().as_str());
+            crate::qemu::tests::processes_naming(&dir)
+                .into_iter()
+                .map(rss_pss_kib)
+                .fold((0, 0), |(r, p), (r2, p2)| (r + r2, p + p2))
+        };
+        let ((ra, pa), (rc, pc)) = (of(&a), of(&c));
+        println!(
+            "two idle {name} VMs ({} MiB guest, python warm; QEMU + helpers): Rss {} + {} MiB, Pss {} + {} MiB",
+            spec.memory_mb + 64,
+            ra / 1024,
+            rc / 1024,
+            pa / 1024,
+            pc / 1024
+        );
+        a.destroy().await;
+        c.destroy().await;
+    }
+}

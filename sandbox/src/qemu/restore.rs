@@ -5,9 +5,10 @@
 //! to each, so the published file is never written and clones share what
 //! they only read), `-incoming defer`, `x-ignore-shared` (the stream holds
 //! device state only: the RAM is already there), `migrate-incoming` from
-//! the template's vmstate, `cont`, then the agent over the virtio-serial
-//! port and the handshake: `Hello` keeps the warm interpreters, the guest
-//! setup brings this sandbox's entropy, clock, hostname, id and limits.
+//! the template's vmstate (a descriptor QEMU inherits), `cont`, then the
+//! agent over the virtio-serial port and the handshake: `Hello` keeps the
+//! warm interpreters, the guest setup brings this sandbox's entropy,
+//! clock, hostname, id and limits.
 //!
 //! QEMU 7.2's `readonly=on` would map the file without write access, which
 //! the guest's RAM cannot be; a private mapping of a file opened for
@@ -23,7 +24,7 @@ use kiln_protocol::{SandboxStart, SandboxTimings};
 use kiln_snapshotter::store::Snapshot;
 use serde_json::json;
 
-use super::command::{shell_quoted, Channel, Launch, Machine, Memory};
+use super::command::{Channel, Launch, Machine, Memory, INCOMING_FD};
 use super::template::{await_migration, qmp_err};
 use super::vm::{Origin, QemuVm, VmKind, AGENT_SOCK, QMP_SOCK};
 use super::{io_err, ms, Inner};
@@ -60,7 +61,10 @@ impl Inner {
                 .cloned()
                 .unwrap_or_else(|| self.kernel_cmdline(machine.network, true)),
             qmp: dir.join(QMP_SOCK),
-            incoming: true,
+            incoming: Some(
+                std::fs::File::open(snap.vmstate_path())
+                    .map_err(io_err(format!("opening {}", snap.vmstate_path().display())))?,
+            ),
         };
         let console = Arc::new(Console::default());
         let mut vm = self
@@ -69,7 +73,6 @@ impl Inner {
 
         let deadline = vm.at + self.cfg.boot_timeout;
         let console = vm.console.clone();
-        let vmstate = snap.vmstate_path();
         let qmp = &mut vm.qmp;
         vm.remains
             .watch(&console, "loading the template's device state", async {
@@ -83,7 +86,7 @@ impl Inner {
                 .map_err(qmp_err("migrate-set-capabilities x-ignore-shared"))?;
                 qmp.execute(
                     "migrate-incoming",
-                    Some(json!({"uri": format!("exec:cat {}", shell_quoted(&vmstate))})),
+                    Some(json!({"uri": format!("fd:{INCOMING_FD}")})),
                 )
                 .await
                 .map_err(qmp_err("migrate-incoming"))?;

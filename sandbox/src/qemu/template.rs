@@ -423,7 +423,7 @@ impl Inner {
             rootfs: self.cfg.rootfs.clone(),
             cmdline: self.kernel_cmdline(machine.network, true),
             qmp: dir.join(QMP_SOCK),
-            incoming: false,
+            incoming: None,
         };
         let console = Arc::new(Console::default());
         let mut vm = self
