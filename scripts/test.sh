@@ -57,6 +57,13 @@ log "guest kernel and image"
 eval "$(deploy/guest/build.sh)"
 export KILN_REQUIRE_GUEST=1
 
+# Firecracker and its jailer for the Firecracker layer's tests: a build
+# shared on this machine (see docs/firecracker.md); the tests must run, not
+# skip.
+export KILN_FIRECRACKER_BIN="${KILN_FIRECRACKER_BIN:-/work/shared/firecracker/firecracker}"
+export KILN_JAILER_BIN="${KILN_JAILER_BIN:-/work/shared/firecracker/jailer}"
+export KILN_REQUIRE_FIRECRACKER=1
+
 # RabbitMQ for the AMQP tests: Debian's rabbitmq-server, installed if
 # missing and started if not running, on loopback (idempotent).
 log "RabbitMQ"

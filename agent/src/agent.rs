@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use kiln_protocol::limits::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
@@ -25,7 +25,7 @@ use kiln_protocol::{
 };
 
 use crate::files::Workdir;
-use crate::room::{Room, RoomPlan};
+use crate::room::{Room, RoomPlan, RoomSupply};
 use crate::spawn::{spawn, JobFilters, JobIdentity, Place, Spawned};
 use crate::zygote::Zygote;
 use crate::{log_debug, log_error, log_info, log_warn, sys};
@@ -255,10 +255,10 @@ struct Setup {
     rooms: Option<Rooms>,
 }
 
-/// Room mode: how rooms are made, and the current one.
+/// Room mode: where rooms come from, and the current one.
 #[derive(Debug)]
 struct Rooms {
-    plan: RoomPlan,
+    supply: RoomSupply,
     filters: JobFilters,
     own_pid_ns: OwnedFd,
     /// `None` once its holder died; only a reset brings a room back.
@@ -295,7 +295,7 @@ impl Setup {
 
 /// A room's work directory, as the agent reads and writes it.
 fn room_workdir(room: &Room, path: &str, uid: u32, gid: u32) -> Result<Workdir, String> {
-    let root = sys::dup(room.work()).map_err(|e| format!("workdir: {e}"))?;
+    let root = kiln_sys::fd::dup(room.work()).map_err(|e| format!("workdir: {e}"))?;
     Workdir::in_room(root, path, uid, gid).map_err(|e| format!("workdir: {e}"))
 }
 
@@ -469,7 +469,7 @@ impl Agent {
     /// is killed before this returns (warm interpreters survive, for the
     /// next connection).
     pub fn serve(&mut self, fd: OwnedFd) -> io::Result<()> {
-        sys::set_nonblocking(fd.as_raw_fd())?;
+        sys::set_nonblocking(fd.as_fd())?;
         let mut conn = Connection {
             fd,
             decoder: Decoder::new(MAX_FRAME_BYTES),
@@ -546,7 +546,7 @@ impl Agent {
             ];
             sys::poll(&mut p, None)?;
             if p[1].revents != 0 {
-                sys::read_signals(self.signals.as_raw_fd());
+                sys::read_signals(self.signals.as_fd());
                 self.reap();
             }
             if p[0].revents != 0 {
@@ -567,6 +567,9 @@ impl Agent {
                 log_info!("writing to the host failed: {e}");
                 return Closed::Peer;
             }
+            // Once the answers are out: a zygote's successor starts while
+            // its last fork waits for a job.
+            self.refresh_zygotes();
             let backpressured = conn.pending() > BACKPRESSURE_BYTES;
 
             fds.clear();
@@ -592,7 +595,7 @@ impl Agent {
             add(conn.fd.as_raw_fd(), sock_events, Source::Socket);
             add(self.signals.as_raw_fd(), libc::POLLIN, Source::Signals);
             for z in &self.zygotes {
-                add(z.fd(), libc::POLLIN, Source::Zygote(z.pid()));
+                add(z.fd().as_raw_fd(), libc::POLLIN, Source::Zygote(z.pid()));
             }
             let mut timeout: Option<Duration> =
                 conn.hold_until.map(|t| t.saturating_duration_since(now));
@@ -681,7 +684,7 @@ impl Agent {
     }
 
     fn on_signals(&mut self) {
-        for sig in sys::read_signals(self.signals.as_raw_fd()) {
+        for sig in sys::read_signals(self.signals.as_fd()) {
             if sig == libc::SIGCHLD {
                 continue;
             }
@@ -732,6 +735,12 @@ impl Agent {
                 sys::kill_group(w.process.pid, libc::SIGKILL);
             } else if self.forget_zygote(r.pid, r.status) {
                 // Logged and forgotten there.
+            } else if self.spare_room_holder_reaped(r.pid) {
+                log_warn!(
+                    "the spare room's holder {} died (status {:#x})",
+                    r.pid,
+                    r.status
+                );
             } else if let Some(rooms) =
                 self.setup
                     .as_mut()
@@ -932,6 +941,7 @@ impl Agent {
         for name in self.wanted() {
             self.start_warm(&name);
         }
+        self.prepare_spare_room();
         conn.hello_done = true;
         conn.send(&Frame::HelloAck(HelloAck {
             version: PROTOCOL_VERSION,
@@ -952,14 +962,16 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let own_pid_ns = sys::own_pid_namespace()
             .map_err(|e| format!("opening the agent's own pid namespace: {e}"))?;
-        let room = Room::create(&plan, None).map_err(|e| e.to_string())?;
+        let mut supply = RoomSupply::new(plan);
+        let room = supply.take().map_err(|e| e.to_string())?;
         log_info!("room ready: holder {}", room.holder());
         let workdir = room_workdir(&room, workdir, uid, gid)?;
         Ok((
             workdir,
             Rooms {
-                plan,
-                filters: JobFilters::decode(&spec.job_filters),
+                supply,
+                filters: JobFilters::decode(&spec.job_filters)
+                    .map_err(|e| format!("the job's seccomp filters: {e}"))?,
                 own_pid_ns,
                 room: Some(room),
             },
@@ -975,12 +987,11 @@ impl Agent {
         for z in std::mem::take(&mut self.zygotes) {
             z.kill();
         }
-        if let Some(room) = self
-            .setup
-            .as_mut()
-            .and_then(|s| s.rooms.as_mut()?.room.take())
-        {
-            room.kill();
+        if let Some(rooms) = self.setup.as_mut().and_then(|s| s.rooms.as_mut()) {
+            if let Some(room) = rooms.room.take() {
+                room.kill();
+            }
+            rooms.supply.discard_spare();
         }
     }
 
@@ -1011,10 +1022,30 @@ impl Agent {
             }
             let filters = &setup.rooms.as_ref().expect("room mode").filters;
             let env = default_env("/");
-            match Zygote::start(&rt.name, &warm.command, &env, &who, filters) {
+            let max_uses = warm.zygote_max_uses();
+            match Zygote::start(&rt.name, &warm.command, max_uses, &env, &who, filters) {
                 Ok(z) => self.zygotes.push(z),
                 Err(e) => log_warn!("cannot start a {} zygote: {e}", rt.name),
             }
+        }
+    }
+
+    /// Replaces every zygote that has made its runtime's `zygote_max_uses`
+    /// forks with a freshly started one (see `zygote`).
+    fn refresh_zygotes(&mut self) {
+        let mut refreshed = false;
+        while let Some(i) = self.zygotes.iter().position(Zygote::used_up) {
+            let z = self.zygotes.swap_remove(i);
+            log_info!(
+                "{} zygote {} made its last fork; starting a fresh one",
+                z.runtime(),
+                z.pid()
+            );
+            z.kill();
+            refreshed = true;
+        }
+        if refreshed {
+            self.start_zygotes();
         }
     }
 
@@ -1077,7 +1108,7 @@ impl Agent {
                 let Some(z) = self.zygotes.iter_mut().find(|z| z.runtime() == rt.name) else {
                     return log_warn!("no {} zygote; the next exec starts cold", rt.name);
                 };
-                if !z.is_ready() {
+                if !z.is_ready() || z.used_up() {
                     return;
                 }
                 match z.fork_into(room) {
@@ -1200,7 +1231,9 @@ impl Agent {
         while !doomed.is_empty() {
             while let Some(r) = sys::reap_one() {
                 doomed.retain(|&p| p != r.pid);
-                self.forget_zygote(r.pid, r.status);
+                if !self.forget_zygote(r.pid, r.status) {
+                    self.spare_room_holder_reaped(r.pid);
+                }
             }
             if doomed.is_empty() {
                 break;
@@ -1215,15 +1248,17 @@ impl Agent {
                     "processes {doomed:?} of the old room were still alive after {RESET_REAP_TIMEOUT:?}"
                 ));
             }
-            let _ = sys::wait_readable(self.signals.as_raw_fd(), left);
-            sys::read_signals(self.signals.as_raw_fd());
+            let _ = sys::wait_readable(self.signals.as_fd(), left);
+            sys::read_signals(self.signals.as_fd());
         }
         self.execs.clear();
         self.warm.clear();
         let setup = self.setup.as_mut().expect("checked above");
         let rooms = setup.rooms.as_mut().expect("checked above");
-        let net = rooms.room.take().and_then(Room::retire);
-        let room = Room::create(&rooms.plan, net).map_err(|e| e.to_string())?;
+        if let Some(mut old) = rooms.room.take() {
+            old.holder_reaped();
+        }
+        let room = rooms.supply.take().map_err(|e| e.to_string())?;
         log_info!("room reset: holder {}", room.holder());
         // Stored before the work directory is built, so that a failure there
         // leaves the live room where it is killed and reaped like any other.
@@ -1234,7 +1269,23 @@ impl Agent {
         for name in self.wanted() {
             self.start_warm(&name);
         }
+        self.prepare_spare_room();
         Ok(())
+    }
+
+    /// Starts making the next reset's room, in the background.
+    fn prepare_spare_room(&mut self) {
+        if let Some(rooms) = self.setup.as_mut().and_then(|s| s.rooms.as_mut()) {
+            rooms.supply.prepare_spare();
+        }
+    }
+
+    /// Whether `pid`, just reaped, was the spare room's holder.
+    fn spare_room_holder_reaped(&mut self, pid: i32) -> bool {
+        self.setup
+            .as_mut()
+            .and_then(|s| s.rooms.as_mut())
+            .is_some_and(|rooms| rooms.supply.reaped(pid))
     }
 
     /// Forgets the zygote `pid` if it is one (it was reaped with `status`);

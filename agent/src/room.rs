@@ -11,21 +11,34 @@
 //! reaps. Killing the holder makes the kernel kill every process of the room
 //! (the room's pid namespace dies with its init), and with the last process
 //! the mount, network and IPC namespaces go too: files, sockets in any
-//! state (TIME_WAIT included), System V and POSIX IPC objects. What the
-//! jobs shared with the jail is only what they cannot change: the
-//! read-only root, the device nodes, the user namespace (whose keyrings the
-//! seccomp filter keeps them from), and the cgroup, whose counters the host
-//! resets.
+//! state (TIME_WAIT included), IPv6 flow labels, System V and POSIX IPC
+//! objects. What the jobs shared with the jail is only what they cannot
+//! change: the read-only root, the device nodes, the user namespace (whose
+//! keyrings the seccomp filter keeps them from), and the cgroup, whose
+//! counters the host resets.
 //!
-//! One exception to "new": a room whose jobs never used the network (not
-//! one packet sent or received, over IPv4 or IPv6: every counter of its
-//! `/proc/net/snmp` and `snmp6` still zero once its processes are gone)
-//! passes its network namespace on to the next room. A socket that only
-//! bound a port and closed leaves nothing behind, and anything that could
-//! (a connection, with its TIME_WAIT, its ephemeral-port hint, any
-//! datagram) moves a counter. Making a network namespace (sysctl tables, a
-//! loopback device, IPv6 set-up) and its deferred clean-up were a seventh
-//! of all the CPU a trivial job cost.
+//! No room ever inherits a namespace from another. Reusing a network
+//! namespace whose traffic counters were all zero once looked safe and
+//! saved CPU, but "no packet" is not "no state": a job can leave an IPv6
+//! flow label lingering for 150 s with 16 bytes of its choosing in the
+//! destination field, without sending anything, and the next room would
+//! read it in `/proc/net/ip6_flowlabel`.
+//!
+//! The speed comes from making rooms ahead instead: [`RoomSupply`] keeps
+//! one *spare*, started as soon as the previous spare went into service,
+//! which a reset only swaps in. And the agent does not make it on its own
+//! thread: a *builder*, a process sharing the agent's memory that the agent
+//! clones without new namespaces (microseconds), clones the holder with
+//! them. That clone is where the kernel sets the namespaces up (the network
+//! namespace alone, sysctl tables, loopback device and IPv6, takes ~0.4 ms
+//! on the benchmark machine), so it runs beside the agent. The holder is
+//! cloned with `CLONE_PARENT`, so it is the agent's child all the same, and
+//! with `CLONE_PARENT_SETTID`, which stores its pid where the agent reads
+//! it before the holder ever runs: the agent's reaper always knows a
+//! spare's holder. One spare is enough: a reset takes one and starts the
+//! next, and a lease lasts longer than making a room. Without one (the
+//! first room, or a spare that failed) the room is made the same way, and
+//! waited for.
 //!
 //! The work directory is a detached tmpfs made with the new mount API
 //! (`fsmount`): the agent keeps a descriptor of its root, through which it
@@ -36,20 +49,22 @@
 //! reaps them as it reaps any exec; orphans inside the room are the
 //! holder's.
 //!
-//! The holder shares the agent's memory (`CLONE_VM`, on a stack of its
-//! own): a fork-like copy made every page of the agent copy-on-write, and
-//! the agent paid for that with a page fault on each page it wrote after
-//! every reset. Sharing memory, the holder must not touch anything the
-//! agent uses: it makes its system calls directly (`raw`), never through
-//! libc (whose `errno` lives in the agent's thread-local storage), reads its
-//! plan only until it reports, and from then on only its own stack.
+//! The builder and the holder share the agent's memory (`CLONE_VM`, each on
+//! a stack of its own): a fork-like copy made every page of the agent
+//! copy-on-write, and the agent paid for that with a page fault on each
+//! page it wrote after every reset. Sharing memory, they must not touch
+//! anything the agent uses: they make their system calls directly (`raw`),
+//! never through libc (whose `errno` lives in the agent's thread-local
+//! storage), read their plan only until they report, and from then on only
+//! their own stacks.
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::sys;
+use crate::{log_debug, log_warn, sys};
 
 /// The namespaces a room has of its own.
 pub const ROOM_NAMESPACES: libc::c_int =
@@ -60,7 +75,7 @@ pub const ROOM_NAMESPACES: libc::c_int =
 pub const ENTER_NAMESPACES: libc::c_int =
     libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
 
-/// How long a holder may take to set its room up (a handful of mounts).
+/// How long making a room may take (a clone and a handful of mounts).
 const HOLDER_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `MOVE_MOUNT_F_EMPTY_PATH` (linux/mount.h).
@@ -72,32 +87,25 @@ pub enum RoomError {
     /// The work directory's tmpfs could not be made.
     #[error("making the room's work directory tmpfs failed: {0}")]
     Workdir(#[source] io::Error),
-    /// The holder could not be cloned.
-    #[error("cloning the room's holder failed: {0}")]
+    /// The builder could not be started (or its pipe or stacks made).
+    #[error("starting the room's builder failed: {0}")]
     Clone(#[source] io::Error),
-    /// The holder failed at one of its set-up steps.
+    /// The builder or the holder failed at one of the set-up steps.
     #[error("the room's holder failed to {step}: {source}")]
     Setup {
         step: &'static str,
         #[source]
         source: io::Error,
     },
-    /// The holder did not report back in time.
+    /// The room was not ready in time.
     #[error("the room's holder did not finish its set-up within {0:?}")]
     Timeout(Duration),
     /// A pidfd for the holder could not be had.
     #[error("opening a pidfd for the room's holder failed: {0}")]
     Pidfd(#[source] io::Error),
-    /// The holder's network namespace or its traffic counters could not be
-    /// opened.
-    #[error(
-        "opening the room's network namespace files (/proc/{holder}/ns/net, net/snmp, net/snmp6) failed: {source}"
-    )]
-    Net {
-        holder: i32,
-        #[source]
-        source: io::Error,
-    },
+    /// The holder of a spare room died before the room was used.
+    #[error("the spare room's holder {0} died before the room was used")]
+    HolderDied(i32),
     /// The plan itself is unusable.
     #[error("{0}")]
     Plan(String),
@@ -156,9 +164,10 @@ impl RoomPlan {
 /// directory.
 const SCRATCH: [&CStr; 2] = [c"/tmp", c"/dev/shm"];
 
-/// The holder's set-up steps, by the number it reports on failure.
+/// The set-up steps, by the number the builder or the holder reports on
+/// failure.
 const STEPS: [&str; 9] = [
-    "enter the previous room's network namespace",
+    "be cloned into new pid, mount, network and IPC namespaces",
     "make itself dumpable",
     "make its mounts private",
     "attach the work directory",
@@ -169,102 +178,232 @@ const STEPS: [&str; 9] = [
     "block SIGCHLD",
 ];
 
+/// Where a sandbox's rooms come from: always new ones, one of them made
+/// ahead (see the module docs).
+#[derive(Debug)]
+pub struct RoomSupply {
+    plan: RoomPlan,
+    /// At most one: a reset uses one and starts the next.
+    spare: Option<PendingRoom>,
+}
+
+impl RoomSupply {
+    pub fn new(plan: RoomPlan) -> Self {
+        Self { plan, spare: None }
+    }
+
+    /// The next room: the spare, or, when there is none or it failed, one
+    /// made now. Either way a room no process has been in but its holder.
+    pub fn take(&mut self) -> Result<Room, RoomError> {
+        if let Some(spare) = self.spare.take() {
+            let asked = Instant::now();
+            match spare.finish() {
+                Ok(room) => {
+                    log_debug!("spare room taken after {:?}", asked.elapsed());
+                    return Ok(room);
+                }
+                Err(e) => log_warn!("the spare room is unusable ({e}); making one now"),
+            }
+        }
+        PendingRoom::start(&self.plan)?.finish()
+    }
+
+    /// Starts making the spare room, unless there is one already.
+    pub fn prepare_spare(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
+        match PendingRoom::start(&self.plan) {
+            Ok(p) => self.spare = Some(p),
+            Err(e) => log_warn!("cannot start a spare room ({e}); the next reset makes its own"),
+        }
+    }
+
+    /// Tells the supply that the agent reaped `pid`; returns whether that
+    /// was the spare's holder (whose room is then unusable).
+    pub fn reaped(&mut self, pid: i32) -> bool {
+        match &mut self.spare {
+            Some(spare) if spare.holder() == Some(pid) => {
+                spare.holder_died = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Kills the spare room, if there is one (its holder is reaped by
+    /// whoever reaps next).
+    pub fn discard_spare(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            if let Ok(room) = spare.finish() {
+                room.kill();
+            }
+        }
+    }
+}
+
+/// A room being made: its builder was started, and its holder sets it up
+/// while the agent goes on. [`PendingRoom::finish`] waits until it is ready.
+#[derive(Debug)]
+struct PendingRoom {
+    /// Read by the builder and the holder until the report pipe reaches
+    /// end of file; freed by `finish` then, leaked if that never came.
+    ctx: *mut HolderCtx,
+    work: OwnedFd,
+    report: OwnedFd,
+    holder_stack: ChildStack,
+    builder_stack: ChildStack,
+    /// The agent reaped the holder before the room was used.
+    holder_died: bool,
+}
+
+impl PendingRoom {
+    /// Makes the work tmpfs and starts the builder, which clones the holder.
+    fn start(plan: &RoomPlan) -> Result<PendingRoom, RoomError> {
+        let opts: Vec<(&CStr, &CStr)> = plan
+            .work_options
+            .iter()
+            .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
+            .collect();
+        let work = sys::detached_tmpfs(&opts).map_err(RoomError::Workdir)?;
+        let (report_r, report_w) = sys::pipe().map_err(RoomError::Clone)?;
+        let mut holder_stack = ChildStack::new(HOLDER_STACK_BYTES).map_err(RoomError::Clone)?;
+        let mut builder_stack = ChildStack::new(BUILDER_STACK_BYTES).map_err(RoomError::Clone)?;
+        let ctx = Box::into_raw(Box::new(HolderCtx {
+            workdir: plan.workdir.clone(),
+            scratch_options: plan.scratch_options.clone(),
+            loopback: plan.loopback,
+            work: work.as_raw_fd(),
+            report: report_w.as_raw_fd(),
+            holder_stack: holder_stack.top(),
+            holder: AtomicI32::new(0),
+        }));
+        // SAFETY: the builder shares our memory (CLONE_VM) and runs
+        // `builder_entry` on its own stack. It and the holder it clones make
+        // only raw system calls and read `*ctx` only until the report pipe
+        // reaches end of file, which `finish` waits for before it frees
+        // `ctx` and the builder's stack (or leaks both, if it never comes).
+        let builder = unsafe {
+            libc::clone(
+                builder_entry,
+                builder_stack.top(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                ctx.cast(),
+            )
+        };
+        if builder < 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: no builder exists, so nothing else refers to `ctx`.
+            drop(unsafe { Box::from_raw(ctx) });
+            return Err(RoomError::Clone(e));
+        }
+        holder_stack.in_use = true;
+        builder_stack.in_use = true;
+        Ok(PendingRoom {
+            ctx,
+            work,
+            report: report_r,
+            holder_stack,
+            builder_stack,
+            holder_died: false,
+        })
+    }
+
+    /// The holder's pid, once the builder has cloned it.
+    fn holder(&self) -> Option<i32> {
+        // SAFETY: `ctx` lives until `finish` consumes this room.
+        let pid = unsafe { &*self.ctx }.holder.load(Ordering::Acquire);
+        (pid > 0).then_some(pid)
+    }
+
+    /// Waits until the room is ready (or failed).
+    fn finish(mut self) -> Result<Room, RoomError> {
+        let verdict = match read_report(self.report.as_fd()) {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                // The builder or the holder may still read `ctx` and run on
+                // their stacks: kill the holder, and leave the rest alone.
+                if let (Some(pid), false) = (self.holder(), self.holder_died) {
+                    // SAFETY: kill has no memory effects; the holder is our
+                    // child and not reaped (`holder_died` would say so).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                return Err(e);
+            }
+        };
+        // End of file: the builder has exited, and the holder is past its
+        // set-up (ready, or exiting after its report).
+        let holder = self.holder();
+        self.builder_stack.in_use = false;
+        // SAFETY: neither the builder nor the holder reads `ctx` any more.
+        drop(unsafe { Box::from_raw(self.ctx) });
+        let Some(holder) = holder else {
+            // The builder's clone failed: there never was a holder.
+            self.holder_stack.in_use = false;
+            return verdict.and(Err(RoomError::Clone(io::Error::other(
+                "the builder ended without cloning a holder",
+            ))));
+        };
+        if self.holder_died {
+            self.holder_stack.in_use = false;
+            return verdict.and(Err(RoomError::HolderDied(holder)));
+        }
+        let fail = |stack: &mut ChildStack, e: RoomError| {
+            // SAFETY: the holder is our child and not reaped yet: the agent
+            // reaps only outside this module, and `RoomSupply::reaped`
+            // would have marked it.
+            unsafe {
+                libc::kill(holder, libc::SIGKILL);
+                libc::waitpid(holder, std::ptr::null_mut(), libc::__WALL);
+            }
+            stack.in_use = false;
+            e
+        };
+        if let Err(e) = verdict {
+            return Err(fail(&mut self.holder_stack, e));
+        }
+        let pidfd = match sys::pidfd_open(holder) {
+            Ok(fd) => fd,
+            Err(e) => return Err(fail(&mut self.holder_stack, RoomError::Pidfd(e))),
+        };
+        Ok(Room {
+            holder,
+            pidfd,
+            work: self.work,
+            stack: self.holder_stack,
+        })
+    }
+}
+
 /// A live room.
 #[derive(Debug)]
 pub struct Room {
     holder: i32,
     pidfd: OwnedFd,
     work: OwnedFd,
-    stack: HolderStack,
-    net: RoomNet,
-}
-
-/// A room's network namespace, and its traffic counters, kept open so that
-/// they can be read after the room's processes are gone.
-#[derive(Debug)]
-pub struct RoomNet {
-    ns: OwnedFd,
-    snmp: std::fs::File,
-    snmp6: std::fs::File,
-}
-
-impl RoomNet {
-    fn open(holder: i32) -> io::Result<Self> {
-        let open = |what: &str| std::fs::File::open(format!("/proc/{holder}/{what}"));
-        Ok(Self {
-            ns: open("ns/net")?.into(),
-            snmp: open("net/snmp")?,
-            snmp6: open("net/snmp6")?,
-        })
-    }
-
-    /// Whether not one packet went through this namespace: every traffic
-    /// counter of `snmp` (the `Ip`, `Icmp`, `IcmpMsg`, `Tcp`, `Udp`, `UdpLite`
-    /// tables, but the constants among them) and of `snmp6` is zero.
-    fn untouched(&self) -> bool {
-        let check = |f: &std::fs::File, untouched: fn(&str) -> bool| -> bool {
-            let mut buf = vec![0u8; 64 * 1024];
-            let Ok(n) = std::os::unix::fs::FileExt::read_at(f, &mut buf, 0) else {
-                return false;
-            };
-            std::str::from_utf8(&buf[..n]).is_ok_and(untouched)
-        };
-        check(&self.snmp, snmp_untouched) && check(&self.snmp6, snmp6_untouched)
-    }
-}
-
-/// Fields of `/proc/net/snmp` that are settings, not counters.
-const SNMP_CONSTANTS: [&str; 6] = [
-    "Forwarding",
-    "DefaultTTL",
-    "RtoAlgorithm",
-    "RtoMin",
-    "RtoMax",
-    "MaxConn",
-];
-
-/// `/proc/net/snmp` comes in pairs of lines: `Table: names...`, then
-/// `Table: values...`.
-fn snmp_untouched(text: &str) -> bool {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut pairs = lines.chunks_exact(2);
-    if lines.is_empty() || !pairs.remainder().is_empty() {
-        return false;
-    }
-    pairs.all(|pair| {
-        let names = pair[0].split_whitespace().skip(1);
-        let values = pair[1].split_whitespace().skip(1);
-        names
-            .zip(values)
-            .all(|(n, v)| SNMP_CONSTANTS.contains(&n) || v == "0")
-    })
-}
-
-/// `/proc/net/snmp6` is `name value` lines.
-fn snmp6_untouched(text: &str) -> bool {
-    !text.is_empty()
-        && text
-            .lines()
-            .all(|l| l.split_whitespace().nth(1).is_none_or(|v| v == "0"))
+    stack: ChildStack,
 }
 
 /// Bytes of the holder's stack (it needs a few hundred).
 const HOLDER_STACK_BYTES: usize = 64 * 1024;
 
-/// The holder's stack: an anonymous mapping with a guard page below it. It
-/// may be unmapped only once the holder is gone, so a room dropped with its
-/// holder possibly alive leaves it mapped (64 KiB, on a path that ends the
-/// agent or its connection anyway).
+/// Bytes of the builder's stack (it needs less than the holder).
+const BUILDER_STACK_BYTES: usize = 16 * 1024;
+
+/// A stack for a process cloned with `CLONE_VM`: an anonymous mapping with
+/// a guard page below it. It may be unmapped only once that process is
+/// gone, so a stack dropped while possibly in use stays mapped (tens of
+/// KiB, on a path that ends the agent or its connection anyway).
 #[derive(Debug)]
-struct HolderStack {
+struct ChildStack {
     base: *mut libc::c_void,
     len: usize,
-    holder_reaped: bool,
+    in_use: bool,
 }
 
-impl HolderStack {
-    fn new() -> io::Result<Self> {
-        let len = HOLDER_STACK_BYTES + 4096;
+impl ChildStack {
+    fn new(bytes: usize) -> io::Result<Self> {
+        let len = bytes + 4096;
         // SAFETY: a fresh anonymous mapping; nothing else refers to it.
         let base = unsafe {
             libc::mmap(
@@ -289,7 +428,7 @@ impl HolderStack {
         Ok(Self {
             base,
             len,
-            holder_reaped: false,
+            in_use: false,
         })
     }
 
@@ -300,102 +439,20 @@ impl HolderStack {
     }
 }
 
-impl Drop for HolderStack {
+impl Drop for ChildStack {
     fn drop(&mut self) {
-        if self.holder_reaped {
-            // SAFETY: the only user of the mapping, the holder, is gone.
+        if !self.in_use {
+            // SAFETY: the only user of the mapping is gone (or never was).
             unsafe { libc::munmap(self.base, self.len) };
         }
     }
 }
 
 impl Room {
-    /// Makes a room: its work tmpfs, then the holder, which mounts the rest.
-    /// Returns once the holder is ready, so that the room can be entered.
-    /// `net`: the network namespace of the previous room, when it may be
-    /// reused (see the module docs); a new one otherwise.
-    pub fn create(plan: &RoomPlan, net: Option<RoomNet>) -> Result<Room, RoomError> {
-        let opts: Vec<(&CStr, &CStr)> = plan
-            .work_options
-            .iter()
-            .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
-            .collect();
-        let work = sys::detached_tmpfs(&opts).map_err(RoomError::Workdir)?;
-        let (report_r, report_w) = sys::pipe().map_err(RoomError::Clone)?;
-        let mut stack = HolderStack::new().map_err(RoomError::Clone)?;
-        let ctx = HolderCtx {
-            plan,
-            work: work.as_raw_fd(),
-            report: report_w.as_raw_fd(),
-            net: net.as_ref().map_or(-1, |n| n.ns.as_raw_fd()),
-        };
-        let namespaces = if net.is_some() {
-            ROOM_NAMESPACES & !libc::CLONE_NEWNET
-        } else {
-            ROOM_NAMESPACES
-        };
-        // SAFETY: the child shares our memory (CLONE_VM) and runs
-        // `holder_entry` on its own stack. It makes only raw system calls,
-        // reads `ctx` only until it reports on the pipe (we wait for that
-        // below, with `ctx` alive), and afterwards touches its stack only.
-        let pid = unsafe {
-            libc::clone(
-                holder_entry,
-                stack.top(),
-                libc::CLONE_VM | namespaces | libc::SIGCHLD,
-                (&ctx as *const HolderCtx).cast_mut().cast(),
-            )
-        };
-        if pid < 0 {
-            return Err(RoomError::Clone(io::Error::last_os_error()));
-        }
-        let holder = pid;
-        drop(report_w);
-        let mut fail = |e: RoomError| {
-            // SAFETY: the holder is our child and not reaped yet.
-            unsafe {
-                libc::kill(holder, libc::SIGKILL);
-                libc::waitpid(holder, std::ptr::null_mut(), libc::__WALL);
-            }
-            stack.holder_reaped = true;
-            e
-        };
-        match read_report(report_r.as_raw_fd()) {
-            Ok(()) => {}
-            Err(e) => return Err(fail(e)),
-        }
-        let pidfd = match sys::pidfd_open(holder) {
-            Ok(fd) => fd,
-            Err(e) => return Err(fail(RoomError::Pidfd(e))),
-        };
-        let net = match net {
-            Some(n) => n,
-            None => match RoomNet::open(holder) {
-                Ok(n) => n,
-                Err(e) => return Err(fail(RoomError::Net { holder, source: e })),
-            },
-        };
-        Ok(Room {
-            holder,
-            pidfd,
-            work,
-            stack,
-            net,
-        })
-    }
-
     /// Tells the room that its holder has been reaped, so that its stack
     /// can go with it.
     pub fn holder_reaped(&mut self) {
-        self.stack.holder_reaped = true;
-    }
-
-    /// Ends a room whose holder has been reaped, handing over its network
-    /// namespace when no packet ever went through it.
-    pub fn retire(mut self) -> Option<RoomNet> {
-        self.holder_reaped();
-        let Room { net, .. } = self;
-        net.untouched().then_some(net)
+        self.stack.in_use = false;
     }
 
     /// The holder's pid (the room's pid 1), as the agent sees it.
@@ -404,13 +461,13 @@ impl Room {
     }
 
     /// A pidfd of the holder, for `setns` into the room.
-    pub fn pidfd(&self) -> RawFd {
-        self.pidfd.as_raw_fd()
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
     }
 
     /// The root of the room's work directory.
-    pub fn work(&self) -> RawFd {
-        self.work.as_raw_fd()
+    pub fn work(&self) -> BorrowedFd<'_> {
+        self.work.as_fd()
     }
 
     /// Kills the holder, and with it every process of the room. The agent
@@ -431,45 +488,131 @@ impl Room {
     }
 }
 
-/// Waits for the holder's report: end of file is success, 8 bytes are the
-/// failed step and its errno.
-fn read_report(fd: RawFd) -> Result<(), RoomError> {
+/// Waits for the report pipe's end of file, which comes once the builder
+/// has exited and the holder closed its end, and returns the verdict:
+/// ready when nothing came before it, else the failed step and its errno
+/// (8 bytes). `Err` when end of file did not come.
+fn read_report(fd: BorrowedFd<'_>) -> Result<Result<(), RoomError>, RoomError> {
+    let deadline = Instant::now() + HOLDER_READY_TIMEOUT;
     let mut buf = [0u8; 8];
     let mut got = 0;
-    while got < buf.len() {
-        match sys::wait_readable(fd, HOLDER_READY_TIMEOUT) {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sys::wait_readable(fd, left) {
             Ok(true) => {}
             Ok(false) => return Err(RoomError::Timeout(HOLDER_READY_TIMEOUT)),
             Err(e) => return Err(RoomError::Clone(e)),
         }
-        match sys::read(fd, &mut buf[got..]) {
-            Ok(0) if got == 0 => return Ok(()),
+        // Past 8 bytes (nobody writes more), only end of file is awaited.
+        let mut rest = [0u8; 8];
+        let into = if got < buf.len() {
+            &mut buf[got..]
+        } else {
+            &mut rest[..]
+        };
+        match sys::read(fd.as_raw_fd(), into) {
             Ok(0) => break,
-            Ok(n) => got += n,
+            Ok(n) => got = (got + n).min(buf.len()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(RoomError::Clone(e)),
         }
     }
+    if got == 0 {
+        return Ok(Ok(()));
+    }
     let step = u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
     let errno = i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes"));
-    Err(RoomError::Setup {
+    Ok(Err(RoomError::Setup {
         step: STEPS.get(step).copied().unwrap_or("set up"),
         source: io::Error::from_raw_os_error(errno),
-    })
+    }))
 }
 
-/// Everything the holder needs, prepared before the clone.
-struct HolderCtx<'a> {
-    plan: &'a RoomPlan,
+/// Everything the builder and the holder need, prepared before the builder
+/// is cloned, at an address that does not move.
+#[derive(Debug)]
+struct HolderCtx {
+    workdir: CString,
+    scratch_options: CString,
+    loopback: bool,
     work: RawFd,
+    /// The report pipe's write end.
     report: RawFd,
-    /// The network namespace to enter, or -1 when the clone made one.
-    net: RawFd,
+    /// The top of the holder's stack.
+    holder_stack: *mut libc::c_void,
+    /// The holder's pid in the agent's pid namespace: stored by the kernel
+    /// (`CLONE_PARENT_SETTID`) before the holder first runs, 0 until then.
+    holder: AtomicI32,
 }
 
-/// Where `clone` starts the holder, on its own stack.
-extern "C" fn holder_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `HolderCtx` that `Room::create` keeps alive
-    // until the holder reports (see there).
+/// Where `clone` starts the builder, on its own stack.
+extern "C" fn builder_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `HolderCtx` that `PendingRoom` keeps alive until
+    // the report pipe reaches end of file, which needs the builder gone.
+    unsafe { builder_main(&*arg.cast::<HolderCtx>()) }
+}
+
+/// The builder: clones the holder into the room's new namespaces (the
+/// expensive part of making a room, done here rather than on the agent's
+/// thread), reports if that fails, and exits.
+///
+/// # Safety
+///
+/// Runs in the child of `PendingRoom::start`'s `clone`, in the agent's
+/// memory: only `raw` system calls, `ctx` only, no allocation, no locks,
+/// no unwinding.
+unsafe fn builder_main(ctx: &HolderCtx) -> ! {
+    // Its descriptors are a copy of the agent's: keep only what the holder
+    // needs, so that no copy of a job's pipe lingers in the holder.
+    let (a, b) = if ctx.work < ctx.report {
+        (ctx.work as u32, ctx.report as u32)
+    } else {
+        (ctx.report as u32, ctx.work as u32)
+    };
+    if a > 0 {
+        raw::close_range(0, a - 1);
+    }
+    if b > a + 1 {
+        raw::close_range(a + 1, b - 1);
+    }
+    raw::close_range(b + 1, u32::MAX);
+    // The holder is the agent's child (CLONE_PARENT), with the agent's exit
+    // signal for it, SIGCHLD, which CLONE_PARENT takes from this process.
+    let flags = libc::CLONE_VM | libc::CLONE_PARENT | libc::CLONE_PARENT_SETTID | ROOM_NAMESPACES;
+    let ret = raw::clone_on(
+        flags as usize,
+        ctx.holder_stack,
+        ctx.holder.as_ptr(),
+        holder_entry,
+        (ctx as *const HolderCtx).cast_mut().cast(),
+    );
+    if ret < 0 {
+        report_failure(ctx.report, 0, ret);
+    }
+    raw::exit(0)
+}
+
+/// Writes a failed step and its errno (`ret` is `-errno`) to the report
+/// pipe.
+///
+/// # Safety
+///
+/// For the builder and the holder: raw system calls only.
+unsafe fn report_failure(report: RawFd, step: u32, ret: isize) {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&((-ret) as i32).to_ne_bytes());
+    raw::write(report, &buf);
+}
+
+/// Where the builder's `clone` starts the holder, on its own stack.
+///
+/// # Safety
+///
+/// `arg` is the `HolderCtx` that `PendingRoom` keeps alive until the holder
+/// reports (see there).
+unsafe extern "C" fn holder_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: see above.
     unsafe { holder_main(&*arg.cast::<HolderCtx>()) }
 }
 
@@ -478,25 +621,16 @@ extern "C" fn holder_entry(arg: *mut libc::c_void) -> libc::c_int {
 ///
 /// # Safety
 ///
-/// Runs in the child of `Room::create`'s `clone`, in the agent's memory:
-/// only `raw` system calls (no libc, whose errno is the agent's), `ctx`
-/// only until the report, no allocation, no locks, no unwinding.
+/// Runs in the child of the builder's `clone`, in the agent's memory: only
+/// `raw` system calls (no libc, whose errno is the agent's), `ctx` only
+/// until the report, no allocation, no locks, no unwinding.
 unsafe fn holder_main(ctx: &HolderCtx) -> ! {
-    let fail = |step: u32, ret: isize| -> ! {
-        let mut buf = [0u8; 8];
-        buf[..4].copy_from_slice(&step.to_ne_bytes());
-        buf[4..].copy_from_slice(&((-ret) as i32).to_ne_bytes());
-        raw::write(ctx.report, &buf);
-        raw::exit(127)
-    };
     let check = |step: u32, ret: isize| {
         if ret < 0 {
-            fail(step, ret)
+            report_failure(ctx.report, step, ret);
+            raw::exit(127)
         }
     };
-    if ctx.net >= 0 {
-        check(0, raw::setns(ctx.net, libc::CLONE_NEWNET));
-    }
     // Whoever enters the room does so with setns on a pidfd of the holder,
     // which needs ptrace-read access to it, and without CAP_SYS_PTRACE that
     // means a dumpable holder: EPERM for every namespace otherwise. The
@@ -516,7 +650,7 @@ unsafe fn holder_main(ctx: &HolderCtx) -> ! {
     );
     check(
         3,
-        raw::move_mount(ctx.work, c"".as_ptr(), ctx.plan.workdir.as_ptr()),
+        raw::move_mount(ctx.work, c"".as_ptr(), ctx.workdir.as_ptr()),
     );
     for (i, dir) in SCRATCH.iter().enumerate() {
         check(
@@ -526,7 +660,7 @@ unsafe fn holder_main(ctx: &HolderCtx) -> ! {
                 dir.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV,
-                ctx.plan.scratch_options.as_ptr(),
+                ctx.scratch_options.as_ptr(),
             ),
         );
     }
@@ -540,18 +674,15 @@ unsafe fn holder_main(ctx: &HolderCtx) -> ! {
             std::ptr::null(),
         ),
     );
-    // A namespace handed over from the previous room has it up already.
-    if ctx.plan.loopback && ctx.net < 0 {
+    if ctx.loopback {
         check(7, loopback_up());
     }
     // SIGCHLD stays blocked so that rt_sigtimedwait below can wait for it.
     let chld: u64 = 1 << (libc::SIGCHLD - 1);
     check(8, raw::block_signals(chld));
-    // Keep nothing of the agent's: not its host socket, not the pipes of
-    // its execs. Closing the report pipe last tells the agent we are ready.
-    let report = ctx.report as u32;
-    raw::close_range(0, report.saturating_sub(1));
-    raw::close_range(report + 1, u32::MAX);
+    // Keep nothing of the agent's (the builder left only these two).
+    // Closing the report pipe last tells the agent we are ready.
+    raw::close(ctx.work);
     raw::close(ctx.report);
     loop {
         while raw::reap_any() > 0 {}
@@ -582,7 +713,8 @@ unsafe fn loopback_up() -> isize {
     ret
 }
 
-/// System calls made with the `syscall` instruction, for the holder: no
+/// System calls made with the `syscall` instruction, for the builder and
+/// the holder: no
 /// libc wrapper, so no `errno` (the result is `-errno` on failure), no
 /// thread-local storage, nothing the agent it shares memory with uses.
 /// x86_64 only, like the seccomp filters (`TargetArch::x86_64`).
@@ -615,8 +747,43 @@ mod raw {
         ret
     }
 
-    pub unsafe fn setns(fd: libc::c_int, nstype: libc::c_int) -> isize {
-        syscall(libc::SYS_setns, [fd as usize, nstype as usize, 0, 0, 0, 0])
+    /// `clone(flags, stack, parent_tid, 0, 0)` whose child starts on
+    /// `stack` in `entry(arg)`, which never returns; the parent gets the
+    /// child's pid or `-errno`.
+    pub unsafe fn clone_on(
+        flags: usize,
+        stack: *mut libc::c_void,
+        parent_tid: *mut i32,
+        entry: unsafe extern "C" fn(*mut libc::c_void) -> !,
+        arg: *mut libc::c_void,
+    ) -> isize {
+        let ret: isize;
+        // SAFETY: the x86_64 clone convention: flags, stack, parent_tid,
+        // child_tid, tls in rdi, rsi, rdx, r10, r8; rcx and r11 clobbered.
+        // The child resumes after `syscall` with rax 0, on `stack` (16-byte
+        // aligned, so that `call` leaves it as the ABI wants at the callee's
+        // entry), and with the parent's other registers: r12 and r13 carry
+        // `arg` and `entry`. It never comes back to the code after `ud2`.
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone as isize => ret,
+            in("rdi") flags,
+            in("rsi") stack,
+            in("rdx") parent_tid,
+            in("r10") 0usize,
+            in("r8") 0usize,
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+        ret
     }
 
     pub unsafe fn prctl(option: libc::c_int, arg: libc::c_ulong) -> isize {
@@ -751,7 +918,7 @@ pub struct ChildrenInRoom<'a> {
 /// namespace (setns with CLONE_NEWPID changes only where children go), until
 /// the guard drops.
 pub fn enter_for_children<'a>(room: &Room, own: &'a OwnedFd) -> io::Result<ChildrenInRoom<'a>> {
-    sys::setns(room.pidfd(), libc::CLONE_NEWPID)?;
+    sys::setns(room.pidfd().as_raw_fd(), libc::CLONE_NEWPID)?;
     Ok(ChildrenInRoom { own })
 }
 
@@ -769,19 +936,6 @@ impl Drop for ChildrenInRoom<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snmp_counters_tell_a_namespace_no_packet_went_through() {
-        let quiet = "Ip: Forwarding DefaultTTL InReceives OutRequests\nIp: 2 64 0 0\nTcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens\nTcp: 1 200 120000 -1 0\n";
-        assert!(snmp_untouched(quiet));
-        assert!(!snmp_untouched(&quiet.replace("2 64 0 0", "2 64 0 3")));
-        assert!(!snmp_untouched(&quiet.replace("-1 0", "-1 1")));
-        assert!(!snmp_untouched("Ip: Forwarding\n"), "unpaired lines");
-        assert!(!snmp_untouched(""));
-        assert!(snmp6_untouched("Ip6InReceives 0\nIp6OutRequests 0\n"));
-        assert!(!snmp6_untouched("Ip6InReceives 0\nIp6OutRequests 2\n"));
-        assert!(!snmp6_untouched(""));
-    }
 
     #[test]
     fn a_workdir_inside_a_scratch_directory_is_refused() {

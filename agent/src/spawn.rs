@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -56,29 +56,20 @@ const CONTROL_FD: RawFd = 3;
 #[derive(Debug, Default)]
 pub struct JobFilters {
     raw: Vec<Vec<u8>>,
-    programs: Vec<Vec<libc::sock_filter>>,
+    programs: Vec<kiln_sys::seccomp::Program>,
 }
 
 impl JobFilters {
-    /// Decodes `struct sock_filter` arrays (8 little-endian bytes each).
-    pub fn decode(raw: &[Vec<u8>]) -> Self {
+    /// Decodes programs in `kiln_sys::seccomp`'s wire format.
+    pub fn decode(raw: &[Vec<u8>]) -> Result<Self, kiln_sys::seccomp::WireError> {
         let programs = raw
             .iter()
-            .map(|p| {
-                p.chunks_exact(8)
-                    .map(|i| libc::sock_filter {
-                        code: u16::from_le_bytes([i[0], i[1]]),
-                        jt: i[2],
-                        jf: i[3],
-                        k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
-                    })
-                    .collect()
-            })
-            .collect();
-        Self {
+            .map(|p| kiln_sys::seccomp::decode(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
             raw: raw.to_vec(),
             programs,
-        }
+        })
     }
 
     /// The programs as received, for a zygote to install in its forks.
@@ -87,13 +78,7 @@ impl JobFilters {
     }
 
     fn fprogs(&self) -> Vec<libc::sock_fprog> {
-        self.programs
-            .iter()
-            .map(|p| libc::sock_fprog {
-                len: p.len() as u16,
-                filter: p.as_ptr() as *mut libc::sock_filter,
-            })
-            .collect()
+        self.programs.iter().map(|p| p.fprog()).collect()
     }
 }
 
@@ -131,7 +116,7 @@ pub fn spawn(
     let pid = child.id() as i32;
     let take = |fd: Option<OwnedFd>| -> io::Result<OwnedFd> {
         let fd = fd.ok_or_else(|| io::Error::other("child pipe missing"))?;
-        sys::set_nonblocking(fd.as_raw_fd())?;
+        sys::set_nonblocking(fd.as_fd())?;
         Ok(fd)
     };
     let stdin = take(child.stdin.take().map(OwnedFd::from))?;
@@ -142,7 +127,7 @@ pub fn spawn(
     drop(child);
     let control = match control {
         Some((_read, write)) => {
-            sys::set_nonblocking(write.as_raw_fd())?;
+            sys::set_nonblocking(write.as_fd())?;
             Some(write)
         }
         None => None,
@@ -235,7 +220,7 @@ impl Setup {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in workdir"))?;
         let (room, fprogs) = match place {
             Place::Here => (-1, Vec::new()),
-            Place::Room { room, filters, .. } => (room.pidfd(), filters.fprogs()),
+            Place::Room { room, filters, .. } => (room.pidfd().as_raw_fd(), filters.fprogs()),
         };
         Ok(Self {
             uid: who.uid,

@@ -1,71 +1,20 @@
 //! Thin, safe wrappers over the Linux system calls the agent needs and `std`
-//! does not offer: poll(2), signalfd(2), wait4(2), openat2(2), setfsuid(2),
-//! AF_VSOCK sockets. Every `unsafe` block of the agent outside the forked
-//! child lives here.
+//! does not offer: wait4(2), openat2(2), setfsuid(2), mount API, AF_VSOCK
+//! sockets; and, re-exported from `kiln-sys` (which the sandbox crate and
+//! the page server share), pipes, poll(2), signalfd(2), pidfds and
+//! descriptor passing. Every `unsafe` block of the agent outside the
+//! forked child lives here.
 
 use std::ffi::CStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
-/// Maps a `-1` return to the current `errno`.
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Retries a call interrupted by a signal.
-fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    loop {
-        match f() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
-}
-
-/// A pipe as `(read end, write end)`, both close-on-exec.
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn update_fl(fd: RawFd, get: libc::c_int, set: libc::c_int, flag: libc::c_int) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_GETFD take no argument and only read fd state.
-    let old = cvt(unsafe { libc::fcntl(fd, get) })?;
-    // SAFETY: F_SETFL/F_SETFD with an int argument.
-    cvt(unsafe { libc::fcntl(fd, set, old | flag) })?;
-    Ok(())
-}
-
-pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    update_fl(fd, libc::F_GETFL, libc::F_SETFL, libc::O_NONBLOCK)
-}
-
-pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    update_fl(fd, libc::F_GETFD, libc::F_SETFD, libc::FD_CLOEXEC)
-}
-
-/// A close-on-exec duplicate of `fd`.
-pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
-    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
-    // SAFETY: the descriptor is fresh and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Whether `fd` is an open file descriptor.
-pub fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
-}
+pub use kiln_sys::fd::{is_open as fd_is_open, pipe, set_cloexec, set_nonblocking};
+pub use kiln_sys::pidfd::pidfd_open;
+pub use kiln_sys::poll::{poll, wait_readable};
+pub use kiln_sys::sock_ctrl_msg::{send_with_fds, seqpacket_pair};
+use kiln_sys::{cvt, retry_eintr as retry};
 
 /// read(2) into `buf`; `Ok(0)` is end of file.
 pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -93,21 +42,6 @@ pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     })
 }
 
-/// poll(2) over `fds`, waiting at most `timeout` (forever if `None`).
-/// Returns the number of ready entries; an interrupted wait returns 0.
-pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
-    let ms = match timeout {
-        None => -1,
-        Some(d) => d.as_millis().min(i32::MAX as u128) as libc::c_int,
-    };
-    // SAFETY: `fds` is a valid slice of pollfd structures.
-    match cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }) {
-        Ok(n) => Ok(n as usize),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
 /// The signals the agent handles through its signalfd.
 pub const HANDLED_SIGNALS: [libc::c_int; 4] =
     [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -115,41 +49,10 @@ pub const HANDLED_SIGNALS: [libc::c_int; 4] =
 /// Blocks [`HANDLED_SIGNALS`] and returns a non-blocking signalfd that
 /// reports them. Children must unblock them again (see `spawn`).
 pub fn block_signals_into_signalfd() -> io::Result<OwnedFd> {
-    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: sigemptyset initialises the set; sigaddset/sigprocmask/signalfd
-    // only read it afterwards.
-    unsafe {
-        libc::sigemptyset(set.as_mut_ptr());
-        for s in HANDLED_SIGNALS {
-            libc::sigaddset(set.as_mut_ptr(), s);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = cvt(libc::signalfd(
-            -1,
-            set.as_ptr(),
-            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
-        ))?;
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    kiln_sys::signal::block_into_signalfd(&HANDLED_SIGNALS)
 }
 
-/// Reads every pending signal from a signalfd.
-pub fn read_signals(fd: RawFd) -> Vec<libc::c_int> {
-    let mut out = Vec::new();
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    loop {
-        let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
-        // SAFETY: the buffer is exactly one signalfd_siginfo.
-        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), size) };
-        if n != size as isize {
-            return out;
-        }
-        // SAFETY: the kernel filled the whole structure.
-        out.push(unsafe { info.assume_init() }.ssi_signo as libc::c_int);
-    }
-}
+pub use kiln_sys::signal::read_signalfd as read_signals;
 
 /// How a reaped process ended, with its resource usage.
 #[derive(Debug, Clone, Copy)]
@@ -411,102 +314,6 @@ pub fn detached_tmpfs(options: &[(&CStr, &CStr)]) -> io::Result<OwnedFd> {
 pub fn setns(fd: RawFd, nstype: libc::c_int) -> io::Result<()> {
     // SAFETY: no memory arguments.
     cvt(unsafe { libc::setns(fd, nstype) }).map(drop)
-}
-
-/// A pidfd for `pid` (pidfd_open(2)): it names the process even after its
-/// pid is reused, and setns(2) accepts it.
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: no memory arguments; returns a new fd (close-on-exec).
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// A connected pair of `SOCK_SEQPACKET` unix sockets (message boundaries
-/// kept, descriptors passable), both close-on-exec.
-pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair succeeded; both fds are fresh.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Most descriptors [`send_with_fds`] passes in one message.
-const MAX_PASSED_FDS: usize = 8;
-
-/// Sends one message with `fds` attached (SCM_RIGHTS).
-pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    assert!(fds.len() <= MAX_PASSED_FDS, "at most {MAX_PASSED_FDS} fds");
-    // Room for the largest control message, aligned like a cmsghdr.
-    let mut space = [0u64; 8];
-    let fds_bytes = std::mem::size_of_val(fds) as u32;
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the
-    // sendmsg call, and CMSG_* stay within `space` (sized for 8 fds).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            msg.msg_control = space.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(fds_bytes) as usize;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fds_bytes) as usize;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr(),
-                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
-                fds.len(),
-            );
-        }
-        let n = retry(|| {
-            let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        })?;
-        if n != data.len() {
-            return Err(io::Error::other("short sendmsg on a seqpacket socket"));
-        }
-    }
-    Ok(())
-}
-
-/// Waits up to `timeout` for `fd` to become readable (or hang up).
-pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let mut p = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        // An interrupted poll returns 0 too: look at the clock again.
-        if poll(&mut p, Some(left))? > 0 {
-            return Ok(true);
-        }
-        if left.is_zero() {
-            return Ok(false);
-        }
-    }
 }
 
 /// Opens this process's own pid namespace, to come back to it after a

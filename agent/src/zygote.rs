@@ -29,10 +29,20 @@
 //! gives up after [`FORK_TIMEOUT`]; a zygote that dies or stops answering is
 //! killed, and the runtime's warm interpreters are started from scratch
 //! until a new zygote is ready.
+//!
+//! Every fork has the zygote's memory layout (libc, heap and stack
+//! addresses, the stack protector's canary) and its interpreter's hash
+//! seed, which a job can read and the next job of the sandbox would share.
+//! So a zygote forks at most its runtime's `zygote_max_uses` interpreters
+//! (each of which runs at most one job): right after its last fork the
+//! agent kills it and starts a fresh one, whose forks get a layout of their
+//! own. The fresh one starts while the last fork waits for its job, so it
+//! is usually ready before the next fork is wanted; until it is, jobs start
+//! cold.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -78,15 +88,21 @@ pub struct Zygote {
     sock: OwnedFd,
     ready: bool,
     next_id: u64,
+    /// Interpreters forked so far.
+    forks: u32,
+    /// Forks after which it is replaced (at least 1).
+    max_uses: u32,
     /// Receive buffer for the zygote's messages, allocated once.
     buf: Vec<u8>,
 }
 
 impl Zygote {
-    /// Starts `command` as the zygote of `runtime` and sends it the set-up.
+    /// Starts `command` as the zygote of `runtime`, to fork `max_uses`
+    /// interpreters, and sends it the set-up.
     pub fn start(
         runtime: &str,
         command: &[String],
+        max_uses: u32,
         env: &BTreeMap<String, String>,
         job: &JobIdentity,
         filters: &JobFilters,
@@ -110,6 +126,8 @@ impl Zygote {
             sock: ours,
             ready: false,
             next_id: 0,
+            forks: 0,
+            max_uses: max_uses.max(1),
             buf: vec![0u8; MAX_MESSAGE],
         };
         if let Err(e) = sys::send_with_fds(zygote.fd(), setup.to_string().as_bytes(), &[]) {
@@ -133,9 +151,14 @@ impl Zygote {
         self.ready
     }
 
+    /// Whether it has made its `max_uses` forks and is to be replaced.
+    pub fn used_up(&self) -> bool {
+        self.forks >= self.max_uses
+    }
+
     /// The socket, for the agent's poll set.
-    pub fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 
     /// Reads what the zygote sent unasked; `Ok(true)` once it said it is
@@ -212,10 +235,10 @@ impl Zygote {
             serde_json::json!({ "id": id }).to_string().as_bytes(),
             &[
                 room.pidfd(),
-                stdin_r.as_raw_fd(),
-                stdout_w.as_raw_fd(),
-                stderr_w.as_raw_fd(),
-                control_r.as_raw_fd(),
+                stdin_r.as_fd(),
+                stdout_w.as_fd(),
+                stderr_w.as_fd(),
+                control_r.as_fd(),
             ],
         )?;
         drop((stdin_r, stdout_w, stderr_w, control_r));
@@ -238,8 +261,9 @@ impl Zygote {
                     "answer without a pid: {reply:?}"
                 )));
             };
+            self.forks += 1;
             for fd in [&stdin_w, &stdout_r, &stderr_r, &control_w] {
-                sys::set_nonblocking(fd.as_raw_fd())?;
+                sys::set_nonblocking(fd.as_fd())?;
             }
             return Ok(Spawned {
                 pid,

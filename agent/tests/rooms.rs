@@ -270,42 +270,147 @@ fn a_reset_kills_a_running_exec_and_the_room_comes_back() {
     assert_eq!(ok(&again), "2\n");
 }
 
-/// A job's network namespace, and whether loopback works in it.
+/// A job's network namespace: its cookie (`SO_NETNS_COOKIE`, never reused
+/// while the machine runs, unlike the namespace's inode number), and
+/// whether loopback works in it.
 const NET_ID: &str = r#"
-import os, socket
+import socket
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
-print(os.readlink("/proc/self/ns/net"), s.getsockname()[1] > 0)
+print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"), s.getsockname()[1] > 0)
 "#;
 
+/// The cookie of the job's network namespace, checking that loopback
+/// worked in it.
+fn net_cookie(h: &mut RoomHost) -> u64 {
+    let out = ok(&h.run_warm(NET_ID));
+    let (cookie, lo) = out.trim().split_once(' ').expect("cookie and loopback");
+    assert_eq!(lo, "True", "loopback is up: {out}");
+    cookie.parse().unwrap()
+}
+
 #[test]
-fn a_room_whose_jobs_sent_no_packet_hands_its_network_namespace_on() {
+fn every_room_gets_a_network_namespace_no_job_was_ever_in() {
     let mut h = RoomHost::start(&["python"], vec![]);
-    let first = ok(&h.run_warm(NET_ID));
-    h.reset();
-    let second = ok(&h.run_warm(NET_ID));
-    assert_eq!(first, second, "binding a port and closing it sends nothing");
-    assert!(second.ends_with("True\n"), "{second}");
-    // One datagram, even to nobody, and the next room gets a new one.
-    ok(&h.run_warm(
-        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n",
-    ));
-    h.reset();
-    let third = ok(&h.run_warm(NET_ID));
-    assert_ne!(
-        second.split(' ').next(),
-        third.split(' ').next(),
-        "{second} {third}"
-    );
+    let mut seen = vec![net_cookie(&mut h)];
+    // Quiet rooms (a port bound and closed, not one packet) and a room that
+    // sent a datagram alike: the next room's namespace is a new one.
+    for i in 0..4 {
+        if i == 2 {
+            ok(&h.run_warm(
+                "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n",
+            ));
+        }
+        h.reset();
+        let cookie = net_cookie(&mut h);
+        assert!(
+            !seen.contains(&cookie),
+            "room {i} reused {cookie}: {seen:?}"
+        );
+        seen.push(cookie);
+    }
+}
+
+/// Leaves an IPv6 flow label that outlives its socket for 150 s (the most
+/// an unprivileged process may ask for) with 16 bytes of its own in the
+/// destination field, and sends no packet; prints what
+/// `/proc/net/ip6_flowlabel` then shows.
+const FLOW_LABEL_LEFT: &str = r#"
+import socket, struct
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+# struct in6_flowlabel_req: dst, label 0 (the kernel picks one), action GET,
+# share EXCL, flags CREATE, expires 0, linger 150 s.
+req = struct.pack("=16sIBBHHHI", b"kiln-left-behind", 0, 0, 1, 1, 0, 150, 0)
+s.setsockopt(socket.IPPROTO_IPV6, 32, req)  # IPV6_FLOWLABEL_MGR
+s.close()
+print(open("/proc/net/ip6_flowlabel").read())
+"#;
+
+/// `kiln-left-behind` as `/proc/net/ip6_flowlabel` prints a destination.
+const FLOW_LABEL_BYTES: &str = "6b696c6e2d6c6566742d626568696e64";
+
+#[test]
+fn a_flow_label_a_job_leaves_without_a_packet_is_gone_in_the_next_room() {
+    let mut h = RoomHost::start(&["python"], vec![]);
+    let left = ok(&h.run_warm(FLOW_LABEL_LEFT));
     assert!(
-        third.ends_with("True\n"),
-        "loopback is up in a new one too: {third}"
+        left.contains(FLOW_LABEL_BYTES),
+        "the label lingers after its socket closed (the check can see it): {left}"
     );
+    // Still there for the next job of the same room.
+    let again = ok(&h.run_warm("print(open('/proc/net/ip6_flowlabel').read())"));
+    assert!(again.contains(FLOW_LABEL_BYTES), "{again}");
     h.reset();
-    assert_eq!(
-        ok(&h.run_warm(NET_ID)),
-        third,
-        "and that one is quiet again"
+    let after = ok(&h.run_warm("print(open('/proc/net/ip6_flowlabel').read())"));
+    assert!(
+        !after.contains(FLOW_LABEL_BYTES),
+        "the next room inherited the last lease's flow label: {after}"
     );
+}
+
+/// The agent's children that are the pid 1 of a namespace of their own:
+/// room holders, the current one and any spare.
+fn holders(agent: u32) -> Vec<u32> {
+    common::children(agent)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .is_some_and(|ids| ids.split_whitespace().count() > 1 && ids.ends_with("\t1"))
+            })
+        })
+        .collect()
+}
+
+/// Waits (bounded) until the agent has `n` room holders, and returns them.
+fn wait_holders(agent: u32, n: usize) -> Vec<u32> {
+    for _ in 0..200 {
+        let found = holders(agent);
+        if found.len() == n {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the agent never had {n} room holders: {:?}", holders(agent));
+}
+
+#[test]
+fn the_agent_keeps_one_spare_room_and_makes_one_inline_when_it_has_none() {
+    let mut h = RoomHost::start(&["python"], vec![]);
+    let agent = h.host.child.id();
+    let mut seen = vec![net_cookie(&mut h)];
+    // The current room and one spare, made ahead, however many resets.
+    for _ in 0..3 {
+        wait_holders(agent, 2);
+        h.reset();
+        seen.push(net_cookie(&mut h));
+    }
+    let both = wait_holders(agent, 2);
+    // The spare: the holder whose network namespace no job is in.
+    let job_ns = ok(&h.run_warm("import os\nprint(os.readlink('/proc/self/ns/net'))"));
+    let spare: Vec<u32> = both
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/ns/net"))
+                .unwrap()
+                .to_str()
+                != Some(job_ns.trim())
+        })
+        .collect();
+    assert_eq!(spare.len(), 1, "one holder is the job's room: {job_ns}");
+    // SAFETY: kill has no memory effects; the spare's holder is a child of
+    // this test's agent.
+    unsafe { libc::kill(spare[0] as i32, libc::SIGKILL) };
+    assert!(process_gone(spare[0], Duration::from_secs(5), false));
+    // Without a spare, the reset makes its room inline, fresh as ever.
+    h.reset();
+    let cookie = net_cookie(&mut h);
+    assert!(!seen.contains(&cookie), "{cookie} in {seen:?}");
+    seen.push(cookie);
+    wait_holders(agent, 2);
+    h.reset();
+    let cookie = net_cookie(&mut h);
+    assert!(!seen.contains(&cookie), "{cookie} in {seen:?}");
 }
 
 #[test]
@@ -330,6 +435,143 @@ fn forked_interpreters_do_not_share_random_state() {
     let a = ok(&h.run_warm(code));
     let b = ok(&h.run_warm(code));
     assert_ne!(a, b);
+}
+
+/// What a job can read of its process's memory layout: where libc is
+/// mapped, where the stack starts, the stack protector's canary
+/// (glibc keeps it at %fs:0x28), and its str hash seed (through `hash`).
+const LAYOUT: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+fs = ctypes.c_ulong()
+assert libc.syscall(158, 0x1003, ctypes.byref(fs)) == 0  # arch_prctl(ARCH_GET_FS)
+canary = ctypes.c_ulong.from_address(fs.value + 0x28).value
+maps = open("/proc/self/maps").read().splitlines()
+libc_at = next(l.split("-")[0] for l in maps if "/libc.so" in l)
+stack_at = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[25])  # startstack
+print("libc=%s stack=%x canary=%016x hash=%x" % (libc_at, stack_at, canary, hash("kiln") & (2**64 - 1)))
+"#;
+
+/// The built-in table with the Python zygote replaced after `max_uses`
+/// jobs.
+fn runtimes_with_zygote_max_uses(max_uses: u32) -> RuntimeTable {
+    let toml: String = DEFAULT_RUNTIMES_TOML
+        .lines()
+        .filter(|l| !l.starts_with("zygote_max_uses"))
+        .map(|l| match l {
+            "zygote = true" => format!("{l}\nzygote_max_uses = {max_uses}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(
+        toml.contains("zygote_max_uses"),
+        "the zygote changed; update this test"
+    );
+    RuntimeTable::from_toml(&toml).unwrap()
+}
+
+/// A room host with the built-in table but `zygote_max_uses`.
+fn start_with_zygote_max_uses(max_uses: u32) -> RoomHost {
+    let workdir = TempDir::new_in(Path::new("/run"), "room-work");
+    let mut host = Host::start();
+    let hello = host.rooms_hello_frame(
+        runtimes_with_zygote_max_uses(max_uses),
+        &["python"],
+        workdir.path(),
+        vec![],
+    );
+    host.send(&Frame::Hello(hello));
+    assert!(matches!(host.recv(), Frame::HelloAck(_)));
+    RoomHost {
+        host,
+        _workdir: workdir,
+    }
+}
+
+/// The layouts of the next `n` warm jobs, each in a room of its own (a
+/// reset after each, as a pool does between leases). A job that found no
+/// warm interpreter (a fresh zygote still starting) ran cold, forked from
+/// nothing, and is not counted; no reset follows it, so that the fork the
+/// fresh zygote makes when it is ready goes to a job rather than to a
+/// reset (a fork counts against `zygote_max_uses` whether or not a job
+/// ran in it).
+fn warm_layouts(h: &mut RoomHost, n: usize) -> Vec<String> {
+    let mut layouts = Vec::new();
+    for _ in 0..200 {
+        if layouts.len() == n {
+            return layouts;
+        }
+        let r = h.run("python", "main.py", LAYOUT, false);
+        let out = ok(&r);
+        if r.warm {
+            h.reset();
+            layouts.push(out);
+        } else {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    panic!("only {} of {n} jobs were warm: {layouts:?}", layouts.len());
+}
+
+/// The `key=value` fields of two layouts that are equal.
+fn shared_fields(a: &str, b: &str) -> Vec<String> {
+    a.split_whitespace()
+        .zip(b.split_whitespace())
+        .filter(|(x, y)| x == y)
+        .map(|(x, _)| x.to_owned())
+        .collect()
+}
+
+#[test]
+fn forks_of_one_zygote_share_their_memory_layout() {
+    let mut h = start_with_zygote_max_uses(1000);
+    let l = warm_layouts(&mut h, 2);
+    assert_eq!(l[0], l[1], "what zygote_max_uses defends against");
+}
+
+#[test]
+fn with_zygote_max_uses_1_every_job_gets_a_fresh_layout() {
+    let mut h = start_with_zygote_max_uses(1);
+    let l = warm_layouts(&mut h, 3);
+    for (a, b) in [(0, 1), (1, 2), (0, 2)] {
+        let shared = shared_fields(&l[a], &l[b]);
+        assert!(shared.is_empty(), "jobs {a} and {b} share {shared:?}");
+    }
+}
+
+#[test]
+fn zygote_max_uses_is_the_number_of_jobs_that_share_a_layout() {
+    let mut h = start_with_zygote_max_uses(3);
+    let l = warm_layouts(&mut h, 7);
+    let same = |a: usize, b: usize| l[a] == l[b];
+    assert!(same(0, 1) && same(1, 2), "{l:#?}");
+    assert!(shared_fields(&l[2], &l[3]).is_empty(), "{l:#?}");
+    assert!(same(3, 4) && same(4, 5), "{l:#?}");
+    assert!(shared_fields(&l[5], &l[6]).is_empty(), "{l:#?}");
+}
+
+/// The jobs of one room (a workspace: `warm_next`, no reset) count alike.
+#[test]
+fn zygote_max_uses_counts_the_jobs_of_one_room_too() {
+    let mut h = start_with_zygote_max_uses(2);
+    let mut l: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        if l.len() == 4 {
+            break;
+        }
+        let r = h.run("python", "main.py", LAYOUT, true);
+        let out = ok(&r);
+        if r.warm {
+            l.push(out);
+        } else {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+    assert_eq!(l.len(), 4, "{l:#?}");
+    assert_eq!(l[0], l[1]);
+    assert!(shared_fields(&l[1], &l[2]).is_empty(), "{l:#?}");
+    assert_eq!(l[2], l[3]);
 }
 
 #[test]

@@ -49,8 +49,13 @@
 //! 4. exit when the socket closes.
 //!
 //! Everything a fork inherits was made before any job existed, and nothing
-//! a job does reaches the zygote. Where rooms are not in use (a microVM
-//! guest), the same command runs as a plain warm start.
+//! a job does reaches the zygote. But a fork also inherits the zygote's
+//! memory layout: where libc, the heap and the stack are, the stack
+//! protector's canary, the interpreter's hash seed. So after
+//! `zygote_max_uses` forks the agent replaces the zygote with a freshly
+//! started one, whose forks get a layout of their own (see
+//! `docs/security.md`). Where rooms are not in use (a microVM guest), the
+//! same command runs as a plain warm start.
 //!
 //! ## Clones
 //!
@@ -74,11 +79,31 @@ pub struct WarmStart {
     /// interpreter instead of each being started from scratch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zygote: bool,
+    /// How many interpreters one zygote forks (each runs at most one job,
+    /// and all share the zygote's memory layout) before the agent replaces
+    /// it with a freshly started one; at least 1, only with `zygote`.
+    /// Unset: [`DEFAULT_ZYGOTE_MAX_USES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zygote_max_uses: Option<u32>,
     /// The interpreter reseeds its random number generators from the
     /// operating system when it takes its job (see "Clones" above), so a
     /// restored guest may keep it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reseeds: bool,
+}
+
+/// Forks one zygote makes when the table does not say (see
+/// [`WarmStart::zygote_max_uses`]). A fresh zygote costs one interpreter
+/// start and import, ~30 ms of CPU on the benchmark machine: every 64 jobs
+/// that was within the noise of pooled jobs' CPU and latency, every 16 it
+/// added a third to the CPU and doubled the p99 (`docs/BENCHMARKS.md`).
+pub const DEFAULT_ZYGOTE_MAX_USES: u32 = 64;
+
+impl WarmStart {
+    /// How many interpreters one zygote of this runtime forks.
+    pub fn zygote_max_uses(&self) -> u32 {
+        self.zygote_max_uses.unwrap_or(DEFAULT_ZYGOTE_MAX_USES)
+    }
 }
 
 /// One language runtime.
@@ -189,6 +214,19 @@ impl RuntimeTable {
                         "`warm.command` must start with an absolute program path",
                     ));
                 }
+                match w.zygote_max_uses {
+                    Some(_) if !w.zygote => {
+                        return Err(invalid(
+                            "`warm.zygote_max_uses` applies only with `warm.zygote = true`",
+                        ))
+                    }
+                    Some(0) => {
+                        return Err(invalid(
+                            "`warm.zygote_max_uses` must be at least 1 (1 gives every job an interpreter from a fresh zygote)",
+                        ))
+                    }
+                    _ => {}
+                }
             }
             crate::job::check_rel_path("file", &r.file).map_err(|e| invalid(&e.to_string()))?;
             let names = std::iter::once(&r.name).chain(&r.aliases);
@@ -277,5 +315,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("taken"), "{e}");
+    }
+
+    #[test]
+    fn zygote_max_uses_needs_a_zygote_and_at_least_one_job() {
+        let table = |warm: &str| {
+            RuntimeTable::from_toml(&format!(
+                "[[runtime]]\nname='x'\nfile='m'\ncommand=['/p','{{file}}']\n[runtime.warm]\ncommand=['/p']\n{warm}"
+            ))
+        };
+        let e = table("zygote = true\nzygote_max_uses = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zygote_max_uses") && e.contains("at least 1"),
+            "{e}"
+        );
+        let e = table("zygote_max_uses = 4\n").unwrap_err().to_string();
+        assert!(e.contains("zygote = true"), "{e}");
+        let t = table("zygote = true\nzygote_max_uses = 4\n").unwrap();
+        let warm = t.resolve("x").unwrap().warm.as_ref().unwrap();
+        assert_eq!(warm.zygote_max_uses(), 4);
+        let t = table("zygote = true\n").unwrap();
+        let warm = t.resolve("x").unwrap().warm.as_ref().unwrap();
+        assert_eq!(warm.zygote_max_uses(), DEFAULT_ZYGOTE_MAX_USES);
     }
 }

@@ -8,6 +8,7 @@
 
 mod agent;
 mod any;
+pub mod firecracker;
 pub mod jail;
 mod procfs;
 pub mod qemu;

@@ -124,9 +124,15 @@ impl Host {
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_kiln-agent")), env)
+    }
+
+    /// Starts `agent` (another build of the agent, for measurements that
+    /// compare builds).
+    pub fn start_binary(agent: &Path, env: &[(&str, &str)]) -> Self {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+        let mut cmd = Command::new(agent);
         cmd.args(["--fd", "3"])
             .stdin(Stdio::null())
             .envs(env.iter().copied());
