@@ -106,7 +106,7 @@ fn find(ports: &Path, dev: &Path, name: &str, within: Duration) -> Result<PathBu
 fn wait_for_host(agent: &mut Agent, port: &OwnedFd, sigio: &OwnedFd) -> io::Result<()> {
     sys::set_async(port.as_raw_fd(), true)?;
     let connected = loop {
-        sys::drain(sigio.as_raw_fd());
+        sys::drain(sigio);
         // Checked after O_ASYNC is on: a host that connects from here on
         // raises SIGIO, so none is missed.
         match sys::host_connected(port.as_raw_fd()) {
@@ -121,24 +121,16 @@ fn wait_for_host(agent: &mut Agent, port: &OwnedFd, sigio: &OwnedFd) -> io::Resu
     // Off again before serving, so that incoming data raises no more
     // signals; a SIGIO already queued is drained by the next wait.
     sys::set_async(port.as_raw_fd(), false)?;
-    sys::drain(sigio.as_raw_fd());
+    sys::drain(sigio);
     connected
 }
 
 /// The system calls of the port.
 mod sys {
     use super::*;
-    use std::mem::MaybeUninit;
-    use std::os::fd::FromRawFd;
+    use kiln_sys::cvt;
+    use std::os::fd::AsFd as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-
-    fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-        if r == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
 
     /// The port, non-blocking (the agent's loop polls it).
     pub fn open_port(dev: &Path) -> io::Result<OwnedFd> {
@@ -176,37 +168,21 @@ mod sys {
             events: libc::POLLIN,
             revents: 0,
         }];
-        // SAFETY: one valid pollfd; a zero timeout only samples.
-        cvt(unsafe { libc::poll(p.as_mut_ptr(), 1, 0) })?;
+        // No EINTR to tell apart from "no event": the agent has no signal
+        // handlers (its signals are blocked and read from signalfds).
+        kiln_sys::poll::poll(&mut p, Some(std::time::Duration::ZERO))?;
         Ok(p[0].revents & libc::POLLHUP == 0)
     }
 
     /// Blocks SIGIO and returns a non-blocking signalfd for it. Jobs start
     /// with an empty signal mask (`spawn`), so they never inherit the block.
     pub fn sigio_signalfd() -> io::Result<OwnedFd> {
-        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: sigemptyset initialises the set; the others only read it.
-        unsafe {
-            libc::sigemptyset(set.as_mut_ptr());
-            libc::sigaddset(set.as_mut_ptr(), libc::SIGIO);
-            if libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = cvt(libc::signalfd(
-                -1,
-                set.as_ptr(),
-                libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
-            ))?;
-            Ok(OwnedFd::from_raw_fd(fd))
-        }
+        kiln_sys::signal::block_into_signalfd(&[libc::SIGIO])
     }
 
     /// Discards every queued signal of a non-blocking signalfd.
-    pub fn drain(fd: RawFd) {
-        let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: the buffer is exactly one signalfd_siginfo.
-        while unsafe { libc::read(fd, info.as_mut_ptr().cast(), size) } == size as isize {}
+    pub fn drain(fd: &OwnedFd) {
+        kiln_sys::signal::read_signalfd(fd.as_fd());
     }
 }
 
