@@ -78,3 +78,8 @@ cargo build --workspace --bins --quiet
 
 log "tests"
 cargo test --workspace --quiet 2>&1
+
+# Coverage-guided fuzzing of the parsers of untrusted input (fuzz/README.md):
+# a short smoke run of every target; the long runs are in docs/BENCHMARKS.md.
+log "fuzzing, 15 s per target"
+bash scripts/fuzz.sh all 15

@@ -1,8 +1,9 @@
-//! A backend chosen at run time: [`AnyBackend`] dispatches to the jail or
-//! the qemu backend, so that the CLI and the daemon can take the backend
+//! A backend chosen at run time: [`AnyBackend`] dispatches to the jail,
+//! the qemu or the firecracker backend, so that the CLI and the daemon can take the backend
 //! from configuration while the pool and the scheduler stay generic over
 //! one concrete type.
 
+use crate::firecracker::{FirecrackerBackend, FirecrackerSandbox};
 use crate::jail::{Jail, JailBackend};
 use crate::qemu::{QemuBackend, QemuVm};
 use crate::{
@@ -14,12 +15,14 @@ use crate::{
 pub enum AnyBackend {
     Jail(JailBackend),
     Qemu(QemuBackend),
+    Firecracker(FirecrackerBackend),
 }
 
 /// A sandbox of an [`AnyBackend`].
 pub enum AnySandbox {
     Jail(Jail),
     Qemu(QemuVm),
+    Firecracker(FirecrackerSandbox),
 }
 
 impl From<JailBackend> for AnyBackend {
@@ -34,11 +37,18 @@ impl From<QemuBackend> for AnyBackend {
     }
 }
 
+impl From<FirecrackerBackend> for AnyBackend {
+    fn from(b: FirecrackerBackend) -> Self {
+        Self::Firecracker(b)
+    }
+}
+
 macro_rules! each {
     ($value:expr, $s:ident => $body:expr) => {
         match $value {
             AnySandbox::Jail($s) => $body,
             AnySandbox::Qemu($s) => $body,
+            AnySandbox::Firecracker($s) => $body,
         }
     };
 }
@@ -100,6 +110,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.name(),
             Self::Qemu(b) => b.name(),
+            Self::Firecracker(b) => b.name(),
         }
     }
 
@@ -107,6 +118,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.capabilities(),
             Self::Qemu(b) => b.capabilities(),
+            Self::Firecracker(b) => b.capabilities(),
         }
     }
 
@@ -114,6 +126,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.create(spec).await.map(AnySandbox::Jail),
             Self::Qemu(b) => b.create(spec).await.map(AnySandbox::Qemu),
+            Self::Firecracker(b) => b.create(spec).await.map(AnySandbox::Firecracker),
         }
     }
 
@@ -121,6 +134,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.reap_orphans(),
             Self::Qemu(b) => b.reap_orphans(),
+            Self::Firecracker(b) => b.reap_orphans(),
         }
     }
 
@@ -132,6 +146,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.prepare_template(spec, progress).await,
             Self::Qemu(b) => b.prepare_template(spec, progress).await,
+            Self::Firecracker(b) => b.prepare_template(spec, progress).await,
         }
     }
 
@@ -139,6 +154,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.templates(),
             Self::Qemu(b) => b.templates(),
+            Self::Firecracker(b) => b.templates(),
         }
     }
 
@@ -146,6 +162,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Jail(b) => b.remove_template(id),
             Self::Qemu(b) => b.remove_template(id),
+            Self::Firecracker(b) => b.remove_template(id),
         }
     }
 }

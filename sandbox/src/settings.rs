@@ -11,6 +11,9 @@ use clap::{Args, ValueEnum};
 use kiln_protocol::RuntimeTable;
 use serde::{Deserialize, Serialize};
 
+use crate::firecracker::{
+    FirecrackerBackend, FirecrackerBackendConfig, FirecrackerConfig, IdRange, JailerConfig,
+};
 use crate::jail::{CgroupLayout, JailBackend, JailConfig, RootFs};
 use crate::qemu::{AccelChoice, QemuBackend, QemuConfig};
 use crate::record::Owner;
@@ -26,6 +29,9 @@ pub enum BackendKind {
     Jail,
     /// A QEMU microVM per sandbox (KVM when usable, else TCG).
     Qemu,
+    /// A Firecracker microVM per sandbox (needs KVM), restored from
+    /// templates through Kiln's page server.
+    Firecracker,
 }
 
 impl BackendKind {
@@ -33,6 +39,7 @@ impl BackendKind {
         match self {
             BackendKind::Jail => "jail",
             BackendKind::Qemu => "qemu",
+            BackendKind::Firecracker => "firecracker",
         }
     }
 }
@@ -122,6 +129,43 @@ impl Default for QemuSettings {
     }
 }
 
+/// `[firecracker]`: the Firecracker backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirecrackerSettings {
+    /// The Firecracker binary, by path or by name on `PATH`.
+    pub bin: PathBuf,
+    /// The jailer binary, by path or by name on `PATH`.
+    pub jailer_bin: PathBuf,
+    /// Run each VMM under the jailer (chroot, a uid of its own, cgroups,
+    /// pid and network namespaces); `false` runs it as Kiln's child.
+    pub jailed: bool,
+    /// The jailer's chroot base (must exist, on the filesystem of the guest
+    /// image and the template store, whose files are hard-linked in).
+    pub chroot_base: PathBuf,
+    /// First uid (and gid) handed to jailed VMMs, one per live sandbox.
+    pub uid_first: u32,
+    /// How many uids from `uid_first` on.
+    pub uid_count: u32,
+    /// Parent cgroup of the jailed VMMs' cgroups.
+    pub cgroup_parent: String,
+}
+
+impl Default for FirecrackerSettings {
+    fn default() -> Self {
+        let jail = JailerConfig::default();
+        Self {
+            bin: PathBuf::from("firecracker"),
+            jailer_bin: PathBuf::from("jailer"),
+            jailed: true,
+            chroot_base: jail.chroot_base,
+            uid_first: jail.ids.first,
+            uid_count: jail.ids.count,
+            cgroup_parent: jail.parent_cgroup,
+        }
+    }
+}
+
 /// How a restore loads the template's guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -161,7 +205,7 @@ impl Default for SnapshotSettings {
 }
 
 /// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]`,
-/// `[qemu]` and `[snapshot]` of the configuration file.
+/// `[qemu]`, `[firecracker]` and `[snapshot]` of the configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackendSettings {
@@ -169,12 +213,20 @@ pub struct BackendSettings {
     pub jail: JailSettings,
     pub guest: GuestSettings,
     pub qemu: QemuSettings,
+    pub firecracker: FirecrackerSettings,
     pub snapshot: SnapshotSettings,
 }
 
 impl BackendSettings {
     /// The top-level sections these settings own in a configuration file.
-    pub const SECTIONS: [&'static str; 5] = ["backend", "jail", "guest", "qemu", "snapshot"];
+    pub const SECTIONS: [&'static str; 6] = [
+        "backend",
+        "jail",
+        "guest",
+        "qemu",
+        "firecracker",
+        "snapshot",
+    ];
 }
 
 /// The flags (and `KILN_*` variables) of every backend setting. Each one
@@ -182,8 +234,8 @@ impl BackendSettings {
 /// [`BackendSettings`], so a flag left out never overrides a file.
 #[derive(Debug, Clone, Default, Args)]
 pub struct BackendFlags {
-    /// backend.kind: jail (namespaces, cgroups, seccomp) or qemu (a microVM
-    /// per sandbox) [default: jail]
+    /// backend.kind: jail (namespaces, cgroups, seccomp), qemu or
+    /// firecracker (a microVM per sandbox) [default: jail]
     #[arg(
         long = "backend",
         env = "KILN_BACKEND",
@@ -230,6 +282,29 @@ pub struct BackendFlags {
     /// vhost-device-vsock]
     #[arg(long, env = "KILN_VHOST_VSOCK_BIN", value_name = "PATH")]
     pub vhost_vsock_bin: Option<PathBuf>,
+    /// firecracker.bin: the Firecracker binary [default: firecracker]
+    #[arg(long, env = "KILN_FIRECRACKER_BIN", value_name = "PATH")]
+    pub firecracker_bin: Option<PathBuf>,
+    /// firecracker.jailer_bin: the jailer binary [default: jailer]
+    #[arg(long, env = "KILN_JAILER_BIN", value_name = "PATH")]
+    pub jailer_bin: Option<PathBuf>,
+    /// firecracker.jailed: run each VMM under the jailer [default: true]
+    #[arg(long, env = "KILN_FIRECRACKER_JAILED", value_name = "BOOL")]
+    pub firecracker_jailed: Option<bool>,
+    /// firecracker.chroot_base: the jailer's chroot base [default: /srv/jailer]
+    #[arg(long, env = "KILN_FIRECRACKER_CHROOT_BASE", value_name = "DIR")]
+    pub firecracker_chroot_base: Option<PathBuf>,
+    /// firecracker.uid_first: the first uid (and gid) of jailed VMMs
+    /// [default: 900000]
+    #[arg(long, env = "KILN_FIRECRACKER_UID_FIRST", value_name = "UID")]
+    pub firecracker_uid_first: Option<u32>,
+    /// firecracker.uid_count: how many uids jailed VMMs may use [default: 10000]
+    #[arg(long, env = "KILN_FIRECRACKER_UID_COUNT", value_name = "N")]
+    pub firecracker_uid_count: Option<u32>,
+    /// firecracker.cgroup_parent: the parent cgroup of jailed VMMs
+    /// [default: kiln-firecracker]
+    #[arg(long, env = "KILN_FIRECRACKER_CGROUP_PARENT", value_name = "NAME")]
+    pub firecracker_cgroup_parent: Option<String>,
     /// snapshot.templates: restore microVM sandboxes from templates instead
     /// of booting each [default: true]
     #[arg(long, env = "KILN_SNAPSHOT_TEMPLATES", value_name = "BOOL")]
@@ -268,6 +343,19 @@ impl BackendFlags {
         over(&self.qemu_accel, &mut s.qemu.accel);
         over(&self.qemu_bin, &mut s.qemu.bin);
         over(&self.vhost_vsock_bin, &mut s.qemu.vhost_vsock_bin);
+        over(&self.firecracker_bin, &mut s.firecracker.bin);
+        over(&self.jailer_bin, &mut s.firecracker.jailer_bin);
+        over(&self.firecracker_jailed, &mut s.firecracker.jailed);
+        over(
+            &self.firecracker_chroot_base,
+            &mut s.firecracker.chroot_base,
+        );
+        over(&self.firecracker_uid_first, &mut s.firecracker.uid_first);
+        over(&self.firecracker_uid_count, &mut s.firecracker.uid_count);
+        over(
+            &self.firecracker_cgroup_parent,
+            &mut s.firecracker.cgroup_parent,
+        );
         over(&self.snapshot_templates, &mut s.snapshot.templates);
         over(&self.snapshot_store, &mut s.snapshot.store);
         over(&self.snapshot_memory, &mut s.snapshot.memory);
@@ -302,6 +390,10 @@ pub enum OpenError {
     /// The guest image is missing.
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    /// Firecracker cannot run here as configured (the message names the
+    /// setting).
+    #[error(transparent)]
+    Firecracker(#[from] crate::firecracker::SetupError),
     /// The backend refused to start on this host.
     #[error("setting up the {backend} backend: {source}")]
     Backend {
@@ -358,6 +450,7 @@ impl BackendSettings {
         let backend: AnyBackend = match self.backend.kind {
             BackendKind::Jail => self.jail(runtimes)?.into(),
             BackendKind::Qemu => self.qemu(runtimes)?.into(),
+            BackendKind::Firecracker => self.firecracker(runtimes)?.into(),
         };
         log_reaped(&crate::Backend::reap_orphans(&backend));
         Ok(backend)
@@ -407,6 +500,74 @@ impl BackendSettings {
         Ok(backend)
     }
 
+    /// The Firecracker backend's settings as the backend takes them, before
+    /// anything of the host is checked.
+    pub fn firecracker_config(
+        &self,
+        runtimes: RuntimeTable,
+    ) -> Result<FirecrackerBackendConfig, OpenError> {
+        let f = &self.firecracker;
+        let ids = IdRange {
+            first: f.uid_first,
+            count: f.uid_count,
+        };
+        if f.jailed {
+            let fits = u64::from(f.uid_first) + u64::from(f.uid_count) <= u64::from(u32::MAX);
+            if f.uid_first == 0 || f.uid_count == 0 || !fits {
+                return Err(OpenError::Setting {
+                    setting: "firecracker.uid_first / firecracker.uid_count (--firecracker-uid-first, --firecracker-uid-count)",
+                    reason: format!(
+                        "{} uids from {} is not a range of unprivileged ids: the first must be above 0 (root), the count above 0, and the range must end below 2^32",
+                        f.uid_count, f.uid_first
+                    ),
+                });
+            }
+            if f.cgroup_parent.is_empty() || f.cgroup_parent.contains("..") {
+                return Err(OpenError::Setting {
+                    setting: "firecracker.cgroup_parent / --firecracker-cgroup-parent / KILN_FIRECRACKER_CGROUP_PARENT",
+                    reason: format!(
+                        "{:?} is not a cgroup name (e.g. kiln-firecracker)",
+                        f.cgroup_parent
+                    ),
+                });
+            }
+        }
+        let img = GuestImage::find(
+            self.guest.kernel.as_deref(),
+            self.guest.rootfs.as_deref(),
+            &self.guest.cache,
+        )?;
+        let mut vmm = FirecrackerConfig::from_env();
+        vmm.firecracker_bin.clone_from(&f.bin);
+        vmm.jailer_bin.clone_from(&f.jailer_bin);
+        vmm.state_dir.clone_from(&self.backend.state_dir);
+        vmm.jailer = f.jailed.then(|| JailerConfig {
+            chroot_base: f.chroot_base.clone(),
+            ids,
+            parent_cgroup: f.cgroup_parent.clone(),
+            ..JailerConfig::default()
+        });
+        let mut cfg = FirecrackerBackendConfig::new(vmm, img.kernel, img.rootfs, runtimes);
+        cfg.templates = self.snapshot.templates.then(|| self.snapshot.store.clone());
+        cfg.memory = self.snapshot.memory;
+        Ok(cfg)
+    }
+
+    fn firecracker(&self, runtimes: RuntimeTable) -> Result<FirecrackerBackend, OpenError> {
+        // SAFETY: geteuid has no preconditions.
+        if self.firecracker.jailed && unsafe { libc::geteuid() } != 0 {
+            return Err(OpenError::NotRoot("firecracker"));
+        }
+        let cfg = self.firecracker_config(runtimes)?;
+        let backend = FirecrackerBackend::new(cfg)?;
+        tracing::info!(
+            jailed = self.firecracker.jailed,
+            templates = self.snapshot.templates,
+            "firecracker backend ready"
+        );
+        Ok(backend)
+    }
+
     /// Destroys what crashed processes of any backend left under the state
     /// directory. Needs no agent and no guest image, so it runs on any host
     /// (`kiln reap`).
@@ -419,6 +580,11 @@ impl BackendSettings {
             Err(e) => report.failed.push(format!("jails: {e}")),
         }
         report.extend(crate::qemu::reap_orphans_in(state));
+        report.extend(crate::firecracker::reap_orphans(state));
+        report.extend(crate::firecracker::reap_page_sockets(
+            state,
+            Some(&self.firecracker.chroot_base),
+        ));
         report
     }
 }
@@ -490,5 +656,164 @@ mod tests {
         };
         let e = e.to_string();
         assert!(e.contains("qemu.accel") && e.contains("hvf"), "{e}");
+    }
+
+    /// Settings for the firecracker backend whose host checks can run
+    /// anywhere: binaries that exist (`/bin/true`), the guest files given.
+    fn firecracker_settings(dir: &Path) -> BackendSettings {
+        let mut s = BackendSettings::default();
+        s.backend.kind = BackendKind::Firecracker;
+        s.backend.state_dir = dir.join("state");
+        s.guest.kernel = Some("/proc/self/exe".into());
+        s.guest.rootfs = Some("/proc/self/exe".into());
+        s.firecracker.bin = "/bin/true".into();
+        s.firecracker.jailer_bin = "/bin/true".into();
+        s.firecracker.chroot_base = dir.join("jail");
+        s.snapshot.store = dir.join("store");
+        s
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-settings-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn open_error(s: &BackendSettings) -> String {
+        match s.open(RuntimeTable::default()) {
+            Ok(_) => panic!("the firecracker backend opened with {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn firecracker_settings_come_from_the_file_and_flags_override_them() {
+        let mut s: BackendSettings = toml::from_str(
+            "[backend]\nkind = \"firecracker\"\n[firecracker]\nbin = \"/opt/fc/firecracker\"\njailed = false\nuid_first = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(s.backend.kind, BackendKind::Firecracker);
+        assert_eq!(s.firecracker.bin, Path::new("/opt/fc/firecracker"));
+        assert!(!s.firecracker.jailed);
+        assert_eq!(s.firecracker.uid_count, 10_000, "default kept");
+        let cli = Cli::parse_from([
+            "x",
+            "--jailer-bin",
+            "/opt/fc/jailer",
+            "--firecracker-jailed",
+            "true",
+            "--firecracker-uid-count",
+            "7",
+        ]);
+        cli.flags.apply(&mut s);
+        assert_eq!(s.firecracker.jailer_bin, Path::new("/opt/fc/jailer"));
+        assert!(s.firecracker.jailed);
+        assert_eq!(
+            (s.firecracker.uid_first, s.firecracker.uid_count),
+            (5000, 7)
+        );
+        // The variable wins over the file (scripts/test.sh sets it); else
+        // the file's value stays.
+        let bin = std::env::var_os("KILN_FIRECRACKER_BIN")
+            .map_or_else(|| PathBuf::from("/opt/fc/firecracker"), PathBuf::from);
+        assert_eq!(s.firecracker.bin, bin);
+        let e = toml::from_str::<BackendSettings>("[firecracker]\njailer = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jailer") && e.contains("jailed"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_firecracker_or_jailer_stops_the_start_naming_its_setting() {
+        let dir = scratch("fc-missing");
+        let mut s = firecracker_settings(&dir);
+        s.firecracker.bin = dir.join("no-firecracker");
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.bin")
+                && e.contains("KILN_FIRECRACKER_BIN")
+                && e.contains("no-firecracker"),
+            "{e}"
+        );
+        s.firecracker.bin = "/bin/true".into();
+        s.firecracker.jailer_bin = "no-such-jailer-on-path".into();
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.jailer_bin") && e.contains("KILN_JAILER_BIN"),
+            "{e}"
+        );
+        assert!(
+            !s.backend.state_dir.join("firecracker").exists(),
+            "a failed start creates nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_firecracker_values_are_named() {
+        let dir = scratch("fc-values");
+        let mut s = firecracker_settings(&dir);
+        s.firecracker.uid_first = 0;
+        let e = open_error(&s);
+        assert!(
+            e.contains("firecracker.uid_first") && e.contains("root"),
+            "{e}"
+        );
+        s.firecracker.uid_first = u32::MAX - 5;
+        let e = open_error(&s);
+        assert!(e.contains("2^32"), "{e}");
+        s.firecracker.uid_first = 900_000;
+        s.firecracker.cgroup_parent = "../escape".into();
+        let e = open_error(&s);
+        assert!(e.contains("firecracker.cgroup_parent"), "{e}");
+        s.firecracker.cgroup_parent = "kiln-firecracker".into();
+        s.guest.rootfs = Some(dir.join("no-rootfs.ext4"));
+        let e = open_error(&s);
+        assert!(
+            e.contains("KILN_GUEST_ROOTFS") && e.contains("no-rootfs"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_kvm_or_a_chroot_base_on_the_guests_filesystem_firecracker_does_not_start() {
+        let dir = scratch("fc-host");
+        let mut s = firecracker_settings(&dir);
+        match crate::firecracker::kvm_usable() {
+            Err(_) => {
+                // This host has no KVM: that is what the start says, naming
+                // the setting that chooses another backend.
+                let e = open_error(&s);
+                assert!(e.contains("/dev/kvm") && e.contains("backend.kind"), "{e}");
+            }
+            Ok(()) => {
+                let e = open_error(&s);
+                assert!(
+                    e.contains("chroot base") && e.contains("firecracker.chroot_base"),
+                    "{e}"
+                );
+                // A chroot base on another filesystem (the tmpfs of
+                // /dev/shm) than the guest's files cannot take hard links.
+                let base =
+                    Path::new("/dev/shm").join(format!("kiln-settings-{}", std::process::id()));
+                std::fs::create_dir_all(&base).unwrap();
+                s.firecracker.chroot_base.clone_from(&base);
+                s.guest.kernel = Some(dir.join("vmlinux"));
+                s.guest.rootfs = Some(dir.join("rootfs.ext4"));
+                std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+                std::fs::write(dir.join("rootfs.ext4"), b"r").unwrap();
+                let e = open_error(&s);
+                std::fs::remove_dir_all(&base).unwrap();
+                assert!(
+                    e.contains("another filesystem")
+                        && e.contains("guest.kernel")
+                        && e.contains("firecracker.chroot_base"),
+                    "{e}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -62,8 +62,12 @@ async fn one_sandbox_serves_many_execs_warm_and_keeps_files() {
         .unwrap();
     let mut warm_runs = 0;
     for i in 1..=5 {
-        // Give the renewed warm interpreter time to start, as a pool would.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Wait until the renewed warm interpreter waits, as a pool's idle
+        // time would (bounded; a sleep here flaked under load).
+        sb.agent()
+            .await_warm(Duration::from_secs(30))
+            .await
+            .expect("the warm interpreter is renewed");
         let code =
             "p='state/counter'; n=int(open(p).read())+1; open(p,'w').write(str(n)); print(n)";
         let out = run_job(
@@ -236,7 +240,10 @@ async fn warm_python_exits_exactly_as_plain_python_does() {
         let mut seen = Vec::new();
         for (sb, expect_warm) in [(&warm, true), (&cold, false)] {
             // Let the renewed warm interpreter finish starting.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            sb.agent()
+                .await_warm(Duration::from_secs(30))
+                .await
+                .expect("the warm interpreter is renewed");
             let out = run_job(
                 sb,
                 JobId::random(),
@@ -348,7 +355,10 @@ async fn a_file_that_cannot_be_placed_stops_the_job_and_names_the_file() {
     let msg = out.result.message.clone().unwrap_or_default();
     assert!(msg.contains("data/x.txt"), "{msg}");
     assert!(!out.poisoned, "the agent is fine: {:?}", out.result);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    sb.agent()
+        .await_warm(Duration::from_secs(30))
+        .await
+        .expect("the warm interpreter is renewed");
     let next = run_job(
         &sb,
         JobId::random(),

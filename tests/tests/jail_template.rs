@@ -56,6 +56,19 @@ fn a_template_root_is_all_the_job_sees() {
     ]);
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(r.stdout, "template\ndone\n");
+    // The template is seen through overlays of the jail's own (no inode
+    // of the template, or of the host's /dev, is shared between jails; see
+    // jail_shared_inodes.rs), and nothing can be written to them.
+    let (r, _) = s.run_json(&[
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--runtime",
+        "bash",
+        "-c",
+        r#"while read -r l; do set -- $l; r=${l#* - }; case $5 in /|/dev) echo "$5 ${r%% *}";; esac; done < /proc/self/mountinfo; echo x 2>/dev/null > /MARKER || echo read-only"#,
+    ]);
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.stdout, "/ overlay\n/dev overlay\nread-only\n", "{r:?}");
     // Python is not in the template: the runtime's interpreter is missing.
     let (r, _) = s.run_json(&[
         "--rootfs",

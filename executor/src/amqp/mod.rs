@@ -13,7 +13,7 @@
 
 mod config;
 mod consumer;
-mod message;
+pub(crate) mod message;
 mod metrics;
 mod publish;
 mod store;

@@ -5,9 +5,9 @@
 
 mod body;
 mod error;
-mod jobs;
-mod piston;
-mod sandboxes;
+pub(crate) mod jobs;
+pub(crate) mod piston;
+pub(crate) mod sandboxes;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use kiln_protocol::{JobResult, Outcome, Runtime};
+use kiln_protocol::{JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -57,11 +57,65 @@ fn version_matches(asked: &str, ours: &str) -> bool {
     asked == "*" || asked.is_empty() || prefix(asked, ours) || prefix(ours, asked)
 }
 
+/// Why a Piston execute body was refused: the request field at fault
+/// (`body` when it is not a Piston request at all) and the whole message,
+/// which starts with or names that field, as Piston clients get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub field: String,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a Piston execute body into the runtime it selects from
+/// `runtimes` and a validated Kiln job, or the refusal naming the field.
+pub fn parse_execute(body: &[u8], runtimes: &RuntimeTable) -> Result<(Runtime, JobSpec), Refusal> {
+    let preq: PistonRequest = serde_json::from_slice(body)
+        .map_err(|e| Refusal::new("body", format!("invalid request: {e}")))?;
+    let version = preq.version.clone().unwrap_or_else(|| "*".into());
+    let rt = match runtimes.resolve(&preq.language) {
+        Ok(rt) if version_matches(&version, &rt.version) => rt.clone(),
+        Ok(_) => {
+            return Err(Refusal::new(
+                "version",
+                format!("{}-{version} runtime is unknown", preq.language),
+            ))
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                "language",
+                format!("{}-{version} runtime is unknown", preq.language),
+            ))
+        }
+    };
+    let job = to_job(preq, &rt)?;
+    let spec = JobSpec::from_json(job.to_string().as_bytes()).map_err(|e| {
+        let field = match e.field.as_str() {
+            "limits.timeout_ms" => "run_timeout".to_owned(),
+            "limits.memory_mb" => "run_memory_limit".to_owned(),
+            f => f.to_owned(),
+        };
+        Refusal::new(field.clone(), format!("{field}: {}", e.message))
+    })?;
+    Ok((rt, spec))
+}
+
 /// Turns a Piston request into a Kiln job (as JSON, so the job's own
 /// validation and messages apply).
-fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
+fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, Refusal> {
     if req.files.is_empty() {
-        return Err("files: at least one file is required".into());
+        return Err(Refusal::new(
+            "files",
+            "files: at least one file is required",
+        ));
     }
     let mut files = Vec::new();
     for (i, f) in req.files.into_iter().enumerate() {
@@ -74,16 +128,21 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
             None | Some("utf8") | Some("utf-8") => (f.content, "utf8"),
             Some("base64") => (f.content, "base64"),
             Some("hex") => {
-                let bytes = decode_hex(&f.content)
-                    .ok_or_else(|| format!("files[{i}].content is not valid hex"))?;
+                let bytes = decode_hex(&f.content).ok_or_else(|| {
+                    Refusal::new(
+                        format!("files[{i}].content"),
+                        format!("files[{i}].content is not valid hex"),
+                    )
+                })?;
                 (
                     base64::engine::general_purpose::STANDARD.encode(bytes),
                     "base64",
                 )
             }
             Some(other) => {
-                return Err(format!(
-                    "files[{i}].encoding {other:?} is not one of utf8, base64, hex"
+                return Err(Refusal::new(
+                    format!("files[{i}].encoding"),
+                    format!("files[{i}].encoding {other:?} is not one of utf8, base64, hex"),
                 ))
             }
         };
@@ -96,10 +155,13 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
     }
     if let Some(m) = req.run_memory_limit {
         if m >= 0 {
-            limits.insert("memory_mb".into(), json!((m + (1 << 20) - 1) / (1 << 20)));
+            // Bytes to MiB, rounded up; `m + 2^20 - 1` overflowed near i64::MAX.
+            let mb = (m as u64).div_ceil(1 << 20);
+            limits.insert("memory_mb".into(), json!(mb));
         } else if m != -1 {
-            return Err(format!(
-                "run_memory_limit {m} is negative; use -1 for no limit"
+            return Err(Refusal::new(
+                "run_memory_limit",
+                format!("run_memory_limit {m} is negative; use -1 for no limit"),
             ));
         }
     }
@@ -115,12 +177,13 @@ fn to_job(req: PistonRequest, rt: &Runtime) -> Result<Value, String> {
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if !s.len().is_multiple_of(2) {
+    // from_str_radix alone would take a sign: "+f" as 0x0f.
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
 }
 
@@ -180,42 +243,9 @@ pub async fn execute(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<
         Ok(b) => b,
         Err(e) => return Ok(message(e.status, e.message)),
     };
-    let preq: PistonRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request: {e}"),
-            ))
-        }
-    };
-    let version = preq.version.clone().unwrap_or_else(|| "*".into());
-    let rt = match app.scheduler.runtimes().resolve(&preq.language) {
-        Ok(rt) if version_matches(&version, &rt.version) => rt.clone(),
-        _ => {
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("{}-{version} runtime is unknown", preq.language),
-            ))
-        }
-    };
-    let job = match to_job(preq, &rt) {
-        Ok(j) => j,
-        Err(m) => return Ok(message(StatusCode::BAD_REQUEST, m)),
-    };
-    let spec = match kiln_protocol::JobSpec::from_json(job.to_string().as_bytes()) {
-        Ok(s) => s,
-        Err(e) => {
-            let field = match e.field.as_str() {
-                "limits.timeout_ms" => "run_timeout".to_owned(),
-                "limits.memory_mb" => "run_memory_limit".to_owned(),
-                f => f.to_owned(),
-            };
-            return Ok(message(
-                StatusCode::BAD_REQUEST,
-                format!("{field}: {}", e.message),
-            ));
-        }
+    let (rt, spec) = match parse_execute(&body, app.scheduler.runtimes()) {
+        Ok(parsed) => parsed,
+        Err(r) => return Ok(message(StatusCode::BAD_REQUEST, r.message)),
     };
     let handle = match app.scheduler.submit(
         spec,
@@ -281,8 +311,56 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_body_names_the_request_field() {
+        let table = RuntimeTable::default();
+        let field = |body: &str| parse_execute(body.as_bytes(), &table).unwrap_err().field;
+        assert_eq!(field("{"), "body");
+        assert_eq!(field(r#"{"language":"cobol","files":[]}"#), "language");
+        assert_eq!(
+            field(r#"{"language":"python","version":"2","files":[]}"#),
+            "version"
+        );
+        assert_eq!(field(r#"{"language":"python","files":[]}"#), "files");
+        let bad_hex = r#"{"language":"python","files":[{"content":"zz","encoding":"hex"}]}"#;
+        assert_eq!(field(bad_hex), "files[0].content");
+        let timeout = r#"{"language":"python","files":[{"content":"1"}],"run_timeout":0}"#;
+        assert_eq!(field(timeout), "run_timeout");
+        let (rt, spec) = parse_execute(
+            br#"{"language":"py","files":[{"content":"print(1)"}]}"#,
+            &table,
+        )
+        .unwrap();
+        assert_eq!(spec.runtime, rt.name);
+        assert_eq!(spec.entrypoint.as_deref(), Some(rt.file.as_str()));
+    }
+
+    /// Found writing the piston_body fuzz target (and crashing it): bytes
+    /// to MiB added 2^20 - 1 first, which overflowed for a limit near
+    /// i64::MAX (a panic in a debug build, a negative limit in a release one).
+    #[test]
+    fn the_largest_memory_limit_is_refused_by_range_not_overflow() {
+        let body = format!(
+            r#"{{"language":"python","files":[{{"content":"1"}}],"run_memory_limit":{}}}"#,
+            i64::MAX
+        );
+        let r = parse_execute(body.as_bytes(), &RuntimeTable::default()).unwrap_err();
+        assert_eq!(r.field, "run_memory_limit");
+        assert!(r.message.contains("8796093022208 is out of range"), "{r:?}");
+    }
+
+    #[test]
     fn hex_decodes() {
         assert_eq!(decode_hex("6869").unwrap(), b"hi");
+        assert_eq!(decode_hex(" 6A6b ").unwrap(), b"jk");
         assert!(decode_hex("6").is_none());
+    }
+
+    /// Found by the piston_body fuzz target: u8::from_str_radix accepts a
+    /// leading '+', so "+f" passed as the byte 0x0f.
+    #[test]
+    fn a_sign_is_not_a_hex_digit() {
+        assert!(decode_hex("+f").is_none());
+        assert!(decode_hex("8545358e742831+90a").is_none());
+        assert!(decode_hex("-1").is_none());
     }
 }

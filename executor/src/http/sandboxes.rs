@@ -21,7 +21,7 @@ use super::{
 };
 use crate::jobs::OutputEvent;
 use crate::live::LiveSample;
-use crate::workspaces::{Workspace, WorkspaceError, WorkspaceRequest};
+use crate::workspaces::{Workspace, WorkspaceError, WorkspaceRequest, WorkspaceSettings};
 
 fn ws_error(e: WorkspaceError) -> ApiError {
     match e {
@@ -78,7 +78,9 @@ fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Resul
     }
 }
 
-fn parse_create(app: &App, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
+/// Parses a create body against the server's workspace settings (default
+/// and longest TTL), naming the first wrong field.
+pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
     let b: CreateBody = serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             let mut a = ApiError::new(
@@ -92,17 +94,20 @@ fn parse_create(app: &App, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
             ApiError::field("sandbox", e)
         }
     })?;
-    let ws = app.scheduler.workspaces().settings();
     let max_ttl = ws.max_ttl.as_secs_f64();
+    // Compared as a Duration: a float near `max_ttl` may round above it,
+    // and one of 2^64 s or more does not convert at all (which panicked).
     let ttl = match b.ttl_s {
         None => ws.default_ttl,
-        Some(t) if t.is_finite() && t > 0.0 && t <= max_ttl => Duration::from_secs_f64(t),
-        Some(t) => {
-            return Err(ApiError::field(
-                "ttl_s",
-                format!("{t} is out of range; allowed above 0 up to {max_ttl}"),
-            ))
-        }
+        Some(t) => match Duration::try_from_secs_f64(t) {
+            Ok(d) if !d.is_zero() && d <= ws.max_ttl => d,
+            _ => {
+                return Err(ApiError::field(
+                    "ttl_s",
+                    format!("{t} is out of range; allowed above 0 up to {max_ttl}"),
+                ))
+            }
+        },
     };
     let (cmin, cdef, cmax) = limits::CPU_MILLIS;
     let cpu_millis = match b.cpus {
@@ -166,7 +171,7 @@ fn shutting_down(app: &App) -> Result<(), ApiError> {
 pub async fn create(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     shutting_down(app)?;
     let body = read_body(req, app.max_body_bytes).await?;
-    let wreq = parse_create(app, &body)?;
+    let wreq = parse_create(app.scheduler.workspaces().settings(), &body)?;
     let info = app
         .scheduler
         .workspaces()
@@ -364,4 +369,52 @@ pub fn metrics(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(max_ttl_s: u64) -> WorkspaceSettings {
+        WorkspaceSettings {
+            max: 1,
+            default_ttl: Duration::from_secs(600.min(max_ttl_s)),
+            max_ttl: Duration::from_secs(max_ttl_s),
+        }
+    }
+
+    fn ttl_field(ws: &WorkspaceSettings, ttl_s: &str) -> Option<String> {
+        let body = format!(r#"{{"template":"python","ttl_s":{ttl_s}}}"#);
+        parse_create(ws, body.as_bytes()).err()?.field
+    }
+
+    /// Found writing the sandbox_create fuzz target (an input made for it
+    /// crashed it): with `sandboxes.max_ttl_s` at its largest, a TTL of
+    /// 2^64 s passed the range check as a float and then panicked
+    /// converting to a Duration.
+    #[test]
+    fn a_ttl_past_what_a_duration_holds_is_refused_not_a_panic() {
+        let ws = settings(u64::MAX);
+        assert_eq!(
+            ttl_field(&ws, "1.8446744073709552e19"),
+            Some("ttl_s".into())
+        );
+        assert_eq!(ttl_field(&ws, "1e300"), Some("ttl_s".into()));
+        assert_eq!(ttl_field(&ws, "1e19"), None);
+    }
+
+    #[test]
+    fn a_ttl_is_above_zero_and_at_most_the_longest() {
+        let ws = settings(3600);
+        assert_eq!(
+            ttl_field(&ws, "1e-300"),
+            Some("ttl_s".into()),
+            "rounds to 0 s"
+        );
+        assert_eq!(ttl_field(&ws, "0"), Some("ttl_s".into()));
+        assert_eq!(ttl_field(&ws, "3600.000001"), Some("ttl_s".into()));
+        assert_eq!(ttl_field(&ws, "3600"), None);
+        let req = parse_create(&ws, br#"{"template":"python","ttl_s":0.5}"#).unwrap();
+        assert_eq!(req.ttl, Duration::from_millis(500));
+    }
 }

@@ -165,24 +165,22 @@ pub struct Binaries {
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     /// The configured Firecracker binary is not an executable file.
-    #[error("the Firecracker binary {path} is not an executable file: set KILN_FIRECRACKER_BIN (or `firecracker_bin`) to the path of `firecracker`")]
+    #[error("the Firecracker binary {path} is not an executable file: set firecracker.bin (--firecracker-bin, KILN_FIRECRACKER_BIN) to the path of `firecracker`")]
     FirecrackerMissing { path: PathBuf },
     /// The configured jailer binary is not an executable file.
-    #[error("the jailer binary {path} is not an executable file: set KILN_JAILER_BIN (or `jailer_bin`) to the path of `jailer`, or run Firecracker unjailed")]
+    #[error("the jailer binary {path} is not an executable file: set firecracker.jailer_bin (--jailer-bin, KILN_JAILER_BIN) to the path of `jailer`, or run Firecracker unjailed (firecracker.jailed = false)")]
     JailerMissing { path: PathBuf },
     /// `/dev/kvm` cannot be opened.
-    #[error("/dev/kvm cannot be opened for reading and writing ({source}): Firecracker needs KVM; run on a host with KVM, as a user in its group")]
+    #[error("/dev/kvm cannot be opened for reading and writing ({source}): Firecracker needs KVM; run on a host with KVM, as a user in its group, or choose another backend (backend.kind / --backend / KILN_BACKEND: jail or qemu)")]
     Kvm {
         #[source]
         source: std::io::Error,
     },
     /// The jailer's chroot base directory does not exist.
-    #[error(
-        "the jailer's chroot base {path} is not a directory: create it or set `chroot_base` to one"
-    )]
+    #[error("the jailer's chroot base {path} is not a directory: create it or set firecracker.chroot_base (--firecracker-chroot-base, KILN_FIRECRACKER_CHROOT_BASE) to one")]
     ChrootBase { path: PathBuf },
     /// The uid/gid range cannot hand out any id.
-    #[error("the jail id range {range:?} is empty or starts at 0 (root): configure a range of unused, unprivileged ids")]
+    #[error("the jail id range {range:?} is empty or starts at 0 (root): set firecracker.uid_first and firecracker.uid_count (--firecracker-uid-first, --firecracker-uid-count) to a range of unused, unprivileged ids")]
     IdRange { range: IdRange },
 }
 

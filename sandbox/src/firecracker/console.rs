@@ -1,9 +1,10 @@
 //! The guest's serial console as the host sees it. Firecracker connects the
 //! guest's COM1 to its own stdin and stdout (no `PUT /serial`), so the host
 //! holds both ends of two pipes: lines the guest writes arrive in order on a
-//! bounded queue and in a tail kept for error messages, and lines written to
-//! the console reach the guest's UART. What the VMM or the jailer writes on
-//! stderr is kept in a tail of its own.
+//! bounded queue and in the shared microVM console (`crate::vm::Console`:
+//! the tail kept for error messages, and the guest kernel's OOM kills), and
+//! lines written to the console reach the guest's UART. What the VMM or the
+//! jailer writes on stderr is kept in a tail of its own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 
-/// Lines of console and stderr output kept to explain a failure.
+/// Lines of the VMM's stderr kept to explain a failure.
 const TAIL_LINES: usize = 40;
 
 /// Console lines waiting to be read; beyond this the oldest unread are
@@ -67,7 +68,7 @@ impl Tail {
 pub struct Console {
     input: tokio::sync::Mutex<Option<ChildStdin>>,
     lines: tokio::sync::Mutex<mpsc::Receiver<String>>,
-    tail: Arc<Tail>,
+    guest: Arc<crate::vm::Console>,
     stderr: Arc<Tail>,
     dropped: Arc<AtomicU64>,
 }
@@ -90,16 +91,16 @@ impl Console {
         stderr: ChildStderr,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_LINES);
-        let tail = Arc::new(Tail::default());
+        let guest = Arc::new(crate::vm::Console::default());
         let errors = Arc::new(Tail::default());
         let dropped = Arc::new(AtomicU64::new(0));
         {
-            let (tail, dropped, id) = (tail.clone(), dropped.clone(), id.to_owned());
+            let (guest, dropped, id) = (guest.clone(), dropped.clone(), id.to_owned());
             tokio::spawn(async move {
                 let mut reader = BufReader::new(stdout);
                 while let Some(line) = read_line(&mut reader).await {
                     tracing::debug!(vm = %id, "guest: {line}");
-                    tail.push(line.clone());
+                    guest.push(line.clone());
                     if tx.try_send(line).is_err() {
                         dropped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -119,7 +120,7 @@ impl Console {
         Self {
             input: tokio::sync::Mutex::new(Some(stdin)),
             lines: tokio::sync::Mutex::new(rx),
-            tail,
+            guest,
             stderr: errors,
             dropped,
         }
@@ -178,7 +179,14 @@ impl Console {
 
     /// The last lines the guest wrote.
     pub fn tail(&self) -> Vec<String> {
-        self.tail.lines()
+        self.guest.tail().lines().map(str::to_owned).collect()
+    }
+
+    /// The guest's output as every microVM backend keeps it: its tail for
+    /// error messages (what the boot steps of `crate::vm::boot` report)
+    /// and the guest kernel's OOM kills.
+    pub fn guest(&self) -> &crate::vm::Console {
+        &self.guest
     }
 
     /// The last lines the VMM (or the jailer) wrote on stderr.

@@ -1,5 +1,8 @@
-//! The Firecracker VMM layer: everything Kiln needs to drive a real
-//! Firecracker, below the `Backend`/`Sandbox` contract. One Firecracker
+//! Firecracker in Kiln: the `firecracker` backend (`backend`, `boot`,
+//! `restore`, `template`, `sandbox`: Kiln's sandboxes as Firecracker
+//! microVMs, booted or restored from templates through Kiln's page server)
+//! over the VMM layer below the `Backend`/`Sandbox` contract, which drives
+//! a real Firecracker. One Firecracker
 //! process per VM, directly or under Firecracker's jailer (chroot, a uid
 //! and gid per sandbox, cgroup limits, its own pid and network
 //! namespaces), driven over its HTTP API on a unix socket; the guest's
@@ -21,7 +24,12 @@
 //!        └── pause / resume / snapshot / metrics / destroy (teardown::Remains::teardown)
 //! ```
 //!
-//! Files: `config` (settings and the preflight check), `api` and `models`
+//! The backend's files: `backend` (settings, start-up checks, the step from
+//! a running VM to a connected agent, the `Backend` impl), `boot`,
+//! `restore` (and the page server's sockets), `template` (inputs, builds,
+//! publication), `sandbox` (the `Sandbox` impl).
+//!
+//! The layer's files: `config` (settings and the preflight check), `api` and `models`
 //! (the HTTP client and its bodies), `process` (the launch), `jailer` (uid
 //! claims, chroot, cgroups), `console`, `metrics` (Firecracker's metrics
 //! lines), `snapshot`, `teardown` (removal of what a VM holds, from Kiln's
@@ -30,20 +38,26 @@
 //! what is not covered yet, is in `docs/firecracker.md`.
 
 mod api;
+mod backend;
+mod boot;
 mod config;
 mod console;
 mod jailer;
 mod metrics;
 mod models;
 mod process;
+mod restore;
+mod sandbox;
 mod snapshot;
 mod sys;
 mod teardown;
+mod template;
 mod vm;
 
 use std::path::Path;
 
 pub use api::{ApiClient, ApiError};
+pub use backend::{FirecrackerBackend, FirecrackerBackendConfig, SetupError, WORKDIR};
 pub use config::{
     kvm_usable, Binaries, FirecrackerConfig, IdRange, JailerConfig, PreflightError, VmResources,
     FIRECRACKER_BIN_VAR, JAILER_BIN_VAR,
@@ -61,10 +75,13 @@ pub use models::{
     Vsock, VsockOverride,
 };
 pub use process::{LaunchError, VmPaths};
+pub use restore::{reap_page_sockets, MemorySource, RestoredVm};
+pub use sandbox::FirecrackerSandbox;
 pub use snapshot::{
     MachineSummary, MemoryBackend, RestoreError, RestoreSpec, Snapshot, SnapshotError,
 };
 pub use teardown::TeardownReport;
+pub use template::BuildError;
 pub use vm::{BootSpec, BootTimings, FirecrackerVm, RestoreTimings, StartError, VmMetricsError};
 
 use crate::ReapReport;

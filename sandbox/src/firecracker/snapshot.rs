@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub memory: PathBuf,
     /// The machine it was taken of.
     pub machine: MachineSummary,
+    /// The host file of the machine's read-only root disk, if it had one:
+    /// a restore makes it reachable where the snapshotted VM had it (in
+    /// the chroot when jailed; unjailed, the same host path is reopened).
+    pub root_drive: Option<PathBuf>,
 }
 
 /// What a restore needs to know of the snapshotted machine.

@@ -128,6 +128,8 @@ pub struct FirecrackerVm {
     ids: Option<(u32, u32)>,
     cgroups: Vec<PathBuf>,
     machine: MachineSummary,
+    /// The host file of the read-only root disk, if the machine has one.
+    root_drive: Option<PathBuf>,
     boot: Option<BootTimings>,
     restore: Option<RestoreTimings>,
     metrics: Mutex<MetricsReader>,
@@ -145,8 +147,9 @@ impl std::fmt::Debug for FirecrackerVm {
 }
 
 impl FirecrackerVm {
-    fn assemble(launched: Launched, machine: MachineSummary) -> Self {
+    fn assemble(launched: Launched, machine: MachineSummary, root_drive: Option<PathBuf>) -> Self {
         Self {
+            root_drive,
             id: launched.id,
             api: launched.api,
             console: launched.console,
@@ -166,6 +169,19 @@ impl FirecrackerVm {
     /// of `spec` and boots it. Returns once `InstanceStart` succeeded; the
     /// guest is then running (what it does is the guest's business).
     pub async fn start(config: &FirecrackerConfig, spec: &BootSpec) -> Result<Self, StartError> {
+        let mut vm = Self::configured(config, spec).await?;
+        vm.instance_start().await?;
+        Ok(vm)
+    }
+
+    /// Starts Firecracker and configures the machine of `spec` without
+    /// booting it, so that the caller can prepare what the guest will
+    /// reach for as soon as it runs (a listener on the vsock's
+    /// `<uds>_<port>`), then call [`FirecrackerVm::instance_start`].
+    pub async fn configured(
+        config: &FirecrackerConfig,
+        spec: &BootSpec,
+    ) -> Result<Self, StartError> {
         let mut files = vec![RootFile {
             what: "the kernel",
             source: spec.kernel.clone(),
@@ -194,25 +210,34 @@ impl FirecrackerVm {
             memory_mib: spec.resources.memory_mib,
             vsock_cid: spec.vsock_cid,
         };
-        let mut vm = Self::assemble(launched, machine);
+        let mut vm = Self::assemble(launched, machine, spec.root_drive.clone());
         let configured = Instant::now();
         if let Err(e) = vm.configure(spec, &files).await {
             vm.destroy().await;
             return Err(e);
         }
-        let configure = configured.elapsed();
-        let started = Instant::now();
-        if let Err(e) = vm.api.action(ActionType::InstanceStart).await {
-            vm.destroy().await;
-            return Err(StartError::InstanceStart(e));
-        }
         vm.boot = Some(BootTimings {
             api_ready,
-            configure,
-            instance_start: started.elapsed(),
+            configure: configured.elapsed(),
+            instance_start: Duration::ZERO,
         });
-        tracing::info!(vm = %vm.id, pid = vm.pid, jailed = vm.paths.jailed(), "Firecracker VM booted");
         Ok(vm)
+    }
+
+    /// Boots a VM made by [`FirecrackerVm::configured`]
+    /// (`PUT /actions InstanceStart`). On error the VM is still there, for
+    /// the caller to destroy.
+    pub async fn instance_start(&mut self) -> Result<(), StartError> {
+        let started = Instant::now();
+        self.api
+            .action(ActionType::InstanceStart)
+            .await
+            .map_err(StartError::InstanceStart)?;
+        if let Some(b) = &mut self.boot {
+            b.instance_start = started.elapsed();
+        }
+        tracing::info!(vm = %self.id, pid = self.pid, jailed = self.paths.jailed(), "Firecracker VM booted");
+        Ok(())
     }
 
     async fn configure(&self, spec: &BootSpec, files: &[RootFile]) -> Result<(), StartError> {
@@ -318,6 +343,16 @@ impl FirecrackerVm {
                 MemoryBackendType::Uffd
             }
         };
+        if let Some(root) = &snapshot.root_drive {
+            // Firecracker reopens the disk where the snapshotted VM had it:
+            // `/rootfs` in a chroot, the host path itself unjailed.
+            files.push(RootFile {
+                what: "the snapshotted VM's root disk",
+                source: root.clone(),
+                name: names::ROOTFS,
+                socket: false,
+            });
+        }
         let launched = launch(LaunchPlan {
             config,
             id: SandboxId::random(),
@@ -331,7 +366,7 @@ impl FirecrackerVm {
         })
         .await?;
         let api_ready = launched.api_ready;
-        let mut vm = Self::assemble(launched, snapshot.machine);
+        let mut vm = Self::assemble(launched, snapshot.machine, snapshot.root_drive.clone());
         if let Err(e) = vm
             .api
             .put_metrics(&MetricsConfig {
@@ -452,6 +487,27 @@ impl FirecrackerVm {
     /// Pauses the VM and writes a full snapshot into `dest` (`vmstate` and
     /// `memory`, root-owned, read-only). The VM stays paused.
     pub async fn snapshot(&self, dest: &Path) -> Result<Snapshot, SnapshotError> {
+        let inside = self.snapshot_in_root().await?;
+        std::fs::create_dir_all(dest).map_err(|source| SnapshotError::Collect {
+            from: self.paths.host(names::SNAPSHOT_DIR),
+            to: dest.to_owned(),
+            source,
+        })?;
+        let snapshot = Snapshot {
+            vmstate: dest.join("vmstate"),
+            memory: dest.join("memory"),
+            ..inside.clone()
+        };
+        collect(&inside.vmstate, &snapshot.vmstate)?;
+        collect(&inside.memory, &snapshot.memory)?;
+        Ok(snapshot)
+    }
+
+    /// Pauses the VM and writes a full snapshot inside its own root, where
+    /// it goes with the VM: for a caller that copies the files elsewhere
+    /// anyway (a template store) before destroying the VM. The VM stays
+    /// paused.
+    pub async fn snapshot_in_root(&self) -> Result<Snapshot, SnapshotError> {
         self.pause().await.map_err(SnapshotError::Pause)?;
         self.api
             .create_snapshot(&SnapshotCreateParams {
@@ -461,19 +517,12 @@ impl FirecrackerVm {
             })
             .await
             .map_err(SnapshotError::Create)?;
-        std::fs::create_dir_all(dest).map_err(|source| SnapshotError::Collect {
-            from: self.paths.host(names::SNAPSHOT_DIR),
-            to: dest.to_owned(),
-            source,
-        })?;
-        let snapshot = Snapshot {
-            vmstate: dest.join("vmstate"),
-            memory: dest.join("memory"),
+        Ok(Snapshot {
+            vmstate: self.paths.host(names::VMSTATE),
+            memory: self.paths.host(names::MEMORY),
             machine: self.machine,
-        };
-        collect(&self.paths.host(names::VMSTATE), &snapshot.vmstate)?;
-        collect(&self.paths.host(names::MEMORY), &snapshot.memory)?;
-        Ok(snapshot)
+            root_drive: self.root_drive.clone(),
+        })
     }
 
     /// Asks Firecracker to write a metrics line now and returns the totals
@@ -485,6 +534,15 @@ impl FirecrackerVm {
             .map_err(VmMetricsError::Flush)?;
         let mut reader = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         Ok(reader.read_new()?)
+    }
+
+    /// SIGKILLs the VMM now, through its pidfd (so never another process
+    /// that got its pid); [`FirecrackerVm::destroy`] still removes the rest.
+    pub fn kill(&self) {
+        let remains = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = remains.as_ref().and_then(|r| r.vmm.as_ref()) {
+            let _ = sys::pidfd_kill(fd, libc::SIGKILL);
+        }
     }
 
     /// Whether the VMM is still running.

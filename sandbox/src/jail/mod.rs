@@ -1,7 +1,8 @@
 //! The `jail` backend: each sandbox is `kiln-agent` running as init of new
 //! user, pid, mount, net, ipc, uts and cgroup namespaces, in a read-only root
-//! built from the host's system directories (or a template directory), with
-//! a minimal `/dev`, a fresh `/proc`, a cgroup with memory/pids/CPU limits,
+//! of overlays of its own over the host's system directories (or a template
+//! directory), with a minimal `/dev` (see `rootfs` for why every jail has
+//! its own inodes), a fresh `/proc`, a cgroup with memory/pids/CPU limits,
 //! rlimits, only the capabilities the agent needs, no_new_privs and a
 //! seccomp filter. There is no network.
 //!
@@ -22,13 +23,15 @@
 //! namespace.
 
 mod cgroup;
+mod reach;
+mod rootfs;
 mod seccomp;
 mod spawn;
 
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, BufRead as _};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,14 +48,14 @@ use crate::{
 };
 use spawn::{Plan, Step};
 
-/// Where a jail's root filesystem comes from.
+/// Where a jail's root filesystem comes from. Either way each jail sees it
+/// through overlays of its own, read-only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootFs {
-    /// The host's `/usr`, `/etc` and the `/bin`, `/lib`... next to them,
-    /// bound read-only.
+    /// The host's `/usr`, `/etc` and the `/bin`, `/lib`... next to them.
     Host,
-    /// A template directory bound read-only as `/`; it must contain the
-    /// mount points `proc`, `dev`, `tmp` and `work`.
+    /// A template directory as `/`; it must contain the mount points
+    /// `proc`, `dev`, `tmp` and `work`. Mounts inside it are not seen.
     Dir(PathBuf),
 }
 
@@ -115,6 +118,9 @@ pub enum JailError {
     /// The seccomp filter could not be built.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// A jail's root could not be prepared or mounted.
+    #[error(transparent)]
+    Root(#[from] rootfs::RootFsError),
 }
 
 impl From<JailError> for SandboxError {
@@ -131,6 +137,12 @@ impl From<CgroupError> for SandboxError {
 
 impl From<SeccompError> for SandboxError {
     fn from(e: SeccompError) -> Self {
+        JailError::from(e).into()
+    }
+}
+
+impl From<rootfs::RootFsError> for SandboxError {
+    fn from(e: rootfs::RootFsError) -> Self {
         JailError::from(e).into()
     }
 }
@@ -153,26 +165,14 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 const AGENT_CAPS: u64 =
     (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 12) | (1 << 18) | (1 << 21);
 
-/// A host system directory as it appears in a jail's root.
-#[derive(Debug, Clone)]
-enum HostEntry {
-    /// Bound read-only, with the mount flags the source has (which a user
-    /// namespace may not clear).
-    Dir { name: String, flags: libc::c_ulong },
-    /// Re-created as the same symlink (merged-/usr systems).
-    Link { name: String, target: PathBuf },
-}
-
 struct Inner {
     cfg: JailConfig,
     layout: CgroupLayout,
-    agent_exe: OwnedFd,
     /// The jail's filters, installed on the agent.
     filters: Vec<BpfProgram>,
     /// The job's filters, as raw programs for `Hello.rooms`.
     job_filters: Vec<Vec<u8>>,
-    host: Vec<HostEntry>,
-    root_flags: libc::c_ulong,
+    root: rootfs::RootLayout,
     owner: record::Owner,
 }
 
@@ -191,136 +191,44 @@ fn cstr(p: impl AsRef<Path>) -> CString {
     CString::new(p.as_ref().as_os_str().as_bytes()).expect("paths built here have no NUL")
 }
 
-/// Mount flags of the filesystem at `path` that a bind remount must keep.
-fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
-    let c = cstr(path);
-    // SAFETY: statvfs is plain data, valid when zeroed.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs fills the struct from a valid C path.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let f = st.f_flag;
-    let mut m = 0;
-    for (st_bit, ms_bit) in [
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ] {
-        if f & st_bit != 0 {
-            m |= ms_bit;
-        }
-    }
-    Ok(m)
-}
-
-/// Copies the agent into a sealed memfd, so that every jail execs the same
-/// immutable bytes whatever happens to the file on disk.
-fn seal_agent(path: &Path) -> Result<OwnedFd, SandboxError> {
-    let bytes = fs::read(path).map_err(io_err(format!(
-        "reading the agent binary {} (set KILN_AGENT or `agent` in the config)",
-        path.display()
-    )))?;
-    // SAFETY: memfd_create with a valid C string; the fd is owned below.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"kiln-agent".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(io_err("memfd_create for the agent")(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fd was just created and is owned by nothing else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut file = fs::File::from(owned);
-    io::Write::write_all(&mut file, &bytes).map_err(io_err("writing the agent memfd"))?;
-    let owned = OwnedFd::from(file);
-    // F_SEAL_FUTURE_WRITE, not F_SEAL_WRITE: both refuse every later write()
-    // and writable mapping, but F_SEAL_WRITE also waits (~75 ms at most) for
-    // extra references on the file's pages to go and fails with EBUSY
-    // otherwise (memfd_wait_for_pins). Freshly written pages can still sit
-    // in a CPU's LRU batch whose drain is queued work, and with 2 busy CPUs
-    // in CI that wait ran out once in ~200 starts ("sealing the agent
-    // memfd: Device or resource busy"). Nothing else has this memfd, so
-    // there are no mappings or pins the stronger seal would guard against.
-    let seals =
-        libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on an owned fd.
-    if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(io_err("sealing the agent memfd")(io::Error::last_os_error()));
-    }
-    Ok(owned)
-}
-
 impl JailBackend {
-    /// Checks the host (cgroups, agent binary) and prepares what every jail
-    /// shares.
+    /// Checks the host (cgroups, agent binary, that the jails' ids can
+    /// reach the state directory) and prepares what every jail's root is
+    /// made of.
     pub fn new(cfg: JailConfig) -> Result<Self, SandboxError> {
         let layout = CgroupLayout::detect(&cfg.cgroup_mount)?;
-        let agent_exe = seal_agent(&cfg.agent)?;
+        let agent = fs::read(&cfg.agent).map_err(io_err(format!(
+            "reading the agent binary {} (set KILN_AGENT or `agent` in the config)",
+            cfg.agent.display()
+        )))?;
         let filters = seccomp::cell_filters()?;
         let job_filters = seccomp::job_filters()?
             .iter()
             .map(seccomp::to_bytes)
             .collect();
-        let mut host = Vec::new();
-        let root_flags = match &cfg.rootfs {
-            RootFs::Host => {
-                for name in [
-                    "usr", "etc", "bin", "sbin", "lib", "lib64", "lib32", "libx32",
-                ] {
-                    let p = Path::new("/").join(name);
-                    let Ok(meta) = fs::symlink_metadata(&p) else {
-                        continue;
-                    };
-                    if meta.file_type().is_symlink() {
-                        let target = fs::read_link(&p)
-                            .map_err(io_err(format!("reading {}", p.display())))?;
-                        host.push(HostEntry::Link {
-                            name: name.into(),
-                            target,
-                        });
-                    } else if meta.is_dir() {
-                        let flags =
-                            locked_flags(&p).map_err(io_err(format!("statvfs {}", p.display())))?;
-                        host.push(HostEntry::Dir {
-                            name: name.into(),
-                            flags,
-                        });
-                    }
+        if let RootFs::Dir(d) = &cfg.rootfs {
+            for m in rootfs::MOUNT_POINTS {
+                if !d.join(m).is_dir() {
+                    return Err(SandboxError::Unsupported(format!(
+                        "template root {} lacks the mount point /{m}",
+                        d.display()
+                    )));
                 }
-                0
             }
-            RootFs::Dir(d) => {
-                for m in ["proc", "dev", "tmp", "work"] {
-                    if !d.join(m).is_dir() {
-                        return Err(SandboxError::Unsupported(format!(
-                            "template root {} lacks the mount point /{m}",
-                            d.display()
-                        )));
-                    }
-                }
-                locked_flags(d).map_err(io_err(format!("statvfs {}", d.display())))?
-            }
-        };
-        fs::create_dir_all(cfg.state_dir.join("jails"))
-            .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+        }
+        let root = rootfs::RootLayout::new(&cfg.rootfs, cfg.id_base, &agent)?;
+        let jails = cfg.state_dir.join("jails");
+        reach::create_searchable(&jails)
+            .map_err(io_err(format!("creating {}", jails.display())))?;
+        reach::check(&jails, cfg.id_base)?;
         let owner = record::Owner::current().map_err(io_err("reading our own /proc/self/stat"))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 layout,
-                agent_exe,
                 filters,
                 job_filters,
-                host,
-                root_flags,
+                root,
                 owner,
             }),
         })
@@ -341,97 +249,24 @@ impl Inner {
         self.cfg.state_dir.join("jails").join(id.as_str())
     }
 
-    /// The child's filesystem plan for a jail rooted at `root`.
-    fn plan(&self, root: &Path) -> Plan {
-        let mut steps = Vec::new();
-        let under = |rel: &str| cstr(root.join(rel));
-        let mkdir = |steps: &mut Vec<Step>, rel: &str, mode| {
-            steps.push(Step::Mkdir {
-                path: under(rel),
-                mode,
+    /// The child's filesystem plan for a jail rooted at `root`: attach the
+    /// overlays mounted for it (the root first), mount its `/proc`, pivot.
+    fn plan(&self, root: &Path, mounts: &[rootfs::Mounted]) -> Plan {
+        let mut steps: Vec<Step> = mounts
+            .iter()
+            .map(|m| Step::Attach {
+                mount: m.mount.as_raw_fd(),
+                dst: cstr(root.join(m.at)),
             })
-        };
-        let tmpfs = |steps: &mut Vec<Step>, rel: &str, data: String| {
-            steps.push(Step::Mount {
-                src: Some(c"tmpfs".into()),
-                dst: under(rel),
-                fstype: Some(c"tmpfs".into()),
-                flags: libc::MS_NOSUID | libc::MS_NODEV,
-                data: Some(CString::new(data).expect("no NUL")),
-            })
-        };
-        let bind_ro = |steps: &mut Vec<Step>, src: &Path, dst: CString, flags: libc::c_ulong| {
-            steps.push(Step::Mount {
-                src: Some(cstr(src)),
-                dst: dst.clone(),
-                fstype: None,
-                flags: libc::MS_BIND | libc::MS_REC,
-                data: None,
-            });
-            steps.push(Step::remount_read_only(dst, flags));
-        };
-        match &self.cfg.rootfs {
-            RootFs::Host => {
-                tmpfs(&mut steps, "", "mode=0755,size=1m".into());
-                for e in &self.host {
-                    match e {
-                        HostEntry::Dir { name, flags } => {
-                            mkdir(&mut steps, name, 0o755);
-                            bind_ro(&mut steps, &Path::new("/").join(name), under(name), *flags);
-                        }
-                        HostEntry::Link { name, target } => steps.push(Step::Symlink {
-                            target: cstr(target),
-                            path: under(name),
-                        }),
-                    }
-                }
-                for d in ["proc", "dev", "tmp", "work"] {
-                    mkdir(&mut steps, d, 0o755);
-                }
-            }
-            RootFs::Dir(d) => steps.push(Step::Mount {
-                src: Some(cstr(d)),
-                dst: cstr(root),
-                fstype: None,
-                flags: libc::MS_BIND | libc::MS_REC,
-                data: None,
-            }),
-        }
+            .collect();
         steps.push(Step::Mount {
             src: Some(c"proc".into()),
-            dst: under("proc"),
+            dst: cstr(root.join("proc")),
             fstype: Some(c"proc".into()),
             flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             data: None,
         });
-        tmpfs(&mut steps, "dev", "mode=0755,size=64k".into());
-        for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
-            let dst = under(&format!("dev/{dev}"));
-            steps.push(Step::Touch { path: dst.clone() });
-            steps.push(Step::Mount {
-                src: Some(cstr(Path::new("/dev").join(dev))),
-                dst,
-                fstype: None,
-                flags: libc::MS_BIND,
-                data: None,
-            });
-        }
-        for (name, target) in [
-            ("fd", "/proc/self/fd"),
-            ("stdin", "/proc/self/fd/0"),
-            ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"),
-        ] {
-            steps.push(Step::Symlink {
-                target: CString::new(target).expect("no NUL"),
-                path: under(&format!("dev/{name}")),
-            });
-        }
-        // Mount points only: every room mounts its own tmpfs on them.
-        mkdir(&mut steps, "dev/shm", 0o1777);
-        steps.push(Step::remount_read_only(under("dev"), libc::MS_NOEXEC));
         steps.push(Step::PivotInto { root: cstr(root) });
-        steps.push(Step::remount_read_only(c"/".into(), self.root_flags));
         let log_level = std::env::var("KILN_AGENT_LOG").unwrap_or_else(|_| "warn".into());
         Plan {
             steps,
@@ -455,7 +290,7 @@ impl Inner {
     fn start(&self, id: &SandboxId, spec: &SandboxSpec) -> Result<Started, SandboxError> {
         let dir = self.jail_dir(id);
         let root = dir.join("root");
-        fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        reach::create_searchable(&root).map_err(io_err(format!("creating {}", root.display())))?;
         let mut rec = Record::new("jail", id.as_str(), self.owner);
         rec.cgroups = self.layout.dirs(&self.cfg.cgroup_parent, id.as_str());
         rec.write(&dir)
@@ -489,9 +324,10 @@ impl Inner {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
         let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
-        let plan = self.plan(&root);
+        let mounts = self.root.mount().map_err(|e| fail(e.into(), None, &cg))?;
+        let plan = self.plan(&root, &mounts.layers);
         let fds = spawn::ChildFds {
-            agent_exe: self.agent_exe.as_raw_fd(),
+            agent_exe: mounts.agent.as_raw_fd(),
             control: theirs.as_raw_fd(),
             log: log_w.as_raw_fd(),
         };
@@ -499,6 +335,8 @@ impl Inner {
             .with_thread_inside(|| spawn::start(&plan, fds))
             .map_err(|e| fail(e.into(), None, &cg))?;
         let mut child = child.map_err(|e| fail(io_err("clone")(e), None, &cg))?;
+        // The child has its own copies of these descriptors.
+        drop(mounts);
         drop(theirs);
         drop(log_w);
         let pid = child.pid;
@@ -894,45 +732,4 @@ pub fn reap_jails(state_dir: &Path, layout: &CgroupLayout, me: record::Owner) ->
             Err(format!("cgroup {:?} could not be emptied", rec.cgroups))
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The sealed agent cannot be changed: no write, no resize, no new seal
-    /// removal, no writable shared mapping.
-    #[test]
-    fn the_agent_memfd_is_sealed_against_every_change() {
-        let dir = std::env::temp_dir().join(format!("kiln-seal-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("agent");
-        fs::write(&src, b"#!/bin/true\n").unwrap();
-        let fd = seal_agent(&src).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
-        let raw = fd.as_raw_fd();
-        // SAFETY: plain syscalls on an fd we own, with valid buffers.
-        unsafe {
-            assert_eq!(libc::write(raw, b"x".as_ptr().cast(), 1), -1);
-            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
-            assert_eq!(libc::ftruncate(raw, 0), -1);
-            assert_eq!(
-                libc::fcntl(raw, libc::F_ADD_SEALS, 0),
-                -1,
-                "F_SEAL_SEAL holds"
-            );
-            let map = libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                raw,
-                0,
-            );
-            assert_eq!(map, libc::MAP_FAILED, "no writable shared mapping");
-            let mut buf = [0u8; 12];
-            assert_eq!(libc::pread(raw, buf.as_mut_ptr().cast(), 12, 0), 12);
-            assert_eq!(&buf, b"#!/bin/true\n");
-        }
-    }
 }

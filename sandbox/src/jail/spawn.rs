@@ -7,9 +7,12 @@
 //! nothing, takes no locks and reports failure as a `(step, errno)` pair on a
 //! pipe. The parent writes the id maps and moves the child into its cgroup,
 //! then lets it go; the child enters a new cgroup namespace, builds its root
-//! from the plan, pivots into it, drops capabilities, sets no_new_privs,
-//! installs the filters and execs the agent from a sealed memfd (so that the
-//! agent's host path need not be visible, or even exist, inside the jail).
+//! from the plan (it attaches the overlays the parent mounted for it, see
+//! `rootfs`, and mounts its `/proc`), pivots into it, drops capabilities,
+//! sets no_new_privs, installs the filters and execs the agent by
+//! descriptor, from an overlay of the jail's own that is attached nowhere
+//! (so that the agent's host path need not be visible, or even exist,
+//! inside the jail).
 
 use std::ffi::CString;
 use std::io;
@@ -27,43 +30,14 @@ pub enum Step {
         flags: libc::c_ulong,
         data: Option<CString>,
     },
-    Mkdir {
-        path: CString,
-        mode: libc::mode_t,
-    },
-    Symlink {
-        target: CString,
-        path: CString,
-    },
-    /// Creates an empty file to bind a device node onto.
-    Touch {
-        path: CString,
-    },
+    /// `move_mount(mount, "", AT_FDCWD, dst, MOVE_MOUNT_F_EMPTY_PATH)`:
+    /// attaches a detached mount the parent made (see `rootfs`).
+    Attach { mount: RawFd, dst: CString },
     /// `chdir(root); pivot_root(".", "."); umount2(".", MNT_DETACH); chdir("/")`.
-    PivotInto {
-        root: CString,
-    },
+    PivotInto { root: CString },
 }
 
 impl Step {
-    /// Makes the mount at `dst` read-only, nosuid and nodev, keeping the
-    /// flags in `keep` (flags of the source that a user namespace may not
-    /// clear, such as its atime mode).
-    pub fn remount_read_only(dst: CString, keep: libc::c_ulong) -> Step {
-        Step::Mount {
-            src: None,
-            dst,
-            fstype: None,
-            flags: libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | keep,
-            data: None,
-        }
-    }
-
     /// What the step does, for the parent's error message.
     pub fn describe(&self) -> String {
         let s = |c: &CString| c.to_string_lossy().into_owned();
@@ -79,9 +53,7 @@ impl Step {
                     .map(s)
                     .unwrap_or_else(|| "bind/remount".into())
             ),
-            Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
-            Step::Symlink { path, .. } => format!("symlink {}", s(path)),
-            Step::Touch { path } => format!("create {}", s(path)),
+            Step::Attach { dst, .. } => format!("attach the overlay for {}", s(dst)),
             Step::PivotInto { root } => format!("pivot_root into {}", s(root)),
         }
     }
@@ -157,6 +129,9 @@ pub struct ChildFds {
     pub control: RawFd,
     pub log: RawFd,
 }
+
+/// `MOVE_MOUNT_F_EMPTY_PATH` (linux/mount.h).
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 const NS_FLAGS: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWPID
@@ -370,19 +345,15 @@ fn child_main(ctx: &ChildCtx) -> isize {
                         opt_ptr(data).cast(),
                     ) == 0
                 }
-                Step::Mkdir { path, mode } => {
-                    libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
-                }
-                Step::Symlink { target, path } => {
-                    libc::symlink(target.as_ptr(), path.as_ptr()) == 0
-                }
-                Step::Touch { path } => {
-                    let fd = libc::open(
-                        path.as_ptr(),
-                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                        0o644,
-                    );
-                    fd >= 0 && libc::close(fd) == 0
+                Step::Attach { mount, dst } => {
+                    libc::syscall(
+                        libc::SYS_move_mount,
+                        *mount,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        dst.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    ) == 0
                 }
                 Step::PivotInto { root } => {
                     libc::chdir(root.as_ptr()) == 0

@@ -1,0 +1,129 @@
+//! A Firecracker sandbox as the pool and the scheduler see it: a VM with a
+//! connected agent. What the host can tell about it comes from outside
+//! the guest: the VMM's resident memory and CPU time from `/proc`, its
+//! memory peak from the jail's cgroup, the guest kernel's OOM kills from
+//! the serial console (which only the kernel and the agent write), and
+//! Firecracker's own counters ([`FirecrackerSandbox::vmm_metrics`]).
+
+use kiln_protocol::SandboxTimings;
+
+use super::metrics::VmmMetrics;
+use super::vm::{FirecrackerVm, VmMetricsError};
+use crate::jail::{Cgroup, CgroupLayout};
+use crate::{AgentConn, Sandbox, SandboxId, SandboxStats};
+
+/// A running Firecracker microVM with a connected agent.
+pub struct FirecrackerSandbox {
+    id: SandboxId,
+    // Declared before the VM: the connection goes first when dropped.
+    agent: AgentConn,
+    /// Boxed: a VM's handles are a kilobyte, and a sandbox moves through
+    /// the pool's enums and futures.
+    vm: Box<FirecrackerVm>,
+    timings: SandboxTimings,
+    template: Option<String>,
+    /// The jail's cgroups, for the memory peak (jailed VMMs only).
+    cgroup: Option<Cgroup>,
+}
+
+impl FirecrackerSandbox {
+    pub(super) fn new(
+        vm: FirecrackerVm,
+        agent: AgentConn,
+        timings: SandboxTimings,
+        template: Option<String>,
+    ) -> Self {
+        let cgroup = (!vm.cgroups().is_empty())
+            .then(|| CgroupLayout::detect(std::path::Path::new("/sys/fs/cgroup")).ok())
+            .flatten()
+            .map(|layout| Cgroup::from_dirs(&layout, vm.cgroups().to_vec()));
+        Self {
+            id: vm.id().clone(),
+            agent,
+            vm: Box::new(vm),
+            timings,
+            template,
+            cgroup,
+        }
+    }
+
+    /// The VM underneath.
+    pub fn vm(&self) -> &FirecrackerVm {
+        &self.vm
+    }
+
+    /// The template it was restored from (`None`: booted).
+    pub fn template(&self) -> Option<&str> {
+        self.template.as_deref()
+    }
+
+    /// Firecracker's counters for this VM so far (vCPU exits, device
+    /// traffic, seccomp and signal events).
+    pub async fn vmm_metrics(&self) -> Result<VmmMetrics, VmMetricsError> {
+        self.vm.metrics().await
+    }
+
+    pub(super) fn agent_conn(&self) -> &AgentConn {
+        &self.agent
+    }
+
+    /// The VM without its agent connection (closed now).
+    pub(super) fn into_vm(self) -> FirecrackerVm {
+        drop(self.agent);
+        *self.vm
+    }
+}
+
+impl Sandbox for FirecrackerSandbox {
+    fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    fn agent(&self) -> &AgentConn {
+        &self.agent
+    }
+
+    /// OOM kills by the guest kernel, counted from its console: the guest's
+    /// memory is its own, no host cgroup sees inside it.
+    fn oom_kills(&self) -> u64 {
+        self.vm.console().guest().oom_kills()
+    }
+
+    /// The peak of the jail's memory cgroup: the guest's RAM as far as it
+    /// was touched, plus the VMM's own.
+    fn memory_peak_bytes(&self) -> Option<u64> {
+        self.cgroup.as_ref().and_then(Cgroup::memory_peak_bytes)
+    }
+
+    /// The host's view: the VMM's resident memory (the guest's touched RAM
+    /// included) and CPU time. The guest's disk is tmpfs inside its RAM
+    /// and it has no network, so there is nothing else to see from here.
+    fn stats(&self) -> SandboxStats {
+        let pid = self.vm.pid() as i32;
+        SandboxStats {
+            memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
+            memory_peak_bytes: self.memory_peak_bytes(),
+            cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
+            oom_kills: self.oom_kills(),
+            ..SandboxStats::default()
+        }
+    }
+
+    fn start_timings(&self) -> Option<SandboxTimings> {
+        Some(self.timings)
+    }
+
+    /// SIGKILLs the VMM (through its pidfd): every guest process stops at
+    /// once.
+    fn kill_now(&self) {
+        self.vm.kill();
+    }
+
+    async fn destroy(self) {
+        drop(self.agent);
+        let report = self.vm.destroy().await;
+        if !report.is_clean() {
+            tracing::warn!(sandbox = %self.id, leftovers = ?report.leftovers, "a destroyed Firecracker sandbox left things behind");
+        }
+    }
+}
