@@ -24,7 +24,8 @@ pub const USAGE: &str = "usage: kiln-agent --fd N | --vsock-port PORT | --guest-
   --guest-init       as PID 1 of a microVM guest: mount /proc, /sys, /dev, a
                      tmpfs overlay on the read-only root, then listen on
                      vsock (kiln.port=, kiln.ready=, kiln.log=, kiln.dns= on
-                     the kernel command line) and run jobs only after each
+                     the kernel command line), or serve the virtio-serial
+                     port kiln.vport= names, and run jobs only after each
                      connection's guest setup (entropy, clock, hostname, id,
                      disk size, task cap); the default as PID 1 with no
                      argument

@@ -14,7 +14,10 @@
 //!   tmpfs `/tmp`, `/work` and `/run`;
 //! - `/proc/cmdline` and the kernel log out of jobs' reach, and the
 //!   loopback interface up;
-//! - once it listens on vsock, a `ready` note to the host ([`announce`]).
+//! - once it listens on vsock, a `ready` note to the host ([`announce`]);
+//!   or, with `kiln.vport=NAME` (a VM that will be snapshotted), the host
+//!   served on that virtio-serial port instead (`port`), with no note: the
+//!   host's `Hello` is the first byte on it.
 //!
 //! What is unique to a sandbox comes later, over the protocol, on every
 //! connection ([`apply_setup`], `Frame::Setup`): entropy for the random
@@ -29,6 +32,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The vsock port the agent listens on unless `kiln.port=` says otherwise.
 pub const DEFAULT_PORT: u32 = 1024;
@@ -52,6 +56,9 @@ pub struct GuestConfig {
     /// `kiln.ready=PORT`: once listening, connect to the host (CID 2) on
     /// this vsock port and say `ready\n`.
     pub ready_port: Option<u32>,
+    /// `kiln.vport=NAME`: serve the host on the virtio-serial port of that
+    /// name instead of vsock (a VM that is snapshotted; see `port`).
+    pub vport: Option<String>,
 }
 
 impl GuestConfig {
@@ -62,6 +69,7 @@ impl GuestConfig {
             log: None,
             dns: None,
             ready_port: None,
+            vport: None,
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -84,6 +92,14 @@ impl GuestConfig {
                             .filter(|p| *p != u32::MAX)
                             .ok_or_else(|| format!("kiln.ready={value:?} is not a vsock port"))?,
                     )
+                }
+                "kiln.vport" => {
+                    if !crate::port::valid_name(value) {
+                        return Err(format!(
+                            "kiln.vport={value:?} is not a port name (1 to 64 of A-Z a-z 0-9 . - _)"
+                        ));
+                    }
+                    cfg.vport = Some(value.into());
                 }
                 "kiln.dns" => {
                     cfg.dns = Some(
@@ -232,8 +248,23 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
     if s.disk_mb == 0 {
         return Err("a disk size of 0 MiB".into());
     }
+    // Already that size (the boot's, or the last setup's): nothing to do,
+    // which spares a restored guest three remounts before its first job.
+    if TMPFS_MB.load(Ordering::Relaxed) != s.disk_mb {
+        resize_tmpfs(s.disk_mb)?;
+    }
+    limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    Ok(())
+}
+
+/// The size of the [`SIZED_TMPFS`] directories now, in MiB.
+static TMPFS_MB: AtomicU64 = AtomicU64::new(BOOT_DISK_MB);
+
+fn resize_tmpfs(disk_mb: u64) -> Result<(), String> {
+    // Unknown until every remount succeeded.
+    TMPFS_MB.store(0, Ordering::Relaxed);
     for dir in SIZED_TMPFS {
-        let data = cstring(format!("size={}m", s.disk_mb));
+        let data = cstring(format!("size={disk_mb}m"));
         sys::mount(
             c"tmpfs",
             &cstring(dir.into()),
@@ -241,9 +272,9 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
             libc::MS_REMOUNT | NOSUID_NODEV,
             Some(&data),
         )
-        .map_err(|e| format!("resize {dir} to {} MiB: {e}", s.disk_mb))?;
+        .map_err(|e| format!("resize {dir} to {disk_mb} MiB: {e}"))?;
     }
-    limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    TMPFS_MB.store(disk_mb, Ordering::Relaxed);
     Ok(())
 }
 
@@ -481,6 +512,9 @@ mod tests {
         let d = GuestConfig::parse("console=ttyS0").unwrap();
         assert_eq!(d.port, DEFAULT_PORT);
         assert_eq!(d.ready_port, None);
+        assert_eq!(d.vport, None);
+        let v = GuestConfig::parse("console=ttyS0 kiln.vport=kiln.agent").unwrap();
+        assert_eq!(v.vport.as_deref(), Some("kiln.agent"));
     }
 
     #[test]
@@ -492,6 +526,9 @@ mod tests {
         assert!(GuestConfig::parse("kiln.dns=example.org")
             .unwrap_err()
             .contains("kiln.dns"));
+        assert!(GuestConfig::parse("kiln.vport=a/b")
+            .unwrap_err()
+            .contains("kiln.vport"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod cli;
 mod files;
 mod guest;
 mod log;
+mod port;
 mod room;
 mod spawn;
 mod sys;
@@ -46,7 +47,10 @@ fn main() -> ExitCode {
         Mode::GuestInit => match guest::setup() {
             Ok(cfg) => run(|agent| {
                 agent.serve_guest();
-                serve_vsock(agent, cfg.port, || guest::announce(&cfg))
+                match &cfg.vport {
+                    Some(name) => port::serve(agent, name),
+                    None => serve_vsock(agent, cfg.port, || guest::announce(&cfg)),
+                }
             }),
             Err(e) => {
                 log_error!("{e}");

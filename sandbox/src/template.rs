@@ -194,7 +194,33 @@ pub enum TemplateError {
 #[derive(Debug, Clone)]
 pub struct TemplateStore {
     store: SnapshotStore,
+    root: PathBuf,
     backend: &'static str,
+}
+
+/// The file, under the store's root, where [`TemplateStore::identify_cached`]
+/// remembers the identities of inputs.
+const IDENTITIES: &str = "identities.json";
+
+/// A remembered identity and the file version it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct KnownIdentity {
+    size: u64,
+    modified_ns: u128,
+    inode: u64,
+    identity: ArtifactIdentity,
+}
+
+impl KnownIdentity {
+    fn version_of(path: &Path) -> std::io::Result<(u64, u128, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path)?;
+        let modified = m
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Ok((m.len(), modified, m.ino()))
+    }
 }
 
 impl TemplateStore {
@@ -202,6 +228,7 @@ impl TemplateStore {
     pub fn open(root: &Path, backend: &'static str) -> Result<Self, TemplateError> {
         Ok(Self {
             store: SnapshotStore::open(root)?,
+            root: root.to_owned(),
             backend,
         })
     }
@@ -213,6 +240,54 @@ impl TemplateStore {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// [`identify`](Self::identify), remembered in the store by path, size,
+    /// modification time and inode: a guest image is hundreds of MiB, and
+    /// every process that opens a backend would hash it again. A file
+    /// rewritten in place gets a new modification time and is hashed anew.
+    pub fn identify_cached(
+        &self,
+        what: &'static str,
+        path: &Path,
+    ) -> Result<ArtifactIdentity, TemplateError> {
+        let key = path.to_string_lossy().into_owned();
+        let file = self.root.join(IDENTITIES);
+        let mut known: BTreeMap<String, KnownIdentity> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let version = KnownIdentity::version_of(path);
+        if let (Ok((size, modified_ns, inode)), Some(k)) = (&version, known.get(&key)) {
+            if (k.size, k.modified_ns, k.inode) == (*size, *modified_ns, *inode) {
+                return Ok(k.identity.clone());
+            }
+        }
+        let identity = Self::identify(what, path)?;
+        if let Ok((size, modified_ns, inode)) = version {
+            known.insert(
+                key,
+                KnownIdentity {
+                    size,
+                    modified_ns,
+                    inode,
+                    identity: identity.clone(),
+                },
+            );
+            // Best effort: a cache that cannot be written costs a hash.
+            let tmp = self
+                .root
+                .join(format!(".{IDENTITIES}.{}", std::process::id()));
+            let written = serde_json::to_vec(&known)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|()| std::fs::rename(&tmp, &file));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::debug!("remembering the identity of {}: {e}", path.display());
+            }
+        }
+        Ok(identity)
     }
 
     /// The template made from exactly `inputs`, if published.
@@ -369,6 +444,34 @@ mod tests {
         assert_eq!(m["vmm"], "QEMU emulator version 7.2.22");
         assert_eq!(m["warm"], "python");
         assert_eq!(m["kernel"], "a".repeat(64));
+    }
+
+    #[test]
+    fn identities_are_remembered_until_the_file_changes() {
+        let root = std::env::temp_dir().join(format!("kiln-identities-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let store = TemplateStore::open(&root.join("store"), "qemu").unwrap();
+        let image = root.join("rootfs.ext4");
+        std::fs::write(&image, b"one").unwrap();
+        let first = store.identify_cached("guest image", &image).unwrap();
+        assert_eq!(
+            first,
+            TemplateStore::identify("guest image", &image).unwrap()
+        );
+        assert!(root.join("store").join(IDENTITIES).exists());
+        // Remembered: the same answer from another handle on the store.
+        let again = TemplateStore::open(&root.join("store"), "qemu").unwrap();
+        assert_eq!(again.identify_cached("guest image", &image).unwrap(), first);
+        // Rewritten (another size, time and inode): hashed anew.
+        std::fs::remove_file(&image).unwrap();
+        std::fs::write(&image, b"other").unwrap();
+        let changed = again.identify_cached("guest image", &image).unwrap();
+        assert_ne!(changed.sha256, first.sha256);
+        assert!(store
+            .identify_cached("kernel", &root.join("missing"))
+            .is_err());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
