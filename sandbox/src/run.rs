@@ -208,7 +208,10 @@ pub async fn run_job<S: Sandbox>(
                 break;
             }
             None => {
-                agent_error = Some(exec.closed_reason());
+                agent_error = Some(format!(
+                    "the sandbox's agent went away during the job (killed, or its sandbox died): {}",
+                    exec.closed_reason()
+                ));
                 poisoned = true;
                 break;
             }

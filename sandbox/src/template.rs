@@ -324,6 +324,19 @@ impl TemplateStore {
             .max_by_key(|s| s.manifest().created_unix)
     }
 
+    /// Retires what `current` supersedes ([`prune`](Self::prune)), logging
+    /// each; a failure is logged, never fatal: the new template serves.
+    pub fn retire_superseded(&self, current: &TemplateInputs) {
+        match self.prune(std::slice::from_ref(current)) {
+            Ok(removed) => {
+                for id in removed {
+                    tracing::info!(template = %id, superseded_by = %current.id(), "template retired");
+                }
+            }
+            Err(e) => tracing::warn!("retiring superseded templates: {e}"),
+        }
+    }
+
     /// Publishes a template made from `inputs` (the files are copied in).
     pub fn publish(
         &self,
@@ -379,7 +392,9 @@ impl TemplateStore {
     }
 
     /// Removes this backend's templates that are neither current nor the
-    /// newest of their key; returns their ids.
+    /// newest of their key; returns their ids. Called after a template is
+    /// published, it retires the ones it supersedes (sandboxes restored
+    /// from them keep the files they have open).
     pub fn prune(&self, current: &[TemplateInputs]) -> Result<Vec<String>, TemplateError> {
         let mut all = self.list(current)?;
         all.sort_by_key(|t| std::cmp::Reverse(t.created_unix));

@@ -154,6 +154,42 @@ async fn the_host_deadline_holds_against_a_job_that_ignores_signals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_agent_is_killed_is_an_internal_failure_that_says_so() {
+    let env = Env::new("agent-killed");
+    let table = RuntimeTable::default();
+    let py = table.resolve("python").unwrap();
+    let sb = env.sandbox("python").await;
+    let mut s = spec(
+        "python",
+        "print('ready', flush=True)\nimport time\ntime.sleep(60)",
+    );
+    s.limits.timeout_ms = 30_000;
+    let agent = sb.pid();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut tx = Some(tx);
+    let mut sink = |_: kiln_sandbox::Stream, _: &[u8]| {
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(());
+        }
+    };
+    let killer = tokio::spawn(async move {
+        if rx.await.is_ok() {
+            // SAFETY: kill has no memory-safety preconditions; the pid is
+            // the jail's init (its agent), a process of this test's.
+            unsafe { libc::kill(agent, libc::SIGKILL) };
+        }
+    });
+    let out = run_job(&sb, JobId::random(), py, &s, true, &mut sink).await;
+    killer.await.unwrap();
+    assert_eq!(out.result.outcome, Outcome::Internal, "{:?}", out.result);
+    let msg = out.result.message.clone().unwrap_or_default();
+    assert!(msg.contains("agent went away"), "{msg}");
+    assert!(out.poisoned, "a sandbox without its agent is not reused");
+    sb.destroy().await;
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_warm_runtimes_and_internet_are_refused_before_anything_starts() {
     let env = Env::new("refused");
     let mut s = SandboxSpec::for_job(&Default::default(), "cobol");

@@ -351,6 +351,7 @@ impl Inner {
             }
         }
         progress(&format!("{id} published"));
+        t.store.retire_superseded(inputs);
         t.info(&id)
     }
 }

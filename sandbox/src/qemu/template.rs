@@ -511,9 +511,9 @@ impl Inner {
             fs::metadata(&memory).map(|m| m.len() >> 20).unwrap_or(0)
         ));
         let store = t.store.clone();
-        let inputs = inputs.clone();
+        let draft = inputs.clone();
         let published =
-            tokio::task::spawn_blocking(move || store.publish(&inputs, &memory, &vmstate))
+            tokio::task::spawn_blocking(move || store.publish(&draft, &memory, &vmstate))
                 .await
                 .map_err(|e| SandboxError::Io {
                     what: "publishing the template".into(),
@@ -524,14 +524,15 @@ impl Inner {
             .await
             .ok();
         match published {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             // Another process built the same inputs first: same template.
             Err(TemplateError::Store(StoreError::AlreadyPublished(id))) => {
                 progress(&format!("template {id} was published by another process"));
-                Ok(())
             }
-            Err(e) => Err(build_err(BuildError::Publish(e))),
+            Err(e) => return Err(build_err(BuildError::Publish(e))),
         }
+        t.store.retire_superseded(inputs);
+        Ok(())
     }
 
     /// Connects to the agent's port socket of a started VM.
