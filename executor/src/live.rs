@@ -21,6 +21,10 @@ pub struct LiveSample {
     /// Summed over the sandbox's interfaces (only loopback without network).
     pub net_rx_bytes: Option<u64>,
     pub net_tx_bytes: Option<u64>,
+    /// Exits of the guest's vCPUs to the VMM (Firecracker; as of the
+    /// VMM's latest metrics line, written every 60 s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_exits: Option<u64>,
 }
 
 /// Samples `sandbox` now: what its backend can see (a jail's cgroup and
@@ -42,5 +46,6 @@ pub fn sample(sandbox: &AnySandbox) -> LiveSample {
         disk_total_bytes: s.disk_total_bytes,
         net_rx_bytes: s.net_rx_bytes,
         net_tx_bytes: s.net_tx_bytes,
+        vmm_exits: s.vmm_exits,
     }
 }

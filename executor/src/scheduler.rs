@@ -462,9 +462,10 @@ impl Scheduler {
         self.inner.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Registers the pool's metric families.
+    /// Registers the pool's metric families and the backend's own.
     pub fn register_pool_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.pool.register(registry);
+        self.inner.backend.register_metrics(registry);
     }
 
     /// Jobs waiting for a run slot and jobs running.

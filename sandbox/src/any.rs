@@ -150,6 +150,14 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        match self {
+            Self::Jail(b) => b.register_metrics(registry),
+            Self::Qemu(b) => b.register_metrics(registry),
+            Self::Firecracker(b) => b.register_metrics(registry),
+        }
+    }
+
     fn templates(&self) -> Result<Vec<crate::TemplateInfo>, SandboxError> {
         match self {
             Self::Jail(b) => b.templates(),

@@ -102,6 +102,9 @@ pub struct SandboxStats {
     /// Received and sent bytes, summed over the sandbox's interfaces.
     pub net_rx_bytes: Option<u64>,
     pub net_tx_bytes: Option<u64>,
+    /// Exits of the guest's vCPUs to the VMM (microVMs whose VMM counts
+    /// them: Firecracker's `vcpu.exit_*`).
+    pub vmm_exits: Option<u64>,
 }
 
 /// The resources of a live sandbox that [`Sandbox::resize`] can change.
@@ -297,6 +300,10 @@ pub trait Backend: Send + Sync + 'static {
             )))
         }
     }
+
+    /// Registers the backend's own metric families (a VMM's counters, a
+    /// page server's) with the daemon's registry; read at scrape time.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 
     /// This backend's published templates (none without templates).
     fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {

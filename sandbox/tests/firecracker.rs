@@ -19,7 +19,7 @@ use firecracker_harness::{
     ask, assert_pattern, exists, ready, scope, small, ticks, write_pattern, GUEST, HOST,
 };
 use kiln_sandbox::firecracker::{
-    reap_orphans, FirecrackerVm, InstanceState, LaunchError, MachineConfig, PreflightError,
+    reap_orphans, FirecrackerVm, Fleet, InstanceState, LaunchError, MachineConfig, PreflightError,
     StartError, VmResources,
 };
 use kiln_sandbox::SandboxSpec;
@@ -386,6 +386,9 @@ async fn metrics_count_the_guests_exits() {
         .await
         .expect("boot");
     ready(&vm).await;
+    // The backend's fleet, which feeds Kiln's /metrics, follows the VM.
+    let fleet = Fleet::default();
+    let ticket = fleet.enroll(vm.metrics_reader());
     let first = vm.metrics().await.unwrap();
     for i in 0..5 {
         assert_eq!(
@@ -411,6 +414,36 @@ async fn metrics_count_the_guests_exits() {
         "{delta:?} for {echoed} bytes each way; before {first:?}, after {then:?}"
     );
     assert_eq!((then.vmm.panic_count, then.seccomp.num_faults), (0, 0));
+    let scrape = |fleet: &Fleet| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(fleet.collector());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+    let exported = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    let live = scrape(&fleet);
+    assert_eq!(exported(&live, "kiln_firecracker_vms"), 1, "{live}");
+    let io_out = r#"kiln_firecracker_vcpu_exits_total{kind="io_out"}"#;
+    assert!(exported(&live, io_out) >= then.vcpu.exit_io_out, "{live}");
+    assert!(live.contains("# HELP kiln_firecracker_vcpu_exits vCPU exits"));
+    // Retired (its sandbox destroyed), the VM's counts stay in the totals.
+    drop(ticket);
+    let after = scrape(&fleet);
+    assert_eq!(exported(&after, "kiln_firecracker_vms"), 0, "{after}");
+    assert_eq!(exported(&after, "kiln_firecracker_vms_started_total"), 1);
+    assert!(
+        exported(&after, io_out) >= exported(&live, io_out),
+        "{after}"
+    );
+    assert_eq!(
+        exported(&after, "kiln_firecracker_metrics_read_errors_total"),
+        0
+    );
     assert!(vm.destroy().await.is_clean());
     assert_eq!(scope.wait_clean(), Vec::<String>::new());
 }

@@ -22,6 +22,7 @@ use kiln_protocol::{Hello, RuntimeTable, SandboxStart, SandboxTimings, PROTOCOL_
 use kiln_snapshotter::{PageServer, PageServerConfig, ServerError};
 
 use super::config::{FirecrackerConfig, PreflightError, VmResources};
+use super::metrics::Fleet;
 use super::restore::Pages;
 use super::sandbox::FirecrackerSandbox;
 use super::template::Templates;
@@ -155,6 +156,8 @@ pub(super) struct Inner {
     pub templates: Option<Templates>,
     /// Kiln's page server for `Uffd` restores (with templates).
     pub pages: Option<Pages>,
+    /// Every VM's Firecracker counters, for `/metrics`.
+    pub fleet: Fleet,
 }
 
 /// Makes Firecracker microVMs. Cheap to clone.
@@ -229,6 +232,7 @@ impl FirecrackerBackend {
                 cfg,
                 templates,
                 pages,
+                fleet: Fleet::default(),
             }),
         })
     }
@@ -437,7 +441,13 @@ impl Inner {
             setup_ms = timings.setup_ms,
             "firecracker sandbox ready"
         );
-        Ok(FirecrackerSandbox::new(vm, agent, timings, template))
+        Ok(FirecrackerSandbox::new(
+            vm,
+            agent,
+            timings,
+            template,
+            &self.fleet,
+        ))
     }
 }
 
@@ -511,6 +521,15 @@ impl Backend for FirecrackerBackend {
 
     /// Destroys the VMs of dead kiln processes (their VMMs, cgroups,
     /// chroots, uid claims and records) and their page servers' sockets.
+    /// `kiln_firecracker_*` (every VM's Firecracker counters) and, with
+    /// `Uffd` restores, `kiln_page_server_*`.
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(self.inner.fleet.collector());
+        if let Some(server) = self.page_server() {
+            server.metrics().register(registry);
+        }
+    }
+
     fn reap_orphans(&self) -> ReapReport {
         let cfg = &self.inner.cfg.vmm;
         let mut report = super::reap_orphans(&cfg.state_dir);

@@ -7,9 +7,15 @@
 //! vCPU exits to the VMM, serial traffic, snapshot latencies, faults and
 //! signals (names and meanings from `src/vmm/src/logger/metrics.rs`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 
 use serde::Deserialize;
 
@@ -254,6 +260,245 @@ impl MetricsReader {
     }
 }
 
+/// Every Firecracker VM of a backend, for Kiln's `/metrics`: the counters
+/// of the live VMs (read from their metrics files at scrape time) plus
+/// those of the VMs already gone, so the exported counters never go back.
+/// Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Fleet {
+    state: Arc<Mutex<FleetState>>,
+}
+
+#[derive(Default)]
+struct FleetState {
+    next: u64,
+    live: HashMap<u64, Arc<Mutex<MetricsReader>>>,
+    /// The totals of retired VMs.
+    retired: FleetTotals,
+    /// Metrics files that could not be read or parsed (a VMM killed while
+    /// writing, a full disk); their VM's counters stay as last read.
+    read_errors: u64,
+}
+
+/// Counters summed over VMs (the gauges of [`VmmMetrics`] have no sum).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetTotals {
+    pub vms_started: u64,
+    pub vcpu: VcpuLine,
+    pub uart: UartLine,
+    pub seccomp_faults: u64,
+    pub panics: u64,
+    /// VMMs that caught a fatal signal (SIGBUS, SIGSEGV, SIGXFSZ, SIGXCPU,
+    /// SIGHUP, SIGILL), and SIGPIPEs caught.
+    pub fatal_signals: u64,
+    pub sigpipes: u64,
+}
+
+impl FleetTotals {
+    fn absorb(&mut self, m: &VmmMetrics) {
+        let (v, u, s) = (&m.vcpu, &m.uart, &m.signals);
+        self.vcpu.exit_io_in += v.exit_io_in;
+        self.vcpu.exit_io_out += v.exit_io_out;
+        self.vcpu.exit_mmio_read += v.exit_mmio_read;
+        self.vcpu.exit_mmio_write += v.exit_mmio_write;
+        self.vcpu.failures += v.failures;
+        self.uart.read_count += u.read_count;
+        self.uart.write_count += u.write_count;
+        self.uart.missed_read_count += u.missed_read_count;
+        self.uart.missed_write_count += u.missed_write_count;
+        self.uart.error_count += u.error_count;
+        self.seccomp_faults += m.seccomp.num_faults;
+        self.panics += m.vmm.panic_count;
+        let fatal = [
+            s.sigbus, s.sigsegv, s.sigxfsz, s.sigxcpu, s.sighup, s.sigill,
+        ];
+        self.fatal_signals += u64::from(fatal.iter().any(|&n| n > 0));
+        self.sigpipes += s.sigpipe;
+    }
+}
+
+/// A VM's place in its [`Fleet`]; dropping it retires the VM (its last
+/// counters move into the fleet's retired totals).
+#[must_use = "dropping the ticket retires the VM from the fleet at once"]
+pub struct FleetTicket {
+    fleet: Fleet,
+    key: u64,
+}
+
+impl Fleet {
+    /// Counts a new VM whose metrics `reader` reads.
+    pub fn enroll(&self, reader: Arc<Mutex<MetricsReader>>) -> FleetTicket {
+        let mut st = lock(&self.state);
+        let key = st.next;
+        st.next += 1;
+        st.retired.vms_started += 1;
+        st.live.insert(key, reader);
+        FleetTicket {
+            fleet: self.clone(),
+            key,
+        }
+    }
+
+    /// VMs enrolled and not yet retired.
+    pub fn live(&self) -> usize {
+        lock(&self.state).live.len()
+    }
+
+    /// The counters of every VM so far: the live ones as far as their
+    /// files have been written (Firecracker writes a line every 60 s and
+    /// when asked to flush), plus the retired ones.
+    pub fn totals(&self) -> FleetTotals {
+        let mut st = lock(&self.state);
+        let mut sum = st.retired;
+        let mut errors = 0;
+        for reader in st.live.values() {
+            let mut r = lock(reader);
+            match r.read_new() {
+                Ok(m) => sum.absorb(&m),
+                Err(_) => {
+                    errors += 1;
+                    sum.absorb(&r.totals());
+                }
+            }
+        }
+        st.read_errors += errors;
+        sum
+    }
+
+    fn retire(&self, key: u64) {
+        let mut st = lock(&self.state);
+        let Some(reader) = st.live.remove(&key) else {
+            return;
+        };
+        let mut r = lock(&reader);
+        let last = match r.read_new() {
+            Ok(m) => m,
+            Err(_) => {
+                st.read_errors += 1;
+                r.totals()
+            }
+        };
+        st.retired.absorb(&last);
+    }
+
+    /// A collector for a `prometheus-client` registry that reads the
+    /// fleet at scrape time.
+    pub fn collector(&self) -> Box<dyn Collector> {
+        Box::new(FleetCollector(self.clone()))
+    }
+}
+
+impl Drop for FleetTicket {
+    fn drop(&mut self) {
+        self.fleet.retire(self.key);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct FleetCollector(Fleet);
+
+/// A counter family: its name after `kiln_firecracker_`, its help, and its
+/// values by `kind` label (one value with an empty kind: no label).
+type CounterFamily<'a> = (&'a str, &'a str, &'a [(&'a str, u64)]);
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("live", &self.live()).finish()
+    }
+}
+
+impl Collector for FleetCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let t = self.0.totals();
+        let (live, errors) = {
+            let st = lock(&self.0.state);
+            (st.live.len() as i64, st.read_errors)
+        };
+        let p = "kiln_firecracker";
+        gauge(
+            &mut e,
+            &format!("{p}_vms"),
+            "Firecracker VMs alive now.",
+            live,
+        )?;
+        let counters: [CounterFamily<'_>; 7] = [
+            (
+                "vms_started",
+                "Firecracker VMs started (booted or restored).",
+                &[("", t.vms_started)],
+            ),
+            (
+                "vcpu_exits",
+                "vCPU exits handled by the VMM in user space, by kind (Firecracker's vcpu.exit_*).",
+                &[
+                    ("io_in", t.vcpu.exit_io_in),
+                    ("io_out", t.vcpu.exit_io_out),
+                    ("mmio_read", t.vcpu.exit_mmio_read),
+                    ("mmio_write", t.vcpu.exit_mmio_write),
+                ],
+            ),
+            (
+                "vcpu_failures",
+                "vCPU run failures (Firecracker's vcpu.failures).",
+                &[("", t.vcpu.failures)],
+            ),
+            (
+                "serial",
+                "Serial console accesses by the guest, by kind (Firecracker's uart.*_count).",
+                &[
+                    ("read", t.uart.read_count),
+                    ("write", t.uart.write_count),
+                    ("missed_read", t.uart.missed_read_count),
+                    ("missed_write", t.uart.missed_write_count),
+                    ("error", t.uart.error_count),
+                ],
+            ),
+            (
+                "seccomp_faults",
+                "System calls a VMM's seccomp filter refused.",
+                &[("", t.seccomp_faults)],
+            ),
+            ("panics", "VMM panics.", &[("", t.panics)]),
+            (
+                "signals",
+                "VMMs that caught a fatal signal, and SIGPIPEs caught.",
+                &[("fatal", t.fatal_signals), ("sigpipe", t.sigpipes)],
+            ),
+        ];
+        for (name, help, values) in counters {
+            let name = format!("{p}_{name}");
+            let mut family = e.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for &(kind, v) in values {
+                if kind.is_empty() {
+                    family.encode_counter::<(), u64, u64>(&v, None)?;
+                } else {
+                    family
+                        .encode_family(&[("kind", kind)])?
+                        .encode_counter::<(), u64, u64>(&v, None)?;
+                }
+            }
+        }
+        let name = format!("{p}_metrics_read_errors");
+        let mut family = e.encode_descriptor(
+            &name,
+            "Reads of a VM's metrics file that failed (its counters stay as last read).",
+            None,
+            MetricType::Counter,
+        )?;
+        family.encode_counter::<(), u64, u64>(&errors, None)?;
+        Ok(())
+    }
+}
+
+fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +555,37 @@ mod tests {
         std::io::Write::write_all(&mut f, b"not json\n").unwrap();
         let e = r.read_new().unwrap_err();
         assert!(matches!(e, MetricsError::Parse { line: 4, .. }), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_fleet_sums_live_and_retired_vms_and_a_bad_file_keeps_the_last_counts() {
+        let dir = std::env::temp_dir().join(format!("kiln-fc-fleet-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.json"), dir.join("b.json"));
+        fs::write(&a, format!("{LINE}\n")).unwrap();
+        fs::write(&b, format!("{LINE}\n{LINE}\n")).unwrap();
+        let fleet = Fleet::default();
+        let ta = fleet.enroll(Arc::new(Mutex::new(MetricsReader::new(&a))));
+        let tb = fleet.enroll(Arc::new(Mutex::new(MetricsReader::new(&b))));
+        let t = fleet.totals();
+        assert_eq!((fleet.live(), t.vms_started), (2, 2));
+        assert_eq!(t.vcpu.exit_io_in, 3 * 74);
+        assert_eq!(t.uart.write_count, 3 * 48);
+        // Reading twice does not count twice.
+        assert_eq!(fleet.totals(), t);
+        // a's last line arrives as it is retired; b's file goes bad.
+        fs::write(&a, format!("{LINE}\n{LINE}\n")).unwrap();
+        drop(ta);
+        let mut f = fs::OpenOptions::new().append(true).open(&b).unwrap();
+        std::io::Write::write_all(&mut f, b"garbage\n").unwrap();
+        let t = fleet.totals();
+        assert_eq!((fleet.live(), t.vms_started), (1, 2));
+        assert_eq!(t.vcpu.exit_io_in, 4 * 74);
+        drop(tb);
+        assert_eq!(fleet.live(), 0);
+        assert_eq!(fleet.totals().vcpu.exit_io_in, 4 * 74);
+        assert_eq!(lock(&fleet.state).read_errors, 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -65,8 +65,8 @@ pub use config::{
 pub use console::{Console, ConsoleError};
 pub use jailer::JailError;
 pub use metrics::{
-    parse_line as parse_metrics_line, LatenciesLine, MetricsError, MetricsLine, MetricsReader,
-    SeccompLine, SignalsLine, UartLine, VcpuLine, VmmLine, VmmMetrics,
+    parse_line as parse_metrics_line, Fleet, FleetTicket, FleetTotals, LatenciesLine, MetricsError,
+    MetricsLine, MetricsReader, SeccompLine, SignalsLine, UartLine, VcpuLine, VmmLine, VmmMetrics,
 };
 pub use models::{
     ActionType, BootSource, Drive, EntropyDevice, FirecrackerVersion, HugePages, InstanceInfo,

@@ -7,10 +7,13 @@
 
 use kiln_protocol::SandboxTimings;
 
-use super::metrics::VmmMetrics;
+use super::metrics::{Fleet, FleetTicket, VmmMetrics};
 use super::vm::{FirecrackerVm, VmMetricsError};
 use crate::jail::{Cgroup, CgroupLayout};
 use crate::{AgentConn, Sandbox, SandboxId, SandboxStats};
+
+/// How long teardown waits for Firecracker to write a last metrics line.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A running Firecracker microVM with a connected agent.
 pub struct FirecrackerSandbox {
@@ -24,6 +27,9 @@ pub struct FirecrackerSandbox {
     template: Option<String>,
     /// The jail's cgroups, for the memory peak (jailed VMMs only).
     cgroup: Option<Cgroup>,
+    /// Its place among the backend's VMs on `/metrics`; dropped (retired)
+    /// with the sandbox.
+    fleet: FleetTicket,
 }
 
 impl FirecrackerSandbox {
@@ -32,11 +38,13 @@ impl FirecrackerSandbox {
         agent: AgentConn,
         timings: SandboxTimings,
         template: Option<String>,
+        fleet: &Fleet,
     ) -> Self {
         let cgroup = (!vm.cgroups().is_empty())
             .then(|| CgroupLayout::detect(std::path::Path::new("/sys/fs/cgroup")).ok())
             .flatten()
             .map(|layout| Cgroup::from_dirs(&layout, vm.cgroups().to_vec()));
+        let ticket = fleet.enroll(vm.metrics_reader());
         Self {
             id: vm.id().clone(),
             agent,
@@ -44,6 +52,7 @@ impl FirecrackerSandbox {
             timings,
             template,
             cgroup,
+            fleet: ticket,
         }
     }
 
@@ -61,6 +70,15 @@ impl FirecrackerSandbox {
     /// traffic, seccomp and signal events).
     pub async fn vmm_metrics(&self) -> Result<VmmMetrics, VmMetricsError> {
         self.vm.metrics().await
+    }
+
+    /// vCPU exits the VMM handled so far, as far as Firecracker has
+    /// written its metrics (every 60 s, and when flushed).
+    fn vmm_exits(&self) -> u64 {
+        let reader = self.vm.metrics_reader();
+        let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
+        let m = r.read_new().unwrap_or_else(|_| r.totals());
+        m.vcpu.exit_io_in + m.vcpu.exit_io_out + m.vcpu.exit_mmio_read + m.vcpu.exit_mmio_write
     }
 
     pub(super) fn agent_conn(&self) -> &AgentConn {
@@ -105,6 +123,7 @@ impl Sandbox for FirecrackerSandbox {
             memory_peak_bytes: self.memory_peak_bytes(),
             cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
             oom_kills: self.oom_kills(),
+            vmm_exits: Some(self.vmm_exits()),
             ..SandboxStats::default()
         }
     }
@@ -121,6 +140,12 @@ impl Sandbox for FirecrackerSandbox {
 
     async fn destroy(self) {
         drop(self.agent);
+        // A last metrics line, so the fleet's totals count this VM to its
+        // end (bounded: a VMM that does not answer is killed regardless).
+        if self.vm.is_running() {
+            let _ = tokio::time::timeout(FINAL_FLUSH, self.vm.metrics()).await;
+        }
+        drop(self.fleet);
         let report = self.vm.destroy().await;
         if !report.is_clean() {
             tracing::warn!(sandbox = %self.id, leftovers = ?report.leftovers, "a destroyed Firecracker sandbox left things behind");

@@ -6,7 +6,7 @@
 //! [`reap_orphans`](super::reap_orphans) in a later process.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::api::{ApiClient, ApiError};
@@ -132,7 +132,7 @@ pub struct FirecrackerVm {
     root_drive: Option<PathBuf>,
     boot: Option<BootTimings>,
     restore: Option<RestoreTimings>,
-    metrics: Mutex<MetricsReader>,
+    metrics: Arc<Mutex<MetricsReader>>,
     remains: Mutex<Option<Remains>>,
 }
 
@@ -153,7 +153,9 @@ impl FirecrackerVm {
             id: launched.id,
             api: launched.api,
             console: launched.console,
-            metrics: Mutex::new(MetricsReader::new(launched.paths.host(names::METRICS))),
+            metrics: Arc::new(Mutex::new(MetricsReader::new(
+                launched.paths.host(names::METRICS),
+            ))),
             paths: launched.paths,
             pid: launched.pid,
             ids: launched.ids,
@@ -534,6 +536,12 @@ impl FirecrackerVm {
             .map_err(VmMetricsError::Flush)?;
         let mut reader = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
         Ok(reader.read_new()?)
+    }
+
+    /// The reader of this VM's metrics file, shared with the backend's
+    /// fleet (Kiln's `/metrics`) and the sandbox's live figures.
+    pub fn metrics_reader(&self) -> Arc<Mutex<MetricsReader>> {
+        Arc::clone(&self.metrics)
     }
 
     /// SIGKILLs the VMM now, through its pidfd (so never another process

@@ -556,6 +556,7 @@ impl Sandbox for Jail {
             disk_total_bytes: disk.map(|d| d.1),
             net_rx_bytes: net.map(|n| n.0),
             net_tx_bytes: net.map(|n| n.1),
+            vmm_exits: None,
         }
     }
 
