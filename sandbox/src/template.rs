@@ -12,13 +12,18 @@
 //! one of the same [`TemplateKey`] whose agent speaks this protocol
 //! ([`TemplateStore::usable`]) while the current one is being built.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_protocol::RuntimeTable;
 
 use kiln_snapshotter::store::{
     ArtifactIdentity, Snapshot, SnapshotDraft, SnapshotId, SnapshotStore, StoreError,
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::SandboxSpec;
 
 /// The default store of templates.
 pub const DEFAULT_STORE: &str = "/var/lib/kiln/templates";
@@ -188,6 +193,101 @@ pub enum TemplateError {
         #[source]
         source: StoreError,
     },
+}
+
+/// What every template of a microVM backend is made from besides its
+/// key: the guest kernel and image (by content), the runtime table and the
+/// VMM's version line.
+#[derive(Debug, Clone)]
+pub struct GuestInputs {
+    pub kernel: ArtifactIdentity,
+    pub rootfs: ArtifactIdentity,
+    /// The runtime table, serialised.
+    pub runtimes: Vec<u8>,
+    /// The first line of `VMM --version`.
+    pub vmm: String,
+}
+
+/// Why the inputs every template shares could not be worked out.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestInputsError {
+    /// The kernel or image could not be identified.
+    #[error(transparent)]
+    Identify(#[from] TemplateError),
+    /// `VMM --version` could not be run.
+    #[error("running {path} --version: {source}")]
+    Version {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl GuestInputs {
+    /// Identifies the kernel and image (through the store's cache of
+    /// identities, so a file is hashed once per version) and asks the VMM
+    /// its version. Blocking: run it off the async threads.
+    pub fn identify(
+        store: &TemplateStore,
+        kernel: &Path,
+        rootfs: &Path,
+        vmm: &Path,
+        runtimes: &RuntimeTable,
+    ) -> Result<Self, GuestInputsError> {
+        let kernel = store.identify_cached("guest kernel", kernel)?;
+        let rootfs = store.identify_cached("guest image", rootfs)?;
+        let version = std::process::Command::new(vmm)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|source| GuestInputsError::Version {
+                path: vmm.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            kernel,
+            rootfs,
+            runtimes: serde_json::to_vec(runtimes).expect("a runtime table serialises"),
+            vmm: String::from_utf8_lossy(&version.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        })
+    }
+}
+
+/// The runtimes a sandbox of `spec` warms, by canonical name, sorted, as a
+/// [`TemplateKey`] holds them (names the table does not know are left out:
+/// the sandbox's creation refuses them).
+pub fn warmed_runtimes(runtimes: &RuntimeTable, spec: &SandboxSpec) -> Vec<String> {
+    let mut warm: Vec<String> = spec
+        .warm
+        .iter()
+        .filter_map(|w| runtimes.resolve(w).ok().map(|r| r.name.clone()))
+        .collect();
+    warm.sort();
+    warm.dedup();
+    warm
+}
+
+/// One build per template id at a time in a process: a second caller of
+/// [`BuildLocks::of`] the same id waits for the first.
+#[derive(Debug, Default)]
+pub struct BuildLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl BuildLocks {
+    /// The lock that a build of template `id` holds.
+    pub fn of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Forgets the lock of `id` once its build is over (held by nobody
+    /// else, or a waiter keeps its own handle).
+    pub fn release(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
 }
 
 /// The templates of one backend in a snapshot store.

@@ -22,36 +22,30 @@
 //! devices, the kernel command line, the root drive's path as the VMM saw
 //! it, which a restore must reproduce) and the runtimes warmed.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use kiln_snapshotter::store::{ArtifactIdentity, Snapshot as Template, StoreError};
+use kiln_snapshotter::store::{Snapshot as Template, StoreError};
 
 use super::backend::{Inner, GUEST_CID, NAME};
 use super::process::names;
 use super::vm::FirecrackerVm;
-use crate::template::{TemplateError, TemplateInfo, TemplateInputs, TemplateKey, TemplateStore};
+use crate::template::{
+    warmed_runtimes, BuildLocks, GuestInputs, GuestInputsError, TemplateError, TemplateInfo,
+    TemplateInputs, TemplateKey, TemplateStore,
+};
 use crate::{SandboxError, SandboxSpec};
 
 /// The machine's devices, as a template input: a change here must make
 /// new templates.
 const MACHINE_RECIPE: &str = "firecracker: smt off, no dirty-page tracking, PVH vmlinux, root drive read-only (no scratch disk), vsock, entropy, no network";
 
-/// What every template of this backend is made from besides its key.
-struct BaseInputs {
-    kernel: ArtifactIdentity,
-    rootfs: ArtifactIdentity,
-    runtimes: Vec<u8>,
-    vmm: String,
-}
-
 /// The backend's templates: the store, the inputs every template shares
 /// (hashed once per process), a lock per template id being built.
 pub(super) struct Templates {
     pub store: TemplateStore,
-    base: tokio::sync::OnceCell<BaseInputs>,
-    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    base: tokio::sync::OnceCell<GuestInputs>,
+    building: BuildLocks,
     /// The inputs of every spec seen, to flag current templates in lists.
     seen: Mutex<Vec<TemplateInputs>>,
 }
@@ -68,16 +62,10 @@ pub enum BuildError {
     /// The store refused the template.
     #[error("publishing the template: {0}")]
     Publish(#[source] TemplateError),
-    /// An input could not be identified.
+    /// The kernel, the image or Firecracker's version could not be
+    /// identified.
     #[error("identifying the template's inputs: {0}")]
-    Inputs(#[source] TemplateError),
-    /// `firecracker --version` could not be run.
-    #[error("running {path} --version: {source}")]
-    Version {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Inputs(#[source] GuestInputsError),
 }
 
 fn build_err(e: BuildError) -> SandboxError {
@@ -89,7 +77,7 @@ impl Templates {
         Ok(Self {
             store: TemplateStore::open(root, NAME)?,
             base: tokio::sync::OnceCell::new(),
-            building: Mutex::new(HashMap::new()),
+            building: BuildLocks::default(),
             seen: Mutex::new(Vec::new()),
         })
     }
@@ -105,12 +93,6 @@ impl Templates {
     pub fn list(&self) -> Result<Vec<TemplateInfo>, TemplateError> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.store.list(&seen)
-    }
-
-    /// The lock that one build of template `id` holds.
-    fn build_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut building = self.building.lock().unwrap_or_else(|e| e.into_inner());
-        building.entry(id.to_owned()).or_default().clone()
     }
 
     fn info(&self, id: &str) -> Result<TemplateInfo, SandboxError> {
@@ -142,45 +124,22 @@ impl Inner {
     /// What every template shares: the kernel's and image's identities
     /// (their SHA-256, computed once per process, off the async threads),
     /// the runtime table and Firecracker's version.
-    async fn base_inputs<'t>(&self, t: &'t Templates) -> Result<&'t BaseInputs, SandboxError> {
+    async fn base_inputs<'t>(&self, t: &'t Templates) -> Result<&'t GuestInputs, SandboxError> {
         t.base
             .get_or_try_init(|| async {
+                let store = t.store.clone();
                 let (kernel, rootfs) = (self.cfg.kernel.clone(), self.cfg.rootfs.clone());
                 let firecracker = self.cfg.vmm.firecracker_bin.clone();
-                let hashed = tokio::task::spawn_blocking(move || {
-                    let kernel = TemplateStore::identify("guest kernel", &kernel)
-                        .map_err(BuildError::Inputs)?;
-                    let rootfs = TemplateStore::identify("guest image", &rootfs)
-                        .map_err(BuildError::Inputs)?;
-                    let version = std::process::Command::new(&firecracker)
-                        .arg("--version")
-                        .stdin(std::process::Stdio::null())
-                        .output()
-                        .map_err(|source| BuildError::Version {
-                            path: firecracker.clone(),
-                            source,
-                        })?;
-                    Ok::<_, BuildError>((kernel, rootfs, version))
+                let runtimes = self.cfg.runtimes.clone();
+                tokio::task::spawn_blocking(move || {
+                    GuestInputs::identify(&store, &kernel, &rootfs, &firecracker, &runtimes)
                 })
                 .await
                 .map_err(|e| SandboxError::Io {
                     what: "identifying the guest kernel and image".into(),
                     error: std::io::Error::other(e),
-                })?;
-                let (kernel, rootfs, version) = hashed.map_err(build_err)?;
-                let vmm = String::from_utf8_lossy(&version.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let runtimes =
-                    serde_json::to_vec(&self.cfg.runtimes).expect("a runtime table serialises");
-                Ok::<_, SandboxError>(BaseInputs {
-                    kernel,
-                    rootfs,
-                    runtimes,
-                    vmm,
-                })
+                })?
+                .map_err(|e| build_err(BuildError::Inputs(e)))
             })
             .await
     }
@@ -194,15 +153,8 @@ impl Inner {
         let t = self.templates()?;
         let base = self.base_inputs(t).await?;
         let machine = self.resources(spec);
-        let mut warm: Vec<String> = spec
-            .warm
-            .iter()
-            .filter_map(|w| self.cfg.runtimes.resolve(w).ok().map(|r| r.name.clone()))
-            .collect();
-        warm.sort();
-        warm.dedup();
         let key = TemplateKey {
-            warm,
+            warm: warmed_runtimes(&self.cfg.runtimes, spec),
             vcpus: u32::from(machine.vcpus),
             memory_mb: machine.memory_mib,
             network: false,
@@ -269,7 +221,7 @@ impl Inner {
         if t.store.current(&inputs).is_some() {
             return t.info(&id);
         }
-        let lock = t.build_lock(&id);
+        let lock = t.building.of(&id);
         let _building = match lock.try_lock() {
             Ok(g) => g,
             Err(_) => {
@@ -364,13 +316,13 @@ mod tests {
     async fn one_build_per_template_id_at_a_time() {
         let dir = std::env::temp_dir().join(format!("kiln-fc-locks-{}", std::process::id()));
         let t = Templates::open(&dir).unwrap();
-        let a = t.build_lock("firecracker-a");
+        let a = t.building.of("firecracker-a");
         let held = a.try_lock().unwrap();
         // The same id: the second builder waits; another id does not.
-        assert!(t.build_lock("firecracker-a").try_lock().is_err());
-        assert!(t.build_lock("firecracker-b").try_lock().is_ok());
+        assert!(t.building.of("firecracker-a").try_lock().is_err());
+        assert!(t.building.of("firecracker-b").try_lock().is_ok());
         drop(held);
-        assert!(t.build_lock("firecracker-a").try_lock().is_ok());
+        assert!(t.building.of("firecracker-a").try_lock().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

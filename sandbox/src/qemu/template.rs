@@ -26,13 +26,12 @@
 //! its inputs ([`crate::template::TemplateInputs`]); the kernel and image
 //! are hashed once per file version (remembered in the store).
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_snapshotter::store::{ArtifactIdentity, Snapshot, StoreError};
+use kiln_snapshotter::store::{Snapshot, StoreError};
 use serde_json::json;
 
 use super::command::{
@@ -41,7 +40,10 @@ use super::command::{
 use super::qmp::QmpError;
 use super::vm::{connect_when_there, Started, VmKind, AGENT_SOCK, QMP_SOCK};
 use super::{io_err, Inner};
-use crate::template::{TemplateError, TemplateInfo, TemplateInputs, TemplateKey, TemplateStore};
+use crate::template::{
+    warmed_runtimes, BuildLocks, GuestInputs, TemplateError, TemplateInfo, TemplateInputs,
+    TemplateKey, TemplateStore,
+};
 use crate::vm::Console;
 use crate::{AgentConn, SandboxError, SandboxSpec};
 
@@ -59,24 +61,14 @@ const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 /// How long saving the device state may take.
 const SAVE_WITHIN: Duration = Duration::from_secs(60);
 
-/// What every template of this backend is made from besides its key: the
-/// kernel and image (hashed once), the runtime table and QEMU's version.
-#[derive(Debug)]
-struct BaseInputs {
-    kernel: ArtifactIdentity,
-    rootfs: ArtifactIdentity,
-    runtimes: Vec<u8>,
-    vmm: String,
-}
-
 /// The backend's templates: the store, what it knows about inputs, and a
 /// lock per template id being built.
 pub(super) struct Templates {
     pub store: TemplateStore,
     root: PathBuf,
     /// Known once the first template inputs were asked for.
-    base: Mutex<Option<Arc<BaseInputs>>>,
-    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    base: Mutex<Option<Arc<GuestInputs>>>,
+    building: BuildLocks,
 }
 
 /// Why a template could not be built.
@@ -119,7 +111,7 @@ impl Templates {
             store: TemplateStore::open(root, "qemu")?,
             root: root.to_owned(),
             base: Mutex::new(None),
-            building: Mutex::new(HashMap::new()),
+            building: BuildLocks::default(),
         })
     }
 }
@@ -136,35 +128,20 @@ impl Inner {
     /// The inputs all templates share, worked out on first use (blocking:
     /// hashes the kernel and image unless the store remembers them, runs
     /// `qemu --version`).
-    fn base_inputs(&self) -> Result<Arc<BaseInputs>, SandboxError> {
+    fn base_inputs(&self) -> Result<Arc<GuestInputs>, SandboxError> {
         let t = self.templates()?;
         if let Some(b) = &*t.base.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(b.clone());
         }
-        let kernel = t
-            .store
-            .identify_cached("guest kernel", &self.cfg.kernel)
-            .map_err(|e| SandboxError::backend("qemu", e))?;
-        let rootfs = t
-            .store
-            .identify_cached("guest image", &self.cfg.rootfs)
-            .map_err(|e| SandboxError::backend("qemu", e))?;
-        let version = std::process::Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .map_err(io_err(format!("running {} --version", self.qemu.display())))?;
-        let vmm = String::from_utf8_lossy(&version.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let runtimes = serde_json::to_vec(&self.cfg.runtimes).expect("a runtime table serialises");
-        let base = Arc::new(BaseInputs {
-            kernel,
-            rootfs,
-            runtimes,
-            vmm,
-        });
+        let base = GuestInputs::identify(
+            &t.store,
+            &self.cfg.kernel,
+            &self.cfg.rootfs,
+            &self.qemu,
+            &self.cfg.runtimes,
+        )
+        .map(Arc::new)
+        .map_err(|e| SandboxError::backend("qemu", e))?;
         *t.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base.clone());
         Ok(base)
     }
@@ -184,17 +161,10 @@ impl Inner {
         Ok(self.inputs_with(&base, spec))
     }
 
-    fn inputs_with(&self, base: &BaseInputs, spec: &SandboxSpec) -> TemplateInputs {
+    fn inputs_with(&self, base: &GuestInputs, spec: &SandboxSpec) -> TemplateInputs {
         let machine = Machine::of(self, spec);
-        let mut warm: Vec<String> = spec
-            .warm
-            .iter()
-            .filter_map(|w| self.cfg.runtimes.resolve(w).ok().map(|r| r.name.clone()))
-            .collect();
-        warm.sort();
-        warm.dedup();
         let key = TemplateKey {
-            warm,
+            warm: warmed_runtimes(&self.cfg.runtimes, spec),
             vcpus: machine.vcpus,
             memory_mb: machine.mem_mb,
             network: machine.network,
@@ -352,13 +322,7 @@ impl Inner {
             progress(&format!("template {id} is current"));
             return self.template_info(&id);
         }
-        let lock = t
-            .building
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id.clone())
-            .or_default()
-            .clone();
+        let lock = t.building.of(&id);
         let held = lock.lock().await;
         if t.store.current(&inputs).is_some() {
             progress(&format!("template {id} was built meanwhile"));
@@ -377,10 +341,7 @@ impl Inner {
         ));
         let built = self.build_template(spec, &inputs, progress).await;
         drop(held);
-        t.building
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        t.building.release(&id);
         built?;
         progress(&format!(
             "template {id} published after {:.1} s",
