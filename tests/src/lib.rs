@@ -127,6 +127,19 @@ impl Drop for Scope {
     }
 }
 
+/// Calls `cond` every 100 ms until it holds or `within` has passed;
+/// whether it held.
+pub fn wait_until(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + within;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cond()
+}
+
 /// Calls `probe` every 20 ms until it returns nothing or `within` has
 /// passed; returns its last answer (empty unless something stayed).
 pub fn wait_empty<T>(within: std::time::Duration, mut probe: impl FnMut() -> Vec<T>) -> Vec<T> {

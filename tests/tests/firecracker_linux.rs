@@ -20,7 +20,7 @@ mod amqp_support;
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_protocol::{JobResult, Outcome, SandboxStart};
 use kiln_tests::server::Server;
@@ -280,17 +280,6 @@ fn with_templates_off_each_sandbox_boots() {
     assert!(h.templates().is_empty());
 }
 
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
-}
-
 #[test]
 fn kiln_serve_restores_pooled_sandboxes_and_ends_them_by_ttl_and_on_exit() {
     let Some(h) = firecracker_host("serve") else {
@@ -299,7 +288,7 @@ fn kiln_serve_restores_pooled_sandboxes_and_ends_them_by_ttl_and_on_exit() {
     let args = h.args(&["--pool-runtimes", "python,node,bash", "--min-idle", "1"]);
     let mut s = Server::start_in(Scope::new("fc-serve-http"), &args);
     assert!(
-        wait_until(Duration::from_secs(300), || s
+        kiln_tests::wait_until(Duration::from_secs(300), || s
             .request("GET", "/readyz", None)
             .status
             == 200),
@@ -361,7 +350,7 @@ fn kiln_serve_restores_pooled_sandboxes_and_ends_them_by_ttl_and_on_exit() {
     );
     assert_eq!(r["stdout"], "once\n", "{r}");
     assert!(
-        wait_until(Duration::from_secs(20), || s
+        kiln_tests::wait_until(Duration::from_secs(20), || s
             .request("GET", &format!("/v1/sandboxes/{once}"), None)
             .status
             == 404),
@@ -384,7 +373,7 @@ fn kiln_serve_restores_pooled_sandboxes_and_ends_them_by_ttl_and_on_exit() {
     assert_eq!(r["outcome"], "killed", "{r}");
     let vm = s.scope.state_dir.join("firecracker").join(&id);
     assert!(
-        wait_until(Duration::from_secs(20), || !vm.exists()),
+        kiln_tests::wait_until(Duration::from_secs(20), || !vm.exists()),
         "the expired guest is still there"
     );
 
@@ -409,35 +398,7 @@ async fn kiln_serve_answers_amqp_jobs_from_restored_guests_once() {
     let mut extra = h.flags.clone();
     extra.extend(["--pool-runtimes", "python,bash", "--min-idle", "1"].map(String::from));
     let mut server = amqp_support::serve("fc-amqp", &names, &extra);
-    let jobs = [
-        (
-            "fa-py",
-            json!({"runtime": "python", "code": "import platform; print(platform.release().startswith('6.1.'))"}),
-            "ok",
-            "True\n",
-        ),
-        (
-            "fa-sh",
-            json!({"runtime": "bash", "code": "echo guest; exit 3"}),
-            "error",
-            "guest\n",
-        ),
-    ];
-    for (id, job, _, _) in &jobs {
-        producer.publish_job(id, job.clone()).await;
-    }
-    let ids: Vec<String> = jobs.iter().map(|j| j.0.to_owned()).collect();
-    assert!(
-        producer.wait_for(&ids, Duration::from_secs(300)).await,
-        "not all jobs answered"
-    );
-    let replies = producer.finish(Duration::from_millis(500)).await;
-    for (id, _, outcome, stdout) in &jobs {
-        let r = &replies.by_id[*id];
-        assert_eq!(r.len(), 1, "{id}: exactly one reply");
-        assert_eq!(r[0].outcome(), *outcome, "{id}: {:?}", r[0].result);
-        assert_eq!(r[0].result["stdout"], *stdout, "{id}");
-    }
+    amqp_support::guest_jobs_answered_once(producer, "fa", Duration::from_secs(300)).await;
     assert!(server.term(Duration::from_secs(60)).success());
     names.delete().await;
     h.assert_clean();

@@ -23,17 +23,6 @@ fn vms(s: &Server) -> Vec<PathBuf> {
         .collect()
 }
 
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
-}
-
 #[test]
 fn jobs_run_on_warm_guests_ttl_ends_a_runaway_guest_and_shutdown_is_clean() {
     if !kiln_tests::has_guest() {
@@ -52,7 +41,7 @@ fn jobs_run_on_warm_guests_ttl_ends_a_runaway_guest_and_shutdown_is_clean() {
     );
     // Ready once the pool has booted its guests.
     assert!(
-        wait_until(Duration::from_secs(90), || s
+        kiln_tests::wait_until(Duration::from_secs(90), || s
             .request("GET", "/readyz", None)
             .status
             == 200),
@@ -94,7 +83,7 @@ fn jobs_run_on_warm_guests_ttl_ends_a_runaway_guest_and_shutdown_is_clean() {
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     let dir = s.scope.state_dir.join("qemu").join(&id);
     assert!(
-        wait_until(Duration::from_secs(10), || !dir.exists()
+        kiln_tests::wait_until(Duration::from_secs(10), || !dir.exists()
             && processes_matching(&dir.to_string_lossy()).is_empty()),
         "the expired guest is still there"
     );

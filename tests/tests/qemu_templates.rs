@@ -14,7 +14,7 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_protocol::{JobResult, Outcome};
 use kiln_tests::server::Server;
@@ -113,17 +113,6 @@ fn restored(dir: &Path) -> bool {
         .any(|c| String::from_utf8_lossy(&c).contains("-incoming\0defer"))
 }
 
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
-}
-
 #[test]
 fn kiln_template_builds_once_kiln_run_restores_and_rm_removes() {
     if !kiln_tests::has_guest() {
@@ -200,7 +189,7 @@ fn serve_restores_pooled_and_workspace_guests_and_reap_cleans_up_after_sigkill()
     args.extend(["--pool-runtimes", "python", "--min-idle", "1"]);
     let mut s = Server::start_in(scope, &args);
     assert!(
-        wait_until(Duration::from_secs(60), || s
+        kiln_tests::wait_until(Duration::from_secs(60), || s
             .request("GET", "/readyz", None)
             .status
             == 200),
@@ -239,7 +228,7 @@ fn serve_restores_pooled_and_workspace_guests_and_reap_cleans_up_after_sigkill()
     );
     assert_eq!(r["stdout"], "once\n", "{r}");
     assert!(
-        wait_until(Duration::from_secs(10), || !dir.exists()
+        kiln_tests::wait_until(Duration::from_secs(10), || !dir.exists()
             && processes_matching(&dir.to_string_lossy()).is_empty()),
         "the workspace outlived its exec"
     );
@@ -266,7 +255,7 @@ fn serve_restores_pooled_and_workspace_guests_and_reap_cleans_up_after_sigkill()
     );
     assert_eq!(r["outcome"], "killed", "{r}");
     assert!(
-        wait_until(Duration::from_secs(10), || !dir.exists()
+        kiln_tests::wait_until(Duration::from_secs(10), || !dir.exists()
             && processes_matching(&dir.to_string_lossy()).is_empty()),
         "the expired guest is still there"
     );

@@ -626,3 +626,42 @@ pub fn capacity(runtime: &str, min_idle: u32, max_running: u32, queue_depth: u32
     .map(String::from)
     .to_vec()
 }
+
+/// Publishes a Python and a Bash job for a microVM guest (`PREFIX-py`,
+/// `PREFIX-sh`) and checks that each got exactly one reply, from the
+/// guest's own 6.1 kernel, with the right outcome and output.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub async fn guest_jobs_answered_once(producer: Producer, prefix: &str, within: Duration) {
+    let jobs = [
+        (
+            format!("{prefix}-py"),
+            serde_json::json!({"runtime": "python", "code": "import platform; print(platform.release().startswith('6.1.'))"}),
+            "ok",
+            "True\n",
+        ),
+        (
+            format!("{prefix}-sh"),
+            serde_json::json!({"runtime": "bash", "code": "echo guest; exit 3"}),
+            "error",
+            "guest\n",
+        ),
+    ];
+    for (id, job, _, _) in &jobs {
+        producer.publish_job(id, job.clone()).await;
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.0.clone()).collect();
+    assert!(
+        producer.wait_for(&ids, within).await,
+        "not all jobs answered"
+    );
+    let replies = producer.finish(Duration::from_millis(500)).await;
+    for (id, _, outcome, stdout) in &jobs {
+        let r = &replies.by_id[id];
+        assert_eq!(r.len(), 1, "{id}: exactly one reply");
+        assert_eq!(r[0].outcome(), *outcome, "{id}: {:?}", r[0].result);
+        assert_eq!(
+            r[0].result["stdout"], *stdout,
+            "{id}: the guest runs its own 6.x kernel"
+        );
+    }
+}
