@@ -137,6 +137,12 @@ pub struct RestoreMetrics {
     pub prefetch_bytes: AtomicU64,
     /// Wall time of the prefetch in nanoseconds (0 when none ran).
     pub prefetch_ns: AtomicU64,
+    /// CPU time (user + system) of the threads that served this restore:
+    /// the serving thread from its start (handshake included) and the
+    /// prefetch helpers. The serving thread's share is added when the
+    /// restore ends, the helpers' after each prefetch slice; so it is final
+    /// in a [`RestoreReport`](crate::RestoreReport), partial while live.
+    pub cpu_ns: AtomicU64,
     /// Time from reading a fault message to the page being installed.
     pub fault_latency: LatencyHistogram,
 }
@@ -162,6 +168,8 @@ pub struct RestoreMetricsSnapshot {
     pub prefetch_bytes: u64,
     /// See [`RestoreMetrics::prefetch_ns`].
     pub prefetch_ns: u64,
+    /// See [`RestoreMetrics::cpu_ns`].
+    pub cpu_ns: u64,
     /// See [`RestoreMetrics::fault_latency`].
     pub fault_latency: HistogramSnapshot,
 }
@@ -179,6 +187,7 @@ impl RestoreMetrics {
             prefetch_pages: self.prefetch_pages.load(Relaxed),
             prefetch_bytes: self.prefetch_bytes.load(Relaxed),
             prefetch_ns: self.prefetch_ns.load(Relaxed),
+            cpu_ns: self.cpu_ns.load(Relaxed),
             fault_latency: self.fault_latency.snapshot(),
         }
     }
