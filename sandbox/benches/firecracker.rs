@@ -183,6 +183,34 @@ fn handler_bin(firecracker: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// `/proc/self/task/<tid>` of the page server's thread serving restore
+/// `id` (it is named `kiln-uffd-<id>`).
+fn serving_thread(id: u64) -> Option<String> {
+    let name = format!("kiln-uffd-{id}");
+    fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .find(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+        .map(|t| t.path().display().to_string())
+}
+
+/// Nanoseconds the task (a process's or a thread's `/proc` directory) has
+/// run on a CPU: its `schedstat` (for a process, summed over its threads).
+fn task_runtime_ns(dir: &str) -> u64 {
+    let read = |p: PathBuf| {
+        fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    match fs::read_dir(format!("{dir}/task")) {
+        Ok(tasks) => tasks
+            .flatten()
+            .filter_map(|t| read(t.path().join("schedstat")))
+            .sum(),
+        Err(_) => read(PathBuf::from(dir).join("schedstat")).unwrap_or(0),
+    }
+}
+
 /// Nanoseconds the process has run on a CPU: the first field of
 /// `/proc/<pid>/task/<tid>/schedstat` (the scheduler's exact runtime),
 /// summed over its threads.
@@ -302,6 +330,11 @@ struct Restores {
     /// Minor page faults the example handler took itself (its own mapping
     /// of the memory file is new in every process).
     handler_minflt: Vec<u64>,
+    /// Around the pattern read: the page server's CPU (Kiln's serving
+    /// thread or the handler's process, from schedstat, ns) and the guest
+    /// pages that came resident (each one a fault served).
+    window_cpu_ns: Vec<u64>,
+    window_faults: Vec<u64>,
 }
 
 impl Restores {
@@ -365,14 +398,32 @@ async fn restore_once(
     let timings = vm.restore_timings().expect("restore timings");
     r.api_ready.push(timings.api_ready);
     r.load.push(timings.load);
+    let guest_kib = harness::small().memory_mib * 1024;
+    let resident = || smaps(vm.pid(), guest_kib, "Rss").0 / (page_size() / 1024);
     if pattern {
+        // The serving thread's (or handler process's) scheduler runtime
+        // around the pattern read: the same clock for both servers, over a
+        // window that holds nothing but faults (no handshake, no start-up).
+        let server_task = match (source, &handler) {
+            (Source::Kiln(_), _) => server
+                .restores()
+                .into_iter()
+                .find(|l| l.vmm_pid == vm.pid() as i32)
+                .and_then(|l| serving_thread(l.id.0)),
+            (Source::Handler(_), Some(h)) => Some(format!("/proc/{}", h.child.id())),
+            _ => None,
+        };
+        let before = server_task.as_deref().map(task_runtime_ns);
+        let pages_before = resident();
         let t = Instant::now();
         harness::assert_pattern(&vm, SEED, PAGES).await;
         r.pattern.push(t.elapsed());
+        if let (Some(task), Some(before)) = (&server_task, before) {
+            r.window_cpu_ns.push(task_runtime_ns(task) - before);
+            r.window_faults.push(resident() - pages_before);
+        }
     }
-    let guest_kib = harness::small().memory_mib * 1024;
-    r.resident_pages
-        .push(smaps(vm.pid(), guest_kib, "Rss").0 / (page_size() / 1024));
+    r.resident_pages.push(resident());
     // The example handler's CPU now, while its VMM lives: once the VMM
     // exits it spins on the hung-up socket until killed, which is not
     // serving and is left out (kept apart as `handler_after_exit_ns`).
@@ -549,11 +600,6 @@ fn main() {
                 n += 1;
             }
         }
-        let pattern_runs: std::collections::HashMap<&str, &Restores> = variants
-            .iter()
-            .map(|(name, _)| *name)
-            .zip(&results)
-            .collect();
         for ((name, _), r) in variants.iter().zip(&results) {
             println!("restore, {name} (direct; the guest's pattern: {PAGES} pages)");
             print_row("  spawn to API ready", &Restores::hist(&r.api_ready));
@@ -575,9 +621,17 @@ fn main() {
             } else {
                 median_ratio(&r.server_cpu_ns, &r.faults)
             };
+            let window_ns = median_ratio(&r.window_cpu_ns, &r.window_faults);
+            if let Some(ns) = window_ns {
+                println!(
+                    "  page server CPU per fault while the guest reads (median): {:.1} µs ({:?} faults)",
+                    ns / 1000.0,
+                    median(&r.window_faults)
+                );
+            }
             if !r.server_cpu_ns.is_empty() {
                 println!(
-                    "  page server CPU per restore (median): {:.0} µs{}; per fault: {}",
+                    "  page server CPU per restore (median): {:.0} µs{}; per fault, whole restore less start-up: {}",
                     median(&r.server_cpu_ns).unwrap_or(0) as f64 / 1000.0,
                     median(&r.handler_startup_ns).map_or(String::new(), |s| format!(
                         " (of which process start {:.0} µs)",
@@ -611,7 +665,9 @@ fn main() {
                 "handler_startup_us_p50": median(&r.handler_startup_ns).map(|ns| ns as f64 / 1000.0),
                 "handler_minflt_p50": median(&r.handler_minflt),
                 "handler_after_exit_us_p50": median(&r.handler_after_exit_ns).map(|ns| ns as f64 / 1000.0),
-                "server_cpu_per_fault_us_p50": per_fault_ns.map(|ns| ns / 1000.0),
+                "server_cpu_per_fault_whole_restore_us_p50": per_fault_ns.map(|ns| ns / 1000.0),
+                "server_cpu_per_fault_window_us_p50": window_ns.map(|ns| ns / 1000.0),
+                "window_faults_p50": median(&r.window_faults),
             });
         }
         if let Some(replayed) = results
@@ -668,44 +724,6 @@ fn main() {
                 "faults_served_p50": median(&r.faults),
                 "restores_per_s_per_core": runs / cpu,
             });
-            // The marginal CPU of a fault: this batch (the guest touches
-            // few pages) against the pattern-reading runs (all 267).
-            if let Some(with) = pattern_runs.get(*name) {
-                let faults = |r: &Restores| {
-                    if r.faults.is_empty() {
-                        median(&r.resident_pages)
-                    } else {
-                        median(&r.faults)
-                    }
-                };
-                let cpu = |r: &Restores| {
-                    let serving: Vec<u64> = if r.handler_startup_ns.is_empty() {
-                        r.server_cpu_ns.clone()
-                    } else {
-                        r.server_cpu_ns
-                            .iter()
-                            .zip(&r.handler_startup_ns)
-                            .map(|(t, s)| t.saturating_sub(*s))
-                            .collect()
-                    };
-                    median(&serving)
-                };
-                if let (Some(f1), Some(f0), Some(c1), Some(c0)) =
-                    (faults(with), faults(&r), cpu(with), cpu(&r))
-                {
-                    if f1 > f0 && !matches!(source, Source::File) {
-                        let marginal = (c1 as f64 - c0 as f64) / (f1 - f0) as f64;
-                        println!(
-                            "  marginal page-server CPU per fault, {name}: {:.1} µs ({f0} -> {f1} faults, {:.0} -> {:.0} µs)",
-                            marginal / 1000.0,
-                            c0 as f64 / 1000.0,
-                            c1 as f64 / 1000.0
-                        );
-                        out[format!("{name}_throughput")]["marginal_cpu_per_fault_us"] =
-                            (marginal / 1000.0).into();
-                    }
-                }
-            }
         }
         out
     });
