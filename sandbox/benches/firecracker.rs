@@ -670,6 +670,39 @@ fn main() {
                 "window_faults_p50": median(&r.window_faults),
             });
         }
+        // Paired per run: the lazy restore and the handler's restore ran
+        // one after the other, under the same load.
+        let per_fault = |name: &str| -> Vec<f64> {
+            variants
+                .iter()
+                .zip(&results)
+                .find(|((n, _), _)| *n == name)
+                .map(|(_, r)| {
+                    r.window_cpu_ns
+                        .iter()
+                        .zip(&r.window_faults)
+                        .map(|(c, f)| *c as f64 / (*f).max(1) as f64 / 1000.0)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (kiln, handler) = (per_fault("uffd_lazy"), per_fault("example_handler"));
+        if !kiln.is_empty() && kiln.len() == handler.len() {
+            let mut ratios: Vec<f64> = kiln.iter().zip(&handler).map(|(k, h)| k / h).collect();
+            ratios.sort_by(f64::total_cmp);
+            let below = kiln.iter().zip(&handler).filter(|(k, h)| k < h).count();
+            println!(
+                "CPU per fault during the read, Kiln lazy / example handler, paired by run: median ratio {:.2}; Kiln lower in {below} of {} runs",
+                ratios[ratios.len() / 2],
+                ratios.len()
+            );
+            out["per_fault_window_us"] = serde_json::json!({
+                "kiln_lazy": kiln,
+                "example_handler": handler,
+                "median_ratio": ratios[ratios.len() / 2],
+                "kiln_lower_runs": below,
+            });
+        }
         if let Some(replayed) = results
             .iter()
             .zip(&variants)
