@@ -22,6 +22,7 @@ pub use kiln_sys::eventfd::{eventfd, signal as eventfd_signal};
 pub use kiln_sys::fd::set_nonblocking;
 pub use kiln_sys::mmap::{madvise_dontneed, page_size, populate_read, AnonMapping};
 pub use kiln_sys::pidfd::pidfd_open;
+pub use kiln_sys::poll::poll as poll_fds;
 pub use kiln_sys::poll::poll_borrowed as poll;
 pub use kiln_sys::sock_ctrl_msg::{peer_cred, recv_with_fds, send_with_fds};
 
@@ -121,15 +122,21 @@ pub enum UffdEvent {
     Other(u8),
 }
 
-/// Reads as many pending messages as fit in `out` from a non-blocking uffd.
+/// The most messages [`uffd_read_events`] reads in one call.
+pub const UFFD_READ_MAX: usize = 64;
+
+/// Reads as many pending messages as fit in `out` from a non-blocking uffd
+/// (at most `max`, at most [`UFFD_READ_MAX`]).
 /// Returns the number decoded; 0 when nothing is pending.
 pub fn uffd_read_events(
     uffd: BorrowedFd<'_>,
     out: &mut Vec<UffdEvent>,
     max: usize,
 ) -> io::Result<usize> {
-    let mut buf: Vec<MaybeUninit<RawUffdMsg>> = Vec::with_capacity(max);
-    // SAFETY: `buf` has capacity for `max` messages; the kernel writes at
+    // On the stack: this runs once per fault wake-up, so no allocation.
+    let mut buf = [MaybeUninit::<RawUffdMsg>::uninit(); UFFD_READ_MAX];
+    let max = max.clamp(1, UFFD_READ_MAX);
+    // SAFETY: `buf` has room for `max` messages; the kernel writes at
     // most that many bytes and only whole messages.
     let n = unsafe {
         libc::read(
