@@ -621,7 +621,10 @@ fn main() {
             } else {
                 median_ratio(&r.server_cpu_ns, &r.faults)
             };
-            let window_ns = median_ratio(&r.window_cpu_ns, &r.window_faults);
+            // Only where faults were served (not with prefetch).
+            let window_ns = median(&r.window_faults)
+                .filter(|f| *f > 0)
+                .and(median_ratio(&r.window_cpu_ns, &r.window_faults));
             if let Some(ns) = window_ns {
                 println!(
                     "  page server CPU per fault while the guest reads (median): {:.1} µs ({:?} faults)",
