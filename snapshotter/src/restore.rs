@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
@@ -197,7 +197,27 @@ impl Restore {
     /// Serves faults until the VMM exits, its memory goes away, `shutdown`
     /// becomes readable, or an unrecoverable error occurs.
     pub(crate) fn run(&mut self, shutdown: BorrowedFd<'_>) -> Result<RestoreEnd, RestoreError> {
+        // Buffers reused across wake-ups: a fault costs no allocation.
         let mut events = Vec::with_capacity(EVENT_BATCH);
+        let mut faults: Vec<(u64, Instant)> = Vec::with_capacity(EVENT_BATCH);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shutdown.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let watched = if self.pidfd.is_some() { 3 } else { 2 };
         if self.unplanned.is_some() {
             self.prefetch_started = Some(Instant::now());
         }
@@ -209,24 +229,22 @@ impl Restore {
             } else {
                 None
             };
-            let revents = {
-                let mut fds = vec![(self.uffd.as_fd(), libc::POLLIN), (shutdown, libc::POLLIN)];
-                if let Some(pidfd) = &self.pidfd {
-                    fds.push((pidfd.as_fd(), libc::POLLIN));
-                }
-                sys::poll(&fds, timeout).map_err(RestoreError::Poll)?
-            };
-            if revents[1] != 0 {
+            for f in &mut fds {
+                f.revents = 0;
+            }
+            sys::poll_fds(&mut fds[..watched], timeout).map_err(RestoreError::Poll)?;
+            let uffd_revents = fds[0].revents;
+            if fds[1].revents != 0 {
                 return Ok(RestoreEnd::Shutdown);
             }
-            if revents.get(2).is_some_and(|r| *r != 0) {
+            if watched > 2 && fds[2].revents != 0 {
                 return Ok(RestoreEnd::VmmExited);
             }
-            if revents[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                return Err(RestoreError::UffdError(revents[0]));
+            if uffd_revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(RestoreError::UffdError(uffd_revents));
             }
             events.clear();
-            if revents[0] & libc::POLLIN != 0 {
+            if uffd_revents & libc::POLLIN != 0 {
                 while sys::uffd_read_events(self.uffd.as_fd(), &mut events, EVENT_BATCH)
                     .map_err(RestoreError::ReadEvents)?
                     == EVENT_BATCH
@@ -240,12 +258,13 @@ impl Restore {
                     UffdEvent::PageFault { .. } => {}
                 }
             }
-            let mut faults = std::mem::take(&mut self.deferred);
+            faults.clear();
+            faults.append(&mut self.deferred);
             faults.extend(events.iter().filter_map(|ev| match ev {
                 UffdEvent::PageFault { address } => Some((*address, read_at)),
                 _ => None,
             }));
-            for (addr, since) in faults {
+            for &(addr, since) in &faults {
                 match self.serve_fault(addr, since)? {
                     Fill::Done { .. } | Fill::Dropped => {}
                     Fill::Pending => self.deferred.push((addr, since)),
@@ -470,7 +489,14 @@ impl Restore {
         };
         let outcomes: Vec<Installed> = std::thread::scope(|scope| {
             let helpers: Vec<_> = (1..threads)
-                .map(|_| scope.spawn(|| ctx.install()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = ctx.install();
+                        // A fresh thread: its CPU clock is this slice's work.
+                        out.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
+                        out
+                    })
+                })
                 .collect();
             let mut out = vec![ctx.install()];
             out.extend(
@@ -486,6 +512,7 @@ impl Restore {
         let mut gone = false;
         let mut error = None;
         for o in outcomes {
+            self.metrics.cpu_ns.fetch_add(o.cpu_ns, Relaxed);
             self.metrics.prefetch_pages.fetch_add(o.pages, Relaxed);
             self.metrics.prefetch_bytes.fetch_add(o.bytes, Relaxed);
             self.metrics
@@ -561,6 +588,9 @@ struct Installer<'a> {
 /// What one worker installed.
 #[derive(Default)]
 struct Installed {
+    /// CPU time of the helper thread that installed this (0 for the
+    /// serving thread, whose time is counted when the restore ends).
+    cpu_ns: u64,
     pages: u64,
     bytes: u64,
     present: u64,

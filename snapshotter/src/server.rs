@@ -565,6 +565,11 @@ impl Inner {
             }
         }
         drop(restore);
+        // This thread was spawned for this connection: its CPU clock is
+        // everything it did for the restore, handshake to teardown.
+        restore_metrics
+            .cpu_ns
+            .fetch_add(sys::thread_cpu_time().as_nanos() as u64, Relaxed);
         lock(&self.live).remove(&id);
         self.metrics.restores_active.fetch_sub(1, Relaxed);
         self.metrics.restores_finished.fetch_add(1, Relaxed);

@@ -15,12 +15,14 @@ use std::ffi::c_void;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use kiln_sys::cvt;
 pub use kiln_sys::eventfd::{eventfd, signal as eventfd_signal};
 pub use kiln_sys::fd::set_nonblocking;
 pub use kiln_sys::mmap::{madvise_dontneed, page_size, populate_read, AnonMapping};
 pub use kiln_sys::pidfd::pidfd_open;
+pub use kiln_sys::poll::poll as poll_fds;
 pub use kiln_sys::poll::poll_borrowed as poll;
 pub use kiln_sys::sock_ctrl_msg::{peer_cred, recv_with_fds, send_with_fds};
 
@@ -120,15 +122,21 @@ pub enum UffdEvent {
     Other(u8),
 }
 
-/// Reads as many pending messages as fit in `out` from a non-blocking uffd.
+/// The most messages [`uffd_read_events`] reads in one call.
+pub const UFFD_READ_MAX: usize = 64;
+
+/// Reads as many pending messages as fit in `out` from a non-blocking uffd
+/// (at most `max`, at most [`UFFD_READ_MAX`]).
 /// Returns the number decoded; 0 when nothing is pending.
 pub fn uffd_read_events(
     uffd: BorrowedFd<'_>,
     out: &mut Vec<UffdEvent>,
     max: usize,
 ) -> io::Result<usize> {
-    let mut buf: Vec<MaybeUninit<RawUffdMsg>> = Vec::with_capacity(max);
-    // SAFETY: `buf` has capacity for `max` messages; the kernel writes at
+    // On the stack: this runs once per fault wake-up, so no allocation.
+    let mut buf = [MaybeUninit::<RawUffdMsg>::uninit(); UFFD_READ_MAX];
+    let max = max.clamp(1, UFFD_READ_MAX);
+    // SAFETY: `buf` has room for `max` messages; the kernel writes at
     // most that many bytes and only whole messages.
     let n = unsafe {
         libc::read(
@@ -292,4 +300,48 @@ pub fn block_termination_signals() -> io::Result<()> {
 /// Waits for SIGINT or SIGTERM (blocked beforehand) and returns its number.
 pub fn wait_for_termination_signal() -> io::Result<i32> {
     kiln_sys::signal::wait(&TERMINATION)
+}
+
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`:
+/// user and system time, to the nanosecond). Zero if the clock cannot be
+/// read, which Linux does not do for the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if ret != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_cpu_time_counts_this_threads_work_only() {
+        // Burn CPU here, then check that a fresh thread starts from (almost)
+        // nothing while this one has the time it burned.
+        let start = thread_cpu_time();
+        let mut x = 0u64;
+        let mut rounds = 0u64;
+        while thread_cpu_time() - start < Duration::from_millis(20) && rounds < 1 << 32 {
+            for i in 0..10_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(std::hint::black_box(i));
+            }
+            rounds += 1;
+        }
+        std::hint::black_box(x);
+        let burned = thread_cpu_time() - start;
+        assert!(burned >= Duration::from_millis(20), "burned {burned:?}");
+        let fresh = std::thread::spawn(thread_cpu_time).join().unwrap();
+        assert!(
+            fresh < burned,
+            "a new thread has used {fresh:?}, this one {burned:?}: the clock is not per thread"
+        );
+    }
 }

@@ -309,6 +309,19 @@ fn recording_then_prefetching_cuts_faults_by_ninety_percent() {
         prefetched.metrics.prefetch_pages,
         Duration::from_nanos(prefetched.metrics.prefetch_ns)
     );
+    // The serving threads' CPU clocks were read: some work was done, and
+    // no more than their threads could do in the restore's wall time (one
+    // thread recording; the prefetch may use the server's helpers too).
+    let threads = PageServerConfig::default().prefetch_threads.max(1) as u128;
+    for (r, threads) in [(&recorded, 1), (&prefetched, threads)] {
+        assert!(r.metrics.cpu_ns > 0, "no CPU time counted: {r:?}");
+        assert!(
+            u128::from(r.metrics.cpu_ns) <= r.duration.as_nanos() * threads,
+            "{} ns of CPU in {:?} on {threads} threads",
+            r.metrics.cpu_ns,
+            r.duration
+        );
+    }
     assert!(
         prefetched.metrics.faults_served * 10 <= recorded.metrics.faults_served,
         "prefetch took {} faults, recording took {}: expected at least 90% fewer",

@@ -13,11 +13,13 @@ use kiln_protocol::RuntimeTable;
 use kiln_sandbox::jail::{JailBackend, JailConfig};
 use kiln_sandbox::Backend as _;
 
-/// Flags: `--runs N`, `--idle-ms N`, `--json-out FILE`.
+/// Flags: `--runs N`, `--idle-ms N`, `--json-out FILE`, `--restores-only`
+/// (the Firecracker benchmark: skip boots and idle memory).
 pub struct Flags {
     pub runs: usize,
     pub idle: Duration,
     pub json_out: Option<PathBuf>,
+    pub restores_only: bool,
 }
 
 impl Flags {
@@ -26,6 +28,7 @@ impl Flags {
             runs: default_runs,
             idle: Duration::from_millis(100),
             json_out: None,
+            restores_only: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -39,9 +42,10 @@ impl Flags {
                     f.idle = Duration::from_millis(value("--idle-ms").parse().expect("--idle-ms N"))
                 }
                 "--json-out" => f.json_out = Some(value("--json-out").into()),
+                "--restores-only" => f.restores_only = true,
                 "--bench" => {}
                 other => {
-                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE")
+                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE --restores-only")
                 }
             }
         }
