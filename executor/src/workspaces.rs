@@ -212,6 +212,7 @@ impl Workspaces {
             warm: vec![runtime.name.clone()],
             allow_internet: req.allow_internet,
             background: false,
+            image: None,
         };
         let jail = self.inner.backend.create(&spec).await.map_err(|e| match e {
             SandboxError::Unsupported(m) if req.allow_internet => WorkspaceError::Unsupported {

@@ -350,7 +350,8 @@ impl Applier<'_> {
         let header = entry.header();
         let mode = header.mode()? & 0o7777;
         let mtime = header.mtime().unwrap_or(0) as i64;
-        let (uid, gid) = (header.uid()?, header.gid()?);
+        // Archivers leave ids empty now and then; that is root's.
+        let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
         if kind.is_dir() {
             match fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}

@@ -1,0 +1,131 @@
+//! `kiln image import|ls|rm|gc`: the OCI images sandboxes can be rooted
+//! in (docs/images.md). Images are kept in `images.dir`
+//! (`--images-dir`), shared with `kiln serve` and `kiln run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use kiln_images::{Image, ImageStore};
+use kiln_sandbox::BackendFlags;
+
+use crate::images::Images;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import images from a `docker save` archive or an OCI image layout
+    /// (a directory or a tar of one), and unpack them.
+    Import(ImportArgs),
+    /// List the stored images.
+    Ls(StoreArgs),
+    /// Forget an image by name, or every name of a digest (its blobs stay
+    /// until `kiln image gc`).
+    Rm(RmArgs),
+    /// Remove the blobs and unpacked roots no image refers to.
+    Gc(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The archive or layout directory.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Store the image under this name instead of the one the archive
+    /// gives it.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// A name (registry/repo:tag) or a manifest digest (sha256:...).
+    #[arg(value_name = "REF")]
+    reference: String,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    backend: BackendFlags,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<Images> {
+        let dir = self.backend.settings().images.dir;
+        Images::open(&dir).with_context(|| format!("opening the image store {}", dir.display()))
+    }
+}
+
+fn print(images: &[Image], store: &ImageStore, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(images).expect("images serialise")
+        );
+        return;
+    }
+    for i in images {
+        let unpacked = store.dir().join("roots").join(i.digest.hex()).is_dir();
+        println!(
+            "{}\t{}\t{} layers\t{:.1} MiB{}",
+            i.name,
+            i.digest,
+            i.layers.len(),
+            i.size_bytes as f64 / (1 << 20) as f64,
+            if unpacked { "\tunpacked" } else { "" }
+        );
+    }
+}
+
+pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    tokio::task::spawn_blocking(move || run_blocking(cmd)).await?
+}
+
+fn run_blocking(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCommand::Import(a) => {
+            let images = a.store.open()?;
+            let store = images.store();
+            let got = kiln_images::import(store, &a.file, a.name.as_deref())
+                .with_context(|| format!("importing {}", a.file.display()))?;
+            for i in &got {
+                store
+                    .root(i)
+                    .with_context(|| format!("unpacking {}", i.name))?;
+            }
+            print(&got, store, a.store.json);
+        }
+        ImageCommand::Ls(a) => {
+            let images = a.open()?;
+            print(&images.store().list()?, images.store(), a.json);
+        }
+        ImageCommand::Rm(a) => {
+            let images = a.store.open()?;
+            let gone = images.store().remove(&a.reference)?;
+            print(&gone, images.store(), a.store.json);
+        }
+        ImageCommand::Gc(a) => {
+            let images = a.open()?;
+            let r = images.store().gc()?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "removed {} blobs ({:.1} MiB) and {} unpacked roots",
+                    r.blobs_removed,
+                    r.bytes_freed as f64 / (1 << 20) as f64,
+                    r.roots_removed
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,161 @@
+//! Images for jobs and sandboxes: a job's or a sandbox's `image` resolved
+//! against the store (kiln-images), unpacked on first use off the async
+//! threads, checked to hold the runtime's interpreter, and handed to the
+//! backend as the sandbox's root. The image's `Env` becomes the job's
+//! environment under what the job sets itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_images::{Image, ImageStore, StoreError};
+use kiln_protocol::Runtime;
+use kiln_sandbox::ImageRoot;
+
+/// Why a job or sandbox cannot have the image it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRefusal {
+    /// Not in the store: the caller's mistake (4xx).
+    #[error("image: {0}")]
+    Unknown(#[source] Box<StoreError>),
+    /// The image lacks what the runtime runs (4xx).
+    #[error("image: {image} has no {interpreter} (the interpreter of runtime {runtime}); use an image that has it, or another runtime")]
+    NoInterpreter {
+        image: String,
+        runtime: String,
+        interpreter: String,
+    },
+    /// The store failed (5xx).
+    #[error("image {image}: {source}")]
+    Store {
+        image: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+impl ImageRefusal {
+    /// Whether the request was at fault (not Kiln).
+    pub fn is_callers(&self) -> bool {
+        !matches!(self, ImageRefusal::Store { .. })
+    }
+}
+
+/// The image store as the executor uses it. Cheap to clone.
+#[derive(Clone)]
+pub struct Images {
+    store: Arc<ImageStore>,
+}
+
+/// An image ready to root a sandbox in, with what jobs in it inherit.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub root: ImageRoot,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Images {
+    /// The store in `dir`, its roots owned by the jail's id range.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let store = ImageStore::open(dir)?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE);
+        Ok(Self {
+            store: Arc::new(store),
+        })
+    }
+
+    pub fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
+    /// Resolves `reference` at once (a cheap read of the index): unknown
+    /// images are refused before a job is admitted. When the image is
+    /// already unpacked, its interpreter is checked too.
+    pub fn check(&self, reference: &str, runtime: &Runtime) -> Result<Image, ImageRefusal> {
+        let image = self
+            .store
+            .resolve(reference)
+            .map_err(|e| ImageRefusal::Unknown(Box::new(e)))?;
+        let root = self.store.dir().join("roots").join(image.digest.hex());
+        if root.is_dir() {
+            check_interpreter(&image, &root, runtime)?;
+        }
+        Ok(image)
+    }
+
+    /// The image's root (unpacked now if it is not yet, on a blocking
+    /// thread) and environment, its interpreter checked.
+    pub async fn ready(&self, reference: &str, runtime: &Runtime) -> Result<Ready, ImageRefusal> {
+        let image = self.check(reference, runtime)?;
+        let store = self.store.clone();
+        let img = image.clone();
+        let (root, config) = tokio::task::spawn_blocking(move || {
+            let root = store.root(&img)?;
+            Ok::<_, StoreError>((root, store.config(&img)?))
+        })
+        .await
+        .map_err(|e| ImageRefusal::Store {
+            image: image.name.clone(),
+            source: Box::new(StoreError::Io {
+                what: "the unpacking task".into(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        })?
+        .map_err(|source| ImageRefusal::Store {
+            image: image.name.clone(),
+            source: Box::new(source),
+        })?;
+        check_interpreter(&image, &root, runtime)?;
+        let env = config
+            .config()
+            .as_ref()
+            .and_then(|c| c.env().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        Ok(Ready {
+            root: ImageRoot {
+                digest: image.digest.to_string(),
+                dir: root,
+            },
+            env,
+        })
+    }
+}
+
+/// The interpreter a runtime runs: its command's program.
+fn interpreter(runtime: &Runtime) -> Option<&str> {
+    runtime.command.first().map(String::as_str)
+}
+
+fn check_interpreter(image: &Image, root: &Path, runtime: &Runtime) -> Result<(), ImageRefusal> {
+    let Some(program) = interpreter(runtime) else {
+        return Ok(());
+    };
+    let found: Option<PathBuf> = if program.starts_with('/') {
+        kiln_images::lookup(root, program)
+    } else {
+        ["/usr/local/bin", "/usr/bin", "/bin"]
+            .iter()
+            .find_map(|d| kiln_images::lookup(root, &format!("{d}/{program}")))
+    };
+    if found.is_some_and(|p| p.is_file()) {
+        Ok(())
+    } else {
+        Err(ImageRefusal::NoInterpreter {
+            image: image.name.clone(),
+            runtime: runtime.name.clone(),
+            interpreter: program.to_owned(),
+        })
+    }
+}
+
+/// Lays the image's environment under the job's own.
+pub fn merge_env(job: &mut BTreeMap<String, String>, image: &BTreeMap<String, String>) {
+    for (k, v) in image {
+        job.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+}
