@@ -41,10 +41,11 @@ impl ImageRefusal {
     }
 }
 
-/// The image store as the executor uses it. Cheap to clone.
+/// The image store as the executor uses it, opened (its directory made)
+/// only when an image is first asked for. Cheap to clone.
 #[derive(Clone)]
 pub struct Images {
-    store: Arc<ImageStore>,
+    dir: Arc<PathBuf>,
 }
 
 /// An image ready to root a sandbox in, with what jobs in it inherit.
@@ -55,27 +56,28 @@ pub struct Ready {
 }
 
 impl Images {
-    /// The store in `dir`, its roots owned by the jail's id range.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let store = ImageStore::open(dir)?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE);
-        Ok(Self {
-            store: Arc::new(store),
-        })
+    /// The store in `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir: Arc::new(dir) }
     }
 
-    pub fn store(&self) -> &ImageStore {
-        &self.store
+    /// The store, its roots owned by the jail's id range.
+    pub fn store(&self) -> Result<ImageStore, StoreError> {
+        Ok(ImageStore::open(self.dir.as_path())?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE))
     }
 
     /// Resolves `reference` at once (a cheap read of the index): unknown
     /// images are refused before a job is admitted. When the image is
     /// already unpacked, its interpreter is checked too.
     pub fn check(&self, reference: &str, runtime: &Runtime) -> Result<Image, ImageRefusal> {
-        let image = self
-            .store
+        let store = self.store().map_err(|source| ImageRefusal::Store {
+            image: reference.to_owned(),
+            source: Box::new(source),
+        })?;
+        let image = store
             .resolve(reference)
             .map_err(|e| ImageRefusal::Unknown(Box::new(e)))?;
-        let root = self.store.dir().join("roots").join(image.digest.hex());
+        let root = store.dir().join("roots").join(image.digest.hex());
         if root.is_dir() {
             check_interpreter(&image, &root, runtime)?;
         }
@@ -86,7 +88,10 @@ impl Images {
     /// thread) and environment, its interpreter checked.
     pub async fn ready(&self, reference: &str, runtime: &Runtime) -> Result<Ready, ImageRefusal> {
         let image = self.check(reference, runtime)?;
-        let store = self.store.clone();
+        let store = self.store().map_err(|source| ImageRefusal::Store {
+            image: reference.to_owned(),
+            source: Box::new(source),
+        })?;
         let img = image.clone();
         let (root, config) = tokio::task::spawn_blocking(move || {
             let root = store.root(&img)?;

@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_protocol::{Acquire, JobId, JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
-use kiln_sandbox::{run_job, AnyBackend, Backend, Capabilities, Sandbox, SandboxSpec, Stream};
+use kiln_sandbox::{
+    run_job, AnyBackend, Backend, Capabilities, ImageRoot, Sandbox, SandboxSpec, Stream,
+};
+
+use crate::images::{self, Images};
 use kiln_warmpool::{Pool, TemplateKey, TemplateSettings};
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
@@ -52,6 +56,8 @@ pub struct SchedulerSettings {
     /// Finished results kept for `GET /v1/jobs/{id}`.
     pub retention: Retention,
     pub workspaces: WorkspaceSettings,
+    /// The image store jobs' and sandboxes' `image` is looked up in.
+    pub images: std::path::PathBuf,
 }
 
 /// Where a job came from (a label on metrics and logs).
@@ -201,6 +207,7 @@ struct Inner {
     hard_stop: watch::Sender<bool>,
     jobs: JobStore,
     workspaces: Workspaces,
+    images: Images,
     metrics: Metrics,
     /// Moving average of a job's time in the system, in ms (for Retry-After).
     avg_total_ms: Mutex<f64>,
@@ -262,13 +269,16 @@ impl Scheduler {
             .map_err(|e| anyhow::anyhow!("pool settings for {}: {e}", t.key))?;
         }
         let free = settings.max_running + settings.queue_depth;
+        let images = Images::new(settings.images.clone());
         let workspaces = Workspaces::new(
             settings.workspaces.clone(),
             backend.clone(),
             runtimes.clone(),
             metrics.clone(),
+            images.clone(),
         );
         let inner = Inner {
+            images,
             jobs: JobStore::new(settings.retention),
             run_slots: Semaphore::new(settings.max_running),
             admission: Admission::new(free),
@@ -336,6 +346,17 @@ impl Scheduler {
                 ))));
             }
         };
+        // An image that is not stored, or lacks the runtime, is the
+        // caller's mistake: refused before admission.
+        if let Some(Err(e)) = spec.image.as_ref().map(|i| inner.images.check(i, &runtime)) {
+            if e.is_callers() {
+                inner.metrics.rejected(opts.source, "invalid");
+                return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
+                    id,
+                    e.to_string(),
+                ))));
+            }
+        }
         if !inner.admission.try_admit() {
             inner.metrics.rejected(opts.source, "busy");
             return Err(AdmitError::Busy {
@@ -448,6 +469,11 @@ impl Scheduler {
     }
 
     /// The workspaces (sandboxes kept for several execs).
+    /// The image store jobs and sandboxes are rooted from.
+    pub fn images(&self) -> &Images {
+        &self.inner.images
+    }
+
     pub fn workspaces(&self) -> &Workspaces {
         &self.inner.workspaces
     }
@@ -510,8 +536,11 @@ async fn acquire(
     inner: &Inner,
     runtime: &Runtime,
     spec: &JobSpec,
+    image: Option<ImageRoot>,
 ) -> Result<(Held, Acquire), String> {
-    if let Some(t) = inner.templates.get(&runtime.name) {
+    // The pool keeps spares of the backend's own root only.
+    let pooled = image.is_none().then(|| inner.templates.get(&runtime.name));
+    if let Some(t) = pooled.flatten() {
         let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
         // A job whose limits the template's sandboxes cannot take gets a
         // sandbox of its own rather than a pooled one thrown away.
@@ -552,9 +581,11 @@ async fn acquire(
             }
         }
     }
+    let mut sandbox_spec = sandboxes::spec_for(&spec.limits, &runtime.name);
+    sandbox_spec.image = image;
     let sandbox = inner
         .backend
-        .create(&sandboxes::spec_for(&spec.limits, &runtime.name))
+        .create(&sandbox_spec)
         .await
         .map_err(|e| e.to_string())?;
     Ok((Held::Own(sandbox), Acquire::Cold))
@@ -564,7 +595,7 @@ async fn acquire(
 async fn run(
     inner: Arc<Inner>,
     record: Arc<JobRecord>,
-    spec: JobSpec,
+    mut spec: JobSpec,
     runtime: Runtime,
     opts: SubmitOptions,
     sandbox_tx: watch::Sender<Option<String>>,
@@ -578,6 +609,18 @@ async fn run(
         r
     };
     let result = async {
+        let image = match spec.image.clone() {
+            None => None,
+            Some(reference) => match inner.images.ready(&reference, &runtime).await {
+                Ok(ready) => {
+                    images::merge_env(&mut spec.env, &ready.env);
+                    Some(ready.root)
+                }
+                Err(e) if e.is_callers() => return JobResult::rejected(id.clone(), e.to_string()),
+                Err(e) => return JobResult::internal(id.clone(), e.to_string()),
+            },
+        };
+        let image_digest = image.as_ref().map(|i| i.digest.clone());
         let permit = tokio::select! {
             p = inner.run_slots.acquire() => match p {
                 Ok(p) => p,
@@ -591,7 +634,7 @@ async fn run(
         record.set_running();
         let acq_start = Instant::now();
         let acquired = tokio::select! {
-            a = acquire(&inner, &runtime, &spec) => a,
+            a = acquire(&inner, &runtime, &spec, image) => a,
             _ = until_true(&mut hard_stop) => Err("the server shut down".into()),
         };
         let acquire_d = acq_start.elapsed();
@@ -640,6 +683,7 @@ async fn run(
                     }
                 };
                 result.timings.acquire = Some(how);
+                result.image = image_digest;
                 if how == Acquire::Cold {
                     result.timings.sandbox = sandbox_timings;
                 }

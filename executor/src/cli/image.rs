@@ -58,9 +58,11 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Images> {
+    fn open(&self) -> anyhow::Result<ImageStore> {
         let dir = self.backend.settings().images.dir;
-        Images::open(&dir).with_context(|| format!("opening the image store {}", dir.display()))
+        Images::new(dir.clone())
+            .store()
+            .with_context(|| format!("opening the image store {}", dir.display()))
     }
 }
 
@@ -92,8 +94,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
 fn run_blocking(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::Import(a) => {
-            let images = a.store.open()?;
-            let store = images.store();
+            let store = &a.store.open()?;
             let got = kiln_images::import(store, &a.file, a.name.as_deref())
                 .with_context(|| format!("importing {}", a.file.display()))?;
             for i in &got {
@@ -104,17 +105,16 @@ fn run_blocking(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             print(&got, store, a.store.json);
         }
         ImageCommand::Ls(a) => {
-            let images = a.open()?;
-            print(&images.store().list()?, images.store(), a.json);
+            let store = a.open()?;
+            print(&store.list()?, &store, a.json);
         }
         ImageCommand::Rm(a) => {
-            let images = a.store.open()?;
-            let gone = images.store().remove(&a.reference)?;
-            print(&gone, images.store(), a.store.json);
+            let store = a.store.open()?;
+            let gone = store.remove(&a.reference)?;
+            print(&gone, &store, a.store.json);
         }
         ImageCommand::Gc(a) => {
-            let images = a.open()?;
-            let r = images.store().gc()?;
+            let r = a.open()?.gc()?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

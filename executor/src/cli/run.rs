@@ -98,7 +98,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let id = spec.id.clone().unwrap_or_else(JobId::random);
     let mut sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
     if let Some(reference) = spec.image.clone() {
-        let images = crate::images::Images::open(&settings.images.dir)?;
+        let images = crate::images::Images::new(settings.images.dir.clone());
         match images.ready(&reference, &runtime).await {
             Ok(ready) => {
                 crate::images::merge_env(&mut spec.env, &ready.env);

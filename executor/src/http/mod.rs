@@ -180,6 +180,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
             "/v1/sandboxes/{id}/files/{path}",
             sandboxes::get_file(app, id, &rest.join("/")).await,
         ),
+        (["v1", "images"], &Method::GET) => ("/v1/images", images(app).await),
         (["api", "v2", "runtimes"], &Method::GET) => {
             ("/api/v2/runtimes", Ok(piston::runtimes(app)))
         }
@@ -217,6 +218,7 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _, "exec"]
             | ["v1", "sandboxes", _, "metrics"]
             | ["v1", "sandboxes", _, "files", _, ..]
+            | ["v1", "images"]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]
     )
@@ -252,6 +254,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /v1/images`: the images jobs and sandboxes can name.
+async fn images(app: &App) -> Result<Response<Body>, ApiError> {
+    let images = app.scheduler.images().clone();
+    let listed = tokio::task::spawn_blocking(move || images.store()?.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("listing images: {e}"),
+            )
+        })?;
+    Ok(json_response(StatusCode::OK, &json!({"images": listed})))
 }
 
 fn readyz(app: &App) -> Response<Body> {

@@ -1,0 +1,133 @@
+//! Images over the HTTP API of a real `kiln serve` (jail backend): the
+//! stored images in `GET /v1/images`, a job in an image through
+//! `POST /v1/jobs` with the image's digest in its result, a workspace
+//! rooted in an image whose root keeps a job's writes for its life, and
+//! unknown images or images without the runtime refused with a 4xx
+//! naming them. The images are made from host files (tests/src/images.rs).
+
+use std::process::Command;
+
+use kiln_tests::images::{static_agent, write_test_layout, MARKER_PATH, WRITABLE_DIR};
+use kiln_tests::server::Server;
+use kiln_tests::{bin, Scope};
+use serde_json::{json, Value};
+
+const PY: &str = "kiln.test/python:3";
+const BARE: &str = "kiln.test/bare:1";
+
+/// A server whose image store holds the two test images; the Python
+/// image's digest.
+fn server(test: &str) -> (Server, String) {
+    let scope = Scope::new(test);
+    let layout = scope.state_dir.join("layout");
+    let (py, _) = write_test_layout(&layout, PY, BARE, "served");
+    let images = scope.state_dir.join("images");
+    let out = Command::new(bin("kiln"))
+        .args(["image", "import"])
+        .arg(&layout)
+        .arg("--images-dir")
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = static_agent();
+    let s = Server::start_in(
+        scope,
+        &[
+            "--min-idle",
+            "0",
+            "--agent",
+            agent.to_str().unwrap(),
+            "--images-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    (s, py.to_string())
+}
+
+#[test]
+fn jobs_run_in_images_named_by_the_api_and_unknown_ones_are_refused() {
+    let (s, digest) = server("http-images-jobs");
+    let (st, v) = s.json("GET", "/v1/images", &Value::Null);
+    assert_eq!(st, 200, "{v}");
+    let listed = v["images"].as_array().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|i| i["name"] == PY && i["digest"] == digest.as_str()),
+        "{v}"
+    );
+    let code = format!("print(open('{MARKER_PATH}').read())");
+    let (st, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": code, "image": PY}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["stdout"], "served\n");
+    assert_eq!(r["image"], digest.as_str());
+    // Without an image: the host root, and no digest.
+    let (_, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": code}),
+    );
+    assert_eq!(r["outcome"], "error", "the host has no marker: {r}");
+    assert!(r.get("image").is_none(), "{r}");
+    for (image, names) in [
+        ("kiln.test/absent:1", "kiln.test/absent:1"),
+        (BARE, "/usr/bin/python3"),
+    ] {
+        let (st, r) = s.json(
+            "POST",
+            "/v1/jobs",
+            &json!({"runtime": "python", "code": "print(1)", "image": image}),
+        );
+        assert!((400..500).contains(&st), "{image}: {st} {r}");
+        assert!(r.to_string().contains(names), "{image}: {r}");
+    }
+}
+
+#[test]
+fn a_workspace_rooted_in_an_image_keeps_its_root_writes_for_its_life() {
+    let (s, digest) = server("http-images-ws");
+    let (st, info) = s.json(
+        "POST",
+        "/v1/sandboxes",
+        &json!({"template": "python", "image": PY, "ttl_s": 120}),
+    );
+    assert_eq!(st, 201, "{info}");
+    assert_eq!(info["image"], digest.as_str());
+    assert_eq!(info["env"]["KILN_IMAGE_ENV"], "from-the-image");
+    let id = info["id"].as_str().unwrap();
+    let exec = |code: String| {
+        let (st, r) = s.json(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            &json!({"code": code}),
+        );
+        assert_eq!(st, 200, "{r}");
+        r
+    };
+    let r = exec(format!("open('{WRITABLE_DIR}/kept', 'w').write('1')"));
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let r = exec(format!(
+        "import os; print(open('{WRITABLE_DIR}/kept').read(), os.environ['KILN_IMAGE_ENV'])"
+    ));
+    assert_eq!(r["stdout"], "1 from-the-image\n", "{r}");
+    let r = s.request("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(r.status, 204);
+    let (st, r) = s.json(
+        "POST",
+        "/v1/sandboxes",
+        &json!({"template": "python", "image": BARE}),
+    );
+    assert_eq!(st, 400, "{r}");
+    assert_eq!(r["error"]["field"], "image", "{r}");
+    assert!(r.to_string().contains(BARE), "{r}");
+}
