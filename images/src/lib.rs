@@ -7,11 +7,13 @@
 mod digest;
 pub mod import;
 pub mod layout;
+pub mod pull;
 pub mod store;
 pub mod unpack;
 
 pub use digest::{BadDigest, Digest, Hasher};
 pub use import::{import, ImportError};
+pub use pull::{pull, PullError, PullOptions};
 pub use store::{lookup, GcReport, Image, ImageStore, StoreError};
 pub use unpack::{apply_layer, LayerStats, Limits, Refusal, UnpackError};
 

@@ -243,6 +243,40 @@ impl ImageStore {
         result
     }
 
+    /// A fresh path in the store's scratch space for a blob being fetched
+    /// (then [`Self::adopt_blob`]); `gc` removes what is left there.
+    pub fn scratch_blob_path(&self) -> PathBuf {
+        self.dir.join("blobs/tmp").join(tmp_name())
+    }
+
+    /// Moves the file at `path` (in the store's scratch space) into the
+    /// store as the blob `expected`, if its bytes hash to it; removes it
+    /// either way. Returns its size.
+    pub fn adopt_blob(&self, expected: &Digest, path: &Path) -> Result<u64, StoreError> {
+        let result = (|| {
+            let mut f =
+                fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+            let mut hasher = Hasher::default();
+            io::copy(&mut f, &mut hasher).map_err(io_err(format!("reading {}", path.display())))?;
+            let size = hasher.len();
+            let actual = hasher.finish();
+            if actual != *expected {
+                return Err(StoreError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            let to = self.blob_path(expected);
+            fs::rename(path, &to)
+                .map_err(io_err(format!("renaming a blob to {}", to.display())))?;
+            Ok(size)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(path);
+        }
+        result
+    }
+
     /// The bytes of a stored blob.
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let p = self.blob_path(digest);

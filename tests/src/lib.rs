@@ -11,6 +11,7 @@ use kiln_protocol::JobResult;
 pub mod broker;
 pub mod images;
 pub mod openapi;
+pub mod registry;
 pub mod server;
 
 /// The directory holding the built binaries (`target/debug`), found from the

@@ -14,6 +14,8 @@ use crate::images::Images;
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
+    /// Pull an image from an OCI distribution registry and unpack it.
+    Pull(PullArgs),
     /// Import images from a `docker save` archive or an OCI image layout
     /// (a directory or a tar of one), and unpack them.
     Import(ImportArgs),
@@ -35,6 +37,30 @@ pub struct ImportArgs {
     /// gives it.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// registry/repository:tag or registry/repository@sha256:...
+    #[arg(value_name = "REF")]
+    reference: String,
+    /// Plain HTTP, for a registry on loopback only.
+    #[arg(long)]
+    insecure: bool,
+    /// User name for the registry (basic auth, or what its token service
+    /// is asked with).
+    #[arg(long, env = "KILN_REGISTRY_USER", value_name = "NAME")]
+    username: Option<String>,
+    /// The password (better: the environment variable than the flag).
+    #[arg(
+        long,
+        env = "KILN_REGISTRY_PASSWORD",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    password: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -88,11 +114,30 @@ fn print(images: &[Image], store: &ImageStore, json: bool) {
 }
 
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    if let ImageCommand::Pull(a) = cmd {
+        let store = a.store.open()?;
+        let opts = kiln_images::PullOptions {
+            insecure: a.insecure,
+            username: a.username.clone(),
+            password: a.password.clone(),
+        };
+        let image = kiln_images::pull(&store, &a.reference, &opts)
+            .await
+            .with_context(|| format!("pulling {}", a.reference))?;
+        let unpack = store.clone();
+        let i = image.clone();
+        tokio::task::spawn_blocking(move || unpack.root(&i))
+            .await?
+            .with_context(|| format!("unpacking {}", image.name))?;
+        print(std::slice::from_ref(&image), &store, a.store.json);
+        return Ok(ExitCode::SUCCESS);
+    }
     tokio::task::spawn_blocking(move || run_blocking(cmd)).await?
 }
 
 fn run_blocking(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        ImageCommand::Pull(_) => unreachable!("pulled in run"),
         ImageCommand::Import(a) => {
             let store = &a.store.open()?;
             let got = kiln_images::import(store, &a.file, a.name.as_deref())
