@@ -66,6 +66,15 @@ impl Images {
         Ok(ImageStore::open(self.dir.as_path())?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE))
     }
 
+    /// Every stored image; none (and no store made) when the store's
+    /// directory does not exist yet.
+    pub fn list(&self) -> Result<Vec<Image>, StoreError> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        self.store()?.list()
+    }
+
     /// Resolves `reference` at once (a cheap read of the index): unknown
     /// images are refused before a job is admitted. When the image is
     /// already unpacked, its interpreter is checked too.

@@ -265,6 +265,7 @@ fn every_documented_operation_answers_as_documented() {
     );
 
     c.call("GET", "/api/v2/runtimes", "/api/v2/runtimes", None);
+    c.call("GET", "/v1/images", "/v1/images", None);
     c.call(
         "POST",
         "/api/v2/execute",

@@ -259,7 +259,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `GET /v1/images`: the images jobs and sandboxes can name.
 async fn images(app: &App) -> Result<Response<Body>, ApiError> {
     let images = app.scheduler.images().clone();
-    let listed = tokio::task::spawn_blocking(move || images.store()?.list())
+    let listed = tokio::task::spawn_blocking(move || images.list())
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| {
