@@ -61,7 +61,8 @@ impl Images {
         Self { dir: Arc::new(dir) }
     }
 
-    /// The store, its roots owned by the jail's id range.
+    /// The store, its roots owned by the jail's id range (its directory
+    /// made if missing).
     pub fn store(&self) -> Result<ImageStore, StoreError> {
         Ok(ImageStore::open(self.dir.as_path())?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE))
     }

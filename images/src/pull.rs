@@ -180,7 +180,14 @@ pub async fn pull(
                 source,
             });
         }
-        store.adopt_blob(&digest, &tmp)?;
+        // Hashing a layer of tens of MiB is not for an async thread.
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.adopt_blob(&digest, &tmp))
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "the blob verification task".into(),
+                source: io::Error::other(e.to_string()),
+            })??;
     }
     Ok(store.add(reference, &bytes)?)
 }

@@ -167,3 +167,48 @@ fn a_corrupted_blob_is_refused_and_the_pull_restarts_cleanly() {
     ok(&kiln_image(&store, &["pull", "--insecure", &r], &[]));
     assert!(store.join("blobs/sha256").join(hex).is_file());
 }
+
+#[test]
+fn an_operator_pulls_over_the_api_and_jobs_run_in_the_image() {
+    use kiln_tests::server::Server;
+    use serde_json::json;
+    let s = Scope::new("pull-api");
+    let layout = layout(&s, "over-the-api");
+    let reg = Registry::start(&s.state_dir.join("registry"), None);
+    reg.push(&layout, "py", "kiln/python:3");
+    let images = s.state_dir.join("images");
+    let agent = static_agent();
+    let server = Server::start_in(
+        s,
+        &[
+            "--min-idle",
+            "0",
+            "--agent",
+            agent.to_str().unwrap(),
+            "--images-dir",
+            images.to_str().unwrap(),
+        ],
+    );
+    let reference = format!("{}/kiln/python:3", reg.host);
+    let (st, image) = server.json(
+        "POST",
+        "/v1/images",
+        &json!({"reference": reference, "insecure": true}),
+    );
+    assert_eq!(st, 201, "{image}");
+    assert_eq!(image["name"], reference.as_str());
+    let (st, r) = server.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "image": reference, "code": format!("print(open('{MARKER_PATH}').read())")}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["stdout"], "over-the-api\n", "{r}");
+    assert_eq!(r["image"], image["digest"]);
+    let (st, r) = server.json(
+        "POST",
+        "/v1/images",
+        &json!({"reference": format!("{}/kiln/absent:1", reg.host), "insecure": true}),
+    );
+    assert_eq!(st, 502, "{r}");
+}
