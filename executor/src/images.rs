@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use kiln_images::{Image, ImageStore, StoreError};
 use kiln_protocol::Runtime;
+use kiln_sandbox::settings::ImagesSettings;
 use kiln_sandbox::ImageRoot;
 
 /// Why a job or sandbox cannot have the image it asked for.
@@ -18,6 +19,9 @@ pub enum ImageRefusal {
     /// Not in the store: the caller's mistake (4xx).
     #[error("image: {0}")]
     Unknown(#[source] Box<StoreError>),
+    /// The configuration does not allow the image (4xx).
+    #[error("image: {0} is not allowed here (images.allowed); use one of GET /v1/images that is")]
+    NotAllowed(String),
     /// The image lacks what the runtime runs (4xx).
     #[error("image: {image} has no {interpreter} (the interpreter of runtime {runtime}); use an image that has it, or another runtime")]
     NoInterpreter {
@@ -46,6 +50,8 @@ impl ImageRefusal {
 #[derive(Clone)]
 pub struct Images {
     dir: Arc<PathBuf>,
+    allowed: Arc<Vec<String>>,
+    defaults: Arc<BTreeMap<String, String>>,
 }
 
 /// An image ready to root a sandbox in, with what jobs in it inherit.
@@ -56,9 +62,26 @@ pub struct Ready {
 }
 
 impl Images {
-    /// The store in `dir`.
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir: Arc::new(dir) }
+    /// The store and rules of `[images]`.
+    pub fn new(settings: &ImagesSettings) -> Self {
+        Self {
+            dir: Arc::new(settings.dir.clone()),
+            allowed: Arc::new(settings.allowed.clone()),
+            defaults: Arc::new(settings.defaults.clone()),
+        }
+    }
+
+    /// The image a job or sandbox of `runtime` gets when it names none.
+    pub fn default_for(&self, runtime: &str) -> Option<String> {
+        self.defaults.get(runtime).cloned()
+    }
+
+    fn allows(&self, image: &Image) -> bool {
+        self.allowed.is_empty()
+            || self.allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => image.name.starts_with(prefix),
+                None => *a == image.name || *a == image.digest.as_str(),
+            })
     }
 
     /// The store, its roots owned by the jail's id range (its directory
@@ -87,6 +110,9 @@ impl Images {
         let image = store
             .resolve(reference)
             .map_err(|e| ImageRefusal::Unknown(Box::new(e)))?;
+        if !self.allows(&image) {
+            return Err(ImageRefusal::NotAllowed(reference.to_owned()));
+        }
         let root = store.dir().join("roots").join(image.digest.hex());
         if root.is_dir() {
             check_interpreter(&image, &root, runtime)?;

@@ -56,8 +56,9 @@ pub struct SchedulerSettings {
     /// Finished results kept for `GET /v1/jobs/{id}`.
     pub retention: Retention,
     pub workspaces: WorkspaceSettings,
-    /// The image store jobs' and sandboxes' `image` is looked up in.
-    pub images: std::path::PathBuf,
+    /// The image store jobs' and sandboxes' `image` is looked up in, and
+    /// its rules.
+    pub images: kiln_sandbox::settings::ImagesSettings,
 }
 
 /// Where a job came from (a label on metrics and logs).
@@ -269,7 +270,7 @@ impl Scheduler {
             .map_err(|e| anyhow::anyhow!("pool settings for {}: {e}", t.key))?;
         }
         let free = settings.max_running + settings.queue_depth;
-        let images = Images::new(settings.images.clone());
+        let images = Images::new(&settings.images);
         let workspaces = Workspaces::new(
             settings.workspaces.clone(),
             backend.clone(),
@@ -329,7 +330,7 @@ impl Scheduler {
 
     /// Validates against the runtime table and admits. Never blocks: a full
     /// queue is an error.
-    pub fn submit(&self, spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
+    pub fn submit(&self, mut spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             inner.metrics.rejected(opts.source, "shutting_down");
@@ -346,8 +347,11 @@ impl Scheduler {
                 ))));
             }
         };
-        // An image that is not stored, or lacks the runtime, is the
-        // caller's mistake: refused before admission.
+        if spec.image.is_none() {
+            spec.image = inner.images.default_for(&runtime.name);
+        }
+        // An image that is not stored, not allowed, or lacks the runtime,
+        // is the caller's mistake: refused before admission.
         if let Some(Err(e)) = spec.image.as_ref().map(|i| inner.images.check(i, &runtime)) {
             if e.is_callers() {
                 inner.metrics.rejected(opts.source, "invalid");

@@ -212,7 +212,11 @@ impl Workspaces {
                 message: e.to_string(),
             })?
             .clone();
-        let ready = match &req.image {
+        let image_ref = req
+            .image
+            .clone()
+            .or_else(|| self.inner.images.default_for(&runtime.name));
+        let ready = match &image_ref {
             None => None,
             Some(r) => Some(self.inner.images.ready(r, &runtime).await.map_err(|e| {
                 if e.is_callers() {

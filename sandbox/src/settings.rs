@@ -211,12 +211,21 @@ pub struct ImagesSettings {
     /// Where images (blobs, index, unpacked roots) are kept; persistent,
     /// unlike `backend.state_dir`.
     pub dir: PathBuf,
+    /// The images jobs and sandboxes may name: stored names, name
+    /// prefixes ending in `*`, or manifest digests; empty: any stored
+    /// image.
+    pub allowed: Vec<String>,
+    /// Runtime name -> the image its jobs and sandboxes get when they name
+    /// none; a runtime not listed keeps the backend's own root.
+    pub defaults: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ImagesSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("/var/lib/kiln/images"),
+            allowed: Vec::new(),
+            defaults: std::collections::BTreeMap::new(),
         }
     }
 }

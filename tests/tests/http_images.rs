@@ -18,6 +18,11 @@ const BARE: &str = "kiln.test/bare:1";
 /// A server whose image store holds the two test images; the Python
 /// image's digest.
 fn server(test: &str) -> (Server, String) {
+    server_with(test, "")
+}
+
+/// The same, with `config` as the `[images]` section's other keys.
+fn server_with(test: &str, config: &str) -> (Server, String) {
     let scope = Scope::new(test);
     let layout = scope.state_dir.join("layout");
     let (py, _) = write_test_layout(&layout, PY, BARE, "served");
@@ -35,15 +40,24 @@ fn server(test: &str) -> (Server, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     let agent = static_agent();
+    let config_file = scope.state_dir.join("kiln.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[images]\ndir = {:?}\n{config}",
+            images.display().to_string()
+        ),
+    )
+    .unwrap();
     let s = Server::start_in(
         scope,
         &[
+            "--config",
+            config_file.to_str().unwrap(),
             "--min-idle",
             "0",
             "--agent",
             agent.to_str().unwrap(),
-            "--images-dir",
-            images.to_str().unwrap(),
         ],
     );
     (s, py.to_string())
@@ -130,4 +144,35 @@ fn a_workspace_rooted_in_an_image_keeps_its_root_writes_for_its_life() {
     assert_eq!(st, 400, "{r}");
     assert_eq!(r["error"]["field"], "image", "{r}");
     assert!(r.to_string().contains(BARE), "{r}");
+}
+
+#[test]
+fn the_configuration_gives_a_runtime_its_default_image_and_limits_the_allowed_ones() {
+    let (s, digest) = server_with(
+        "http-images-config",
+        "allowed = [\"kiln.test/python*\"]\n[images.defaults]\npython = \"kiln.test/python:3\"\n",
+    );
+    let code = format!("print(open('{MARKER_PATH}').read())");
+    let (st, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": code}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["stdout"], "served\n", "python's default image: {r}");
+    assert_eq!(r["image"], digest.as_str());
+    let (_, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "bash", "code": "echo host"}),
+    );
+    assert_eq!(r["outcome"], "ok", "bash keeps the host root: {r}");
+    assert!(r.get("image").is_none(), "{r}");
+    let (st, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "bash", "code": "true", "image": BARE}),
+    );
+    assert_eq!(st, 400, "{r}");
+    assert!(r.to_string().contains("not allowed"), "{r}");
 }

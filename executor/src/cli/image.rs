@@ -85,10 +85,10 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     fn open(&self) -> anyhow::Result<ImageStore> {
-        let dir = self.backend.settings().images.dir;
-        Images::new(dir.clone())
+        let settings = self.backend.settings().images;
+        Images::new(&settings)
             .store()
-            .with_context(|| format!("opening the image store {}", dir.display()))
+            .with_context(|| format!("opening the image store {}", settings.dir.display()))
     }
 }
 

@@ -97,8 +97,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
     let mut sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
+    let images = crate::images::Images::new(&settings.images);
+    if spec.image.is_none() {
+        spec.image = images.default_for(&runtime.name);
+    }
     if let Some(reference) = spec.image.clone() {
-        let images = crate::images::Images::new(settings.images.dir.clone());
         match images.ready(&reference, &runtime).await {
             Ok(ready) => {
                 crate::images::merge_env(&mut spec.env, &ready.env);
