@@ -123,28 +123,38 @@ impl Images {
     /// The image's root (unpacked now if it is not yet, on a blocking
     /// thread) and environment, its interpreter checked.
     pub async fn ready(&self, reference: &str, runtime: &Runtime) -> Result<Ready, ImageRefusal> {
+        let this = self.clone();
+        let (reference, runtime) = (reference.to_owned(), runtime.clone());
+        tokio::task::spawn_blocking(move || this.ready_blocking(&reference, &runtime))
+            .await
+            .map_err(|e| ImageRefusal::Store {
+                image: String::new(),
+                source: Box::new(StoreError::Io {
+                    what: "the unpacking task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            })?
+    }
+
+    /// [`Self::ready`] on the calling thread (which may block for the
+    /// unpacking).
+    pub fn ready_blocking(
+        &self,
+        reference: &str,
+        runtime: &Runtime,
+    ) -> Result<Ready, ImageRefusal> {
         let image = self.check(reference, runtime)?;
         let store = self.store().map_err(|source| ImageRefusal::Store {
             image: reference.to_owned(),
             source: Box::new(source),
         })?;
-        let img = image.clone();
-        let (root, config) = tokio::task::spawn_blocking(move || {
-            let root = store.root(&img)?;
-            Ok::<_, StoreError>((root, store.config(&img)?))
-        })
-        .await
-        .map_err(|e| ImageRefusal::Store {
-            image: image.name.clone(),
-            source: Box::new(StoreError::Io {
-                what: "the unpacking task".into(),
-                source: std::io::Error::other(e.to_string()),
-            }),
-        })?
-        .map_err(|source| ImageRefusal::Store {
-            image: image.name.clone(),
-            source: Box::new(source),
-        })?;
+        let (root, config) = store
+            .root(&image)
+            .and_then(|root| Ok((root, store.config(&image)?)))
+            .map_err(|source| ImageRefusal::Store {
+                image: image.name.clone(),
+                source: Box::new(source),
+            })?;
         check_interpreter(&image, &root, runtime)?;
         let env = config
             .config()

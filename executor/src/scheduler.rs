@@ -189,6 +189,9 @@ impl Admission {
 struct Template {
     key: TemplateKey,
     spec: SandboxSpec,
+    /// Digest of the image its sandboxes are rooted in (the runtime's
+    /// default image), if any: only jobs in that image lease them.
+    image: Option<String>,
 }
 
 struct Inner {
@@ -229,6 +232,7 @@ impl Scheduler {
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(settings.max_running >= 1, "max_running must be at least 1");
+        let images = Images::new(&settings.images);
         let mut templates = HashMap::new();
         let mut specs = HashMap::new();
         for name in &settings.pooled {
@@ -240,8 +244,23 @@ impl Scheduler {
             // Spares warm up at background CPU priority, so that refilling
             // the pool does not slow the jobs running meanwhile.
             spec.background = true;
+            // A runtime with a default image keeps spares rooted in it
+            // (unpacked now if need be).
+            let image = match images.default_for(&rt.name) {
+                None => None,
+                Some(reference) => match images.ready_blocking(&reference, rt) {
+                    Ok(ready) => {
+                        spec.image = Some(ready.root.clone());
+                        Some(ready.root.digest)
+                    }
+                    Err(e) => {
+                        tracing::warn!("no pool spares of {}'s default image: {e}", rt.name);
+                        continue;
+                    }
+                },
+            };
             specs.insert(key.clone(), spec.clone());
-            templates.insert(rt.name.clone(), Template { key, spec });
+            templates.insert(rt.name.clone(), Template { key, spec, image });
         }
         // A sandbox that cannot be reset (a microVM has no rooms to
         // replace) serves one job, instead of failing a recycle after each.
@@ -262,7 +281,10 @@ impl Scheduler {
                     max_total: settings.max_running + settings.min_idle + 2,
                     replenish_concurrency: 2,
                     max_age: settings.max_idle_age,
-                    max_uses,
+                    // A reset replaces a sandbox's rooms, not its root: what
+                    // a job wrote into an image root's writable layer would
+                    // meet the next job. Such spares serve one job each.
+                    max_uses: if t.image.is_some() { 1 } else { max_uses },
                     lease_timeout: settings.lease_timeout,
                     ..TemplateSettings::default()
                 },
@@ -270,7 +292,6 @@ impl Scheduler {
             .map_err(|e| anyhow::anyhow!("pool settings for {}: {e}", t.key))?;
         }
         let free = settings.max_running + settings.queue_depth;
-        let images = Images::new(&settings.images);
         let workspaces = Workspaces::new(
             settings.workspaces.clone(),
             backend.clone(),
@@ -542,9 +563,13 @@ async fn acquire(
     spec: &JobSpec,
     image: Option<ImageRoot>,
 ) -> Result<(Held, Acquire), String> {
-    // The pool keeps spares of the backend's own root only.
-    let pooled = image.is_none().then(|| inner.templates.get(&runtime.name));
-    if let Some(t) = pooled.flatten() {
+    // Spares are rooted in one image (or none): they serve jobs of the same.
+    let digest = image.as_ref().map(|i| i.digest.as_str());
+    let pooled = inner
+        .templates
+        .get(&runtime.name)
+        .filter(|t| t.image.as_deref() == digest);
+    if let Some(t) = pooled {
         let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
         // A job whose limits the template's sandboxes cannot take gets a
         // sandbox of its own rather than a pooled one thrown away.

@@ -18,11 +18,11 @@ const BARE: &str = "kiln.test/bare:1";
 /// A server whose image store holds the two test images; the Python
 /// image's digest.
 fn server(test: &str) -> (Server, String) {
-    server_with(test, "")
+    server_with(test, "", &["--min-idle", "0"])
 }
 
 /// The same, with `config` as the `[images]` section's other keys.
-fn server_with(test: &str, config: &str) -> (Server, String) {
+fn server_with(test: &str, config: &str, flags: &[&str]) -> (Server, String) {
     let scope = Scope::new(test);
     let layout = scope.state_dir.join("layout");
     let (py, _) = write_test_layout(&layout, PY, BARE, "served");
@@ -49,17 +49,14 @@ fn server_with(test: &str, config: &str) -> (Server, String) {
         ),
     )
     .unwrap();
-    let s = Server::start_in(
-        scope,
-        &[
-            "--config",
-            config_file.to_str().unwrap(),
-            "--min-idle",
-            "0",
-            "--agent",
-            agent.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--config",
+        config_file.to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let s = Server::start_in(scope, &args);
     (s, py.to_string())
 }
 
@@ -151,6 +148,7 @@ fn the_configuration_gives_a_runtime_its_default_image_and_limits_the_allowed_on
     let (s, digest) = server_with(
         "http-images-config",
         "allowed = [\"kiln.test/python*\"]\n[images.defaults]\npython = \"kiln.test/python:3\"\n",
+        &["--min-idle", "0"],
     );
     let code = format!("print(open('{MARKER_PATH}').read())");
     let (st, r) = s.json(
@@ -175,4 +173,46 @@ fn the_configuration_gives_a_runtime_its_default_image_and_limits_the_allowed_on
     );
     assert_eq!(st, 400, "{r}");
     assert!(r.to_string().contains("not allowed"), "{r}");
+}
+
+#[test]
+fn the_pool_keeps_spares_of_a_default_image_and_uses_each_for_one_job() {
+    let (s, digest) = server_with(
+        "http-images-pool",
+        "[images.defaults]\npython = \"kiln.test/python:3\"\n",
+        &["--min-idle", "1", "--pool-runtimes", "python"],
+    );
+    let ready = || {
+        for _ in 0..1200 {
+            if s.request("GET", "/readyz", None).status == 200 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the pool did not fill within 60 s");
+    };
+    ready();
+    let (st, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": format!("open('{WRITABLE_DIR}/left', 'w').write('x'); print(open('{MARKER_PATH}').read())")}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["stdout"], "served\n", "{r}");
+    assert_eq!(
+        r["timings"]["acquire"], "warm",
+        "a spare rooted in the image: {r}"
+    );
+    assert_eq!(r["image"], digest.as_str());
+    ready();
+    let (_, r) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": format!("import os; print(os.path.exists('{WRITABLE_DIR}/left'))")}),
+    );
+    assert_eq!(r["timings"]["acquire"], "warm", "{r}");
+    assert_eq!(
+        r["stdout"], "False\n",
+        "the first job's writes went with its sandbox: {r}"
+    );
 }
