@@ -305,3 +305,33 @@ pub fn pick_platform(manifests: &[Descriptor]) -> Result<&Descriptor, ImportErro
         .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
         .ok_or_else(|| ImportError::NoPlatform(format!("{}/{}", host.os(), host.architecture())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(arch: Option<&str>, hex: char) -> Descriptor {
+        let mut v = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", hex.to_string().repeat(64)),
+            "size": 1,
+        });
+        if let Some(a) = arch {
+            v["platform"] = serde_json::json!({"architecture": a, "os": "linux"});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn an_index_resolves_to_this_hosts_platform() {
+        let host = oci_spec::image::Arch::default().to_string();
+        let other = if host == "arm64" { "amd64" } else { "arm64" };
+        let entries = [entry(Some(other), 'a'), entry(Some(&host), 'b')];
+        assert_eq!(pick_platform(&entries).unwrap(), &entries[1]);
+        // Entries without a platform: the first of those.
+        let plain = [entry(Some(other), 'a'), entry(None, 'c')];
+        assert_eq!(pick_platform(&plain).unwrap(), &plain[1]);
+        let e = pick_platform(&[entry(Some(other), 'a')]).unwrap_err();
+        assert!(e.to_string().contains(&host), "{e}");
+    }
+}
