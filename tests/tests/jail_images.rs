@@ -3,7 +3,8 @@
 //! (tests/src/images.rs) is imported into a store, and `kiln run --image`
 //! runs Python from inside it: the marker is there, the host's `/usr` is
 //! not, the root is writable for the job and the writes die with the
-//! sandbox, and the result names the image's digest. An image without the
+//! sandbox (and bounded by its disk size), and the result names the
+//! image's digest. An image without the
 //! runtime's interpreter and an unknown image are refused with messages
 //! naming them. Real namespaces, overlays and cgroups; needs root.
 
@@ -206,4 +207,32 @@ fn rm_and_gc_leave_only_what_remaining_images_use() {
         blobs, 3,
         "the bare image's manifest, config and marker layer"
     );
+}
+
+#[test]
+fn the_writable_layer_of_an_image_root_is_bounded_by_the_disk_size() {
+    let s = Scope::new("image-disk");
+    let (images, _) = store(&s, "m");
+    let agent = static_agent();
+    let code = format!(
+        "import errno\n\
+         try:\n    open('{WRITABLE_DIR}/big', 'wb').write(b'x' * (16 << 20))\n    print('written')\n\
+         except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    );
+    let (r, _) = s.run_json(&[
+        "--agent",
+        agent.to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--image",
+        PY,
+        "--disk",
+        "8M",
+        "--runtime",
+        "python",
+        "-c",
+        &code,
+    ]);
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.stdout, "ENOSPC\n", "{r:?}");
 }
