@@ -1,8 +1,9 @@
 //! Applying an image's layers to a directory, refusing anything that
 //! would write outside it.
 //!
-//! A layer is a tar archive, gzip-compressed or not, whose entries change
-//! the tree below it (OCI image spec, "Image Layer Filesystem Changeset"):
+//! A layer is a tar archive, plain or compressed with gzip or zstd, whose
+//! entries change the tree below it (OCI image spec, "Image Layer
+//! Filesystem Changeset"):
 //! files, directories, links, and whiteouts (`.wh.NAME` removes `NAME`,
 //! `.wh..wh..opq` empties the directory of what lower layers put there).
 //! Layers come from registries and tarballs nobody here vouches for, so
@@ -117,8 +118,6 @@ pub enum Refusal {
     UnsupportedType(char),
     #[error("a whiteout must name a file")]
     BadWhiteout,
-    #[error("zstd-compressed layers are not supported (use gzip or none)")]
-    Zstd,
     #[error("reading the archive: {0}")]
     Read(#[source] io::Error),
 }
@@ -182,7 +181,10 @@ pub fn apply_layer(
     let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return Err(archive_err(Refusal::Zstd));
+        Box::new(
+            ruzstd::decoding::StreamingDecoder::new(buffered)
+                .map_err(|e| archive_err(Refusal::Read(io::Error::other(e))))?,
+        )
     } else {
         Box::new(buffered)
     };

@@ -216,6 +216,17 @@ fn a_layer_with_too_many_entries_is_refused() {
 }
 
 #[test]
+fn a_zstd_layer_applies_like_a_gzip_one() {
+    let p = Place::new("zstd");
+    let tar = tarball(&[Item::File("etc/hello", b"zstd")]);
+    let layer =
+        ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+    assert!(layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+    p.apply(&layer).unwrap();
+    assert_eq!(fs::read(p.root.join("etc/hello")).unwrap(), b"zstd");
+}
+
+#[test]
 fn layers_apply_in_order_with_whiteouts_and_opaque_directories() {
     let p = Place::new("whiteouts");
     p.apply(&gzip(&tarball(&[
