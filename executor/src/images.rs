@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_images::{Image, ImageStore, StoreError};
-use kiln_protocol::Runtime;
+use kiln_protocol::{Runtime, RuntimeTable};
 use kiln_sandbox::settings::ImagesSettings;
 use kiln_sandbox::ImageRoot;
 
@@ -49,6 +49,9 @@ impl ImageRefusal {
 /// only when an image is first asked for. Cheap to clone.
 #[derive(Clone)]
 pub struct Images {
+    /// The backend's runtime table, whose commands an image may need
+    /// relocated.
+    table: Arc<RuntimeTable>,
     dir: Arc<PathBuf>,
     allowed: Arc<Vec<String>>,
     defaults: Arc<BTreeMap<String, String>>,
@@ -63,8 +66,9 @@ pub struct Ready {
 
 impl Images {
     /// The store and rules of `[images]`.
-    pub fn new(settings: &ImagesSettings) -> Self {
+    pub fn new(settings: &ImagesSettings, table: &RuntimeTable) -> Self {
         Self {
+            table: Arc::new(table.clone()),
             dir: Arc::new(settings.dir.clone()),
             allowed: Arc::new(settings.allowed.clone()),
             defaults: Arc::new(settings.defaults.clone()),
@@ -155,7 +159,8 @@ impl Images {
                 image: image.name.clone(),
                 source: Box::new(source),
             })?;
-        check_interpreter(&image, &root, runtime)?;
+        let program = check_interpreter(&image, &root, runtime)?;
+        let runtimes = relocated(runtime, &program).map(|r| self.table.with_replaced(r));
         let env = config
             .config()
             .as_ref()
@@ -171,6 +176,7 @@ impl Images {
             root: ImageRoot {
                 digest: image.digest.to_string(),
                 dir: root,
+                runtimes,
             },
             env,
         })
@@ -182,26 +188,54 @@ fn interpreter(runtime: &Runtime) -> Option<&str> {
     runtime.command.first().map(String::as_str)
 }
 
-fn check_interpreter(image: &Image, root: &Path, runtime: &Runtime) -> Result<(), ImageRefusal> {
+/// Where an image may keep an interpreter the runtime table names by
+/// another path: its command's own path first, then the usual `bin`
+/// directories (official language images install theirs under
+/// `/usr/local/bin`).
+const INTERPRETER_DIRS: [&str; 3] = ["/usr/local/bin", "/usr/bin", "/bin"];
+
+/// Finds the runtime's interpreter in the image: the path to run it by.
+fn check_interpreter(
+    image: &Image,
+    root: &Path,
+    runtime: &Runtime,
+) -> Result<String, ImageRefusal> {
     let Some(program) = interpreter(runtime) else {
-        return Ok(());
+        return Ok(String::new());
     };
-    let found: Option<PathBuf> = if program.starts_with('/') {
-        kiln_images::lookup(root, program)
-    } else {
-        ["/usr/local/bin", "/usr/bin", "/bin"]
-            .iter()
-            .find_map(|d| kiln_images::lookup(root, &format!("{d}/{program}")))
-    };
-    if found.is_some_and(|p| p.is_file()) {
-        Ok(())
-    } else {
-        Err(ImageRefusal::NoInterpreter {
-            image: image.name.clone(),
-            runtime: runtime.name.clone(),
-            interpreter: program.to_owned(),
-        })
+    let name = program.rsplit('/').next().unwrap_or(program);
+    let candidates = program
+        .starts_with('/')
+        .then(|| program.to_owned())
+        .into_iter()
+        .chain(INTERPRETER_DIRS.iter().map(|d| format!("{d}/{name}")));
+    for c in candidates {
+        if kiln_images::lookup(root, &c).is_some_and(|p| p.is_file()) {
+            return Ok(c);
+        }
     }
+    Err(ImageRefusal::NoInterpreter {
+        image: image.name.clone(),
+        runtime: runtime.name.clone(),
+        interpreter: program.to_owned(),
+    })
+}
+
+/// `runtime` with its interpreter at `program` instead, when that is
+/// elsewhere than its commands say.
+fn relocated(runtime: &Runtime, program: &str) -> Option<Runtime> {
+    let old = interpreter(runtime)?;
+    if old == program || program.is_empty() {
+        return None;
+    }
+    let mut r = runtime.clone();
+    r.command[0] = program.to_owned();
+    if let Some(w) = r.warm.as_mut() {
+        if w.command.first().map(String::as_str) == Some(old) {
+            w.command[0] = program.to_owned();
+        }
+    }
+    Some(r)
 }
 
 /// Lays the image's environment under the job's own.

@@ -232,7 +232,7 @@ impl Scheduler {
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(settings.max_running >= 1, "max_running must be at least 1");
-        let images = Images::new(&settings.images);
+        let images = Images::new(&settings.images, &runtimes);
         let mut templates = HashMap::new();
         let mut specs = HashMap::new();
         for name in &settings.pooled {

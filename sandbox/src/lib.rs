@@ -82,6 +82,9 @@ pub struct ImageRoot {
     pub digest: String,
     /// The unpacked root (kiln-images' store).
     pub dir: std::path::PathBuf,
+    /// The runtime table the sandbox's agent gets instead of the
+    /// backend's, when the image keeps an interpreter elsewhere.
+    pub runtimes: Option<kiln_protocol::RuntimeTable>,
 }
 
 impl SandboxSpec {

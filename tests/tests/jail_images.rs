@@ -236,3 +236,68 @@ fn the_writable_layer_of_an_image_root_is_bounded_by_the_disk_size() {
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(r.stdout, "ENOSPC\n", "{r:?}");
 }
+
+/// A layer that moves the interpreter where official language images keep
+/// theirs: `/usr/bin/python3` whited out, `/usr/local/bin/python3` a link
+/// to the real binary.
+fn relocating_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "usr/bin/.wh.python3", &[][..])
+        .unwrap();
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Symlink);
+    l.set_size(0);
+    l.set_mode(0o777);
+    l.set_uid(0);
+    l.set_gid(0);
+    l.set_mtime(0);
+    let real = std::fs::canonicalize(PYTHON).unwrap();
+    b.append_link(&mut l, "usr/local/bin/python3", &real)
+        .unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn an_interpreter_kept_under_usr_local_bin_is_found_and_used() {
+    let s = Scope::new("image-relocated");
+    let layout = s.state_dir.join("layout");
+    kiln_images::layout::write_layout(
+        &layout,
+        &[kiln_images::layout::LayoutImage {
+            name: "kiln.test/local-python:1",
+            layers: vec![kiln_tests::images::python_layer(), relocating_layer()],
+            env: Vec::new(),
+            working_dir: None,
+        }],
+    )
+    .unwrap();
+    let images = s.state_dir.join("images");
+    let out = kiln_image(&images, &["import", layout.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = static_agent();
+    let (r, _) = s.run_json(&[
+        "--agent",
+        agent.to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--image",
+        "kiln.test/local-python:1",
+        "--runtime",
+        "python",
+        "-c",
+        "import os, sys; print(sys.executable, os.path.exists('/usr/bin/python3'))",
+    ]);
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert_eq!(r.stdout, "/usr/local/bin/python3 False\n");
+}

@@ -86,7 +86,7 @@ pub struct StoreArgs {
 impl StoreArgs {
     fn open(&self) -> anyhow::Result<ImageStore> {
         let settings = self.backend.settings().images;
-        Images::new(&settings)
+        Images::new(&settings, &kiln_protocol::RuntimeTable::default())
             .store()
             .with_context(|| format!("opening the image store {}", settings.dir.display()))
     }

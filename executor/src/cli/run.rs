@@ -97,7 +97,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
     let mut sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
-    let images = crate::images::Images::new(&settings.images);
+    let images = crate::images::Images::new(&settings.images, &table);
     if spec.image.is_none() {
         spec.image = images.default_for(&runtime.name);
     }

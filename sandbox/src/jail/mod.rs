@@ -708,7 +708,11 @@ impl Backend for JailBackend {
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
-            runtimes: self.inner.cfg.runtimes.clone(),
+            runtimes: spec
+                .image
+                .as_ref()
+                .and_then(|i| i.runtimes.clone())
+                .unwrap_or_else(|| self.inner.cfg.runtimes.clone()),
             warm: spec.warm.clone(),
             workdir: WORKDIR.into(),
             uid: self.inner.cfg.job_uid,
