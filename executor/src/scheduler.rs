@@ -692,7 +692,11 @@ async fn run(
                         } else if opts.remove_on_exit {
                             held.remove_job().await;
                         } else {
-                            match inner.workspaces.adopt(held, &runtime.name).await {
+                            match inner
+                                .workspaces
+                                .adopt(held, &runtime.name, image_digest.clone())
+                                .await
+                            {
                                 Ok(ws) => {
                                     sandbox_tx.send_replace(Some(ws.clone()));
                                     let note = format!("the sandbox is kept as workspace {ws}");

@@ -277,8 +277,14 @@ impl Workspaces {
         Ok(self.insert(Held::Own(jail), info, req.ttl))
     }
 
-    /// Keeps a job's sandbox as a workspace with the default TTL.
-    pub async fn adopt(&self, held: Held, runtime: &str) -> Result<String, WorkspaceError> {
+    /// Keeps a job's sandbox as a workspace with the default TTL; `image`:
+    /// the digest of the image its root is made of.
+    pub async fn adopt(
+        &self,
+        held: Held,
+        runtime: &str,
+        image: Option<String>,
+    ) -> Result<String, WorkspaceError> {
         if let Err(e) = self.reserve() {
             held.destroy().await;
             return Err(e);
@@ -298,7 +304,7 @@ impl Workspaces {
             disk_mb: d.disk_mb,
             pids: d.pids,
             env: BTreeMap::new(),
-            image: None,
+            image,
         };
         Ok(self.insert(held, info, ttl).id)
     }

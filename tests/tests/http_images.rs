@@ -82,6 +82,24 @@ fn jobs_run_in_images_named_by_the_api_and_unknown_ones_are_refused() {
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(r["stdout"], "served\n");
     assert_eq!(r["image"], digest.as_str());
+    // Kept as a workspace, the sandbox says which image it is.
+    let r = s.request(
+        "POST",
+        "/v1/jobs?remove_on_exit=false",
+        Some(
+            json!({"runtime": "python", "code": "print(1)", "image": PY})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let kept = r
+        .header("kiln-sandbox")
+        .expect("a Kiln-Sandbox header")
+        .to_owned();
+    let (st, info) = s.json("GET", &format!("/v1/sandboxes/{kept}"), &Value::Null);
+    assert_eq!(st, 200, "{info}");
+    assert_eq!(info["image"], digest.as_str());
     // Without an image: the host root, and no digest.
     let (_, r) = s.json(
         "POST",
