@@ -82,6 +82,11 @@ fn jobs_run_in_images_named_by_the_api_and_unknown_ones_are_refused() {
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(r["stdout"], "served\n");
     assert_eq!(r["image"], digest.as_str());
+    let metrics = s.request("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains(&format!("kiln_image_jobs_total{{image=\"{digest}\"}} 1")),
+        "{metrics}"
+    );
     // Kept as a workspace, the sandbox says which image it is.
     let r = s.request(
         "POST",
