@@ -23,7 +23,7 @@ pub enum ImageRefusal {
     #[error("image: {0} is not allowed here (images.allowed); use one of GET /v1/images that is")]
     NotAllowed(String),
     /// The image lacks what the runtime runs (4xx).
-    #[error("image: {image} has no {interpreter} (the interpreter of runtime {runtime}); use an image that has it, or another runtime")]
+    #[error("image: {image} has no {interpreter} (the interpreter of runtime {runtime}; looked for there and under its name in /usr/local/bin, /usr/bin and /bin); use an image that has it, or another runtime")]
     NoInterpreter {
         image: String,
         runtime: String,

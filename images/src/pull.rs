@@ -128,7 +128,7 @@ pub async fn pull(
         (Some(u), Some(p)) => RegistryAuth::Basic(u.clone(), p.clone()),
         _ => RegistryAuth::Anonymous,
     };
-    let (mut bytes, mut at) = manifest(&client, &parsed, &auth, parsed.digest()).await?;
+    let mut bytes = manifest(&client, &parsed, &auth, parsed.digest()).await?;
     if serde_json::from_slice::<serde_json::Value>(&bytes)
         .is_ok_and(|v| v.get("manifests").is_some())
     {
@@ -143,9 +143,8 @@ pub async fn pull(
             parsed.repository().to_owned(),
             chosen.clone(),
         );
-        (bytes, at) = manifest(&client, &by_digest, &auth, Some(&chosen)).await?;
+        bytes = manifest(&client, &by_digest, &auth, Some(&chosen)).await?;
     }
-    let _ = at;
     let parsed_manifest =
         ImageManifest::from_reader(&bytes[..]).map_err(|source| PullError::Document {
             reference: reference.to_owned(),
@@ -192,14 +191,14 @@ pub async fn pull(
     Ok(store.add(reference, &bytes)?)
 }
 
-/// A manifest's bytes and digest, checked: its bytes hash to the digest
-/// the registry says, and to `expected` when the caller named one.
+/// A manifest's bytes, checked: they hash to the digest the registry
+/// says, and to `expected` when the caller named one.
 async fn manifest(
     client: &Client,
     reference: &Reference,
     auth: &RegistryAuth,
     expected: Option<&str>,
-) -> Result<(Vec<u8>, Digest), PullError> {
+) -> Result<Vec<u8>, PullError> {
     let (bytes, said) = client
         .pull_manifest_raw(reference, auth, &ACCEPTED)
         .await
@@ -217,7 +216,7 @@ async fn manifest(
             });
         }
     }
-    Ok((bytes.to_vec(), actual))
+    Ok(bytes.to_vec())
 }
 
 #[cfg(test)]
