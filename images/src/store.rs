@@ -50,6 +50,9 @@ pub struct GcReport {
     pub blobs_removed: u64,
     pub bytes_freed: u64,
     pub roots_removed: u64,
+    /// Unreferenced roots kept because a sandbox still uses them (it holds
+    /// a shared `flock` on the root); a later `gc` removes them.
+    pub roots_in_use: u64,
 }
 
 /// Why the store could not do something.
@@ -427,6 +430,10 @@ impl ImageStore {
             let e = e.map_err(io_err("listing roots"))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if name != "tmp" && !manifests.contains(name.as_str()) {
+                let Some(_held) = lock_unused(&e.path()) else {
+                    report.roots_in_use += 1;
+                    continue;
+                };
                 fs::remove_dir_all(e.path()).map_err(io_err(format!("removing root {name}")))?;
                 report.roots_removed += 1;
             }
@@ -519,6 +526,15 @@ impl ImageStore {
         }
         Ok(())
     }
+}
+
+/// An exclusive `flock` on the root `dir`, if no sandbox holds a shared
+/// one (a jail rooted in it does, for its life).
+fn lock_unused(dir: &Path) -> Option<fs::File> {
+    let f = fs::File::open(dir).ok()?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (r == 0).then_some(f)
 }
 
 /// Whether a reference without a digest names a tag: a `:` after the

@@ -154,8 +154,48 @@ fn a_workspace_rooted_in_an_image_keeps_its_root_writes_for_its_life() {
         "import os; print(open('{WRITABLE_DIR}/kept').read(), os.environ['KILN_IMAGE_ENV'])"
     ));
     assert_eq!(r["stdout"], "1 from-the-image\n", "{r}");
+    // Removed and collected while the workspace lives: its root stays.
+    let images = s.scope.state_dir.join("images");
+    let image = |args: &[&str]| {
+        let out = Command::new(bin("kiln"))
+            .arg("image")
+            .args(args)
+            .arg("--images-dir")
+            .arg(&images)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    image(&["rm", PY]);
+    let gc: Value = serde_json::from_str(&image(&["gc", "--json"])).unwrap();
+    assert_eq!(
+        (gc["roots_removed"].as_u64(), gc["roots_in_use"].as_u64()),
+        (Some(0), Some(1)),
+        "{gc}"
+    );
+    let r = exec(format!("print(open('{MARKER_PATH}').read())"));
+    assert_eq!(
+        r["stdout"], "served\n",
+        "the workspace still has its root: {r}"
+    );
     let r = s.request("DELETE", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(r.status, 204);
+    let mut removed = 0;
+    for _ in 0..100 {
+        let gc: Value = serde_json::from_str(&image(&["gc", "--json"])).unwrap();
+        removed += gc["roots_removed"].as_u64().unwrap();
+        if removed == 1 {
+            break;
+        }
+        // The jail's teardown finishes after the DELETE answers.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(removed, 1, "the root goes once the workspace is gone");
     let (st, r) = s.json(
         "POST",
         "/v1/sandboxes",

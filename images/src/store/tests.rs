@@ -232,3 +232,30 @@ fn lookup_follows_links_inside_the_root_only() {
     assert_eq!(lookup(&root, "/up/passwd"), None);
     fs::remove_dir_all(&top).unwrap();
 }
+
+#[test]
+fn gc_keeps_an_unreferenced_root_a_sandbox_still_holds() {
+    use std::os::fd::AsRawFd;
+    let top = scratch("store-gc-held");
+    let layout = top.join("layout");
+    write_layout(&layout, &[image("kiln.test/held:1", vec![base_layer()])]).unwrap();
+    let store = ImageStore::open(top.join("store")).unwrap();
+    let held = import(&store, &layout, None).unwrap().remove(0);
+    let root = store.root(&held).unwrap();
+    // What a jail rooted in it holds for its life.
+    let lock = fs::File::open(&root).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH) }, 0);
+    store.remove("kiln.test/held:1").unwrap();
+    let report = store.gc().unwrap();
+    assert_eq!((report.roots_removed, report.roots_in_use), (0, 1));
+    assert!(
+        root.join("usr/bin/tool").is_file(),
+        "the root stays while in use"
+    );
+    drop(lock);
+    let report = store.gc().unwrap();
+    assert_eq!((report.roots_removed, report.roots_in_use), (1, 0));
+    assert!(!root.exists());
+    fs::remove_dir_all(&top).unwrap();
+}

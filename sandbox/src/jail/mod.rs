@@ -435,6 +435,21 @@ pub struct Jail {
     /// The CPU weight last set successfully, so that setting it again costs
     /// nothing (a write per lease saved).
     background: std::sync::atomic::AtomicBool,
+    /// A shared `flock` on the image root under the jail's overlay, held
+    /// for the jail's life: the image store's GC skips a root so locked.
+    _image_lock: Option<fs::File>,
+}
+
+/// Opens `dir` (an image root) and takes a shared `flock` on it.
+fn lock_image_root(dir: &Path) -> Result<fs::File, SandboxError> {
+    let f = fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        return Err(io_err(format!("locking {}", dir.display()))(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
 }
 
 struct Remains {
@@ -656,6 +671,11 @@ impl Backend for JailBackend {
                 .resolve(w)
                 .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         }
+        let image_lock = spec
+            .image
+            .as_ref()
+            .map(|i| lock_image_root(&i.dir))
+            .transpose()?;
         let id = SandboxId::random();
         let t0 = std::time::Instant::now();
         let inner = self.inner.clone();
@@ -705,6 +725,7 @@ impl Backend for JailBackend {
             agent: AgentConn::new(stream),
             remains: Some(remains),
             background: spec.background.into(),
+            _image_lock: image_lock,
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
