@@ -245,9 +245,12 @@ fn the_pool_keeps_spares_of_a_default_image_and_uses_each_for_one_job() {
         "[images.defaults]\npython = \"kiln.test/python:3\"\n",
         &["--min-idle", "1", "--pool-runtimes", "python"],
     );
+    // A spare idle in the pool (readyz latches once the pool first fills;
+    // the pool's own gauge says when it has refilled).
     let ready = || {
         for _ in 0..1200 {
-            if s.request("GET", "/readyz", None).status == 200 {
+            let m = s.request("GET", "/metrics", None).text();
+            if m.contains("kiln_pool_idle_sandboxes{template=\"python\"} 1") {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
