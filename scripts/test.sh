@@ -36,8 +36,10 @@ esac
 
 # Debian packages: the runtimes the default runtime table names, and
 # bubblewrap for the benchmark baseline. (The page server issues its
-# userfaultfd ioctls itself, so no libclang/bindgen is needed.)
-packages=(python3 nodejs bash bubblewrap procps iproute2)
+# userfaultfd ioctls itself, so no libclang/bindgen is needed.) The image
+# tests start their own registries on loopback (docker-registry) and push
+# their images, made from host files, with skopeo.
+packages=(python3 nodejs bash bubblewrap procps iproute2 docker-registry skopeo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

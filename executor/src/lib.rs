@@ -9,6 +9,7 @@ mod amqp;
 mod cli;
 mod config;
 mod http;
+mod images;
 mod jobs;
 mod live;
 mod metrics;
@@ -62,6 +63,9 @@ enum Command {
     /// Snapshots of microVM memory.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// OCI images sandboxes can be rooted in: import, list, remove, gc.
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +150,7 @@ pub fn main() -> ExitCode {
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
             Command::Template(cmd) => cli::template::run(cmd).await,
+            Command::Image(cmd) => cli::image::run(cmd).await,
             Command::Snapshot(_) => unreachable!("handled before the runtime starts"),
         }
     });

@@ -21,6 +21,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageLabels {
+    /// Manifest digest: as many values as stored images.
+    image: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -60,6 +66,7 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 #[derive(Clone, Debug)]
 pub struct Metrics {
     jobs: Family<OutcomeLabels, Counter>,
+    image_jobs: Family<ImageLabels, Counter>,
     phases: Histograms<PhaseLabels>,
     acquires: Family<AcquireLabels, Counter>,
     rejections: Family<RejectLabels, Counter>,
@@ -76,6 +83,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             jobs: Family::default(),
+            image_jobs: Family::default(),
             phases: Family::new_with_constructor(seconds_histogram),
             acquires: Family::default(),
             rejections: Family::default(),
@@ -96,6 +104,11 @@ impl Metrics {
             "kiln_jobs",
             "Jobs finished, by intake and outcome",
             self.jobs.clone(),
+        );
+        r.register(
+            "kiln_image_jobs",
+            "Jobs finished in an image root, by the image's manifest digest",
+            self.image_jobs.clone(),
         );
         r.register_with_unit(
             "kiln_job_phase",
@@ -158,6 +171,13 @@ impl Metrics {
                 outcome: r.outcome.as_str(),
             })
             .inc();
+        if let Some(image) = &r.image {
+            self.image_jobs
+                .get_or_create(&ImageLabels {
+                    image: image.clone(),
+                })
+                .inc();
+        }
         let t = &r.timings;
         for (phase, ms) in [
             ("queued", t.queued_ms),

@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_protocol::{Acquire, JobId, JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
-use kiln_sandbox::{run_job, AnyBackend, Backend, Capabilities, Sandbox, SandboxSpec, Stream};
+use kiln_sandbox::{
+    run_job, AnyBackend, Backend, Capabilities, ImageRoot, Sandbox, SandboxSpec, Stream,
+};
+
+use crate::images::{self, Images};
 use kiln_warmpool::{Pool, TemplateKey, TemplateSettings};
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
@@ -52,6 +56,9 @@ pub struct SchedulerSettings {
     /// Finished results kept for `GET /v1/jobs/{id}`.
     pub retention: Retention,
     pub workspaces: WorkspaceSettings,
+    /// The image store jobs' and sandboxes' `image` is looked up in, and
+    /// its rules.
+    pub images: kiln_sandbox::settings::ImagesSettings,
 }
 
 /// Where a job came from (a label on metrics and logs).
@@ -182,6 +189,9 @@ impl Admission {
 struct Template {
     key: TemplateKey,
     spec: SandboxSpec,
+    /// Digest of the image its sandboxes are rooted in (the runtime's
+    /// default image), if any: only jobs in that image lease them.
+    image: Option<String>,
 }
 
 struct Inner {
@@ -201,6 +211,7 @@ struct Inner {
     hard_stop: watch::Sender<bool>,
     jobs: JobStore,
     workspaces: Workspaces,
+    images: Images,
     metrics: Metrics,
     /// Moving average of a job's time in the system, in ms (for Retry-After).
     avg_total_ms: Mutex<f64>,
@@ -221,6 +232,7 @@ impl Scheduler {
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(settings.max_running >= 1, "max_running must be at least 1");
+        let images = Images::new(&settings.images, &runtimes);
         let mut templates = HashMap::new();
         let mut specs = HashMap::new();
         for name in &settings.pooled {
@@ -232,8 +244,23 @@ impl Scheduler {
             // Spares warm up at background CPU priority, so that refilling
             // the pool does not slow the jobs running meanwhile.
             spec.background = true;
+            // A runtime with a default image keeps spares rooted in it
+            // (unpacked now if need be).
+            let image = match images.default_for(&rt.name) {
+                None => None,
+                Some(reference) => match images.ready_blocking(&reference, rt) {
+                    Ok(ready) => {
+                        spec.image = Some(ready.root.clone());
+                        Some(ready.root.digest)
+                    }
+                    Err(e) => {
+                        tracing::warn!("no pool spares of {}'s default image: {e}", rt.name);
+                        continue;
+                    }
+                },
+            };
             specs.insert(key.clone(), spec.clone());
-            templates.insert(rt.name.clone(), Template { key, spec });
+            templates.insert(rt.name.clone(), Template { key, spec, image });
         }
         // A sandbox that cannot be reset (a microVM has no rooms to
         // replace) serves one job, instead of failing a recycle after each.
@@ -254,7 +281,10 @@ impl Scheduler {
                     max_total: settings.max_running + settings.min_idle + 2,
                     replenish_concurrency: 2,
                     max_age: settings.max_idle_age,
-                    max_uses,
+                    // A reset replaces a sandbox's rooms, not its root: what
+                    // a job wrote into an image root's writable layer would
+                    // meet the next job. Such spares serve one job each.
+                    max_uses: if t.image.is_some() { 1 } else { max_uses },
                     lease_timeout: settings.lease_timeout,
                     ..TemplateSettings::default()
                 },
@@ -267,8 +297,10 @@ impl Scheduler {
             backend.clone(),
             runtimes.clone(),
             metrics.clone(),
+            images.clone(),
         );
         let inner = Inner {
+            images,
             jobs: JobStore::new(settings.retention),
             run_slots: Semaphore::new(settings.max_running),
             admission: Admission::new(free),
@@ -319,7 +351,7 @@ impl Scheduler {
 
     /// Validates against the runtime table and admits. Never blocks: a full
     /// queue is an error.
-    pub fn submit(&self, spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
+    pub fn submit(&self, mut spec: JobSpec, opts: SubmitOptions) -> Result<JobHandle, AdmitError> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             inner.metrics.rejected(opts.source, "shutting_down");
@@ -336,6 +368,20 @@ impl Scheduler {
                 ))));
             }
         };
+        if spec.image.is_none() {
+            spec.image = inner.images.default_for(&runtime.name);
+        }
+        // An image that is not stored, not allowed, or lacks the runtime,
+        // is the caller's mistake: refused before admission.
+        if let Some(Err(e)) = spec.image.as_ref().map(|i| inner.images.check(i, &runtime)) {
+            if e.is_callers() {
+                inner.metrics.rejected(opts.source, "invalid");
+                return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
+                    id,
+                    e.to_string(),
+                ))));
+            }
+        }
         if !inner.admission.try_admit() {
             inner.metrics.rejected(opts.source, "busy");
             return Err(AdmitError::Busy {
@@ -448,6 +494,11 @@ impl Scheduler {
     }
 
     /// The workspaces (sandboxes kept for several execs).
+    /// The image store jobs and sandboxes are rooted from.
+    pub fn images(&self) -> &Images {
+        &self.inner.images
+    }
+
     pub fn workspaces(&self) -> &Workspaces {
         &self.inner.workspaces
     }
@@ -511,8 +562,15 @@ async fn acquire(
     inner: &Inner,
     runtime: &Runtime,
     spec: &JobSpec,
+    image: Option<ImageRoot>,
 ) -> Result<(Held, Acquire), String> {
-    if let Some(t) = inner.templates.get(&runtime.name) {
+    // Spares are rooted in one image (or none): they serve jobs of the same.
+    let digest = image.as_ref().map(|i| i.digest.as_str());
+    let pooled = inner
+        .templates
+        .get(&runtime.name)
+        .filter(|t| t.image.as_deref() == digest);
+    if let Some(t) = pooled {
         let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
         // A job whose limits the template's sandboxes cannot take gets a
         // sandbox of its own rather than a pooled one thrown away.
@@ -553,9 +611,11 @@ async fn acquire(
             }
         }
     }
+    let mut sandbox_spec = sandboxes::spec_for(&spec.limits, &runtime.name);
+    sandbox_spec.image = image;
     let sandbox = inner
         .backend
-        .create(&sandboxes::spec_for(&spec.limits, &runtime.name))
+        .create(&sandbox_spec)
         .await
         .map_err(|e| e.to_string())?;
     Ok((Held::Own(sandbox), Acquire::Cold))
@@ -565,7 +625,7 @@ async fn acquire(
 async fn run(
     inner: Arc<Inner>,
     record: Arc<JobRecord>,
-    spec: JobSpec,
+    mut spec: JobSpec,
     runtime: Runtime,
     opts: SubmitOptions,
     sandbox_tx: watch::Sender<Option<String>>,
@@ -579,6 +639,18 @@ async fn run(
         r
     };
     let result = async {
+        let image = match spec.image.clone() {
+            None => None,
+            Some(reference) => match inner.images.ready(&reference, &runtime).await {
+                Ok(ready) => {
+                    images::merge_env(&mut spec.env, &ready.env);
+                    Some(ready.root)
+                }
+                Err(e) if e.is_callers() => return JobResult::rejected(id.clone(), e.to_string()),
+                Err(e) => return JobResult::internal(id.clone(), e.to_string()),
+            },
+        };
+        let image_digest = image.as_ref().map(|i| i.digest.clone());
         let permit = tokio::select! {
             p = inner.run_slots.acquire() => match p {
                 Ok(p) => p,
@@ -592,7 +664,7 @@ async fn run(
         record.set_running();
         let acq_start = Instant::now();
         let acquired = tokio::select! {
-            a = acquire(&inner, &runtime, &spec) => a,
+            a = acquire(&inner, &runtime, &spec, image) => a,
             _ = until_true(&mut hard_stop) => Err("the server shut down".into()),
         };
         let acquire_d = acq_start.elapsed();
@@ -621,7 +693,11 @@ async fn run(
                         } else if opts.remove_on_exit {
                             held.remove_job().await;
                         } else {
-                            match inner.workspaces.adopt(held, &runtime.name).await {
+                            match inner
+                                .workspaces
+                                .adopt(held, &runtime.name, image_digest.clone())
+                                .await
+                            {
                                 Ok(ws) => {
                                     sandbox_tx.send_replace(Some(ws.clone()));
                                     let note = format!("the sandbox is kept as workspace {ws}");
@@ -641,6 +717,7 @@ async fn run(
                     }
                 };
                 result.timings.acquire = Some(how);
+                result.image = image_digest;
                 if how == Acquire::Cold {
                     result.timings.sandbox = sandbox_timings;
                 }

@@ -5,6 +5,7 @@
 //! doing (an exec in flight ends with outcome `killed`) and destroyed.
 //! With `remove_on_exit` a workspace is destroyed after its first exec.
 
+use crate::images::{self, Images};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,6 +48,8 @@ pub struct WorkspaceRequest {
     pub pids: u64,
     /// Environment of every exec (an exec's own env wins).
     pub env: BTreeMap<String, String>,
+    /// The OCI image the sandbox's root is made of; `None`: the backend's.
+    pub image: Option<String>,
 }
 
 /// Why a workspace operation failed; the API maps each to a status.
@@ -98,6 +101,9 @@ pub struct WorkspaceInfo {
     pub disk_mb: u64,
     pub pids: u64,
     pub env: BTreeMap<String, String>,
+    /// Manifest digest of the image its root is made of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A live workspace.
@@ -140,6 +146,7 @@ impl Workspace {
 }
 
 struct Inner {
+    images: Images,
     settings: WorkspaceSettings,
     backend: AnyBackend,
     runtimes: RuntimeTable,
@@ -168,9 +175,11 @@ impl Workspaces {
         backend: AnyBackend,
         runtimes: RuntimeTable,
         metrics: Metrics,
+        images: Images,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                images,
                 settings,
                 backend,
                 runtimes,
@@ -203,6 +212,28 @@ impl Workspaces {
                 message: e.to_string(),
             })?
             .clone();
+        let image_ref = req
+            .image
+            .clone()
+            .or_else(|| self.inner.images.default_for(&runtime.name));
+        let ready = match &image_ref {
+            None => None,
+            Some(r) => Some(self.inner.images.ready(r, &runtime).await.map_err(|e| {
+                if e.is_callers() {
+                    WorkspaceError::Unsupported {
+                        field: "image",
+                        message: e.to_string(),
+                    }
+                } else {
+                    WorkspaceError::Internal(e.to_string())
+                }
+            })?),
+        };
+        let mut env = req.env;
+        if let Some(r) = &ready {
+            images::merge_env(&mut env, &r.env);
+        }
+        let image = ready.map(|r| r.root);
         self.reserve()?;
         let spec = SandboxSpec {
             memory_mb: req.memory_mb,
@@ -212,6 +243,7 @@ impl Workspaces {
             warm: vec![runtime.name.clone()],
             allow_internet: req.allow_internet,
             background: false,
+            image: image.clone(),
         };
         let jail = self.inner.backend.create(&spec).await.map_err(|e| match e {
             SandboxError::Unsupported(m) if req.allow_internet => WorkspaceError::Unsupported {
@@ -239,13 +271,20 @@ impl Workspaces {
             memory_mb: req.memory_mb,
             disk_mb: req.disk_mb,
             pids: req.pids,
-            env: req.env,
+            env,
+            image: image.map(|i| i.digest),
         };
         Ok(self.insert(Held::Own(jail), info, req.ttl))
     }
 
-    /// Keeps a job's sandbox as a workspace with the default TTL.
-    pub async fn adopt(&self, held: Held, runtime: &str) -> Result<String, WorkspaceError> {
+    /// Keeps a job's sandbox as a workspace with the default TTL; `image`:
+    /// the digest of the image its root is made of.
+    pub async fn adopt(
+        &self,
+        held: Held,
+        runtime: &str,
+        image: Option<String>,
+    ) -> Result<String, WorkspaceError> {
         if let Err(e) = self.reserve() {
             held.destroy().await;
             return Err(e);
@@ -265,6 +304,7 @@ impl Workspaces {
             disk_mb: d.disk_mb,
             pids: d.pids,
             env: BTreeMap::new(),
+            image,
         };
         Ok(self.insert(held, info, ttl).id)
     }

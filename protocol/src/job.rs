@@ -168,6 +168,10 @@ pub struct JobSpec {
     pub stdin: Vec<u8>,
     pub env: BTreeMap<String, String>,
     pub limits: Limits,
+    /// The OCI image whose filesystem is the sandbox's root (a stored
+    /// name, `name@sha256:...` or a manifest digest); `None`: the
+    /// backend's default root.
+    pub image: Option<String>,
 }
 
 /// What was wrong with a job: the field (dotted path) and what would be right.
@@ -214,6 +218,7 @@ impl JobSpec {
             stdin: Vec::new(),
             env: BTreeMap::new(),
             limits: Limits::default(),
+            image: None,
         }
     }
 
@@ -297,6 +302,29 @@ struct RawJobSpec {
     env: BTreeMap<String, String>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+}
+
+/// Checks an image reference's shape (whether the image exists is the
+/// executor's business): 1 to 255 bytes of what registry names, tags and
+/// digests are made of.
+pub fn check_image_ref(field: &str, image: &str) -> Result<(), SpecError> {
+    let ok = !image.is_empty()
+        && image.len() <= 255
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:/@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!(
+                "{image:?} is not an image reference; use a name such as registry/repo:tag or a sha256: digest"
+            ),
+        ))
+    }
 }
 
 /// Checks a path relative to the work directory: no `..`, not absolute, no
@@ -365,6 +393,9 @@ impl TryFrom<RawJobSpec> for JobSpec {
     fn try_from(raw: RawJobSpec) -> Result<Self, SpecError> {
         let id = raw.id.as_deref().map(JobId::parse).transpose()?;
         check_runtime_name(&raw.runtime)?;
+        if let Some(image) = &raw.image {
+            check_image_ref("image", image)?;
+        }
         if raw.code.is_none() && raw.files.is_empty() {
             return Err(SpecError::new(
                 "code",
@@ -517,6 +548,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
             stdin,
             env: raw.env,
             limits,
+            image: raw.image,
         })
     }
 }
@@ -559,6 +591,7 @@ impl From<JobSpec> for RawJobSpec {
                 disk_mb: Some(l.disk_mb as i64),
                 cpus: Some(l.cpu_millis as f64 / 1000.0),
             },
+            image: s.image,
         }
     }
 }
@@ -681,6 +714,10 @@ pub struct JobResult {
     pub message: Option<String>,
     pub timings: Timings,
     pub usage: Usage,
+    /// Manifest digest of the image the job's root came from, when it ran
+    /// in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl JobResult {
@@ -707,6 +744,7 @@ impl JobResult {
             message: Some(message.into()),
             timings: Timings::default(),
             usage: Usage::default(),
+            image: None,
         }
     }
 }
@@ -714,6 +752,20 @@ impl JobResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_reference_is_kept_and_a_malformed_one_refused() {
+        let s = JobSpec::from_json(
+            br#"{"runtime":"python","code":"1","image":"localhost:5000/py:3@sha256:ab"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.image.as_deref(), Some("localhost:5000/py:3@sha256:ab"));
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        let e =
+            JobSpec::from_json(br#"{"runtime":"python","code":"1","image":"a b"}"#).unwrap_err();
+        assert_eq!(e.field, "image");
+    }
 
     #[test]
     fn minimal_job_gets_default_limits() {

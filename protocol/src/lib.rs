@@ -17,7 +17,7 @@ pub use frame::{
     PROTOCOL_VERSION,
 };
 pub use job::{
-    check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits, Outcome,
-    SandboxStart, SandboxTimings, SpecError, Timings, Usage,
+    check_image_ref, check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits,
+    Outcome, SandboxStart, SandboxTimings, SpecError, Timings, Usage,
 };
 pub use runtime::{Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML};

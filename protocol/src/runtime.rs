@@ -264,6 +264,24 @@ impl RuntimeTable {
     pub fn iter(&self) -> impl Iterator<Item = &Runtime> {
         self.runtimes.iter()
     }
+
+    /// The same table with `runtime` in place of the runtime of its name:
+    /// the table of one sandbox whose root keeps that interpreter
+    /// elsewhere (an image's).
+    pub fn with_replaced(&self, runtime: Runtime) -> Self {
+        let runtimes = self
+            .runtimes
+            .iter()
+            .map(|r| {
+                if r.name == runtime.name {
+                    runtime.clone()
+                } else {
+                    r.clone()
+                }
+            })
+            .collect();
+        Self { runtimes }
+    }
 }
 
 #[cfg(test)]

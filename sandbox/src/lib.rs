@@ -69,6 +69,22 @@ pub struct SandboxSpec {
     /// interpreter warm-up should yield the CPU to sandboxes running jobs
     /// until [`Sandbox::set_background`] lifts it at lease.
     pub background: bool,
+    /// An image's unpacked root as `/` instead of the backend's default
+    /// root (the jail backend; the others refuse it as unsupported).
+    pub image: Option<ImageRoot>,
+}
+
+/// An unpacked OCI image to use as a sandbox's root: shared read-only by
+/// every sandbox of the image, each with a writable layer of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRoot {
+    /// The image's manifest digest.
+    pub digest: String,
+    /// The unpacked root (kiln-images' store).
+    pub dir: std::path::PathBuf,
+    /// The runtime table the sandbox's agent gets instead of the
+    /// backend's, when the image keeps an interpreter elsewhere.
+    pub runtimes: Option<kiln_protocol::RuntimeTable>,
 }
 
 impl SandboxSpec {
@@ -82,6 +98,7 @@ impl SandboxSpec {
             warm: vec![runtime.to_owned()],
             allow_internet: false,
             background: false,
+            image: None,
         }
     }
 }
@@ -166,6 +183,17 @@ impl ReapReport {
     pub fn extend(&mut self, other: ReapReport) {
         self.reaped.extend(other.reaped);
         self.failed.extend(other.failed);
+    }
+}
+
+/// The refusal of a backend that cannot root a sandbox in an image.
+pub(crate) fn no_image_roots(backend: &str, spec: &SandboxSpec) -> Result<(), SandboxError> {
+    match &spec.image {
+        Some(i) => Err(SandboxError::Unsupported(format!(
+            "image roots are not available with the {backend} backend yet (image {}); use the jail backend",
+            i.digest
+        ))),
+        None => Ok(()),
     }
 }
 

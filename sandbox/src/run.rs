@@ -239,6 +239,7 @@ pub async fn run_job<S: Sandbox>(
             memory_peak_bytes: peak,
             ..Usage::default()
         },
+        image: None,
     };
     if let Some(x) = &report {
         match x.status {

@@ -204,8 +204,35 @@ impl Default for SnapshotSettings {
     }
 }
 
+/// `[images]`: the store of OCI images sandboxes can be rooted in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesSettings {
+    /// Where images (blobs, index, unpacked roots) are kept; persistent,
+    /// unlike `backend.state_dir`.
+    pub dir: PathBuf,
+    /// The images jobs and sandboxes may name: stored names, name
+    /// prefixes ending in `*`, or manifest digests; empty: any stored
+    /// image.
+    pub allowed: Vec<String>,
+    /// Runtime name -> the image its jobs and sandboxes get when they name
+    /// none; a runtime not listed keeps the backend's own root.
+    pub defaults: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ImagesSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/kiln/images"),
+            allowed: Vec::new(),
+            defaults: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 /// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]`,
-/// `[qemu]`, `[firecracker]` and `[snapshot]` of the configuration file.
+/// `[qemu]`, `[firecracker]`, `[snapshot]` and `[images]` of the
+/// configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackendSettings {
@@ -215,17 +242,19 @@ pub struct BackendSettings {
     pub qemu: QemuSettings,
     pub firecracker: FirecrackerSettings,
     pub snapshot: SnapshotSettings,
+    pub images: ImagesSettings,
 }
 
 impl BackendSettings {
     /// The top-level sections these settings own in a configuration file.
-    pub const SECTIONS: [&'static str; 6] = [
+    pub const SECTIONS: [&'static str; 7] = [
         "backend",
         "jail",
         "guest",
         "qemu",
         "firecracker",
         "snapshot",
+        "images",
     ];
 }
 
@@ -260,6 +289,9 @@ pub struct BackendFlags {
     /// directories
     #[arg(long, env = "KILN_ROOTFS", value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
+    /// images.dir: where OCI images are stored [default: /var/lib/kiln/images]
+    #[arg(long, env = "KILN_IMAGES_DIR", value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
     /// guest.kernel: the microVM guest kernel (vmlinux) [default: the newest
     /// in the guest cache]
     #[arg(long, env = "KILN_GUEST_KERNEL", value_name = "PATH")]
@@ -337,6 +369,7 @@ impl BackendFlags {
         over_opt(&self.runtimes, &mut s.backend.runtimes);
         over(&self.cgroup_parent, &mut s.backend.cgroup_parent);
         over_opt(&self.rootfs, &mut s.jail.rootfs);
+        over(&self.images_dir, &mut s.images.dir);
         over_opt(&self.guest_kernel, &mut s.guest.kernel);
         over_opt(&self.guest_rootfs, &mut s.guest.rootfs);
         over(&self.guest_cache, &mut s.guest.cache);

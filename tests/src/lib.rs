@@ -9,7 +9,9 @@ use std::process::{Command, Output, Stdio};
 use kiln_protocol::JobResult;
 
 pub mod broker;
+pub mod images;
 pub mod openapi;
+pub mod registry;
 pub mod server;
 
 /// The directory holding the built binaries (`target/debug`), found from the

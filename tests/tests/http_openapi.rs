@@ -265,6 +265,14 @@ fn every_documented_operation_answers_as_documented() {
     );
 
     c.call("GET", "/api/v2/runtimes", "/api/v2/runtimes", None);
+    c.call("GET", "/v1/images", "/v1/images", None);
+    // A pull that cannot start (the registry is not on loopback): 400.
+    c.call(
+        "POST",
+        "/v1/images",
+        "/v1/images",
+        Some(json!({"reference": "registry.invalid/x:1", "insecure": true})),
+    );
     c.call(
         "POST",
         "/api/v2/execute",

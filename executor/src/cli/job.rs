@@ -34,6 +34,10 @@ pub struct JobArgs {
     /// Runtime name or alias (python, node, bash, ...).
     #[arg(short, long)]
     pub runtime: Option<String>,
+    /// The OCI image the job's root is made of (see `kiln image ls`)
+    /// [default: the backend's root]
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
     /// Code to run instead of a file.
     #[arg(short = 'c', long, value_name = "CODE", conflicts_with = "file")]
     pub code: Option<String>,
@@ -92,6 +96,7 @@ pub fn read_bounded(mut r: impl Read, max: usize, what: &str) -> anyhow::Result<
 #[derive(Debug, Default)]
 struct Overlay {
     runtime: Option<String>,
+    image: Option<String>,
     args: Vec<String>,
     /// JobSpec `files` entries.
     files: Vec<Value>,
@@ -119,6 +124,7 @@ impl Overlay {
             }
         }
         o.runtime = a.runtime.clone();
+        o.image = a.image.clone();
         o.args = a.args.clone();
         for f in &a.files {
             let (name, path) = match f.split_once('=') {
@@ -151,6 +157,7 @@ impl Overlay {
 
     fn is_empty(&self) -> bool {
         self.runtime.is_none()
+            && self.image.is_none()
             && self.args.is_empty()
             && self.files.is_empty()
             && self.env.is_empty()
@@ -164,6 +171,9 @@ impl Overlay {
     fn apply(self, doc: &mut Map<String, Value>) {
         if let Some(r) = self.runtime {
             doc.insert("runtime".into(), json!(r));
+        }
+        if let Some(i) = self.image {
+            doc.insert("image".into(), json!(i));
         }
         if !self.args.is_empty() {
             doc.insert("args".into(), json!(self.args));

@@ -1,5 +1,6 @@
 //! Subcommands of the `kiln` binary.
 
+pub mod image;
 mod job;
 pub mod run;
 pub mod serve;

@@ -96,8 +96,22 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let id = spec.id.clone().unwrap_or_else(JobId::random);
+    let mut sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
+    let images = crate::images::Images::new(&settings.images, &table);
+    if spec.image.is_none() {
+        spec.image = images.default_for(&runtime.name);
+    }
+    if let Some(reference) = spec.image.clone() {
+        match images.ready(&reference, &runtime).await {
+            Ok(ready) => {
+                crate::images::merge_env(&mut spec.env, &ready.env);
+                sandbox_spec.image = Some(ready.root);
+            }
+            Err(e) if e.is_callers() => return reject(e.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+    }
     let backend = settings.open(table)?;
-    let sandbox_spec = SandboxSpec::for_job(&spec.limits, &runtime.name);
     if backend.capabilities().templates {
         // The first run of a runtime and size builds its template (seconds);
         // later ones find it at once and restore from it. A failed build
@@ -133,6 +147,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let outcome = run_job(&sandbox, id, &runtime, &spec, false, &mut sink).await;
     sandbox.destroy().await;
     let mut r = outcome.result;
+    r.image = sandbox_spec.image.map(|i| i.digest);
     r.timings.acquire_ms = acquire_ms;
     r.timings.acquire = Some(Acquire::Cold);
     r.timings.total_ms = start.elapsed().as_secs_f64() * 1000.0;

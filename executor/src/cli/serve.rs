@@ -39,6 +39,7 @@ fn scheduler_settings(c: &Config, pooled: Vec<String>) -> SchedulerSettings {
             default_ttl: Duration::from_secs(c.sandboxes.default_ttl_s),
             max_ttl: Duration::from_secs(c.sandboxes.max_ttl_s),
         },
+        images: c.backends.images.clone(),
     }
 }
 

@@ -65,6 +65,7 @@ struct CreateBody {
     pids: Option<i64>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    image: Option<String>,
 }
 
 fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Result<u64, ApiError> {
@@ -130,6 +131,10 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
             ))
         }
     };
+    if let Some(i) = &b.image {
+        kiln_protocol::check_image_ref("image", i)
+            .map_err(|e| ApiError::field("image", e.message))?;
+    }
     if b.env.len() > limits::MAX_ENV {
         return Err(ApiError::field(
             "env",
@@ -154,6 +159,7 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
         disk_mb: range("disk_mb", b.disk_mb, limits::DISK_MB)?,
         pids: range("pids", b.pids, limits::PIDS)?,
         env: b.env,
+        image: b.image,
     })
 }
 

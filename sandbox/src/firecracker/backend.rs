@@ -501,6 +501,7 @@ impl Backend for FirecrackerBackend {
     /// Restores the sandbox from a usable template when there is one;
     /// boots it otherwise, or when the restore fails.
     async fn create(&self, spec: &SandboxSpec) -> Result<FirecrackerSandbox, SandboxError> {
+        crate::no_image_roots("firecracker", spec)?;
         let inner = &self.inner;
         inner.check_spec(spec)?;
         if inner.templates.is_some() {

@@ -59,6 +59,10 @@ pub enum RootFs {
     Dir(PathBuf),
 }
 
+/// The host uid and gid a jail's root is by default (`JailConfig::id_base`);
+/// image roots are unpacked owned by the ids from there.
+pub const DEFAULT_ID_BASE: u32 = 1_000_000_000;
+
 /// Settings of the jail backend.
 #[derive(Debug, Clone)]
 pub struct JailConfig {
@@ -92,7 +96,7 @@ impl JailConfig {
             cgroup_mount: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "kiln".into(),
             rootfs: RootFs::Host,
-            id_base: 1_000_000_000,
+            id_base: DEFAULT_ID_BASE,
             job_uid: 1000,
             job_gid: 1000,
             loopback: true,
@@ -174,6 +178,9 @@ struct Inner {
     job_filters: Vec<Vec<u8>>,
     root: rootfs::RootLayout,
     owner: record::Owner,
+    /// Whether the agent needs no dynamic loader: a root that is an image
+    /// has the image's libraries, not the host's.
+    agent_static: bool,
 }
 
 /// Makes jails. Cheap to clone.
@@ -216,6 +223,7 @@ impl JailBackend {
                 }
             }
         }
+        let agent_static = rootfs::is_static_elf(&agent);
         let root = rootfs::RootLayout::new(&cfg.rootfs, cfg.id_base, &agent)?;
         let jails = cfg.state_dir.join("jails");
         reach::create_searchable(&jails)
@@ -230,6 +238,7 @@ impl JailBackend {
                 job_filters,
                 root,
                 owner,
+                agent_static,
             }),
         })
     }
@@ -324,7 +333,11 @@ impl Inner {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
         let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
-        let mounts = self.root.mount().map_err(|e| fail(e.into(), None, &cg))?;
+        let mounts = match &spec.image {
+            Some(image) => self.root.mount_image(&image.dir, spec.disk_mb),
+            None => self.root.mount(),
+        }
+        .map_err(|e| fail(e.into(), None, &cg))?;
         let plan = self.plan(&root, &mounts.layers);
         let fds = spawn::ChildFds {
             agent_exe: mounts.agent.as_raw_fd(),
@@ -422,6 +435,21 @@ pub struct Jail {
     /// The CPU weight last set successfully, so that setting it again costs
     /// nothing (a write per lease saved).
     background: std::sync::atomic::AtomicBool,
+    /// A shared `flock` on the image root under the jail's overlay, held
+    /// for the jail's life: the image store's GC skips a root so locked.
+    _image_lock: Option<fs::File>,
+}
+
+/// Opens `dir` (an image root) and takes a shared `flock` on it.
+fn lock_image_root(dir: &Path) -> Result<fs::File, SandboxError> {
+    let f = fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        return Err(io_err(format!("locking {}", dir.display()))(
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
 }
 
 struct Remains {
@@ -628,6 +656,15 @@ impl Backend for JailBackend {
                 "allow_internet=true is not available with the jail backend: a jail has no network (only loopback)".into(),
             ));
         }
+        if let (Some(image), false) = (&spec.image, self.inner.agent_static) {
+            return Err(SandboxError::Unsupported(format!(
+                "image {} cannot root a jail: the agent {} is dynamically linked and would look for its libraries in the image; \
+                 build a static one (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p kiln-agent) \
+                 and set backend.agent / --agent / KILN_AGENT",
+                image.digest,
+                self.inner.cfg.agent.display()
+            )));
+        }
         for w in &spec.warm {
             self.inner
                 .cfg
@@ -635,6 +672,11 @@ impl Backend for JailBackend {
                 .resolve(w)
                 .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         }
+        let image_lock = spec
+            .image
+            .as_ref()
+            .map(|i| lock_image_root(&i.dir))
+            .transpose()?;
         let id = SandboxId::random();
         let t0 = std::time::Instant::now();
         let inner = self.inner.clone();
@@ -684,10 +726,15 @@ impl Backend for JailBackend {
             agent: AgentConn::new(stream),
             remains: Some(remains),
             background: spec.background.into(),
+            _image_lock: image_lock,
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
-            runtimes: self.inner.cfg.runtimes.clone(),
+            runtimes: spec
+                .image
+                .as_ref()
+                .and_then(|i| i.runtimes.clone())
+                .unwrap_or_else(|| self.inner.cfg.runtimes.clone()),
             warm: spec.warm.clone(),
             workdir: WORKDIR.into(),
             uid: self.inner.cfg.job_uid,

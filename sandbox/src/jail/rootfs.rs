@@ -142,13 +142,6 @@ impl Overlay {
     }
 
     /// The same overlay with a writable upper layer.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "image roots (a later issue) give each sandbox an upper"
-        )
-    )]
     pub fn with_upper(mut self, upper: Upper) -> Self {
         self.upper = Some(upper);
         self
@@ -219,6 +212,8 @@ pub struct RootLayout {
     _base: Base,
     layers: Vec<(&'static str, Overlay)>,
     agent: Overlay,
+    /// The jail's root on the host, owner of an image root's upper.
+    id_base: u32,
 }
 
 impl RootLayout {
@@ -264,6 +259,7 @@ impl RootLayout {
             _base: base,
             layers,
             agent,
+            id_base,
         })
     }
 
@@ -279,16 +275,108 @@ impl RootLayout {
                 })
             })
             .collect::<Result<_, RootFsError>>()?;
+        Ok(MountedRoot {
+            layers,
+            agent: self.mount_agent()?,
+        })
+    }
+
+    /// Mounts one jail's root made of an image instead: the image's
+    /// unpacked directory (`image`) as the read-only lower every sandbox of
+    /// the image shares, and as the upper a tmpfs of `disk_mb` MiB of the
+    /// jail's own, detached, so that it goes with the jail's last mount
+    /// and a full root is the jail's problem alone. `/dev` and the agent
+    /// as for every jail.
+    pub fn mount_image(&self, image: &Path, disk_mb: u64) -> Result<MountedRoot, RootFsError> {
+        let upper = upper_tmpfs(disk_mb, self.id_base)?;
+        let at = |rel: &str| PathBuf::from(format!("/proc/self/fd/{}/{rel}", upper.as_raw_fd()));
+        let root = Overlay::new(
+            vec![image.to_path_buf()],
+            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        )
+        .with_upper(Upper {
+            dir: at("upper"),
+            work: at("work"),
+        });
+        let mut layers = vec![Mounted {
+            at: "",
+            mount: root.mount()?,
+        }];
+        for (at, o) in self.layers.iter().filter(|(at, _)| *at == "dev") {
+            layers.push(Mounted {
+                at,
+                mount: o.mount()?,
+            });
+        }
+        Ok(MountedRoot {
+            layers,
+            agent: self.mount_agent()?,
+        })
+    }
+
+    fn mount_agent(&self) -> Result<OwnedFd, RootFsError> {
         let mount = self.agent.mount()?;
         // The open file keeps its mount; nothing else needs it.
-        let agent =
-            openat_path(mount.as_raw_fd(), AGENT_FILE).map_err(|source| RootFsError::Overlay {
-                lowers: self.agent.lowerdir(),
-                step: "opening the agent's binary",
-                source,
-            })?;
-        Ok(MountedRoot { layers, agent })
+        openat_path(mount.as_raw_fd(), AGENT_FILE).map_err(|source| RootFsError::Overlay {
+            lowers: self.agent.lowerdir(),
+            step: "opening the agent's binary",
+            source,
+        })
     }
+}
+
+/// Whether `elf` (an executable's bytes) runs without a dynamic loader:
+/// it has no `PT_INTERP` program header (ELF64, little-endian; anything
+/// else counts as dynamic).
+pub fn is_static_elf(elf: &[u8]) -> bool {
+    /// `PT_INTERP` (elf.h): the program header naming the loader.
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    // ELF magic, 64-bit class (2), little-endian (1).
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..phnum).all(|i| {
+        let at = phoff as usize + i * phentsize;
+        u32_at(at).is_some_and(|t| t != PT_INTERP)
+    })
+}
+
+/// A detached tmpfs of `disk_mb` MiB with an empty `upper` (owned by the
+/// jail's root, `id_base`) and `work` directory for an overlay.
+fn upper_tmpfs(disk_mb: u64, id_base: u32) -> Result<OwnedFd, RootFsError> {
+    let fail = |what: &str| {
+        let what = format!("the writable layer of an image root: {what}");
+        move |source| RootFsError::Base { what, source }
+    };
+    let fs = FsContext::open(c"tmpfs").map_err(fail("fsopen tmpfs"))?;
+    let size = cstring(format!("{}m", disk_mb.max(1)));
+    for (k, v) in [(c"mode", c"0755"), (c"size", size.as_c_str())] {
+        fs.set(k, v).map_err(fail("fsconfig tmpfs"))?;
+    }
+    let mount = fs
+        .mount(libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV)
+        .map_err(fail("fsmount tmpfs"))?;
+    mkdirat(mount.as_raw_fd(), c"upper", 0o755).map_err(fail("mkdir upper"))?;
+    chown_nofollow(mount.as_raw_fd(), c"upper", id_base).map_err(fail("chown upper"))?;
+    mkdirat(mount.as_raw_fd(), c"work", 0o700).map_err(fail("mkdir work"))?;
+    Ok(mount)
 }
 
 /// A host system directory as it appears in a jail's root.
@@ -827,6 +915,16 @@ mod tests {
     /// The agent's copy cannot be changed, not even by root: neither
     /// through a jail's overlay nor in the base (read-only once filled);
     /// and each jail's exec sees the bytes given at start-up.
+    #[test]
+    fn static_executables_are_told_from_dynamic_ones() {
+        let me = fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!is_static_elf(&me), "test binaries load libc dynamically");
+        // Debian's ldconfig is linked statically.
+        let ldconfig = fs::read("/sbin/ldconfig").unwrap();
+        assert!(is_static_elf(&ldconfig));
+        assert!(!is_static_elf(b"#!/bin/sh\n"));
+    }
+
     #[test]
     fn the_agent_copy_cannot_be_changed() {
         let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"#!/bin/true\n").unwrap();

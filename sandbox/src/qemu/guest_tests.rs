@@ -66,6 +66,7 @@ fn spec(memory_mb: u64) -> SandboxSpec {
         warm: vec!["python".into()],
         allow_internet: false,
         background: false,
+        image: None,
     }
 }
 

@@ -362,6 +362,7 @@ impl Backend for QemuBackend {
     /// Restores the sandbox from a usable template when there is one (see
     /// `template`); boots it otherwise, or when the restore fails.
     async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
+        crate::no_image_roots("qemu", spec)?;
         let inner = &self.inner;
         inner.check_warm(spec)?;
         if inner.templates.is_some() {

@@ -1,0 +1,246 @@
+//! Images for jobs and sandboxes: a job's or a sandbox's `image` resolved
+//! against the store (kiln-images), unpacked on first use off the async
+//! threads, checked to hold the runtime's interpreter, and handed to the
+//! backend as the sandbox's root. The image's `Env` becomes the job's
+//! environment under what the job sets itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_images::{Image, ImageStore, StoreError};
+use kiln_protocol::{Runtime, RuntimeTable};
+use kiln_sandbox::settings::ImagesSettings;
+use kiln_sandbox::ImageRoot;
+
+/// Why a job or sandbox cannot have the image it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRefusal {
+    /// Not in the store: the caller's mistake (4xx).
+    #[error("image: {0}")]
+    Unknown(#[source] Box<StoreError>),
+    /// The configuration does not allow the image (4xx).
+    #[error("image: {0} is not allowed here (images.allowed); use one of GET /v1/images that is")]
+    NotAllowed(String),
+    /// The image lacks what the runtime runs (4xx).
+    #[error("image: {image} has no {interpreter} (the interpreter of runtime {runtime}; looked for there and under its name in /usr/local/bin, /usr/bin and /bin); use an image that has it, or another runtime")]
+    NoInterpreter {
+        image: String,
+        runtime: String,
+        interpreter: String,
+    },
+    /// The store failed (5xx).
+    #[error("image {image}: {source}")]
+    Store {
+        image: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+impl ImageRefusal {
+    /// Whether the request was at fault (not Kiln).
+    pub fn is_callers(&self) -> bool {
+        !matches!(self, ImageRefusal::Store { .. })
+    }
+}
+
+/// The image store as the executor uses it, opened (its directory made)
+/// only when an image is first asked for. Cheap to clone.
+#[derive(Clone)]
+pub struct Images {
+    /// The backend's runtime table, whose commands an image may need
+    /// relocated.
+    table: Arc<RuntimeTable>,
+    dir: Arc<PathBuf>,
+    allowed: Arc<Vec<String>>,
+    defaults: Arc<BTreeMap<String, String>>,
+}
+
+/// An image ready to root a sandbox in, with what jobs in it inherit.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub root: ImageRoot,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Images {
+    /// The store and rules of `[images]`.
+    pub fn new(settings: &ImagesSettings, table: &RuntimeTable) -> Self {
+        Self {
+            table: Arc::new(table.clone()),
+            dir: Arc::new(settings.dir.clone()),
+            allowed: Arc::new(settings.allowed.clone()),
+            defaults: Arc::new(settings.defaults.clone()),
+        }
+    }
+
+    /// The image a job or sandbox of `runtime` gets when it names none.
+    pub fn default_for(&self, runtime: &str) -> Option<String> {
+        self.defaults.get(runtime).cloned()
+    }
+
+    fn allows(&self, image: &Image) -> bool {
+        self.allowed.is_empty()
+            || self.allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => image.name.starts_with(prefix),
+                None => *a == image.name || *a == image.digest.as_str(),
+            })
+    }
+
+    /// The store, its roots owned by the jail's id range (its directory
+    /// made if missing).
+    pub fn store(&self) -> Result<ImageStore, StoreError> {
+        Ok(ImageStore::open(self.dir.as_path())?.with_id_base(kiln_sandbox::jail::DEFAULT_ID_BASE))
+    }
+
+    /// Every stored image; none (and no store made) when the store's
+    /// directory does not exist yet.
+    pub fn list(&self) -> Result<Vec<Image>, StoreError> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        self.store()?.list()
+    }
+
+    /// Resolves `reference` at once (a cheap read of the index): unknown
+    /// images are refused before a job is admitted. When the image is
+    /// already unpacked, its interpreter is checked too.
+    pub fn check(&self, reference: &str, runtime: &Runtime) -> Result<Image, ImageRefusal> {
+        let store = self.store().map_err(|source| ImageRefusal::Store {
+            image: reference.to_owned(),
+            source: Box::new(source),
+        })?;
+        let image = store
+            .resolve(reference)
+            .map_err(|e| ImageRefusal::Unknown(Box::new(e)))?;
+        if !self.allows(&image) {
+            return Err(ImageRefusal::NotAllowed(reference.to_owned()));
+        }
+        let root = store.dir().join("roots").join(image.digest.hex());
+        if root.is_dir() {
+            check_interpreter(&image, &root, runtime)?;
+        }
+        Ok(image)
+    }
+
+    /// The image's root (unpacked now if it is not yet, on a blocking
+    /// thread) and environment, its interpreter checked.
+    pub async fn ready(&self, reference: &str, runtime: &Runtime) -> Result<Ready, ImageRefusal> {
+        let this = self.clone();
+        let (reference, runtime) = (reference.to_owned(), runtime.clone());
+        tokio::task::spawn_blocking(move || this.ready_blocking(&reference, &runtime))
+            .await
+            .map_err(|e| ImageRefusal::Store {
+                image: String::new(),
+                source: Box::new(StoreError::Io {
+                    what: "the unpacking task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            })?
+    }
+
+    /// [`Self::ready`] on the calling thread (which may block for the
+    /// unpacking).
+    pub fn ready_blocking(
+        &self,
+        reference: &str,
+        runtime: &Runtime,
+    ) -> Result<Ready, ImageRefusal> {
+        let image = self.check(reference, runtime)?;
+        let store = self.store().map_err(|source| ImageRefusal::Store {
+            image: reference.to_owned(),
+            source: Box::new(source),
+        })?;
+        let (root, config) = store
+            .root(&image)
+            .and_then(|root| Ok((root, store.config(&image)?)))
+            .map_err(|source| ImageRefusal::Store {
+                image: image.name.clone(),
+                source: Box::new(source),
+            })?;
+        let program = check_interpreter(&image, &root, runtime)?;
+        let runtimes = relocated(runtime, &program).map(|r| self.table.with_replaced(r));
+        let env = config
+            .config()
+            .as_ref()
+            .and_then(|c| c.env().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        Ok(Ready {
+            root: ImageRoot {
+                digest: image.digest.to_string(),
+                dir: root,
+                runtimes,
+            },
+            env,
+        })
+    }
+}
+
+/// The interpreter a runtime runs: its command's program.
+fn interpreter(runtime: &Runtime) -> Option<&str> {
+    runtime.command.first().map(String::as_str)
+}
+
+/// Where an image may keep an interpreter the runtime table names by
+/// another path: its command's own path first, then the usual `bin`
+/// directories (official language images install theirs under
+/// `/usr/local/bin`).
+const INTERPRETER_DIRS: [&str; 3] = ["/usr/local/bin", "/usr/bin", "/bin"];
+
+/// Finds the runtime's interpreter in the image: the path to run it by.
+fn check_interpreter(
+    image: &Image,
+    root: &Path,
+    runtime: &Runtime,
+) -> Result<String, ImageRefusal> {
+    let Some(program) = interpreter(runtime) else {
+        return Ok(String::new());
+    };
+    let name = program.rsplit('/').next().unwrap_or(program);
+    let candidates = program
+        .starts_with('/')
+        .then(|| program.to_owned())
+        .into_iter()
+        .chain(INTERPRETER_DIRS.iter().map(|d| format!("{d}/{name}")));
+    for c in candidates {
+        if kiln_images::lookup(root, &c).is_some_and(|p| p.is_file()) {
+            return Ok(c);
+        }
+    }
+    Err(ImageRefusal::NoInterpreter {
+        image: image.name.clone(),
+        runtime: runtime.name.clone(),
+        interpreter: program.to_owned(),
+    })
+}
+
+/// `runtime` with its interpreter at `program` instead, when that is
+/// elsewhere than its commands say.
+fn relocated(runtime: &Runtime, program: &str) -> Option<Runtime> {
+    let old = interpreter(runtime)?;
+    if old == program || program.is_empty() {
+        return None;
+    }
+    let mut r = runtime.clone();
+    r.command[0] = program.to_owned();
+    if let Some(w) = r.warm.as_mut() {
+        if w.command.first().map(String::as_str) == Some(old) {
+            w.command[0] = program.to_owned();
+        }
+    }
+    Some(r)
+}
+
+/// Lays the image's environment under the job's own.
+pub fn merge_env(job: &mut BTreeMap<String, String>, image: &BTreeMap<String, String>) {
+    for (k, v) in image {
+        job.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+}
