@@ -10,6 +10,7 @@ mod agent;
 mod any;
 pub mod firecracker;
 pub mod jail;
+pub mod network;
 mod procfs;
 pub mod qemu;
 pub mod record;

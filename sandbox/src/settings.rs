@@ -15,6 +15,7 @@ use crate::firecracker::{
     FirecrackerBackend, FirecrackerBackendConfig, FirecrackerConfig, IdRange, JailerConfig,
 };
 use crate::jail::{CgroupLayout, JailBackend, JailConfig, RootFs};
+pub use crate::network::NetworkSettings;
 use crate::qemu::{AccelChoice, QemuBackend, QemuConfig};
 use crate::record::Owner;
 use crate::vm::{image, GuestImage};
@@ -205,7 +206,8 @@ impl Default for SnapshotSettings {
 }
 
 /// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]`,
-/// `[qemu]`, `[firecracker]` and `[snapshot]` of the configuration file.
+/// `[qemu]`, `[firecracker]`, `[snapshot]` and `[network]` of the
+/// configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackendSettings {
@@ -215,17 +217,19 @@ pub struct BackendSettings {
     pub qemu: QemuSettings,
     pub firecracker: FirecrackerSettings,
     pub snapshot: SnapshotSettings,
+    pub network: NetworkSettings,
 }
 
 impl BackendSettings {
     /// The top-level sections these settings own in a configuration file.
-    pub const SECTIONS: [&'static str; 6] = [
+    pub const SECTIONS: [&'static str; 7] = [
         "backend",
         "jail",
         "guest",
         "qemu",
         "firecracker",
         "snapshot",
+        "network",
     ];
 }
 
@@ -467,6 +471,7 @@ impl BackendSettings {
         if let Some(r) = &self.jail.rootfs {
             cfg.rootfs = RootFs::Dir(r.clone());
         }
+        cfg.network = Some(self.network.clone());
         JailBackend::new(cfg).map_err(|source| OpenError::Backend {
             backend: "jail",
             source,

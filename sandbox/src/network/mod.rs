@@ -1,0 +1,539 @@
+//! Networks for sandboxes: air-gapped by default, internet on request
+//! under egress rules.
+//!
+//! A sandbox without `allow_internet` has a network namespace with only
+//! loopback: no route anywhere, so a connect fails at once
+//! (`ENETUNREACH`) and so does a name lookup (the resolver's address is
+//! unreachable too). A sandbox with it gets, in that same namespace of its
+//! own (for a jail: the room of the current lease, see the agent's `room`
+//! module), one end of a veth pair, `eth0`, with an address from the
+//! configured pool and a default route; the other end, `kn<slot>`, lives
+//! in the *host side* namespace (Kiln's own, or one configured), where an
+//! nftables table of Kiln's (see `nft`) forwards its packets by its egress
+//! rules and masquerades them, and where Kiln's resolver (see `resolver`)
+//! answers its name lookups.
+//!
+//! Domain rules hold against a job that resolves names itself or connects
+//! by address: the firewall lets through only networks the rules allow and
+//! the addresses Kiln's resolver handed out to *this* sandbox for names
+//! its rules allow, and every DNS packet a sandbox sends (to any address)
+//! is redirected to that resolver. The trade-off, documented in
+//! docs/security.md: an allowed name's address is reachable for whatever
+//! else is served there (shared hosting, a CDN); the alternative, reading
+//! the TLS SNI or the HTTP Host, is easy to lie to and blind to other
+//! protocols.
+//!
+//! Every piece is named by the sandbox's slot (`pool`): the interface, the
+//! chain and sets, the slot file. The slot file is written before anything
+//! else and removed after everything else, so that a process that finds
+//! it after a crash (the next [`Network::open`] on the same state
+//! directory) removes all of it.
+//!
+//! A namespace is never handed from one lease to another: a jail's reset
+//! makes a new room, with a new namespace, and the sandbox's veth pair is
+//! made again for it ([`NetLease::connect`]); the conntrack entries and the
+//! resolver's addresses of the last lease are forgotten first.
+
+mod command;
+mod nft;
+mod pool;
+mod resolver;
+mod rules;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use command::CommandError;
+pub use pool::Slot;
+pub use rules::{Cidr, DomainRule, EgressRules, EgressSpec, Rule};
+
+/// `[network]`: networking for sandboxes that ask for `allow_internet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSettings {
+    /// Give sandboxes that ask for it a network; `false`: `allow_internet`
+    /// is refused.
+    pub enabled: bool,
+    /// The IPv4 network sandbox addresses come from, a /30 each.
+    pub pool: String,
+    /// The network namespace of the host side (a file such as
+    /// `/run/netns/NAME`); default: Kiln's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_netns: Option<PathBuf>,
+    /// Where Kiln's resolver sends allowed questions (`a.b.c.d:port`);
+    /// default: the name servers of the host's `/etc/resolv.conf`.
+    pub upstream_dns: Vec<String>,
+    /// The name of Kiln's nftables table (`inet`) in the host side.
+    pub table: String,
+    /// Default egress rules: networks and names (`example.com`,
+    /// `*.example.com`, `*`) a sandbox may reach...
+    pub allow: Vec<String>,
+    /// ...and may not, whatever `allow` says.
+    pub deny: Vec<String>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            pool: "10.213.0.0/16".into(),
+            host_netns: None,
+            upstream_dns: Vec::new(),
+            table: "kiln".into(),
+            allow: vec!["*".into(), "0.0.0.0/0".into()],
+            deny: Vec::new(),
+        }
+    }
+}
+
+impl NetworkSettings {
+    /// The default egress rules, as rules.
+    pub fn egress(&self) -> EgressSpec {
+        EgressSpec {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+}
+
+/// Why sandbox networking could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A setting has a value that cannot be used.
+    #[error("network.{setting}: {reason}")]
+    Setting {
+        setting: &'static str,
+        reason: String,
+    },
+    /// Another process manages the networks of this state directory.
+    #[error("another Kiln holds {0} (one process manages the networks of a state directory)")]
+    Locked(PathBuf),
+    /// A file or namespace could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A data-plane command failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// Every address of the pool is in use.
+    #[error("the address pool {0} is exhausted (network.pool)")]
+    PoolExhausted(Cidr),
+    /// The sandbox's network namespace could not be found.
+    #[error("the sandbox's network namespace was not found: {0}")]
+    NoNamespace(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
+    let what = what.into();
+    move |source| NetworkError::Io { what, source }
+}
+
+/// Networking for one backend: the pool, the table, the resolver. Made
+/// once ([`Network::open`]); each networked sandbox holds a [`NetLease`].
+pub struct Network {
+    table: String,
+    pool: pool::Pool,
+    host_ns: Option<File>,
+    resolver: resolver::Resolver,
+    defaults: EgressRules,
+    _lock: File,
+}
+
+impl Network {
+    /// Takes the state directory's network lock, removes what a crashed
+    /// predecessor left (interfaces and slots; its table is replaced as a
+    /// whole), starts the resolver and installs the table.
+    pub fn open(settings: &NetworkSettings, state_dir: &Path) -> Result<Arc<Self>, NetworkError> {
+        let setting = |setting, reason| NetworkError::Setting { setting, reason };
+        let cidr: Cidr = settings.pool.parse().map_err(|r| setting("pool", r))?;
+        let defaults = EgressRules::parse(&settings.egress())
+            .map_err(|r| setting("allow / network.deny", r))?;
+        if settings.table.is_empty()
+            || !settings
+                .table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(setting(
+                "table",
+                format!("{:?} is not an nftables table name", settings.table),
+            ));
+        }
+        let upstream = if settings.upstream_dns.is_empty() {
+            host_name_servers()
+        } else {
+            settings
+                .upstream_dns
+                .iter()
+                .map(|s| {
+                    s.parse::<SocketAddr>()
+                        .or_else(|_| s.parse::<Ipv4Addr>().map(|a| SocketAddr::from((a, 53))))
+                        .map_err(|_| {
+                            setting(
+                                "upstream_dns",
+                                format!("{s:?} is not an address (a.b.c.d or a.b.c.d:port)"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let dir = state_dir.join("net");
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join("lock");
+        let lock =
+            File::create(&lock_path).map_err(io_err(format!("opening {}", lock_path.display())))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(NetworkError::Locked(lock_path));
+        }
+        let host_ns = settings
+            .host_netns
+            .as_ref()
+            .map(|p| {
+                File::open(p).map_err(io_err(format!(
+                    "opening network.host_netns {}",
+                    p.display()
+                )))
+            })
+            .transpose()?;
+        let pool =
+            pool::Pool::new(cidr, dir.join("slots")).map_err(|e| setting("pool", e.to_string()))?;
+        for (slot, sandbox) in pool.taken() {
+            tracing::info!(
+                slot = slot.index,
+                sandbox,
+                "removing the network of a sandbox of a dead process"
+            );
+            remove_link(host_ns.as_ref(), &slot);
+            forget_connections(host_ns.as_ref(), &slot);
+            pool.put_back(&slot);
+        }
+        let socket = bind_in(host_ns.as_ref())?;
+        let resolver = resolver::Resolver::start(
+            socket,
+            upstream,
+            host_ns
+                .as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .map_err(io_err("duplicating the host namespace"))?,
+        )
+        .map_err(io_err("starting the resolver"))?;
+        command::run(
+            host_ns.as_ref(),
+            "sh",
+            &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+            None,
+        )?;
+        let t = &settings.table;
+        let _ = command::run(
+            host_ns.as_ref(),
+            "nft",
+            &["delete", "table", "inet", t],
+            None,
+        );
+        command::run(
+            host_ns.as_ref(),
+            "nft",
+            &["-f", "-"],
+            Some(&nft::table(t, cidr, resolver.port())),
+        )?;
+        Ok(Arc::new(Self {
+            table: t.clone(),
+            pool,
+            host_ns,
+            resolver,
+            defaults,
+            _lock: lock,
+        }))
+    }
+
+    /// The default egress rules.
+    pub fn default_rules(&self) -> &EgressRules {
+        &self.defaults
+    }
+
+    /// The pool sandboxes' addresses come from.
+    pub fn pool(&self) -> Cidr {
+        self.pool.cidr()
+    }
+
+    /// The port Kiln's resolver listens on in the host side (sandboxes
+    /// reach it as port 53 of any address).
+    pub fn resolver_port(&self) -> u16 {
+        self.resolver.port()
+    }
+
+    /// Slots in use (for tests and reaping).
+    pub fn slots_taken(&self) -> usize {
+        self.pool.taken().len()
+    }
+
+    fn nft(&self, script: &str) -> Result<(), CommandError> {
+        command::run(self.host_ns.as_ref(), "nft", &["-f", "-"], Some(script)).map(drop)
+    }
+
+    /// A slot and the firewall's chain for `sandbox`, with `rules` (or the
+    /// defaults); its interface comes with [`NetLease::connect`].
+    pub fn lease(
+        self: &Arc<Self>,
+        sandbox: &str,
+        rules: Option<EgressRules>,
+    ) -> Result<NetLease, NetworkError> {
+        let slot = self
+            .pool
+            .take(sandbox)
+            .map_err(io_err("taking an address slot"))?
+            .ok_or(NetworkError::PoolExhausted(self.pool.cidr()))?;
+        let rules = Arc::new(rules.unwrap_or_else(|| self.defaults.clone()));
+        let lease = NetLease {
+            inner: Arc::new(LeaseInner {
+                net: self.clone(),
+                slot,
+                rules: Mutex::new(rules.clone()),
+                room: Mutex::new(None),
+            }),
+        };
+        self.nft(&nft::add_sandbox(&self.table, &slot, &rules))?;
+        lease.inner.register(rules);
+        Ok(lease)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = command::run(
+            self.host_ns.as_ref(),
+            "nft",
+            &["delete", "table", "inet", &self.table],
+            None,
+        );
+    }
+}
+
+/// One sandbox's network: its slot, rules and current room. Cheap to
+/// clone; everything goes when the last clone is dropped.
+#[derive(Clone)]
+pub struct NetLease {
+    inner: Arc<LeaseInner>,
+}
+
+struct LeaseInner {
+    net: Arc<Network>,
+    slot: Slot,
+    rules: Mutex<Arc<EgressRules>>,
+    /// The holder of the room connected now.
+    room: Mutex<Option<i32>>,
+}
+
+impl LeaseInner {
+    /// Tells the resolver who this sandbox is.
+    fn register(self: &Arc<Self>, rules: Arc<EgressRules>) {
+        let weak = Arc::downgrade(self);
+        let client = resolver::Client {
+            rules,
+            allow: Arc::new(move |addrs, ttl| {
+                let Some(me) = weak.upgrade() else {
+                    return false;
+                };
+                let script = nft::add_resolved(&me.net.table, &me.slot, addrs, ttl);
+                match me.net.nft(&script) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(
+                            slot = me.slot.index,
+                            "letting resolved addresses through: {e}"
+                        );
+                        false
+                    }
+                }
+            }),
+        };
+        self.net
+            .resolver
+            .clients
+            .lock()
+            .expect("never poisoned")
+            .insert(self.slot.address, client);
+    }
+}
+
+impl NetLease {
+    pub fn slot(&self) -> Slot {
+        self.inner.slot
+    }
+
+    /// The sandbox's address.
+    pub fn address(&self) -> Ipv4Addr {
+        self.inner.slot.address
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<EgressRules> {
+        self.inner.rules.lock().expect("never poisoned").clone()
+    }
+
+    /// Gives the network namespace of `holder` (a process of the room) the
+    /// sandbox's interface, address and route, taking it from the room
+    /// connected before. The caller makes sure the namespace is a new
+    /// room's (a jail has no spare room while networked, so its one room
+    /// after a reset is the new one); it may not be the host side's.
+    pub fn connect(&self, holder: i32) -> Result<(), NetworkError> {
+        let i = &self.inner;
+        let ns_path = format!("/proc/{holder}/ns/net");
+        let ns = File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
+        let ino = ns
+            .metadata()
+            .map_err(io_err(format!("stat {ns_path}")))?
+            .ino();
+        let host_ino = match &i.net.host_ns {
+            Some(f) => f.metadata().map(|m| m.ino()),
+            None => fs::metadata("/proc/self/ns/net").map(|m| m.ino()),
+        }
+        .map_err(io_err("stat of the host side's namespace"))?;
+        if ino == host_ino {
+            return Err(NetworkError::NoNamespace(format!(
+                "process {holder} is in the host side's namespace"
+            )));
+        }
+        let mut room = i.room.lock().expect("never poisoned");
+        self.disconnect_locked(&mut room);
+        let s = &i.slot;
+        let link = s.host_link();
+        let host = format!(
+            "link add {link} type veth peer name eth0 netns {holder}\n\
+             addr add {}/30 dev {link}\n\
+             link set {link} up\n",
+            s.gateway
+        );
+        command::run(i.net.host_ns.as_ref(), "ip", &["-batch", "-"], Some(&host))?;
+        let inside = format!(
+            "addr add {}/30 dev eth0\n\
+             link set eth0 up\n\
+             route add default via {}\n",
+            s.address, s.gateway
+        );
+        if let Err(e) = command::run(Some(&ns), "ip", &["-batch", "-"], Some(&inside)) {
+            remove_link(i.net.host_ns.as_ref(), s);
+            return Err(e.into());
+        }
+        *room = Some(holder);
+        Ok(())
+    }
+
+    /// Takes the interface away from the current room and forgets its
+    /// connections and resolved addresses.
+    pub fn disconnect(&self) {
+        let mut room = self.inner.room.lock().expect("never poisoned");
+        self.disconnect_locked(&mut room);
+    }
+
+    fn disconnect_locked(&self, room: &mut Option<i32>) {
+        let i = &self.inner;
+        if room.take().is_some() {
+            remove_link(i.net.host_ns.as_ref(), &i.slot);
+        }
+        forget_connections(i.net.host_ns.as_ref(), &i.slot);
+        let _ = i.net.nft(&nft::forget_resolved(&i.net.table, &i.slot));
+    }
+
+    /// New egress rules for a running sandbox: the sets are refilled, the
+    /// resolver's addresses forgotten, open connections cut.
+    pub fn set_rules(&self, rules: EgressRules) -> Result<(), NetworkError> {
+        let i = &self.inner;
+        let rules = Arc::new(rules);
+        i.net
+            .nft(&nft::replace_rules(&i.net.table, &i.slot, &rules))?;
+        *i.rules.lock().expect("never poisoned") = rules.clone();
+        i.register(rules);
+        forget_connections(i.net.host_ns.as_ref(), &i.slot);
+        Ok(())
+    }
+}
+
+impl Drop for LeaseInner {
+    fn drop(&mut self) {
+        let host = self.net.host_ns.as_ref();
+        self.net
+            .resolver
+            .clients
+            .lock()
+            .expect("never poisoned")
+            .remove(&self.slot.address);
+        remove_link(host, &self.slot);
+        for cmd in nft::remove_sandbox(&self.net.table, &self.slot) {
+            if let Err(e) = self.net.nft(&cmd) {
+                tracing::warn!(slot = self.slot.index, "removing the sandbox's rules: {e}");
+            }
+        }
+        forget_connections(host, &self.slot);
+        self.net.pool.put_back(&self.slot);
+    }
+}
+
+/// Deletes the host end of a slot's veth pair (the other end goes with
+/// it); nothing when it is already gone.
+fn remove_link(host_ns: Option<&File>, slot: &Slot) {
+    let _ = command::run(host_ns, "ip", &["link", "del", &slot.host_link()], None);
+}
+
+/// Deletes the conntrack entries of a slot's address, so that nothing of
+/// a lease's connections (NAT mappings, "established" state a peer could
+/// keep sending into) outlives it.
+fn forget_connections(host_ns: Option<&File>, slot: &Slot) {
+    let a = slot.address.to_string();
+    for dir in ["--orig-src", "--reply-dst"] {
+        let _ = command::run(host_ns, "conntrack", &["-D", dir, &a], None);
+    }
+}
+
+/// A UDP socket on a free port of every address, made in `host_ns`.
+fn bind_in(host_ns: Option<&File>) -> Result<UdpSocket, NetworkError> {
+    let bind = || UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let Some(ns) = host_ns else {
+        return bind().map_err(io_err("binding the resolver's socket"));
+    };
+    let ns = ns
+        .try_clone()
+        .map_err(io_err("duplicating the host namespace"))?;
+    // A thread of its own enters the namespace, so that no other thread
+    // of this process ever changes namespace; the socket stays in it.
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on a descriptor we own, for this thread only
+            // (CLONE_NEWNET), which ends right after.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            bind()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the binding thread panicked")))
+    })
+    .map_err(io_err(
+        "binding the resolver's socket in network.host_netns",
+    ))
+}
+
+/// The IPv4 name servers of `/etc/resolv.conf`, at port 53.
+fn host_name_servers() -> Vec<SocketAddr> {
+    let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut seen = HashSet::new();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| seen.insert(*a))
+        .map(|a| SocketAddr::from((a, 53)))
+        .collect()
+}
