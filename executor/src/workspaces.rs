@@ -47,6 +47,8 @@ pub struct WorkspaceRequest {
     pub pids: u64,
     /// Environment of every exec (an exec's own env wins).
     pub env: BTreeMap<String, String>,
+    /// Egress rules of a networked sandbox; `None`: the configured ones.
+    pub egress: Option<kiln_sandbox::network::EgressRules>,
 }
 
 /// Why a workspace operation failed; the API maps each to a status.
@@ -107,9 +109,50 @@ pub struct Workspace {
     ended: watch::Sender<Option<EndReason>>,
 }
 
+/// What `/v1/sandboxes/{id}/egress` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkView {
+    pub allow_internet: bool,
+    /// The sandbox's address; absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The rules in force; absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<kiln_sandbox::network::EgressSpec>,
+}
+
 impl Workspace {
     pub fn info(&self) -> &WorkspaceInfo {
         &self.info
+    }
+
+    /// The sandbox's network as it is now.
+    pub fn network(&self) -> Result<NetworkView, WorkspaceError> {
+        let n = self.held()?.network_info();
+        Ok(NetworkView {
+            allow_internet: n.is_some(),
+            address: n.as_ref().map(|n| n.address),
+            egress: n.map(|n| n.egress),
+        })
+    }
+
+    /// Replaces the egress rules of a networked workspace.
+    pub async fn set_egress(
+        &self,
+        rules: kiln_sandbox::network::EgressRules,
+    ) -> Result<NetworkView, WorkspaceError> {
+        let held = self.held()?;
+        if held.network_info().is_none() {
+            return Err(WorkspaceError::Unsupported {
+                field: "egress",
+                message: "this sandbox has no network; create it with allow_internet: true".into(),
+            });
+        }
+        tokio::task::spawn_blocking(move || held.set_egress(rules))
+            .await
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))?
+            .map_err(|e| WorkspaceError::Internal(format!("changing the egress rules: {e}")))?;
+        self.network()
     }
 
     fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
@@ -227,6 +270,17 @@ impl Workspaces {
                 return Err(e);
             }
         };
+        // Before anything runs in it: the sandbox's own rules replace the
+        // configured ones its network started with.
+        if let Some(rules) = req.egress {
+            if let Err(e) = jail.set_egress(rules) {
+                jail.destroy().await;
+                self.inner.slots.fetch_sub(1, Ordering::SeqCst);
+                return Err(WorkspaceError::Internal(format!(
+                    "setting the sandbox's egress rules: {e}"
+                )));
+            }
+        }
         let info = WorkspaceInfo {
             id: jail.id().to_string(),
             template: runtime.name.clone(),

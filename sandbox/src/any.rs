@@ -94,6 +94,14 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.set_background(background))
     }
 
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        each!(self, s => s.network_info())
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        each!(self, s => s.set_egress(rules))
+    }
+
     async fn reset(&self) -> Result<(), SandboxError> {
         each!(self, s => s.reset().await)
     }

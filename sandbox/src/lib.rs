@@ -244,6 +244,19 @@ pub trait Sandbox: Send + Sync {
     /// running code at once rather than when its exec next yields. Blocking
     /// (run it off the async threads); the sandbox is destroyed afterwards.
     fn kill_now(&self);
+    /// The sandbox's network (address, egress rules); `None` when it has
+    /// none but loopback.
+    fn network_info(&self) -> Option<network::NetworkInfo> {
+        None
+    }
+    /// Replaces the egress rules of a networked sandbox, at once for new
+    /// connections and name lookups (open connections are cut). Blocking
+    /// for a few milliseconds (the firewall's tools).
+    fn set_egress(&self, _rules: network::EgressRules) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}

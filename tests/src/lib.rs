@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use kiln_protocol::JobResult;
 
 pub mod broker;
+pub mod netlab;
 pub mod openapi;
 pub mod server;
 

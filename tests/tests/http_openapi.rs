@@ -187,6 +187,25 @@ fn every_documented_operation_answers_as_documented() {
         Some(json!({"template": "python", "cpus": -1})),
     );
     c.call("GET", "/v1/sandboxes", "/v1/sandboxes", None);
+    // Without [network] the sandbox is air-gapped: its rules cannot change.
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        None,
+    );
+    c.call(
+        "PUT",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        Some(json!({"allow": ["*"]})),
+    );
+    c.call(
+        "PUT",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        Some(json!({"allow": ["not a rule"]})),
+    );
     c.call(
         "GET",
         "/v1/sandboxes/{id}",

@@ -165,6 +165,16 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
                 sandboxes::exec(app, &id, req).await,
             )
         }
+        (["v1", "sandboxes", id, "egress"], &Method::GET) => {
+            ("/v1/sandboxes/{id}/egress", sandboxes::get_egress(app, id))
+        }
+        (["v1", "sandboxes", id, "egress"], &Method::PUT) => {
+            let id = id.to_string();
+            (
+                "/v1/sandboxes/{id}/egress",
+                sandboxes::put_egress(app, &id, req).await,
+            )
+        }
         (["v1", "sandboxes", id, "metrics"], &Method::GET) => {
             ("/v1/sandboxes/{id}/metrics", sandboxes::metrics(app, id))
         }
@@ -216,6 +226,7 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _]
             | ["v1", "sandboxes", _, "exec"]
             | ["v1", "sandboxes", _, "metrics"]
+            | ["v1", "sandboxes", _, "egress"]
             | ["v1", "sandboxes", _, "files", _, ..]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]

@@ -65,7 +65,25 @@ struct CreateBody {
     pids: Option<i64>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Egress rules (needs `allow_internet`); default: the configured ones.
+    egress: Option<kiln_sandbox::network::EgressSpec>,
 }
+
+/// Parses egress rules at the edge; the error names the bad rule.
+fn parse_egress(
+    spec: &kiln_sandbox::network::EgressSpec,
+) -> Result<kiln_sandbox::network::EgressRules, ApiError> {
+    if spec.allow.len() + spec.deny.len() > MAX_EGRESS_RULES {
+        return Err(ApiError::field(
+            "egress",
+            format!("at most {MAX_EGRESS_RULES} rules"),
+        ));
+    }
+    kiln_sandbox::network::EgressRules::parse(spec).map_err(|m| ApiError::field("egress", m))
+}
+
+/// Rules per sandbox: each is a set element or a resolver check.
+const MAX_EGRESS_RULES: usize = 256;
 
 fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Result<u64, ApiError> {
     match v {
@@ -144,7 +162,18 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
             ));
         }
     }
+    let egress = match &b.egress {
+        Some(_) if !b.allow_internet => {
+            return Err(ApiError::field(
+                "egress",
+                "egress rules need allow_internet: true",
+            ))
+        }
+        Some(spec) => Some(parse_egress(spec)?),
+        None => None,
+    };
     Ok(WorkspaceRequest {
+        egress,
         template: b.template,
         ttl,
         remove_on_exit: b.remove_on_exit,
@@ -202,6 +231,37 @@ fn find(app: &App, id: &str) -> Result<Arc<Workspace>, ApiError> {
 pub fn get(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     let ws = find(app, id)?;
     Ok(json_response(StatusCode::OK, ws.info()))
+}
+
+/// `GET /v1/sandboxes/{id}/egress`: address and rules.
+pub fn get_egress(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+    let ws = find(app, id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &ws.network().map_err(ws_error)?,
+    ))
+}
+
+/// `PUT /v1/sandboxes/{id}/egress`: new rules for a running workspace.
+pub async fn put_egress(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let ws = find(app, id)?;
+    let body = read_body(req, app.max_body_bytes).await?;
+    let spec: kiln_sandbox::network::EgressSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::field("egress", e))?;
+    let rules = parse_egress(&spec)?;
+    let view = ws.set_egress(rules).await.map_err(|e| {
+        let mut a = ws_error(e);
+        if a.field.as_deref() == Some("egress") {
+            a.status = StatusCode::UNPROCESSABLE_ENTITY;
+            a.code = "unsupported";
+        }
+        a
+    })?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {

@@ -660,6 +660,21 @@ impl Sandbox for Jail {
         Some(self.timings)
     }
 
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.network().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .set_rules(rules)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
     fn kill_now(&self) {
         if let Some(r) = &self.remains {
             r.cgroup.kill_all(Duration::from_secs(2));

@@ -104,6 +104,15 @@ impl NetworkSettings {
     }
 }
 
+/// What a networked sandbox shows of its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkInfo {
+    /// Its address (IPv4, from the pool).
+    pub address: Ipv4Addr,
+    /// The egress rules in force.
+    pub egress: EgressSpec,
+}
+
 /// Why sandbox networking could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -382,6 +391,14 @@ impl NetLease {
     /// The rules in force.
     pub fn rules(&self) -> Arc<EgressRules> {
         self.inner.rules.lock().expect("never poisoned").clone()
+    }
+
+    /// The address and the rules, for showing.
+    pub fn info(&self) -> NetworkInfo {
+        NetworkInfo {
+            address: self.address(),
+            egress: self.rules().to_spec(),
+        }
     }
 
     /// Gives the network namespace of `holder` (a process of the room) the

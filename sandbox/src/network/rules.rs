@@ -203,6 +203,20 @@ impl EgressRules {
         Ok(r)
     }
 
+    /// The rules as strings again (for showing them).
+    pub fn to_spec(&self) -> EgressSpec {
+        let show = |nets: &[Cidr], names: &[DomainRule]| {
+            nets.iter()
+                .map(|c| Rule::Network(*c).to_string())
+                .chain(names.iter().map(|d| Rule::Domain(d.clone()).to_string()))
+                .collect()
+        };
+        EgressSpec {
+            allow: show(&self.allow_networks, &self.allow_names),
+            deny: show(&self.deny_networks, &self.deny_names),
+        }
+    }
+
     /// Whether Kiln's resolver answers `name` for this sandbox.
     pub fn name_allowed(&self, name: &str) -> bool {
         self.allow_names.iter().any(|d| d.matches(name))
@@ -264,6 +278,7 @@ mod tests {
         assert!(r.name_allowed("ok.test"));
         assert!(!r.name_allowed("x.blocked.test"));
         assert!(r.address_denied(Ipv4Addr::new(198, 18, 5, 1)));
+        assert_eq!(EgressRules::parse(&r.to_spec()).unwrap(), r);
         assert!(!r.address_denied(Ipv4Addr::new(198, 18, 6, 1)));
     }
 
