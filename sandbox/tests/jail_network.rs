@@ -15,7 +15,8 @@ use kiln_sandbox::jail::{Jail, JailBackend, JailConfig};
 use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
 use kiln_tests::netlab::{
-    ip, World, BODY, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
+    ip, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
+    WEB_DENIED,
 };
 use kiln_tests::Scope;
 
@@ -26,6 +27,10 @@ struct Env {
 }
 
 fn settings(world: &World) -> NetworkSettings {
+    settings_limited(world, 0)
+}
+
+fn settings_limited(world: &World, rate_mbit: u32) -> NetworkSettings {
     NetworkSettings {
         enabled: true,
         pool: "10.213.0.0/24".into(),
@@ -37,6 +42,7 @@ fn settings(world: &World) -> NetworkSettings {
             format!("{WEB_ALLOWED_BY_NETWORK}/32"),
         ],
         deny: vec!["denied.wild.test".into()],
+        rate_mbit,
         ..NetworkSettings::default()
     }
 }
@@ -61,10 +67,14 @@ impl Env {
 }
 
 fn backend(scope: &Scope, world: &World) -> JailBackend {
+    backend_with(scope, settings(world))
+}
+
+fn backend_with(scope: &Scope, network: NetworkSettings) -> JailBackend {
     let mut cfg = JailConfig::new(kiln_tests::bin("kiln-agent"), RuntimeTable::default());
     cfg.state_dir = scope.state_dir.clone();
     cfg.cgroup_parent = scope.cgroup_parent.clone();
-    cfg.network = Some(settings(world));
+    cfg.network = Some(network);
     JailBackend::new(cfg).unwrap()
 }
 
@@ -294,4 +304,71 @@ fn what_a_crashed_owner_left_is_removed_by_the_next() {
     assert!(world.table().contains("map sandboxes"));
     drop(b);
     assert!(world.table().is_empty(), "the table goes with the backend");
+}
+
+/// Runs the bulk job's lines; bytes and seconds of each.
+async fn bulk(sb: &Jail, lines: &[String]) -> Vec<(u64, f64)> {
+    let mut spec = JobSpec::inline("python", BULK);
+    spec.stdin = lines.join("\n").into_bytes();
+    spec.limits.timeout_ms = 120_000;
+    let table = RuntimeTable::default();
+    let out = run_job(
+        sb,
+        JobId::random(),
+        table.resolve("python").unwrap(),
+        &spec,
+        false,
+        &mut (),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    out.result
+        .stdout
+        .lines()
+        .map(|l| {
+            let (b, s) = l.split_once(' ').unwrap();
+            (b.parse().unwrap(), s.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_both_ways() {
+    const MBIT: u32 = 40;
+    let world = World::new("rate");
+    let scope = Scope::new("net-rate");
+    let backend = backend_with(&scope, settings_limited(&world, MBIT));
+    let mut spec = SandboxSpec::for_job(&Default::default(), "python");
+    spec.allow_internet = true;
+    let sb = backend.create(&spec).await.unwrap();
+    // Two seconds' worth each way at the limit.
+    let bytes = u64::from(MBIT) * 1_000_000 / 8 * 2;
+    let got = bulk(
+        &sb,
+        &[
+            format!("down {WEB_ALLOWED_BY_NETWORK} {bytes}"),
+            format!("up {WEB_ALLOWED_BY_NETWORK} {bytes}"),
+        ],
+    )
+    .await;
+    for (way, (n, secs)) in ["down", "up"].iter().zip(&got) {
+        // The upload sends whole 64 KiB buffers.
+        let expect = if *way == "down" {
+            bytes
+        } else {
+            bytes.div_ceil(65536) * 65536
+        };
+        assert_eq!(*n, expect, "{way}: every byte arrived");
+        let mbit = *n as f64 * 8.0 / secs / 1e6;
+        // Only the bound can be asserted on a shared machine (a loaded one
+        // is slower, never faster); how close it comes is measured in
+        // docs/BENCHMARKS.md. The bucket's depth lets a little more by.
+        assert!(
+            mbit <= f64::from(MBIT) * 1.2,
+            "{way}: {mbit:.1} Mbit/s over a {MBIT} Mbit/s limit"
+        );
+        eprintln!("{way}: {mbit:.1} Mbit/s (limit {MBIT})");
+    }
+    sb.destroy().await;
+    assert!(world.host_links().is_empty());
 }

@@ -100,6 +100,34 @@ impl World {
                 let _ = c.write_all(BODY.as_bytes());
             }
         });
+        // Bulk bytes: port 81 sends as many as the first line asks for,
+        // port 82 swallows everything and answers how much it got.
+        let source = in_netns(&w.inet, || TcpListener::bind("0.0.0.0:81").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for c in source.incoming().flatten() {
+                std::thread::spawn(move || send_bulk(c));
+            }
+        });
+        let sink = in_netns(&w.inet, || TcpListener::bind("0.0.0.0:82").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut c in sink.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut n = 0u64;
+                    while let Ok(k) = c.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = c.write_all(n.to_string().as_bytes());
+                });
+            }
+        });
         // The DNS zone: every name under .test, by its first label.
         let dns = in_netns(&w.inet, || UdpSocket::bind((DNS, 53)).unwrap())
             .join()
@@ -156,6 +184,60 @@ impl Drop for World {
             .status();
     }
 }
+
+/// Port 81: reads a decimal byte count and a newline, sends that many.
+fn send_bulk(mut c: std::net::TcpStream) {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while c.read(&mut b).is_ok_and(|k| k == 1) && b[0] != b'\n' && line.len() < 20 {
+        line.push(b[0]);
+    }
+    let Ok(mut left) = String::from_utf8_lossy(&line).trim().parse::<u64>() else {
+        return;
+    };
+    let chunk = vec![b'k'; 1 << 16];
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        if c.write_all(&chunk[..k]).is_err() {
+            return;
+        }
+        left -= k as u64;
+    }
+}
+
+/// A job that moves bytes through the test internet's port 81 (down) and
+/// 82 (up); stdin is `down <host> <bytes>` or `up <host> <bytes>` lines,
+/// each answered `<bytes> <seconds>`, measured inside the sandbox.
+pub const BULK: &str = r#"
+import socket, sys, time
+for line in sys.stdin.read().split("\n"):
+    if not line:
+        continue
+    way, host, n = line.split()
+    n = int(n)
+    if way == "down":
+        s = socket.create_connection((host, 81))
+        t = time.monotonic()
+        s.sendall(b"%d\n" % n)
+        got = 0
+        while True:
+            b = s.recv(1 << 16)
+            if not b:
+                break
+            got += len(b)
+        print(got, time.monotonic() - t)
+    else:
+        s = socket.create_connection((host, 82))
+        buf = b"u" * 65536
+        t = time.monotonic()
+        sent = 0
+        while sent < n:
+            s.sendall(buf)
+            sent += len(buf)
+        s.shutdown(socket.SHUT_WR)
+        got = int(s.recv(100))
+        print(got, time.monotonic() - t)
+"#;
 
 fn serve_zone(socket: &UdpSocket) {
     let mut buf = [0u8; 1500];

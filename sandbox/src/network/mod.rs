@@ -78,6 +78,9 @@ pub struct NetworkSettings {
     pub allow: Vec<String>,
     /// ...and may not, whatever `allow` says.
     pub deny: Vec<String>,
+    /// Bandwidth of each networked sandbox, in Mbit/s, each way (a token
+    /// bucket on both ends of its veth pair); 0: unlimited.
+    pub rate_mbit: u32,
 }
 
 impl Default for NetworkSettings {
@@ -90,6 +93,7 @@ impl Default for NetworkSettings {
             table: "kiln".into(),
             allow: vec!["*".into(), "0.0.0.0/0".into()],
             deny: Vec::new(),
+            rate_mbit: 0,
         }
     }
 }
@@ -152,6 +156,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
 /// once ([`Network::open`]); each networked sandbox holds a [`NetLease`].
 pub struct Network {
     table: String,
+    rate_mbit: u32,
     pool: pool::Pool,
     host_ns: Option<File>,
     resolver: resolver::Resolver,
@@ -260,6 +265,7 @@ impl Network {
         )?;
         Ok(Arc::new(Self {
             table: t.clone(),
+            rate_mbit: settings.rate_mbit,
             pool,
             host_ns,
             resolver,
@@ -441,7 +447,30 @@ impl NetLease {
              route add default via {}\n",
             s.address, s.gateway
         );
-        if let Err(e) = command::run(Some(&ns), "ip", &["-batch", "-"], Some(&inside)) {
+        let limited = || -> Result<(), CommandError> {
+            if i.net.rate_mbit == 0 {
+                return Ok(());
+            }
+            // Towards the sandbox on the host end, from it on its own end
+            // (where a job, without CAP_NET_ADMIN, cannot change it).
+            command::run(
+                i.net.host_ns.as_ref(),
+                "tc",
+                &["-batch", "-"],
+                Some(&token_bucket(&link, i.net.rate_mbit)),
+            )?;
+            command::run(
+                Some(&ns),
+                "tc",
+                &["-batch", "-"],
+                Some(&token_bucket("eth0", i.net.rate_mbit)),
+            )
+            .map(drop)
+        };
+        let inside = command::run(Some(&ns), "ip", &["-batch", "-"], Some(&inside))
+            .map(drop)
+            .and_then(|()| limited());
+        if let Err(e) = inside {
             remove_link(i.net.host_ns.as_ref(), s);
             return Err(e.into());
         }
@@ -497,6 +526,15 @@ impl Drop for LeaseInner {
         forget_connections(host, &self.slot);
         self.net.pool.put_back(&self.slot);
     }
+}
+
+/// A `tc` command: a token bucket of `mbit` Mbit/s as the root queue of
+/// `dev`. The bucket holds 20 ms of traffic, and at least 64 KiB (a
+/// segmentation-offloaded packet on a veth can be that large).
+fn token_bucket(dev: &str, mbit: u32) -> String {
+    let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
+    let burst = (bytes_per_s / 50).max(64 << 10);
+    format!("qdisc add dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms\n")
 }
 
 /// Deletes the host end of a slot's veth pair (the other end goes with
