@@ -49,6 +49,8 @@ pub struct WorkspaceRequest {
     pub env: BTreeMap<String, String>,
     /// Egress rules of a networked sandbox; `None`: the configured ones.
     pub egress: Option<kiln_sandbox::network::EgressRules>,
+    /// The private network to join (networked sandboxes only).
+    pub network: Option<String>,
 }
 
 /// Why a workspace operation failed; the API maps each to a status.
@@ -119,6 +121,9 @@ pub struct NetworkView {
     /// The rules in force; absent when air-gapped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress: Option<kiln_sandbox::network::EgressSpec>,
+    /// The private network joined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 impl Workspace {
@@ -132,6 +137,7 @@ impl Workspace {
         Ok(NetworkView {
             allow_internet: n.is_some(),
             address: n.as_ref().map(|n| n.address),
+            network: n.as_ref().and_then(|n| n.network.clone()),
             egress: n.map(|n| n.egress),
         })
     }
@@ -272,14 +278,22 @@ impl Workspaces {
         };
         // Before anything runs in it: the sandbox's own rules replace the
         // configured ones its network started with.
-        if let Some(rules) = req.egress {
-            if let Err(e) = jail.set_egress(rules) {
-                jail.destroy().await;
-                self.inner.slots.fetch_sub(1, Ordering::SeqCst);
-                return Err(WorkspaceError::Internal(format!(
-                    "setting the sandbox's egress rules: {e}"
-                )));
-            }
+        let configured = match (req.egress, &req.network) {
+            (Some(rules), _) => jail
+                .set_egress(rules)
+                .map_err(|e| format!("setting the sandbox's egress rules: {e}")),
+            _ => Ok(()),
+        }
+        .and_then(|()| match &req.network {
+            Some(name) => jail
+                .join_network(name)
+                .map_err(|e| format!("joining the network {name:?}: {e}")),
+            None => Ok(()),
+        });
+        if let Err(e) = configured {
+            jail.destroy().await;
+            self.inner.slots.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkspaceError::Internal(e));
         }
         let info = WorkspaceInfo {
             id: jail.id().to_string(),

@@ -102,6 +102,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.set_egress(rules))
     }
 
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        each!(self, s => s.join_network(name))
+    }
+
     async fn reset(&self) -> Result<(), SandboxError> {
         each!(self, s => s.reset().await)
     }

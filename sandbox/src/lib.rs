@@ -257,6 +257,14 @@ pub trait Sandbox: Send + Sync {
             "this sandbox has no network (create it with allow_internet: true)".into(),
         ))
     }
+    /// Joins the private network `name`: sandboxes that joined the same
+    /// name reach each other (by address, or by sandbox id through Kiln's
+    /// resolver); others do not. Once, on a networked sandbox.
+    fn join_network(&self, _name: &str) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}

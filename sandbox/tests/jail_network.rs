@@ -372,3 +372,79 @@ async fn a_rate_limit_holds_both_ways() {
     sb.destroy().await;
     assert!(world.host_links().is_empty());
 }
+
+/// Starts a server on port 9000 of the sandbox that answers `peer`,
+/// left running in its room after the job ends.
+const LISTEN: &str = r#"
+import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen(8)
+if os.fork() == 0:
+    os.setsid()
+    for fd in (0, 1, 2):
+        os.close(fd)
+    while True:
+        c, _ = s.accept()
+        c.recv(100)
+        c.sendall(b"peer")
+        c.close()
+print("listening")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_of_one_private_network_talk_and_of_two_do_not() {
+    let env = Env::new("private");
+    let a1 = env.sandbox(true).await;
+    let a2 = env.sandbox(true).await;
+    let b1 = env.sandbox(true).await;
+    a1.join_network("a").unwrap();
+    a2.join_network("a").unwrap();
+    b1.join_network("b").unwrap();
+    assert!(a1.join_network("b").is_err(), "one network per sandbox");
+    let mut spec = JobSpec::inline("python", LISTEN);
+    spec.limits.timeout_ms = 20_000;
+    let out = run_job(
+        &a2,
+        JobId::random(),
+        RuntimeTable::default().resolve("python").unwrap(),
+        &spec,
+        false,
+        &mut (),
+    )
+    .await;
+    assert_eq!(out.result.stdout, "listening\n", "{:?}", out.result);
+    let a2_addr = a2.network().unwrap().address();
+    let a2_name = a2.id().to_string();
+    let lines = [
+        format!("tcp {a2_addr}:9000"),
+        format!("tcp {a2_name}:9000"),
+        // The internet still under the rules.
+        "tcp allowed.test:80".to_string(),
+    ];
+    assert_eq!(
+        probe(&a1, &lines).await,
+        ["ok:peer".to_string(), "ok:peer".into(), ok()]
+    );
+    // Another network: neither the address nor the name.
+    assert_eq!(
+        probe(&b1, &lines).await,
+        ["ECONNREFUSED".to_string(), "dns:-2".into(), ok()]
+    );
+    b1.destroy().await;
+    a1.destroy().await;
+    a2.destroy().await;
+    assert!(env.world.host_links().is_empty());
+    let table = env.world.table();
+    let network_sets = table.lines().filter(|l| {
+        l.trim()
+            .strip_prefix("set n")
+            .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+    });
+    assert_eq!(
+        network_sets.count(),
+        0,
+        "the networks' sets go with their last member: {table}"
+    );
+}

@@ -215,6 +215,69 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
     );
     assert_eq!(v, json!({"allow_internet": false}));
 
+    // A private network needs an interface; two sandboxes naming one
+    // reach each other (shown end to end in sandbox/tests/jail_network.rs)
+    // and resolve each other's ids.
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "network": "team"}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some("network")),
+        "{v}"
+    );
+    let mut team = Vec::new();
+    for _ in 0..2 {
+        let (st, v) = call(
+            &world,
+            &s,
+            "POST",
+            "/v1/sandboxes",
+            json!({"template": "python", "allow_internet": true, "network": "team", "egress": {"allow": []}}),
+        );
+        assert_eq!(st, 201, "{v}");
+        team.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let (_, v) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{}/egress", team[0]),
+        json!(null),
+    );
+    assert_eq!(v["network"], "team", "{v}");
+    let got = probe(
+        &world,
+        &s,
+        &team[0],
+        &[
+            format!("tcp {}:9", team[1]),
+            format!("tcp {id}:9"),
+            "tcp allowed.test:80".into(),
+        ],
+    );
+    // The peer's name resolves (nothing listens on port 9: its kernel
+    // resets); a sandbox outside the network does not; and no internet
+    // at all with an empty allow list.
+    assert_eq!(
+        got,
+        ["ECONNREFUSED".to_string(), "dns:-2".into(), "dns:-2".into()]
+    );
+    for t in &team {
+        let (st, _) = call(
+            &world,
+            &s,
+            "DELETE",
+            &format!("/v1/sandboxes/{t}"),
+            json!(null),
+        );
+        assert_eq!(st, 204);
+    }
+
     let (st, _) = call(
         &world,
         &s,

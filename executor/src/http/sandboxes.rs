@@ -67,6 +67,8 @@ struct CreateBody {
     env: BTreeMap<String, String>,
     /// Egress rules (needs `allow_internet`); default: the configured ones.
     egress: Option<kiln_sandbox::network::EgressSpec>,
+    /// A private network shared with the sandboxes that name it.
+    network: Option<String>,
 }
 
 /// Parses egress rules at the edge; the error names the bad rule.
@@ -172,7 +174,26 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
         Some(spec) => Some(parse_egress(spec)?),
         None => None,
     };
+    if let Some(n) = &b.network {
+        if !b.allow_internet {
+            return Err(ApiError::field(
+                "network",
+                "a private network needs allow_internet: true (an interface); use egress {\"allow\": []} for no internet",
+            ));
+        }
+        let ok = !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        if !ok {
+            return Err(ApiError::field(
+                "network",
+                format!("{n:?} is not a network name (letters, digits, - and _, at most 63)"),
+            ));
+        }
+    }
     Ok(WorkspaceRequest {
+        network: b.network,
         egress,
         template: b.template,
         ttl,

@@ -13,11 +13,13 @@ use kiln_protocol::RuntimeTable;
 use kiln_sandbox::jail::{JailBackend, JailConfig};
 use kiln_sandbox::Backend as _;
 
-/// Flags: `--runs N`, `--idle-ms N`, `--json-out FILE`.
+/// Flags: `--runs N`, `--idle-ms N`, `--json-out FILE`, `--rate-mbit N`.
 pub struct Flags {
     pub runs: usize,
     pub idle: Duration,
     pub json_out: Option<PathBuf>,
+    /// A bandwidth limit to measure (the network benchmark).
+    pub rate_mbit: u32,
 }
 
 impl Flags {
@@ -26,6 +28,7 @@ impl Flags {
             runs: default_runs,
             idle: Duration::from_millis(100),
             json_out: None,
+            rate_mbit: 100,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -39,9 +42,10 @@ impl Flags {
                     f.idle = Duration::from_millis(value("--idle-ms").parse().expect("--idle-ms N"))
                 }
                 "--json-out" => f.json_out = Some(value("--json-out").into()),
+                "--rate-mbit" => f.rate_mbit = value("--rate-mbit").parse().expect("--rate-mbit N"),
                 "--bench" => {}
                 other => {
-                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE")
+                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE --rate-mbit N")
                 }
             }
         }
@@ -66,6 +70,11 @@ pub fn runtimes() -> RuntimeTable {
 /// The release agent (or `KILN_AGENT`), and a backend whose sandboxes live
 /// under their own state directory and cgroup parent.
 pub fn backend() -> JailBackend {
+    backend_with(|_| {})
+}
+
+/// [`backend`] with the configuration changed by `change` first.
+pub fn backend_with(change: impl FnOnce(&mut JailConfig)) -> JailBackend {
     assert!(
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() } == 0,
@@ -85,6 +94,7 @@ pub fn backend() -> JailBackend {
     let mut cfg = JailConfig::new(agent, runtimes());
     cfg.state_dir = PathBuf::from("/run/kiln-bench");
     cfg.cgroup_parent = "kiln-bench".into();
+    change(&mut cfg);
     let b = JailBackend::new(cfg).expect("jail backend");
     let _ = b.reap_orphans();
     b

@@ -675,6 +675,15 @@ impl Sandbox for Jail {
         }
     }
 
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n.join(name).map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
     fn kill_now(&self) {
         if let Some(r) = &self.remains {
             r.cgroup.kill_all(Duration::from_secs(2));

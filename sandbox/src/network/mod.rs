@@ -115,6 +115,9 @@ pub struct NetworkInfo {
     pub address: Ipv4Addr,
     /// The egress rules in force.
     pub egress: EgressSpec,
+    /// The private network it joined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// Why sandbox networking could not be set up or changed.
@@ -155,6 +158,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
 /// Networking for one backend: the pool, the table, the resolver. Made
 /// once ([`Network::open`]); each networked sandbox holds a [`NetLease`].
 pub struct Network {
+    /// Private networks by name: their number (naming their set) and
+    /// their members, by sandbox id.
+    private: Mutex<PrivateNetworks>,
     table: String,
     rate_mbit: u32,
     pool: pool::Pool,
@@ -264,6 +270,7 @@ impl Network {
             Some(&nft::table(t, cidr, resolver.port())),
         )?;
         Ok(Arc::new(Self {
+            private: Mutex::default(),
             table: t.clone(),
             rate_mbit: settings.rate_mbit,
             pool,
@@ -318,6 +325,8 @@ impl Network {
                 slot,
                 rules: Mutex::new(rules.clone()),
                 room: Mutex::new(None),
+                sandbox: sandbox.to_owned(),
+                private: Mutex::new(None),
             }),
         };
         self.nft(&nft::add_sandbox(&self.table, &slot, &rules))?;
@@ -337,6 +346,28 @@ impl Drop for Network {
     }
 }
 
+/// The private networks of one [`Network`].
+#[derive(Default)]
+struct PrivateNetworks {
+    next: u32,
+    by_name: std::collections::HashMap<String, PrivateNetwork>,
+}
+
+struct PrivateNetwork {
+    id: u32,
+    /// Sandbox id and address of each member.
+    members: Vec<(String, Ipv4Addr)>,
+}
+
+/// What a private network's name may be: a DNS label.
+fn network_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// One sandbox's network: its slot, rules and current room. Cheap to
 /// clone; everything goes when the last clone is dropped.
 #[derive(Clone)]
@@ -350,6 +381,9 @@ struct LeaseInner {
     rules: Mutex<Arc<EgressRules>>,
     /// The holder of the room connected now.
     room: Mutex<Option<i32>>,
+    /// The sandbox's id, and the private network it joined.
+    sandbox: String,
+    private: Mutex<Option<String>>,
 }
 
 impl LeaseInner {
@@ -404,6 +438,7 @@ impl NetLease {
         NetworkInfo {
             address: self.address(),
             egress: self.rules().to_spec(),
+            network: self.private_network(),
         }
     }
 
@@ -494,6 +529,69 @@ impl NetLease {
         let _ = i.net.nft(&nft::forget_resolved(&i.net.table, &i.slot));
     }
 
+    /// Joins the private network `name` (made when the first sandbox
+    /// joins): its members reach this sandbox and it reaches them, by
+    /// address or by sandbox id through Kiln's resolver. Once per sandbox.
+    pub fn join(&self, name: &str) -> Result<(), NetworkError> {
+        let i = &self.inner;
+        if !network_name_ok(name) {
+            return Err(NetworkError::Setting {
+                setting: "(sandbox) network",
+                reason: format!(
+                    "{name:?} is not a network name (letters, digits, - and _, at most 63)"
+                ),
+            });
+        }
+        let mut mine = i.private.lock().expect("never poisoned");
+        if mine.is_some() {
+            return Err(NetworkError::Setting {
+                setting: "(sandbox) network",
+                reason: "the sandbox is in a private network already".into(),
+            });
+        }
+        let mut nets = i.net.private.lock().expect("never poisoned");
+        let next = nets.next;
+        let net = nets
+            .by_name
+            .entry(name.to_owned())
+            .or_insert(PrivateNetwork {
+                id: next,
+                members: Vec::new(),
+            });
+        let id = net.id;
+        let script = nft::join(&i.net.table, id, i.slot.address)
+            + &nft::chains(&i.net.table, &i.slot, Some(id));
+        if let Err(e) = i.net.nft(&script) {
+            if net.members.is_empty() {
+                nets.by_name.remove(name);
+            }
+            return Err(e.into());
+        }
+        net.members.push((i.sandbox.clone(), i.slot.address));
+        if id == next {
+            nets.next += 1;
+        }
+        *mine = Some(name.to_owned());
+        i.net
+            .resolver
+            .peers
+            .lock()
+            .expect("never poisoned")
+            .insert(i.slot.address, id);
+        i.net
+            .resolver
+            .names
+            .lock()
+            .expect("never poisoned")
+            .insert((id, i.sandbox.clone()), i.slot.address);
+        Ok(())
+    }
+
+    /// The private network joined, if any.
+    pub fn private_network(&self) -> Option<String> {
+        self.inner.private.lock().expect("never poisoned").clone()
+    }
+
     /// New egress rules for a running sandbox: the sets are refilled, the
     /// resolver's addresses forgotten, open connections cut.
     pub fn set_rules(&self, rules: EgressRules) -> Result<(), NetworkError> {
@@ -517,10 +615,19 @@ impl Drop for LeaseInner {
             .lock()
             .expect("never poisoned")
             .remove(&self.slot.address);
+        let left = self.private.lock().expect("never poisoned").take();
+        if let Some(name) = left {
+            self.leave(&name);
+        }
         remove_link(host, &self.slot);
-        for cmd in nft::remove_sandbox(&self.net.table, &self.slot) {
-            if let Err(e) = self.net.nft(&cmd) {
-                tracing::warn!(slot = self.slot.index, "removing the sandbox's rules: {e}");
+        // One transaction; when part is missing (a set-up that failed half
+        // way) it fails whole, and then each piece is removed on its own.
+        let all = nft::remove_sandbox(&self.net.table, &self.slot);
+        if self.net.nft(&(all.join("\n") + "\n")).is_err() {
+            for cmd in all {
+                if let Err(e) = self.net.nft(&cmd) {
+                    tracing::debug!(slot = self.slot.index, "removing the sandbox's rules: {e}");
+                }
             }
         }
         forget_connections(host, &self.slot);
@@ -537,6 +644,37 @@ fn token_bucket(dev: &str, mbit: u32) -> String {
     format!("qdisc add dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms\n")
 }
 
+impl LeaseInner {
+    /// Leaves a private network (its set goes with its last member).
+    fn leave(&self, name: &str) {
+        let t = &self.net.table;
+        self.net
+            .resolver
+            .peers
+            .lock()
+            .expect("never poisoned")
+            .remove(&self.slot.address);
+        let mut nets = self.net.private.lock().expect("never poisoned");
+        let Some(net) = nets.by_name.get_mut(name) else {
+            return;
+        };
+        let id = net.id;
+        self.net
+            .resolver
+            .names
+            .lock()
+            .expect("never poisoned")
+            .remove(&(id, self.sandbox.clone()));
+        net.members.retain(|(s, _)| *s != self.sandbox);
+        let _ = self.net.nft(&nft::chains(t, &self.slot, None));
+        let _ = self.net.nft(&nft::leave(t, id, self.slot.address));
+        if net.members.is_empty() {
+            nets.by_name.remove(name);
+            let _ = self.net.nft(&nft::drop_network(t, id));
+        }
+    }
+}
+
 /// Deletes the host end of a slot's veth pair (the other end goes with
 /// it); nothing when it is already gone.
 fn remove_link(host_ns: Option<&File>, slot: &Slot) {
@@ -548,7 +686,9 @@ fn remove_link(host_ns: Option<&File>, slot: &Slot) {
 /// keep sending into) outlives it.
 fn forget_connections(host_ns: Option<&File>, slot: &Slot) {
     let a = slot.address.to_string();
-    for dir in ["--orig-src", "--reply-dst"] {
+    // Its own connections (their NAT mappings included), and those a
+    // private network's peers opened to it.
+    for dir in ["--orig-src", "--orig-dst"] {
         let _ = command::run(host_ns, "conntrack", &["-D", dir, &a], None);
     }
 }

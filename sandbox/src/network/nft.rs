@@ -62,9 +62,11 @@ pub fn table(name: &str, pool: Cidr, resolver_port: u16) -> String {
     iifname "kn*" iifname vmap @sandboxes
     iifname "kn*" drop
   }}
+  map ingress {{ type ifname : verdict; }}
   chain forward {{
     type filter hook forward priority filter - 1; policy accept;
     oifname "kn*" ct state established,related accept
+    oifname "kn*" oifname vmap @ingress
     oifname "kn*" drop
   }}
   chain input {{
@@ -113,6 +115,7 @@ pub fn add_sandbox(t: &str, slot: &Slot, rules: &EgressRules) -> String {
     let n = slot.index;
     let link = slot.host_link();
     let mut s = String::new();
+    let _ = writeln!(s, "add chain inet {t} i{n}");
     for set in ["a", "x"] {
         let _ = writeln!(
             s,
@@ -125,23 +128,62 @@ pub fn add_sandbox(t: &str, slot: &Slot, rules: &EgressRules) -> String {
     );
     fill(&mut s, t, n, rules);
     let _ = writeln!(s, "add chain inet {t} s{n}");
+    s.push_str(&chains(t, slot, None));
+    let _ = writeln!(
+        s,
+        "add element inet {t} sandboxes {{ \"{link}\" : jump s{n} }}"
+    );
+    let _ = writeln!(
+        s,
+        "add element inet {t} ingress {{ \"{link}\" : jump i{n} }}"
+    );
+    s
+}
+
+/// The sandbox's egress chain (`s<slot>`) and ingress chain (`i<slot>`)
+/// anew: with `network`, the members of that private network (set
+/// `n<network>`) reach it and it reaches them.
+pub fn chains(t: &str, slot: &Slot, network: Option<u32>) -> String {
+    let n = slot.index;
+    let mut s = String::new();
     let _ = writeln!(s, "flush chain inet {t} s{n}");
-    for rule in [
+    let _ = writeln!(s, "flush chain inet {t} i{n}");
+    let mut egress = vec![
         format!("ip saddr != {} drop", slot.address),
         "meta l4proto udp udp dport 53 accept".to_owned(),
+    ];
+    if let Some(id) = network {
+        egress.push(format!("ip daddr @n{id} accept"));
+        let _ = writeln!(s, "add rule inet {t} i{n} ip saddr @n{id} accept");
+    }
+    egress.extend([
         format!("ip daddr @never {REFUSE}"),
         format!("ip daddr @x{n} {REFUSE}"),
         format!("ip daddr @a{n} accept"),
         format!("ip daddr @d{n} accept"),
         REFUSE.to_owned(),
-    ] {
+    ]);
+    for rule in egress {
         let _ = writeln!(s, "add rule inet {t} s{n} {rule}");
     }
-    let _ = writeln!(
-        s,
-        "add element inet {t} sandboxes {{ \"{link}\" : jump s{n} }}"
-    );
     s
+}
+
+/// A private network's member set, made if missing, with `address` in it.
+pub fn join(t: &str, network: u32, address: Ipv4Addr) -> String {
+    format!(
+        "add set inet {t} n{network} {{ type ipv4_addr; }}\nadd element inet {t} n{network} {{ {address} }}\n"
+    )
+}
+
+/// Takes `address` out of a private network's set.
+pub fn leave(t: &str, network: u32, address: Ipv4Addr) -> String {
+    format!("delete element inet {t} n{network} {{ {address} }}\n")
+}
+
+/// Removes a private network's set (once nobody refers to it).
+pub fn drop_network(t: &str, network: u32) -> String {
+    format!("delete set inet {t} n{network}\n")
 }
 
 /// New rules for a sandbox already set up (the resolver's addresses go:
@@ -167,8 +209,8 @@ pub fn add_resolved(t: &str, slot: &Slot, addrs: &[Ipv4Addr], ttl_s: u32) -> Str
     format!("add element inet {t} d{} {{ {list} }}\n", slot.index)
 }
 
-/// Removes a sandbox's entry, chain and sets, one command at a time so
-/// that a part already missing does not keep the rest.
+/// Removes a sandbox's entries, chains and sets: run together, or one
+/// at a time when a part already missing makes the whole fail.
 pub fn remove_sandbox(t: &str, slot: &Slot) -> Vec<String> {
     let n = slot.index;
     vec![
@@ -176,7 +218,12 @@ pub fn remove_sandbox(t: &str, slot: &Slot) -> Vec<String> {
             "delete element inet {t} sandboxes {{ \"{}\" }}",
             slot.host_link()
         ),
+        format!(
+            "delete element inet {t} ingress {{ \"{}\" }}",
+            slot.host_link()
+        ),
         format!("delete chain inet {t} s{n}"),
+        format!("delete chain inet {t} i{n}"),
         format!("delete set inet {t} a{n}"),
         format!("delete set inet {t} x{n}"),
         format!("delete set inet {t} d{n}"),

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::{RData, RecordType};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
 
 use super::rules::EgressRules;
 
@@ -57,11 +58,18 @@ pub struct Client {
 /// The sandboxes the resolver answers, by address.
 pub type Clients = Arc<Mutex<HashMap<Ipv4Addr, Client>>>;
 
+/// Which private network a sandbox is in, by its address.
+pub type Peers = Arc<Mutex<HashMap<Ipv4Addr, u32>>>;
+/// Members of private networks by network and sandbox id.
+pub type Names = Arc<Mutex<HashMap<(u32, String), Ipv4Addr>>>;
+
 /// A running resolver; stops when dropped.
 pub struct Resolver {
     port: u16,
     stop: Arc<AtomicBool>,
     pub clients: Clients,
+    pub peers: Peers,
+    pub names: Names,
 }
 
 impl Resolver {
@@ -78,7 +86,10 @@ impl Resolver {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::default();
         let socket = Arc::new(socket);
+        let peers: Peers = Arc::default();
+        let names: Names = Arc::default();
         let (stop2, clients2) = (stop.clone(), clients.clone());
+        let (peers2, names2) = (peers.clone(), names.clone());
         std::thread::Builder::new()
             .name("kiln-resolver".into())
             .spawn(move || {
@@ -93,12 +104,14 @@ impl Resolver {
                         return;
                     }
                 }
-                serve(&socket, &upstream, &stop2, &clients2)
+                serve(&socket, &upstream, &stop2, &clients2, &peers2, &names2)
             })?;
         Ok(Self {
             port,
             stop,
             clients,
+            peers,
+            names,
         })
     }
 
@@ -113,7 +126,14 @@ impl Drop for Resolver {
     }
 }
 
-fn serve(socket: &Arc<UdpSocket>, upstream: &[SocketAddr], stop: &AtomicBool, clients: &Clients) {
+fn serve(
+    socket: &Arc<UdpSocket>,
+    upstream: &[SocketAddr],
+    stop: &AtomicBool,
+    clients: &Clients,
+    peers: &Peers,
+    names: &Names,
+) {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
@@ -159,6 +179,28 @@ fn serve(socket: &Arc<UdpSocket>, upstream: &[SocketAddr], stop: &AtomicBool, cl
             continue;
         };
         let name = q.name().to_ascii();
+        // A member of the same private network, by its sandbox id.
+        let network = peers
+            .lock()
+            .expect("never poisoned")
+            .get(from.ip())
+            .copied();
+        let peer = network.and_then(|id| {
+            let label = name.trim_end_matches('.').to_ascii_lowercase();
+            names
+                .lock()
+                .expect("never poisoned")
+                .get(&(id, label))
+                .copied()
+        });
+        if let Some(addr) = peer {
+            let mut m = refused(&query, ResponseCode::NoError);
+            if q.query_type() == RecordType::A {
+                m.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(addr))));
+            }
+            reply(&m);
+            continue;
+        }
         if query.queries.len() != 1 || !client.rules.name_allowed(&name) {
             tracing::debug!(client = %from, name, "resolver: name refused");
             reply(&refused(&query, ResponseCode::NXDomain));
