@@ -107,6 +107,8 @@ pub struct WorkspaceInfo {
 /// A live workspace.
 pub struct Workspace {
     info: WorkspaceInfo,
+    /// Ports proxied by the API (`http::ports`), in order.
+    exposed: Mutex<std::collections::BTreeSet<u16>>,
     held: Mutex<Option<Arc<Held>>>,
     ended: watch::Sender<Option<EndReason>>,
 }
@@ -129,6 +131,34 @@ pub struct NetworkView {
 impl Workspace {
     pub fn info(&self) -> &WorkspaceInfo {
         &self.info
+    }
+
+    /// Exposes `port` through the API's proxy; the ports exposed now.
+    pub fn expose(&self, port: u16) -> Result<Vec<u16>, String> {
+        let held = self.held().map_err(|e| e.to_string())?;
+        if held.network_info().is_none() {
+            return Err(
+                "this sandbox has no network; create it with allow_internet: true (egress {\"allow\": []} for no internet)".into(),
+            );
+        }
+        let mut p = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+        p.insert(port);
+        Ok(p.iter().copied().collect())
+    }
+
+    /// The ports exposed.
+    pub fn exposed(&self) -> Vec<u16> {
+        let p = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+        p.iter().copied().collect()
+    }
+
+    /// A connection to `port` inside the sandbox (for the proxy).
+    pub async fn open_port(&self, port: u16) -> Result<std::net::TcpStream, WorkspaceError> {
+        let held = self.held()?;
+        tokio::task::spawn_blocking(move || held.open_port(port))
+            .await
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))?
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))
     }
 
     /// The sandbox's network as it is now.
@@ -343,6 +373,7 @@ impl Workspaces {
             info: info.clone(),
             held: Mutex::new(Some(Arc::new(held))),
             ended: watch::Sender::new(None),
+            exposed: Mutex::default(),
         });
         self.map().insert(id.clone(), ws);
         self.inner.metrics.set_workspaces(self.map().len());

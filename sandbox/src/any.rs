@@ -106,6 +106,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.join_network(name))
     }
 
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        each!(self, s => s.open_port(port))
+    }
+
     async fn reset(&self) -> Result<(), SandboxError> {
         each!(self, s => s.reset().await)
     }

@@ -265,6 +265,13 @@ pub trait Sandbox: Send + Sync {
             "this sandbox has no network (create it with allow_internet: true)".into(),
         ))
     }
+    /// A TCP connection from the host to `port` inside the sandbox, for
+    /// the daemon's port proxy (exposed ports). Blocking.
+    fn open_port(&self, _port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}

@@ -332,3 +332,135 @@ fn a_sigkilled_daemon_leaves_no_network_behind_after_the_next_start() {
     drop(second);
     drop(first);
 }
+
+/// Serves port 8000 inside the sandbox, left running after the job:
+/// HTTP (`hello from inside <path>`) and a one-message WebSocket echo.
+const SERVE_8000: &str = r#"
+import base64, hashlib, os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000))
+s.listen(8)
+if os.fork() == 0:
+    os.setsid()
+    for fd in (0, 1, 2):
+        os.close(fd)
+    while True:
+        c, _ = s.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = c.recv(4096)
+            if not d:
+                break
+            head += d
+        lines = head.decode(errors="replace").split("\r\n")
+        hdr = {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+        if hdr.get("upgrade", "").lower() == "websocket":
+            key = hdr["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            acc = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
+            c.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % acc).encode())
+            f = c.recv(2)
+            mask = c.recv(4)
+            data = bytearray(c.recv(f[1] & 127))
+            for i in range(len(data)):
+                data[i] ^= mask[i % 4]
+            c.sendall(bytes([0x81, len(data)]) + bytes(data))
+        else:
+            body = ("hello from inside " + lines[0].split()[1]).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        c.close()
+print("serving")
+"#;
+
+#[test]
+fn an_exposed_port_answers_http_and_websocket_through_the_daemon_only() {
+    use std::io::{Read, Write};
+    let world = World::new("ports");
+    let s = serve(&world, Scope::new("net-ports"));
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "allow_internet": true, "egress": {"allow": []}}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (_, r) = call(
+        &world,
+        &s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"code": SERVE_8000}),
+    );
+    assert_eq!(r["stdout"], "serving\n", "{r}");
+    let greet = format!("/v1/sandboxes/{id}/ports/8000/greet?x=1");
+    // Not exposed: the proxy refuses.
+    let (st, v) = call(&world, &s, "GET", &greet, json!(null));
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("not_exposed")),
+        "{v}"
+    );
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/ports"),
+        json!({"port": 8000}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ports"][0]["port"], 8000);
+    let r = within(&world.host, || s.request("GET", &greet, None));
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "hello from inside /greet?x=1".to_string())
+    );
+
+    // A WebSocket through the proxy: the sandbox echoes one message.
+    let echoed = within(&world.host, || {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        write!(
+            c,
+            "GET /v1/sandboxes/{id}/ports/8000/ws HTTP/1.1\r\nHost: kiln\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // RFC 6455's example key and its answer.
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | 5];
+        frame.extend(mask);
+        frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        c.write_all(&frame).unwrap();
+        let mut back = [0u8; 7];
+        c.read_exact(&mut back).unwrap();
+        back
+    });
+    assert_eq!(&echoed, b"\x81\x05hello");
+
+    // Nothing else of the host side gets in: a direct connection from it
+    // (no proxy mark) is refused, whether the port is exposed or not.
+    let (_, net) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/egress"),
+        json!(null),
+    );
+    let addr: std::net::Ipv4Addr = net["address"].as_str().unwrap().parse().unwrap();
+    let direct = within(&world.host, || {
+        std::net::TcpStream::connect((addr, 8000)).map(drop)
+    });
+    assert_eq!(
+        direct.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+}

@@ -208,6 +208,30 @@ fn every_documented_operation_answers_as_documented() {
     );
     c.call(
         "GET",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        None,
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        Some(json!({"port": 8000})),
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        Some(json!({"port": 0})),
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/ports/{port}/{path}",
+        &format!("/v1/sandboxes/{id}/ports/8000/index.html"),
+        None,
+    );
+    c.call(
+        "GET",
         "/v1/sandboxes/{id}",
         &format!("/v1/sandboxes/{id}"),
         None,

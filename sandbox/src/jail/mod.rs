@@ -675,6 +675,17 @@ impl Sandbox for Jail {
         }
     }
 
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .open_port(port)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
     fn join_network(&self, name: &str) -> Result<(), SandboxError> {
         match self.network() {
             Some(n) => n.join(name).map_err(|e| SandboxError::backend("jail", e)),

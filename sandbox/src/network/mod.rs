@@ -592,6 +592,79 @@ impl NetLease {
         self.inner.private.lock().expect("never poisoned").clone()
     }
 
+    /// Opens a TCP connection from the host side to `port` of the
+    /// sandbox, marked as the daemon's port proxy (the firewall refuses
+    /// every other connection into a sandbox). Blocking; made on a thread
+    /// of its own when the host side is another namespace.
+    pub fn open_port(&self, port: u16) -> Result<std::net::TcpStream, NetworkError> {
+        let addr = SocketAddrV4::new(self.address(), port);
+        let connect = move || -> io::Result<std::net::TcpStream> {
+            // SAFETY: socket with constant arguments; the descriptor is
+            // checked and owned at once.
+            let fd =
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fd is a new socket nobody else owns.
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let mark = nft::PROXY_MARK;
+            // SAFETY: setsockopt with a pointer to a u32 of the size passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&raw const mark).cast(),
+                    size_of::<u32>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: addr.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*addr.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: connect with a sockaddr_in of the size passed.
+            let r = unsafe {
+                libc::connect(
+                    sock.as_raw_fd(),
+                    (&raw const sin).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(std::net::TcpStream::from(sock))
+        };
+        let what = format!("connecting to {addr}");
+        let Some(ns) = &self.inner.net.host_ns else {
+            return connect().map_err(io_err(what));
+        };
+        let ns = ns
+            .try_clone()
+            .map_err(io_err("duplicating the host namespace"))?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: setns on a descriptor we own, for this thread
+                // only, which ends right after.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                connect()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the connecting thread panicked")))
+        })
+        .map_err(io_err(what))
+    }
+
     /// New egress rules for a running sandbox: the sets are refilled, the
     /// resolver's addresses forgotten, open connections cut.
     pub fn set_rules(&self, rules: EgressRules) -> Result<(), NetworkError> {

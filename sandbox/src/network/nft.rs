@@ -6,6 +6,11 @@
 //! Per sandbox: a chain (met in `prerouting`) and three sets (networks allowed, networks denied,
 //! addresses the resolver handed out for allowed names, which expire).
 //!
+//! Connections *to* a sandbox: only those a member of its private network
+//! opens (its `i<slot>` chain in `forward`) and those of the daemon's
+//! port proxy, marked [`PROXY_MARK`] (every other new connection from the
+//! host side to a sandbox is refused in `output`).
+//!
 //! What holds for every sandbox, whatever its rules: nothing reaches the
 //! host itself but the resolver (the input hook rejects the rest: the
 //! daemon's port, every host service, on any of the host's addresses);
@@ -31,6 +36,11 @@ pub const NEVER: [&str; 5] = [
     "224.0.0.0/4",
     "240.0.0.0/4",
 ];
+
+/// The mark (`SO_MARK`) of the daemon's connections to exposed ports:
+/// the one way into a sandbox that it did not open itself. Any other
+/// process of the host side that tries is refused in `output`.
+pub const PROXY_MARK: u32 = 0x6b69_6c6e;
 
 /// The table's chain that refuses a packet so that the sender knows at
 /// once: a TCP reset for TCP (a connect fails with `ECONNREFUSED`; resets
@@ -71,8 +81,13 @@ pub fn table(name: &str, pool: Cidr, resolver_port: u16) -> String {
   }}
   chain input {{
     type filter hook input priority filter - 1; policy accept;
+    iifname "kn*" ct state established,related accept
     iifname "kn*" meta l4proto udp udp dport {resolver_port} ct status dnat accept
     iifname "kn*" {REFUSE}
+  }}
+  chain output {{
+    type filter hook output priority filter - 1; policy accept;
+    oifname "kn*" ct state new meta mark != {PROXY_MARK:#x} {REFUSE}
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat - 1; policy accept;
@@ -148,8 +163,12 @@ pub fn chains(t: &str, slot: &Slot, network: Option<u32>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "flush chain inet {t} s{n}");
     let _ = writeln!(s, "flush chain inet {t} i{n}");
+    // Answers on connections made *to* the sandbox (a peer's, the port
+    // proxy's) are established; checked after the source, so that no
+    // sandbox can pass for another's flows.
     let mut egress = vec![
         format!("ip saddr != {} drop", slot.address),
+        "ct state established,related accept".to_owned(),
         "meta l4proto udp udp dport 53 accept".to_owned(),
     ];
     if let Some(id) = network {
