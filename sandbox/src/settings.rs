@@ -584,6 +584,14 @@ impl BackendSettings {
             Ok(layout) => report.extend(crate::jail::reap_jails(state, &layout, me)),
             Err(e) => report.failed.push(format!("jails: {e}")),
         }
+        match crate::network::reap(&self.network, state) {
+            Ok(gone) => report
+                .reaped
+                .extend(gone.into_iter().map(|s| format!("network of {s}"))),
+            // A live Kiln manages them: nothing of theirs is an orphan.
+            Err(crate::network::NetworkError::Locked(_)) => {}
+            Err(e) => report.failed.push(format!("networks: {e}")),
+        }
         report.extend(crate::qemu::reap_orphans_in(state));
         report.extend(crate::firecracker::reap_orphans(state));
         report.extend(crate::firecracker::reap_page_sockets(

@@ -448,3 +448,47 @@ async fn sandboxes_of_one_private_network_talk_and_of_two_do_not() {
         "the networks' sets go with their last member: {table}"
     );
 }
+
+#[test]
+fn kiln_reap_removes_a_dead_owners_networks_and_leaves_a_live_ones() {
+    let world = World::new("reap");
+    let scope = Scope::new("net-reap");
+    let settings = settings(&world);
+    // A live owner's networks are not orphans.
+    let live = backend(&scope, &world);
+    assert!(matches!(
+        kiln_sandbox::network::reap(&settings, &scope.state_dir),
+        Err(kiln_sandbox::network::NetworkError::Locked(_))
+    ));
+    drop(live);
+    // A dead one's: the slot file and interface it left, and its table.
+    let slots = scope.state_dir.join("net/slots");
+    std::fs::write(slots.join("3"), "0123456789abcdef").unwrap();
+    ip(&[
+        "-n",
+        &world.host,
+        "link",
+        "add",
+        "kn3",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "kn3p",
+    ]);
+    ip(&[
+        "netns",
+        "exec",
+        &world.host,
+        "nft",
+        "add",
+        "table",
+        "inet",
+        "kiln",
+    ]);
+    let gone = kiln_sandbox::network::reap(&settings, &scope.state_dir).unwrap();
+    assert_eq!(gone, ["0123456789abcdef"]);
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
+    assert!(world.table().is_empty());
+    assert_eq!(std::fs::read_dir(&slots).unwrap().count(), 0);
+}

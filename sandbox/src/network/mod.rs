@@ -208,36 +208,16 @@ impl Network {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let dir = state_dir.join("net");
-        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let lock_path = dir.join("lock");
-        let lock =
-            File::create(&lock_path).map_err(io_err(format!("opening {}", lock_path.display())))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(NetworkError::Locked(lock_path));
-        }
-        let host_ns = settings
-            .host_netns
-            .as_ref()
-            .map(|p| {
-                File::open(p).map_err(io_err(format!(
-                    "opening network.host_netns {}",
-                    p.display()
-                )))
-            })
-            .transpose()?;
-        let pool =
-            pool::Pool::new(cidr, dir.join("slots")).map_err(|e| setting("pool", e.to_string()))?;
-        for (slot, sandbox) in pool.taken() {
-            tracing::info!(
-                slot = slot.index,
-                sandbox,
-                "removing the network of a sandbox of a dead process"
+        let Leftovers {
+            lock,
+            host_ns,
+            pool,
+            ..
+        } = Leftovers::take_over(settings, cidr, state_dir)?;
+        if host_name_servers().iter().all(|a| a.ip().is_loopback()) {
+            tracing::warn!(
+                "the host's /etc/resolv.conf names only loopback name servers; a jail sees that file, so its lookups go to its own loopback and fail (any non-loopback address works: Kiln redirects them to its resolver)"
             );
-            remove_link(host_ns.as_ref(), &slot);
-            forget_connections(host_ns.as_ref(), &slot);
-            pool.put_back(&slot);
         }
         let socket = bind_in(host_ns.as_ref())?;
         let resolver = resolver::Resolver::start(
@@ -333,6 +313,94 @@ impl Network {
         lease.inner.register(rules);
         Ok(lease)
     }
+}
+
+/// What a dead predecessor left of the networks of a state directory,
+/// taken over with its lock.
+struct Leftovers {
+    lock: File,
+    host_ns: Option<File>,
+    pool: pool::Pool,
+    /// The slots removed: their sandboxes.
+    reaped: Vec<String>,
+}
+
+impl Leftovers {
+    /// Takes the state directory's network lock (refused while another
+    /// process holds it) and removes every slot's interface, conntrack
+    /// entries and file.
+    fn take_over(
+        settings: &NetworkSettings,
+        cidr: Cidr,
+        state_dir: &Path,
+    ) -> Result<Self, NetworkError> {
+        let dir = state_dir.join("net");
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join("lock");
+        let lock =
+            File::create(&lock_path).map_err(io_err(format!("opening {}", lock_path.display())))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(NetworkError::Locked(lock_path));
+        }
+        let host_ns = settings
+            .host_netns
+            .as_ref()
+            .map(|p| {
+                File::open(p).map_err(io_err(format!(
+                    "opening network.host_netns {}",
+                    p.display()
+                )))
+            })
+            .transpose()?;
+        let pool = pool::Pool::new(cidr, dir.join("slots")).map_err(|e| NetworkError::Setting {
+            setting: "pool",
+            reason: e.to_string(),
+        })?;
+        let mut reaped = Vec::new();
+        for (slot, sandbox) in pool.taken() {
+            tracing::info!(
+                slot = slot.index,
+                sandbox,
+                "removing the network of a sandbox of a dead process"
+            );
+            remove_link(host_ns.as_ref(), &slot);
+            forget_connections(host_ns.as_ref(), &slot);
+            pool.put_back(&slot);
+            reaped.push(sandbox);
+        }
+        Ok(Self {
+            lock,
+            host_ns,
+            pool,
+            reaped,
+        })
+    }
+}
+
+/// What `kiln reap` does for networks: when no process manages the
+/// networks of `state_dir`, removes what a dead one left (its slots'
+/// interfaces and conntrack entries, its table). Returns the sandboxes
+/// whose networks went; does nothing while networking is off.
+pub fn reap(settings: &NetworkSettings, state_dir: &Path) -> Result<Vec<String>, NetworkError> {
+    if !settings.enabled || !state_dir.join("net").is_dir() {
+        return Ok(Vec::new());
+    }
+    let cidr: Cidr = settings
+        .pool
+        .parse()
+        .map_err(|reason| NetworkError::Setting {
+            setting: "pool",
+            reason,
+        })?;
+    let left = Leftovers::take_over(settings, cidr, state_dir)?;
+    let _ = command::run(
+        left.host_ns.as_ref(),
+        "nft",
+        &["delete", "table", "inet", &settings.table],
+        None,
+    );
+    Ok(left.reaped)
 }
 
 impl Drop for Network {
