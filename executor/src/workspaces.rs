@@ -51,6 +51,9 @@ pub struct WorkspaceRequest {
     pub egress: Option<kiln_sandbox::network::EgressRules>,
     /// The private network to join (networked sandboxes only).
     pub network: Option<String>,
+    /// Bandwidth each way in Mbit/s (networked sandboxes only); `None`:
+    /// the configured one.
+    pub rate_mbit: Option<u32>,
 }
 
 /// Why a workspace operation failed; the API maps each to a status.
@@ -126,6 +129,9 @@ pub struct NetworkView {
     /// The private network joined.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Bandwidth each way, Mbit/s (0: unlimited); absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<u32>,
 }
 
 impl Workspace {
@@ -168,6 +174,7 @@ impl Workspace {
             allow_internet: n.is_some(),
             address: n.as_ref().map(|n| n.address),
             network: n.as_ref().and_then(|n| n.network.clone()),
+            rate_mbit: n.as_ref().map(|n| n.rate_mbit),
             egress: n.map(|n| n.egress),
         })
     }
@@ -318,6 +325,12 @@ impl Workspaces {
             Some(name) => jail
                 .join_network(name)
                 .map_err(|e| format!("joining the network {name:?}: {e}")),
+            None => Ok(()),
+        })
+        .and_then(|()| match req.rate_mbit {
+            Some(mbit) => jail
+                .set_rate_mbit(mbit)
+                .map_err(|e| format!("limiting the bandwidth: {e}")),
             None => Ok(()),
         });
         if let Err(e) = configured {

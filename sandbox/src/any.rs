@@ -110,6 +110,10 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.open_port(port))
     }
 
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        each!(self, s => s.set_rate_mbit(mbit))
+    }
+
     async fn reset(&self) -> Result<(), SandboxError> {
         each!(self, s => s.reset().await)
     }

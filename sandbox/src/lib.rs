@@ -265,6 +265,13 @@ pub trait Sandbox: Send + Sync {
             "this sandbox has no network (create it with allow_internet: true)".into(),
         ))
     }
+    /// Sets the bandwidth of a networked sandbox, each way, in Mbit/s (0:
+    /// unlimited), at once. Blocking for a few milliseconds.
+    fn set_rate_mbit(&self, _mbit: u32) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
     /// A TCP connection from the host to `port` inside the sandbox, for
     /// the daemon's port proxy (exposed ports). Blocking.
     fn open_port(&self, _port: u16) -> Result<std::net::TcpStream, SandboxError> {

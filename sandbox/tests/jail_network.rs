@@ -369,6 +369,22 @@ async fn a_rate_limit_holds_both_ways() {
         );
         eprintln!("{way}: {mbit:.1} Mbit/s (limit {MBIT})");
     }
+    // The live figures count the traffic of the sandbox's interface.
+    let stats = sb.stats();
+    assert!(stats.net_rx_bytes.unwrap() >= bytes, "{stats:?}");
+    assert!(stats.net_tx_bytes.unwrap() >= bytes, "{stats:?}");
+    // A new limit on the running sandbox holds at once.
+    sb.set_rate_mbit(MBIT / 2).unwrap();
+    assert_eq!(sb.network_info().unwrap().rate_mbit, MBIT / 2);
+    let half = bytes / 2;
+    let got = bulk(&sb, &[format!("down {WEB_ALLOWED_BY_NETWORK} {half}")]).await;
+    let mbit = got[0].0 as f64 * 8.0 / got[0].1 / 1e6;
+    assert!(
+        mbit <= f64::from(MBIT / 2) * 1.2,
+        "{mbit:.1} Mbit/s over {}",
+        MBIT / 2
+    );
+    eprintln!("after the change: {mbit:.1} Mbit/s (limit {})", MBIT / 2);
     sb.destroy().await;
     assert!(world.host_links().is_empty());
 }

@@ -119,7 +119,7 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
         &s,
         "POST",
         "/v1/sandboxes",
-        json!({"template": "python", "allow_internet": true, "egress": {"allow": ["allowed.test"]}}),
+        json!({"template": "python", "allow_internet": true, "egress": {"allow": ["allowed.test"]}, "rate_mbit": 500}),
     );
     assert_eq!(st, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
@@ -133,6 +133,7 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
     assert_eq!(st, 200);
     assert_eq!(net["allow_internet"], true);
     assert_eq!(net["egress"]["allow"], json!(["allowed.test"]));
+    assert_eq!(net["rate_mbit"], 500);
     let address: std::net::Ipv4Addr = net["address"].as_str().unwrap().parse().unwrap();
     let gateway = std::net::Ipv4Addr::from(u32::from(address) - 1);
 

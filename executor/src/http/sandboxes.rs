@@ -69,6 +69,8 @@ struct CreateBody {
     egress: Option<kiln_sandbox::network::EgressSpec>,
     /// A private network shared with the sandboxes that name it.
     network: Option<String>,
+    /// Bandwidth each way, Mbit/s (0: unlimited); default: configured.
+    rate_mbit: Option<u32>,
 }
 
 /// Parses egress rules at the edge; the error names the bad rule.
@@ -192,7 +194,17 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
             ));
         }
     }
+    if b.rate_mbit.is_some() && !b.allow_internet {
+        return Err(ApiError::field(
+            "rate_mbit",
+            "a bandwidth limit needs allow_internet: true",
+        ));
+    }
+    if b.rate_mbit.is_some_and(|r| r > 100_000) {
+        return Err(ApiError::field("rate_mbit", "at most 100000 (Mbit/s)"));
+    }
     Ok(WorkspaceRequest {
+        rate_mbit: b.rate_mbit,
         network: b.network,
         egress,
         template: b.template,

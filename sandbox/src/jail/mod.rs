@@ -675,6 +675,17 @@ impl Sandbox for Jail {
         }
     }
 
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .set_rate(mbit)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
     fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
         match self.network() {
             Some(n) => n

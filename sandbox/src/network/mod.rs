@@ -118,6 +118,8 @@ pub struct NetworkInfo {
     /// The private network it joined.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Bandwidth each way, Mbit/s; 0: unlimited.
+    pub rate_mbit: u32,
 }
 
 /// Why sandbox networking could not be set up or changed.
@@ -305,6 +307,7 @@ impl Network {
                 slot,
                 rules: Mutex::new(rules.clone()),
                 room: Mutex::new(None),
+                rate_mbit: Mutex::new(self.rate_mbit),
                 sandbox: sandbox.to_owned(),
                 private: Mutex::new(None),
             }),
@@ -449,6 +452,8 @@ struct LeaseInner {
     rules: Mutex<Arc<EgressRules>>,
     /// The holder of the room connected now.
     room: Mutex<Option<i32>>,
+    /// Bandwidth each way, Mbit/s; 0: unlimited.
+    rate_mbit: Mutex<u32>,
     /// The sandbox's id, and the private network it joined.
     sandbox: String,
     private: Mutex<Option<String>>,
@@ -507,6 +512,7 @@ impl NetLease {
             address: self.address(),
             egress: self.rules().to_spec(),
             network: self.private_network(),
+            rate_mbit: *self.inner.rate_mbit.lock().expect("never poisoned"),
         }
     }
 
@@ -550,34 +556,56 @@ impl NetLease {
              route add default via {}\n",
             s.address, s.gateway
         );
-        let limited = || -> Result<(), CommandError> {
-            if i.net.rate_mbit == 0 {
-                return Ok(());
-            }
-            // Towards the sandbox on the host end, from it on its own end
-            // (where a job, without CAP_NET_ADMIN, cannot change it).
-            command::run(
-                i.net.host_ns.as_ref(),
-                "tc",
-                &["-batch", "-"],
-                Some(&token_bucket(&link, i.net.rate_mbit)),
-            )?;
-            command::run(
-                Some(&ns),
-                "tc",
-                &["-batch", "-"],
-                Some(&token_bucket("eth0", i.net.rate_mbit)),
-            )
-            .map(drop)
-        };
+        let rate = *i.rate_mbit.lock().expect("never poisoned");
         let inside = command::run(Some(&ns), "ip", &["-batch", "-"], Some(&inside))
             .map(drop)
-            .and_then(|()| limited());
+            .and_then(|()| self.limit(&ns, rate, false));
         if let Err(e) = inside {
             remove_link(i.net.host_ns.as_ref(), s);
             return Err(e.into());
         }
         *room = Some(holder);
+        Ok(())
+    }
+
+    /// Applies a bandwidth limit of `mbit` (0: none) to both ends of the
+    /// veth pair: towards the sandbox on the host end, from it on its own
+    /// end (where a job, without CAP_NET_ADMIN, cannot change it).
+    /// `replace`: a limit may be there already.
+    fn limit(&self, room_ns: &File, mbit: u32, replace: bool) -> Result<(), CommandError> {
+        let i = &self.inner;
+        let link = i.slot.host_link();
+        for (ns, dev) in [
+            (i.net.host_ns.as_ref(), link.as_str()),
+            (Some(room_ns), "eth0"),
+        ] {
+            if mbit == 0 {
+                if replace {
+                    let _ = command::run(ns, "tc", &["qdisc", "del", "dev", dev, "root"], None);
+                }
+                continue;
+            }
+            command::run(
+                ns,
+                "tc",
+                &["-batch", "-"],
+                Some(&token_bucket(dev, mbit, replace)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sets the sandbox's bandwidth, each way, in Mbit/s (0: unlimited),
+    /// at once and for every later room.
+    pub fn set_rate(&self, mbit: u32) -> Result<(), NetworkError> {
+        let i = &self.inner;
+        let room = i.room.lock().expect("never poisoned");
+        if let Some(holder) = *room {
+            let ns_path = format!("/proc/{holder}/ns/net");
+            let ns = File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
+            self.limit(&ns, mbit, true)?;
+        }
+        *i.rate_mbit.lock().expect("never poisoned") = mbit;
         Ok(())
     }
 
@@ -779,10 +807,11 @@ impl Drop for LeaseInner {
 /// A `tc` command: a token bucket of `mbit` Mbit/s as the root queue of
 /// `dev`. The bucket holds 20 ms of traffic, and at least 64 KiB (a
 /// segmentation-offloaded packet on a veth can be that large).
-fn token_bucket(dev: &str, mbit: u32) -> String {
+fn token_bucket(dev: &str, mbit: u32, replace: bool) -> String {
     let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
     let burst = (bytes_per_s / 50).max(64 << 10);
-    format!("qdisc add dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms\n")
+    let verb = if replace { "replace" } else { "add" };
+    format!("qdisc {verb} dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms\n")
 }
 
 impl LeaseInner {
