@@ -3,7 +3,7 @@
 //! nothing leaves the machine):
 //!
 //! 1. creation and destruction, air-gapped and networked alternately (so
-//!    both meet the same load);
+//!    both meet the same load), and resets of one sandbox of each kind;
 //! 2. 200 networked sandboxes, 20 alive at a time, then what is left of
 //!    them (interfaces, chains, slots, jail records: all must be zero);
 //! 3. throughput of one TCP stream through a sandbox's veth pair, the
@@ -159,6 +159,28 @@ fn main() {
         print_row("destroy, air-gapped", &gap_d);
         print_row("destroy, networked", &net_d);
 
+        // 1b. Resets (a new room per lease): a networked jail has no
+        // spare room, and its interface is made again for each.
+        let (mut gap_r, mut net_r) = (histogram(), histogram());
+        for internet in [false, true] {
+            spec.allow_internet = internet;
+            let sb = backend.create(&spec).await.expect("create");
+            for _ in 0..flags.runs {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let t = Instant::now();
+                sb.reset().await.expect("reset");
+                let us = (t.elapsed().as_micros() as u64).max(1);
+                if internet {
+                    net_r.saturating_record(us);
+                } else {
+                    gap_r.saturating_record(us);
+                }
+            }
+            sb.destroy().await;
+        }
+        print_row("reset, air-gapped", &gap_r);
+        print_row("reset, networked", &net_r);
+
         // 2. 200 networked sandboxes, 20 at a time.
         spec.allow_internet = true;
         let t = Instant::now();
@@ -231,6 +253,8 @@ fn main() {
                 "create_networked_ms": summary(&net_c),
                 "destroy_air_gapped_ms": summary(&gap_d),
                 "destroy_networked_ms": summary(&net_d),
+                "reset_air_gapped_ms": summary(&gap_r),
+                "reset_networked_ms": summary(&net_r),
                 "many": {"sandboxes": 200, "seconds": many_s, "failed": failed, "left": left},
                 "stream_mbit": {"nat_down": nat_down, "nat_up": nat_up, "veth_down": veth_down, "veth_up": veth_up},
                 "limited": {"rate_mbit": rate, "down": lim_down, "up": lim_up},

@@ -618,11 +618,20 @@ impl NetLease {
 
     fn disconnect_locked(&self, room: &mut Option<i32>) {
         let i = &self.inner;
-        if room.take().is_some() {
-            remove_link(i.net.host_ns.as_ref(), &i.slot);
-        }
+        let connected = room.take().is_some();
+        // The link first (no packet makes new state after it), then the
+        // state; each step's commands side by side.
+        both(
+            || {
+                if connected {
+                    remove_link(i.net.host_ns.as_ref(), &i.slot);
+                }
+            },
+            || {
+                let _ = i.net.nft(&nft::forget_resolved(&i.net.table, &i.slot));
+            },
+        );
         forget_connections(i.net.host_ns.as_ref(), &i.slot);
-        let _ = i.net.nft(&nft::forget_resolved(&i.net.table, &i.slot));
     }
 
     /// Joins the private network `name` (made when the first sandbox
@@ -788,17 +797,25 @@ impl Drop for LeaseInner {
         if let Some(name) = left {
             self.leave(&name);
         }
-        remove_link(host, &self.slot);
-        // One transaction; when part is missing (a set-up that failed half
-        // way) it fails whole, and then each piece is removed on its own.
-        let all = nft::remove_sandbox(&self.net.table, &self.slot);
-        if self.net.nft(&(all.join("\n") + "\n")).is_err() {
-            for cmd in all {
-                if let Err(e) = self.net.nft(&cmd) {
-                    tracing::debug!(slot = self.slot.index, "removing the sandbox's rules: {e}");
+        both(
+            || remove_link(host, &self.slot),
+            || {
+                // One transaction; when part is missing (a set-up that
+                // failed half way) it fails whole, and then each piece is
+                // removed on its own.
+                let all = nft::remove_sandbox(&self.net.table, &self.slot);
+                if self.net.nft(&(all.join("\n") + "\n")).is_err() {
+                    for cmd in all {
+                        if let Err(e) = self.net.nft(&cmd) {
+                            tracing::debug!(
+                                slot = self.slot.index,
+                                "removing the sandbox's rules: {e}"
+                            );
+                        }
+                    }
                 }
-            }
-        }
+            },
+        );
         forget_connections(host, &self.slot);
         self.net.pool.put_back(&self.slot);
     }
@@ -858,9 +875,19 @@ fn forget_connections(host_ns: Option<&File>, slot: &Slot) {
     let a = slot.address.to_string();
     // Its own connections (their NAT mappings included), and those a
     // private network's peers opened to it.
-    for dir in ["--orig-src", "--orig-dst"] {
+    let delete = |dir: &str| {
         let _ = command::run(host_ns, "conntrack", &["-D", dir, &a], None);
-    }
+    };
+    both(|| delete("--orig-src"), || delete("--orig-dst"));
+}
+
+/// Runs `a` and `b` side by side (two data-plane commands: their forks
+/// and execs are most of what they cost).
+fn both(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    std::thread::scope(|s| {
+        s.spawn(a);
+        b();
+    });
 }
 
 /// A UDP socket on a free port of every address, made in `host_ns`.
