@@ -11,6 +11,9 @@
 //! port proxy, marked [`PROXY_MARK`] (every other new connection from the
 //! host side to a sandbox is refused in `output`).
 //!
+//! Sandboxes speak IPv4 only: IPv6 from their interfaces is dropped
+//! before anything else.
+//!
 //! What holds for every sandbox, whatever its rules: nothing reaches the
 //! host itself but the resolver (the input hook rejects the rest: the
 //! daemon's port, every host service, on any of the host's addresses);
@@ -36,6 +39,12 @@ pub const NEVER: [&str; 5] = [
     "224.0.0.0/4",
     "240.0.0.0/4",
 ];
+
+/// Addresses the resolver may hand one sandbox at a time (a set of that
+/// size; past it an answer fails with `SERVFAIL` until entries expire), so
+/// that a job resolving endless names under an allowed wildcard cannot
+/// grow the host's tables without bound.
+pub const RESOLVED_MAX: u32 = 4096;
 
 /// The mark (`SO_MARK`) of the daemon's connections to exposed ports:
 /// the one way into a sandbox that it did not open itself. Any other
@@ -69,6 +78,7 @@ pub fn table(name: &str, pool: Cidr, resolver_port: u16) -> String {
   }}
   chain egress {{
     type filter hook prerouting priority mangle; policy accept;
+    iifname "kn*" meta nfproto ipv6 drop
     iifname "kn*" iifname vmap @sandboxes
     iifname "kn*" drop
   }}
@@ -139,7 +149,7 @@ pub fn add_sandbox(t: &str, slot: &Slot, rules: &EgressRules) -> String {
     }
     let _ = writeln!(
         s,
-        "add set inet {t} d{n} {{ type ipv4_addr; flags timeout; }}"
+        "add set inet {t} d{n} {{ type ipv4_addr; flags timeout; size {RESOLVED_MAX}; }}"
     );
     fill(&mut s, t, n, rules);
     let _ = writeln!(s, "add chain inet {t} s{n}");
