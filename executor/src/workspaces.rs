@@ -315,28 +315,27 @@ impl Workspaces {
         };
         // Before anything runs in it: the sandbox's own rules replace the
         // configured ones its network started with.
-        let configured = match (req.egress, &req.network) {
-            (Some(rules), _) => jail
-                .set_egress(rules)
-                .map_err(|e| format!("setting the sandbox's egress rules: {e}")),
-            _ => Ok(()),
+        // Each step names the request field it serves: a backend that
+        // cannot do it (no Kiln-managed network) is the client's 422.
+        let mut configured: Result<(), (&'static str, SandboxError)> = Ok(());
+        if let Some(rules) = req.egress {
+            configured = jail.set_egress(rules).map_err(|e| ("egress", e));
         }
-        .and_then(|()| match &req.network {
-            Some(name) => jail
-                .join_network(name)
-                .map_err(|e| format!("joining the network {name:?}: {e}")),
-            None => Ok(()),
-        })
-        .and_then(|()| match req.rate_mbit {
-            Some(mbit) => jail
-                .set_rate_mbit(mbit)
-                .map_err(|e| format!("limiting the bandwidth: {e}")),
-            None => Ok(()),
-        });
-        if let Err(e) = configured {
+        if let (Ok(()), Some(name)) = (&configured, &req.network) {
+            configured = jail.join_network(name).map_err(|e| ("network", e));
+        }
+        if let (Ok(()), Some(mbit)) = (&configured, req.rate_mbit) {
+            configured = jail.set_rate_mbit(mbit).map_err(|e| ("rate_mbit", e));
+        }
+        if let Err((field, e)) = configured {
             jail.destroy().await;
             self.inner.slots.fetch_sub(1, Ordering::SeqCst);
-            return Err(WorkspaceError::Internal(e));
+            return Err(match e {
+                SandboxError::Unsupported(message) => {
+                    WorkspaceError::Unsupported { field, message }
+                }
+                e => WorkspaceError::Internal(format!("{field}: {e}")),
+            });
         }
         let info = WorkspaceInfo {
             id: jail.id().to_string(),

@@ -27,7 +27,7 @@ fn ws_error(e: WorkspaceError) -> ApiError {
     match e {
         WorkspaceError::Unsupported { field, message } => {
             let mut a = ApiError::field(field, message);
-            if field == "allow_internet" {
+            if matches!(field, "allow_internet" | "egress" | "network" | "rate_mbit") {
                 a.status = StatusCode::UNPROCESSABLE_ENTITY;
                 a.code = "unsupported";
             }
