@@ -584,7 +584,7 @@ impl BackendSettings {
             Ok(layout) => report.extend(crate::jail::reap_jails(state, &layout, me)),
             Err(e) => report.failed.push(format!("jails: {e}")),
         }
-        match crate::network::reap(&self.network, state) {
+        match crate::network::reap(state) {
             Ok(gone) => report
                 .reaped
                 .extend(gone.into_iter().map(|s| format!("network of {s}"))),

@@ -467,17 +467,47 @@ async fn sandboxes_of_one_private_network_talk_and_of_two_do_not() {
 
 #[test]
 fn kiln_reap_removes_a_dead_owners_networks_and_leaves_a_live_ones() {
+    use std::os::unix::fs::MetadataExt as _;
     let world = World::new("reap");
     let scope = Scope::new("net-reap");
-    let settings = settings(&world);
     // A live owner's networks are not orphans.
     let live = backend(&scope, &world);
     assert!(matches!(
-        kiln_sandbox::network::reap(&settings, &scope.state_dir),
+        kiln_sandbox::network::reap(&scope.state_dir),
         Err(kiln_sandbox::network::NetworkError::Locked(_))
     ));
     drop(live);
-    // A dead one's: the slot file and interface it left, and its table.
+    assert_eq!(
+        kiln_sandbox::network::reap(&scope.state_dir).unwrap(),
+        Vec::<String>::new(),
+        "a clean end leaves nothing to reap"
+    );
+    // A dead one's: the record of its host side, the slot file and
+    // interface it left, and its table.
+    // Recorded as "Kiln's own namespace" by a process that was in the
+    // host side: a reap from another namespace (ours) touches nothing.
+    let inode = std::fs::metadata(world.host_ns()).unwrap().ino();
+    std::fs::write(
+        scope.state_dir.join("net/host.json"),
+        serde_json::json!({"host_netns": null, "netns_inode": inode, "table": "kiln", "pool": "10.213.0.0/24"})
+            .to_string(),
+    )
+    .unwrap();
+    assert!(matches!(
+        kiln_sandbox::network::reap(&scope.state_dir),
+        Err(kiln_sandbox::network::NetworkError::NoNamespace(_))
+    ));
+    std::fs::write(
+        scope.state_dir.join("net/host.json"),
+        serde_json::json!({
+            "host_netns": world.host_ns(),
+            "netns_inode": std::fs::metadata(world.host_ns()).unwrap().ino(),
+            "table": "kiln",
+            "pool": "10.213.0.0/24",
+        })
+        .to_string(),
+    )
+    .unwrap();
     let slots = scope.state_dir.join("net/slots");
     std::fs::write(slots.join("3"), "0123456789abcdef").unwrap();
     ip(&[
@@ -502,9 +532,10 @@ fn kiln_reap_removes_a_dead_owners_networks_and_leaves_a_live_ones() {
         "inet",
         "kiln",
     ]);
-    let gone = kiln_sandbox::network::reap(&settings, &scope.state_dir).unwrap();
+    let gone = kiln_sandbox::network::reap(&scope.state_dir).unwrap();
     assert_eq!(gone, ["0123456789abcdef"]);
     assert!(world.host_links().is_empty(), "{:?}", world.host_links());
     assert!(world.table().is_empty());
     assert_eq!(std::fs::read_dir(&slots).unwrap().count(), 0);
+    assert!(!scope.state_dir.join("net/host.json").exists());
 }

@@ -160,6 +160,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
 /// Networking for one backend: the pool, the table, the resolver. Made
 /// once ([`Network::open`]); each networked sandbox holds a [`NetLease`].
 pub struct Network {
+    /// `<state_dir>/net/host.json`, removed on a clean end.
+    host_file: PathBuf,
     /// Private networks by name: their number (naming their set) and
     /// their members, by sandbox id.
     private: Mutex<PrivateNetworks>,
@@ -216,6 +218,21 @@ impl Network {
             pool,
             ..
         } = Leftovers::take_over(settings, cidr, state_dir)?;
+        // Where this state directory's networks live, for `kiln reap`,
+        // which has no configuration of its own.
+        let host = HostSide {
+            host_netns: settings.host_netns.clone(),
+            netns_inode: netns_inode(host_ns.as_ref())
+                .map_err(io_err("stat of the host side's namespace"))?,
+            table: settings.table.clone(),
+            pool: settings.pool.clone(),
+        };
+        let host_file = state_dir.join("net").join(HOST_FILE);
+        fs::write(
+            &host_file,
+            serde_json::to_vec(&host).expect("plain data serializes"),
+        )
+        .map_err(io_err(format!("writing {}", host_file.display())))?;
         if host_name_servers().iter().all(|a| a.ip().is_loopback()) {
             tracing::warn!(
                 "the host's /etc/resolv.conf names only loopback name servers; a jail sees that file, so its lookups go to its own loopback and fail (any non-loopback address works: Kiln redirects them to its resolver)"
@@ -252,6 +269,7 @@ impl Network {
             Some(&nft::table(t, cidr, resolver.port())),
         )?;
         Ok(Arc::new(Self {
+            host_file,
             private: Mutex::default(),
             table: t.clone(),
             rate_mbit: settings.rate_mbit,
@@ -383,12 +401,25 @@ impl Leftovers {
 
 /// What `kiln reap` does for networks: when no process manages the
 /// networks of `state_dir`, removes what a dead one left (its slots'
-/// interfaces and conntrack entries, its table). Returns the sandboxes
-/// whose networks went; does nothing while networking is off.
-pub fn reap(settings: &NetworkSettings, state_dir: &Path) -> Result<Vec<String>, NetworkError> {
-    if !settings.enabled || !state_dir.join("net").is_dir() {
+/// interfaces and conntrack entries, its table), in the host side and
+/// table the dead one recorded there. Returns the sandboxes whose networks
+/// went; nothing when the state directory never had networks.
+pub fn reap(state_dir: &Path) -> Result<Vec<String>, NetworkError> {
+    let host_file = state_dir.join("net").join(HOST_FILE);
+    let Ok(bytes) = fs::read(&host_file) else {
         return Ok(Vec::new());
-    }
+    };
+    let host: HostSide = serde_json::from_slice(&bytes).map_err(|e| NetworkError::Io {
+        what: format!("reading {}", host_file.display()),
+        source: io::Error::other(e),
+    })?;
+    let settings = NetworkSettings {
+        enabled: true,
+        host_netns: host.host_netns,
+        table: host.table,
+        pool: host.pool,
+        ..NetworkSettings::default()
+    };
     let cidr: Cidr = settings
         .pool
         .parse()
@@ -396,17 +427,54 @@ pub fn reap(settings: &NetworkSettings, state_dir: &Path) -> Result<Vec<String>,
             setting: "pool",
             reason,
         })?;
-    let left = Leftovers::take_over(settings, cidr, state_dir)?;
+    // Only in the very namespace it was: "Kiln's own" of a dead process
+    // is whichever namespace that process was in, which need not be ours.
+    let here = match &settings.host_netns {
+        Some(p) => File::open(p).and_then(|f| netns_inode(Some(&f))),
+        None => netns_inode(None),
+    };
+    if here.ok() != Some(host.netns_inode) {
+        return Err(NetworkError::NoNamespace(format!(
+            "the networks of {} live in another network namespace than this process's (run kiln reap there)",
+            state_dir.display()
+        )));
+    }
+    let left = Leftovers::take_over(&settings, cidr, state_dir)?;
     let _ = command::run(
         left.host_ns.as_ref(),
         "nft",
         &["delete", "table", "inet", &settings.table],
         None,
     );
+    let _ = fs::remove_file(&host_file);
     Ok(left.reaped)
 }
 
+/// The inode of `ns` (a network namespace file), or of our own.
+fn netns_inode(ns: Option<&File>) -> io::Result<u64> {
+    match ns {
+        Some(f) => f.metadata().map(|m| m.ino()),
+        None => fs::metadata("/proc/self/ns/net").map(|m| m.ino()),
+    }
+}
+
+/// `<state_dir>/net/host.json`: where a state directory's networks live.
+const HOST_FILE: &str = "host.json";
+
+/// What [`HOST_FILE`] holds.
+#[derive(Serialize, Deserialize)]
+struct HostSide {
+    host_netns: Option<PathBuf>,
+    /// Its inode when recorded (the namespace itself, not just its name).
+    netns_inode: u64,
+    table: String,
+    pool: String,
+}
+
 impl Drop for Network {
+    /// A clean end: the table goes, and with it the record of where it
+    /// was (a later `kiln reap` must not delete a table another Kiln made
+    /// since under the same name).
     fn drop(&mut self) {
         let _ = command::run(
             self.host_ns.as_ref(),
@@ -414,6 +482,7 @@ impl Drop for Network {
             &["delete", "table", "inet", &self.table],
             None,
         );
+        let _ = fs::remove_file(&self.host_file);
     }
 }
 
