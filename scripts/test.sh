@@ -34,12 +34,13 @@ case "$(rustc --version | awk '{print $2}')" in
     *) echo "rustc is $(rustc --version), Cargo.toml declares rust-version $declared" >&2; exit 1 ;;
 esac
 
-# Debian packages: the runtimes the default runtime table names, and
-# bubblewrap for the benchmark baseline. (The page server issues its
+# Debian packages: the runtimes the default runtime table names,
+# bubblewrap for the benchmark baseline, and the data plane of sandbox
+# networks (iproute2, nftables, conntrack). (The page server issues its
 # userfaultfd ioctls itself, so no libclang/bindgen is needed.) The image
 # tests start their own registries on loopback (docker-registry) and push
 # their images, made from host files, with skopeo.
-packages=(python3 nodejs bash bubblewrap procps iproute2 docker-registry skopeo)
+packages=(python3 nodejs bash bubblewrap procps iproute2 nftables conntrack docker-registry skopeo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

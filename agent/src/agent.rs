@@ -263,6 +263,8 @@ struct Rooms {
     own_pid_ns: OwnedFd,
     /// `None` once its holder died; only a reset brings a room back.
     room: Option<Room>,
+    /// Make the next room ahead (`Rooms.spare` of the hello).
+    spare: bool,
 }
 
 impl Setup {
@@ -974,6 +976,7 @@ impl Agent {
                     .map_err(|e| format!("the job's seccomp filters: {e}"))?,
                 own_pid_ns,
                 room: Some(room),
+                spare: spec.spare,
             },
         ))
     }
@@ -1273,10 +1276,13 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts making the next reset's room, in the background.
+    /// Starts making the next reset's room, in the background (unless
+    /// the host asked for no spare: `Rooms.spare`).
     fn prepare_spare_room(&mut self) {
         if let Some(rooms) = self.setup.as_mut().and_then(|s| s.rooms.as_mut()) {
-            rooms.supply.prepare_spare();
+            if rooms.spare {
+                rooms.supply.prepare_spare();
+            }
         }
     }
 

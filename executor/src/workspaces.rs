@@ -50,6 +50,13 @@ pub struct WorkspaceRequest {
     pub env: BTreeMap<String, String>,
     /// The OCI image the sandbox's root is made of; `None`: the backend's.
     pub image: Option<String>,
+    /// Egress rules of a networked sandbox; `None`: the configured ones.
+    pub egress: Option<kiln_sandbox::network::EgressRules>,
+    /// The private network to join (networked sandboxes only).
+    pub network: Option<String>,
+    /// Bandwidth each way in Mbit/s (networked sandboxes only); `None`:
+    /// the configured one.
+    pub rate_mbit: Option<u32>,
 }
 
 /// Why a workspace operation failed; the API maps each to a status.
@@ -109,13 +116,92 @@ pub struct WorkspaceInfo {
 /// A live workspace.
 pub struct Workspace {
     info: WorkspaceInfo,
+    /// Ports proxied by the API (`http::ports`), in order.
+    exposed: Mutex<std::collections::BTreeSet<u16>>,
     held: Mutex<Option<Arc<Held>>>,
     ended: watch::Sender<Option<EndReason>>,
+}
+
+/// What `/v1/sandboxes/{id}/egress` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkView {
+    pub allow_internet: bool,
+    /// The sandbox's address; absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The rules in force; absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<kiln_sandbox::network::EgressSpec>,
+    /// The private network joined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Bandwidth each way, Mbit/s (0: unlimited); absent when air-gapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<u32>,
 }
 
 impl Workspace {
     pub fn info(&self) -> &WorkspaceInfo {
         &self.info
+    }
+
+    /// Exposes `port` through the API's proxy; the ports exposed now.
+    pub fn expose(&self, port: u16) -> Result<Vec<u16>, String> {
+        let held = self.held().map_err(|e| e.to_string())?;
+        if held.network_info().is_none() {
+            return Err(
+                "this sandbox has no network; create it with allow_internet: true (egress {\"allow\": []} for no internet)".into(),
+            );
+        }
+        let mut p = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+        p.insert(port);
+        Ok(p.iter().copied().collect())
+    }
+
+    /// The ports exposed.
+    pub fn exposed(&self) -> Vec<u16> {
+        let p = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+        p.iter().copied().collect()
+    }
+
+    /// A connection to `port` inside the sandbox (for the proxy).
+    pub async fn open_port(&self, port: u16) -> Result<std::net::TcpStream, WorkspaceError> {
+        let held = self.held()?;
+        tokio::task::spawn_blocking(move || held.open_port(port))
+            .await
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))?
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))
+    }
+
+    /// The sandbox's network as it is now.
+    pub fn network(&self) -> Result<NetworkView, WorkspaceError> {
+        let n = self.held()?.network_info();
+        Ok(NetworkView {
+            allow_internet: n.is_some(),
+            address: n.as_ref().map(|n| n.address),
+            network: n.as_ref().and_then(|n| n.network.clone()),
+            rate_mbit: n.as_ref().map(|n| n.rate_mbit),
+            egress: n.map(|n| n.egress),
+        })
+    }
+
+    /// Replaces the egress rules of a networked workspace.
+    pub async fn set_egress(
+        &self,
+        rules: kiln_sandbox::network::EgressRules,
+    ) -> Result<NetworkView, WorkspaceError> {
+        let held = self.held()?;
+        if held.network_info().is_none() {
+            return Err(WorkspaceError::Unsupported {
+                field: "egress",
+                message: "this sandbox has no network; create it with allow_internet: true".into(),
+            });
+        }
+        tokio::task::spawn_blocking(move || held.set_egress(rules))
+            .await
+            .map_err(|e| WorkspaceError::Internal(e.to_string()))?
+            .map_err(|e| WorkspaceError::Internal(format!("changing the egress rules: {e}")))?;
+        self.network()
     }
 
     fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
@@ -259,6 +345,30 @@ impl Workspaces {
                 return Err(e);
             }
         };
+        // Before anything runs in it: the sandbox's own rules replace the
+        // configured ones its network started with.
+        // Each step names the request field it serves: a backend that
+        // cannot do it (no Kiln-managed network) is the client's 422.
+        let mut configured: Result<(), (&'static str, SandboxError)> = Ok(());
+        if let Some(rules) = req.egress {
+            configured = jail.set_egress(rules).map_err(|e| ("egress", e));
+        }
+        if let (Ok(()), Some(name)) = (&configured, &req.network) {
+            configured = jail.join_network(name).map_err(|e| ("network", e));
+        }
+        if let (Ok(()), Some(mbit)) = (&configured, req.rate_mbit) {
+            configured = jail.set_rate_mbit(mbit).map_err(|e| ("rate_mbit", e));
+        }
+        if let Err((field, e)) = configured {
+            jail.destroy().await;
+            self.inner.slots.fetch_sub(1, Ordering::SeqCst);
+            return Err(match e {
+                SandboxError::Unsupported(message) => {
+                    WorkspaceError::Unsupported { field, message }
+                }
+                e => WorkspaceError::Internal(format!("{field}: {e}")),
+            });
+        }
         let info = WorkspaceInfo {
             id: jail.id().to_string(),
             template: runtime.name.clone(),
@@ -315,6 +425,7 @@ impl Workspaces {
             info: info.clone(),
             held: Mutex::new(Some(Arc::new(held))),
             ended: watch::Sender::new(None),
+            exposed: Mutex::default(),
         });
         self.map().insert(id.clone(), ws);
         self.inner.metrics.set_workspaces(self.map().len());

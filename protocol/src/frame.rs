@@ -69,6 +69,16 @@ pub struct Rooms {
     pub job_filters: Vec<Vec<u8>>,
     /// Bring each room's loopback interface up.
     pub loopback: bool,
+    /// Make the next room ahead, while the current one serves. `false`
+    /// when the host gives each room something of its own after a reset
+    /// (a networked jail's interface), which needs the room in service to
+    /// be the sandbox's only one.
+    #[serde(default = "yes")]
+    pub spare: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 mod bpf_programs {
@@ -704,6 +714,7 @@ mod tests {
                     disk_mb: 64,
                     job_filters: vec![vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f]],
                     loopback: true,
+                    spare: true,
                 }),
             }),
             Frame::HelloAck(HelloAck {

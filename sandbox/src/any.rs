@@ -94,6 +94,26 @@ impl Sandbox for AnySandbox {
         each!(self, s => s.set_background(background))
     }
 
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        each!(self, s => s.network_info())
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        each!(self, s => s.set_egress(rules))
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        each!(self, s => s.join_network(name))
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        each!(self, s => s.open_port(port))
+    }
+
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        each!(self, s => s.set_rate_mbit(mbit))
+    }
+
     async fn reset(&self) -> Result<(), SandboxError> {
         each!(self, s => s.reset().await)
     }

@@ -10,6 +10,7 @@ mod agent;
 mod any;
 pub mod firecracker;
 pub mod jail;
+pub mod network;
 mod procfs;
 pub mod qemu;
 pub mod record;
@@ -274,6 +275,41 @@ pub trait Sandbox: Send + Sync {
     /// running code at once rather than when its exec next yields. Blocking
     /// (run it off the async threads); the sandbox is destroyed afterwards.
     fn kill_now(&self);
+    /// The sandbox's network (address, egress rules); `None` when it has
+    /// none but loopback.
+    fn network_info(&self) -> Option<network::NetworkInfo> {
+        None
+    }
+    /// Replaces the egress rules of a networked sandbox, at once for new
+    /// connections and name lookups (open connections are cut). Blocking
+    /// for a few milliseconds (the firewall's tools).
+    fn set_egress(&self, _rules: network::EgressRules) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
+    /// Joins the private network `name`: sandboxes that joined the same
+    /// name reach each other (by address, or by sandbox id through Kiln's
+    /// resolver); others do not. Once, on a networked sandbox.
+    fn join_network(&self, _name: &str) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
+    /// Sets the bandwidth of a networked sandbox, each way, in Mbit/s (0:
+    /// unlimited), at once. Blocking for a few milliseconds.
+    fn set_rate_mbit(&self, _mbit: u32) -> Result<(), SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
+    /// A TCP connection from the host to `port` inside the sandbox, for
+    /// the daemon's port proxy (exposed ports). Blocking.
+    fn open_port(&self, _port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        Err(SandboxError::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        ))
+    }
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).
     fn set_background(&self, _background: bool) {}

@@ -15,6 +15,7 @@ use crate::firecracker::{
     FirecrackerBackend, FirecrackerBackendConfig, FirecrackerConfig, IdRange, JailerConfig,
 };
 use crate::jail::{CgroupLayout, JailBackend, JailConfig, RootFs};
+pub use crate::network::NetworkSettings;
 use crate::qemu::{AccelChoice, QemuBackend, QemuConfig};
 use crate::record::Owner;
 use crate::vm::{image, GuestImage};
@@ -231,7 +232,7 @@ impl Default for ImagesSettings {
 }
 
 /// Every backend setting: the sections `[backend]`, `[jail]`, `[guest]`,
-/// `[qemu]`, `[firecracker]`, `[snapshot]` and `[images]` of the
+/// `[qemu]`, `[firecracker]`, `[snapshot]`, `[images]` and `[network]` of the
 /// configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -243,11 +244,12 @@ pub struct BackendSettings {
     pub firecracker: FirecrackerSettings,
     pub snapshot: SnapshotSettings,
     pub images: ImagesSettings,
+    pub network: NetworkSettings,
 }
 
 impl BackendSettings {
     /// The top-level sections these settings own in a configuration file.
-    pub const SECTIONS: [&'static str; 7] = [
+    pub const SECTIONS: [&'static str; 8] = [
         "backend",
         "jail",
         "guest",
@@ -255,6 +257,7 @@ impl BackendSettings {
         "firecracker",
         "snapshot",
         "images",
+        "network",
     ];
 }
 
@@ -500,6 +503,7 @@ impl BackendSettings {
         if let Some(r) = &self.jail.rootfs {
             cfg.rootfs = RootFs::Dir(r.clone());
         }
+        cfg.network = Some(self.network.clone());
         JailBackend::new(cfg).map_err(|source| OpenError::Backend {
             backend: "jail",
             source,
@@ -611,6 +615,14 @@ impl BackendSettings {
         match CgroupLayout::detect(Path::new("/sys/fs/cgroup")) {
             Ok(layout) => report.extend(crate::jail::reap_jails(state, &layout, me)),
             Err(e) => report.failed.push(format!("jails: {e}")),
+        }
+        match crate::network::reap(state) {
+            Ok(gone) => report
+                .reaped
+                .extend(gone.into_iter().map(|s| format!("network of {s}"))),
+            // A live Kiln manages them: nothing of theirs is an orphan.
+            Err(crate::network::NetworkError::Locked(_)) => {}
+            Err(e) => report.failed.push(format!("networks: {e}")),
         }
         report.extend(crate::qemu::reap_orphans_in(state));
         report.extend(crate::firecracker::reap_orphans(state));

@@ -10,6 +10,7 @@ use kiln_protocol::JobResult;
 
 pub mod broker;
 pub mod images;
+pub mod netlab;
 pub mod openapi;
 pub mod registry;
 pub mod server;

@@ -33,7 +33,14 @@ impl Server {
 
     /// Starts `kiln serve` in `scope`; waits until it listens.
     pub fn start_in(scope: Scope, args: &[&str]) -> Self {
-        let mut child = Self::command(&scope, args)
+        let command = Self::command(&scope, args);
+        Self::start_command(scope, command)
+    }
+
+    /// Starts `command` (made by [`Server::command`] for `scope`, then
+    /// changed by the test); waits until it listens.
+    pub fn start_command(scope: Scope, mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawning kiln serve");

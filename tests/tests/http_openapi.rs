@@ -187,6 +187,49 @@ fn every_documented_operation_answers_as_documented() {
         Some(json!({"template": "python", "cpus": -1})),
     );
     c.call("GET", "/v1/sandboxes", "/v1/sandboxes", None);
+    // Without [network] the sandbox is air-gapped: its rules cannot change.
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        None,
+    );
+    c.call(
+        "PUT",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        Some(json!({"allow": ["*"]})),
+    );
+    c.call(
+        "PUT",
+        "/v1/sandboxes/{id}/egress",
+        &format!("/v1/sandboxes/{id}/egress"),
+        Some(json!({"allow": ["not a rule"]})),
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        None,
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        Some(json!({"port": 8000})),
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/ports",
+        &format!("/v1/sandboxes/{id}/ports"),
+        Some(json!({"port": 0})),
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/ports/{port}/{path}",
+        &format!("/v1/sandboxes/{id}/ports/8000/index.html"),
+        None,
+    );
     c.call(
         "GET",
         "/v1/sandboxes/{id}",

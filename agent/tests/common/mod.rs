@@ -216,6 +216,7 @@ impl Host {
                 disk_mb: 16,
                 job_filters,
                 loopback: true,
+                spare: true,
             }),
         }
     }

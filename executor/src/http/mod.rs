@@ -7,6 +7,7 @@ mod body;
 mod error;
 pub(crate) mod jobs;
 pub(crate) mod piston;
+pub(crate) mod ports;
 pub(crate) mod sandboxes;
 
 use std::convert::Infallible;
@@ -83,7 +84,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(stream), svc)
+                // For WebSockets to exposed ports (`ports`).
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -165,6 +168,33 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
                 sandboxes::exec(app, &id, req).await,
             )
         }
+        (["v1", "sandboxes", id, "ports"], &Method::POST) => {
+            let id = id.to_string();
+            (
+                "/v1/sandboxes/{id}/ports",
+                ports::expose(app, &id, req).await,
+            )
+        }
+        (["v1", "sandboxes", id, "ports"], &Method::GET) => {
+            ("/v1/sandboxes/{id}/ports", ports::list(app, id))
+        }
+        (["v1", "sandboxes", id, "ports", port, rest @ ..], _) => {
+            let (id, port, rest) = (id.to_string(), port.to_string(), rest.join("/"));
+            (
+                "/v1/sandboxes/{id}/ports/{port}/{path}",
+                ports::proxy(app, &id, &port, &rest, req).await,
+            )
+        }
+        (["v1", "sandboxes", id, "egress"], &Method::GET) => {
+            ("/v1/sandboxes/{id}/egress", sandboxes::get_egress(app, id))
+        }
+        (["v1", "sandboxes", id, "egress"], &Method::PUT) => {
+            let id = id.to_string();
+            (
+                "/v1/sandboxes/{id}/egress",
+                sandboxes::put_egress(app, &id, req).await,
+            )
+        }
         (["v1", "sandboxes", id, "metrics"], &Method::GET) => {
             ("/v1/sandboxes/{id}/metrics", sandboxes::metrics(app, id))
         }
@@ -218,6 +248,8 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _]
             | ["v1", "sandboxes", _, "exec"]
             | ["v1", "sandboxes", _, "metrics"]
+            | ["v1", "sandboxes", _, "egress"]
+            | ["v1", "sandboxes", _, "ports"]
             | ["v1", "sandboxes", _, "files", _, ..]
             | ["v1", "images"]
             | ["api", "v2", "runtimes"]

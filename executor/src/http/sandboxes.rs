@@ -27,7 +27,7 @@ fn ws_error(e: WorkspaceError) -> ApiError {
     match e {
         WorkspaceError::Unsupported { field, message } => {
             let mut a = ApiError::field(field, message);
-            if field == "allow_internet" {
+            if matches!(field, "allow_internet" | "egress" | "network" | "rate_mbit") {
                 a.status = StatusCode::UNPROCESSABLE_ENTITY;
                 a.code = "unsupported";
             }
@@ -66,7 +66,29 @@ struct CreateBody {
     #[serde(default)]
     env: BTreeMap<String, String>,
     image: Option<String>,
+    /// Egress rules (needs `allow_internet`); default: the configured ones.
+    egress: Option<kiln_sandbox::network::EgressSpec>,
+    /// A private network shared with the sandboxes that name it.
+    network: Option<String>,
+    /// Bandwidth each way, Mbit/s (0: unlimited); default: configured.
+    rate_mbit: Option<u32>,
 }
+
+/// Parses egress rules at the edge; the error names the bad rule.
+fn parse_egress(
+    spec: &kiln_sandbox::network::EgressSpec,
+) -> Result<kiln_sandbox::network::EgressRules, ApiError> {
+    if spec.allow.len() + spec.deny.len() > MAX_EGRESS_RULES {
+        return Err(ApiError::field(
+            "egress",
+            format!("at most {MAX_EGRESS_RULES} rules"),
+        ));
+    }
+    kiln_sandbox::network::EgressRules::parse(spec).map_err(|m| ApiError::field("egress", m))
+}
+
+/// Rules per sandbox: each is a set element or a resolver check.
+const MAX_EGRESS_RULES: usize = 256;
 
 fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Result<u64, ApiError> {
     match v {
@@ -149,7 +171,47 @@ pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequ
             ));
         }
     }
+    let egress = match &b.egress {
+        Some(_) if !b.allow_internet => {
+            return Err(ApiError::field(
+                "egress",
+                "egress rules need allow_internet: true",
+            ))
+        }
+        Some(spec) => Some(parse_egress(spec)?),
+        None => None,
+    };
+    if let Some(n) = &b.network {
+        if !b.allow_internet {
+            return Err(ApiError::field(
+                "network",
+                "a private network needs allow_internet: true (an interface); use egress {\"allow\": []} for no internet",
+            ));
+        }
+        let ok = !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        if !ok {
+            return Err(ApiError::field(
+                "network",
+                format!("{n:?} is not a network name (letters, digits, - and _, at most 63)"),
+            ));
+        }
+    }
+    if b.rate_mbit.is_some() && !b.allow_internet {
+        return Err(ApiError::field(
+            "rate_mbit",
+            "a bandwidth limit needs allow_internet: true",
+        ));
+    }
+    if b.rate_mbit.is_some_and(|r| r > 100_000) {
+        return Err(ApiError::field("rate_mbit", "at most 100000 (Mbit/s)"));
+    }
     Ok(WorkspaceRequest {
+        rate_mbit: b.rate_mbit,
+        network: b.network,
+        egress,
         template: b.template,
         ttl,
         remove_on_exit: b.remove_on_exit,
@@ -208,6 +270,37 @@ fn find(app: &App, id: &str) -> Result<Arc<Workspace>, ApiError> {
 pub fn get(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     let ws = find(app, id)?;
     Ok(json_response(StatusCode::OK, ws.info()))
+}
+
+/// `GET /v1/sandboxes/{id}/egress`: address and rules.
+pub fn get_egress(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+    let ws = find(app, id)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &ws.network().map_err(ws_error)?,
+    ))
+}
+
+/// `PUT /v1/sandboxes/{id}/egress`: new rules for a running workspace.
+pub async fn put_egress(
+    app: &Arc<App>,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let ws = find(app, id)?;
+    let body = read_body(req, app.max_body_bytes).await?;
+    let spec: kiln_sandbox::network::EgressSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::field("egress", e))?;
+    let rules = parse_egress(&spec)?;
+    let view = ws.set_egress(rules).await.map_err(|e| {
+        let mut a = ws_error(e);
+        if a.field.as_deref() == Some("egress") {
+            a.status = StatusCode::UNPROCESSABLE_ENTITY;
+            a.code = "unsupported";
+        }
+        a
+    })?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
 pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {

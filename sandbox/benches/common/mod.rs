@@ -14,12 +14,15 @@ use kiln_sandbox::jail::{JailBackend, JailConfig};
 use kiln_sandbox::Backend as _;
 
 /// Flags: `--runs N`, `--idle-ms N`, `--json-out FILE`, `--restores-only`
-/// (the Firecracker benchmark: skip boots and idle memory).
+/// (the Firecracker benchmark: skip boots and idle memory), `--rate-mbit N`
+/// (the network benchmark).
 pub struct Flags {
     pub runs: usize,
     pub idle: Duration,
     pub json_out: Option<PathBuf>,
     pub restores_only: bool,
+    /// A bandwidth limit to measure (the network benchmark).
+    pub rate_mbit: u32,
 }
 
 impl Flags {
@@ -29,6 +32,7 @@ impl Flags {
             idle: Duration::from_millis(100),
             json_out: None,
             restores_only: false,
+            rate_mbit: 100,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -43,9 +47,10 @@ impl Flags {
                 }
                 "--json-out" => f.json_out = Some(value("--json-out").into()),
                 "--restores-only" => f.restores_only = true,
+                "--rate-mbit" => f.rate_mbit = value("--rate-mbit").parse().expect("--rate-mbit N"),
                 "--bench" => {}
                 other => {
-                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE --restores-only")
+                    panic!("unknown flag {other}; known: --runs N --idle-ms N --json-out FILE --restores-only --rate-mbit N")
                 }
             }
         }
@@ -70,6 +75,11 @@ pub fn runtimes() -> RuntimeTable {
 /// The release agent (or `KILN_AGENT`), and a backend whose sandboxes live
 /// under their own state directory and cgroup parent.
 pub fn backend() -> JailBackend {
+    backend_with(|_| {})
+}
+
+/// [`backend`] with the configuration changed by `change` first.
+pub fn backend_with(change: impl FnOnce(&mut JailConfig)) -> JailBackend {
     assert!(
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() } == 0,
@@ -89,6 +99,7 @@ pub fn backend() -> JailBackend {
     let mut cfg = JailConfig::new(agent, runtimes());
     cfg.state_dir = PathBuf::from("/run/kiln-bench");
     cfg.cgroup_parent = "kiln-bench".into();
+    change(&mut cfg);
     let b = JailBackend::new(cfg).expect("jail backend");
     let _ = b.reap_orphans();
     b

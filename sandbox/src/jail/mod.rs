@@ -4,7 +4,7 @@
 //! directory), with a minimal `/dev` (see `rootfs` for why every jail has
 //! its own inodes), a fresh `/proc`, a cgroup with memory/pids/CPU limits,
 //! rlimits, only the capabilities the agent needs, no_new_privs and a
-//! seccomp filter. There is no network.
+//! seccomp filter. Networking, when asked for, is `crate::network`'s.
 //!
 //! Jobs do not run in the jail's own namespaces but in a *room* the agent
 //! makes inside it (`Hello.rooms`; see the agent's `room` module): new pid,
@@ -42,6 +42,7 @@ use kiln_protocol::{Hello, Rooms, RuntimeTable, PROTOCOL_VERSION};
 pub use seccomp::SeccompError;
 use seccompiler::BpfProgram;
 
+use crate::network::{NetLease, Network};
 use crate::record::{self, Record};
 use crate::{
     AgentConn, Backend, ReapReport, Sandbox, SandboxError, SandboxId, SandboxSpec, SandboxStats,
@@ -85,6 +86,8 @@ pub struct JailConfig {
     pub runtimes: RuntimeTable,
     /// Time the agent gets to start and answer the handshake.
     pub hello_timeout: Duration,
+    /// Networking for sandboxes with `allow_internet` (`None`: refused).
+    pub network: Option<crate::network::NetworkSettings>,
 }
 
 impl JailConfig {
@@ -102,6 +105,7 @@ impl JailConfig {
             loopback: true,
             runtimes,
             hello_timeout: Duration::from_secs(10),
+            network: None,
         }
     }
 }
@@ -181,6 +185,7 @@ struct Inner {
     /// Whether the agent needs no dynamic loader: a root that is an image
     /// has the image's libraries, not the host's.
     agent_static: bool,
+    network: Option<Arc<Network>>,
 }
 
 /// Makes jails. Cheap to clone.
@@ -230,6 +235,12 @@ impl JailBackend {
             .map_err(io_err(format!("creating {}", jails.display())))?;
         reach::check(&jails, cfg.id_base)?;
         let owner = record::Owner::current().map_err(io_err("reading our own /proc/self/stat"))?;
+        let network = match &cfg.network {
+            Some(n) if n.enabled => Some(
+                Network::open(n, &cfg.state_dir).map_err(|e| SandboxError::backend("jail", e))?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -239,6 +250,7 @@ impl JailBackend {
                 root,
                 owner,
                 agent_static,
+                network,
             }),
         })
     }
@@ -250,6 +262,11 @@ impl JailBackend {
     /// The cgroup version in use (1 or 2).
     pub fn cgroup_version(&self) -> u8 {
         self.inner.layout.version()
+    }
+
+    /// Sandbox networking, when configured (`[network] enabled`).
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.inner.network.as_ref()
     }
 }
 
@@ -456,6 +473,9 @@ struct Remains {
     pid: i32,
     cgroup: Cgroup,
     dir: PathBuf,
+    /// The sandbox's network, when it has one; released after the jail is
+    /// gone (its interface goes with the room's namespace, the rest here).
+    net: Option<NetLease>,
 }
 
 impl Remains {
@@ -463,6 +483,7 @@ impl Remains {
         if !teardown(Some(self.pid), &self.cgroup, &self.dir, false) {
             tracing::warn!(dir = %self.dir.display(), "jail cgroup could not be fully removed");
         }
+        drop(self.net);
     }
 }
 
@@ -487,21 +508,78 @@ impl Jail {
         self.room_pid_among(&r.cgroup.procs())
     }
 
+    /// The sandbox's network (`allow_internet`), if it has one.
+    pub fn network(&self) -> Option<&NetLease> {
+        self.remains.as_ref()?.net.as_ref()
+    }
+
+    /// Gives the room in service the sandbox's interface. A networked jail
+    /// has no spare room, so the one room is the lease's; it is looked for
+    /// a little while, since a new room's holder can be the agent's child
+    /// a moment before the host sees it in the group.
+    async fn connect_room(&self) -> Result<(), SandboxError> {
+        let Some(r) = &self.remains else {
+            return Ok(());
+        };
+        let Some(net) = r.net.clone() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let holder = loop {
+            let procs = r.cgroup.procs();
+            let holders = self.room_pids_among(&procs);
+            match holders.as_slice() {
+                [one] => break *one,
+                _ if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                many => {
+                    return Err(SandboxError::Unsupported(format!(
+                        "the jail should have exactly one room to connect, it has {}",
+                        many.len()
+                    )))
+                }
+            }
+        };
+        tokio::task::spawn_blocking(move || net.connect(holder))
+            .await
+            .map_err(|e| SandboxError::Io {
+                what: "network connect task".into(),
+                error: io::Error::other(e.to_string()),
+            })?
+            .map_err(|e| SandboxError::backend("jail", e))
+    }
+
+    /// Every room holder among `procs` (see [`room_pid_among`](Self::room_pid_among)).
+    fn room_pids_among(&self, procs: &[i32]) -> Vec<i32> {
+        let Some(r) = self.remains.as_ref() else {
+            return Vec::new();
+        };
+        let Some(depth) = ns_pids(r.pid).map(|v| v.len()) else {
+            return Vec::new();
+        };
+        procs
+            .iter()
+            .copied()
+            .filter(|&p| {
+                ns_pids(p)
+                    .is_some_and(|ns| ns.len() == depth + 1 && ns.last().is_some_and(|l| l == "1"))
+            })
+            .collect()
+    }
+
     /// [`room_pid`](Self::room_pid) for a caller that has just read the
     /// jail's processes ([`Cgroup::procs`]), which saves reading them again.
     pub fn room_pid_among(&self, procs: &[i32]) -> Option<i32> {
-        let r = self.remains.as_ref()?;
-        let ns_pids = |pid: i32| -> Option<Vec<String>> {
-            let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-            Some(line.split_whitespace().map(str::to_owned).collect())
-        };
-        let depth = ns_pids(r.pid)?.len();
-        procs.iter().copied().find(|&p| {
-            ns_pids(p)
-                .is_some_and(|ns| ns.len() == depth + 1 && ns.last().is_some_and(|l| l == "1"))
-        })
+        self.room_pids_among(procs).first().copied()
     }
+}
+
+/// A process's pids in each pid namespace it is in, outermost first.
+fn ns_pids(pid: i32) -> Option<Vec<String>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    Some(line.split_whitespace().map(str::to_owned).collect())
 }
 
 impl Drop for Jail {
@@ -611,14 +689,69 @@ impl Sandbox for Jail {
         Some(self.timings)
     }
 
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.network().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .set_rules(rules)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .set_rate(mbit)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        match self.network() {
+            Some(n) => n
+                .open_port(port)
+                .map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        match self.network() {
+            Some(n) => n.join(name).map_err(|e| SandboxError::backend("jail", e)),
+            None => Err(SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )),
+        }
+    }
+
     fn kill_now(&self) {
         if let Some(r) = &self.remains {
             r.cgroup.kill_all(Duration::from_secs(2));
         }
     }
 
+    /// A networked jail's interface is taken from the old room first and
+    /// given to the new one after: the new room has a new namespace.
     async fn reset(&self) -> Result<(), SandboxError> {
+        let net = self.network().cloned();
+        if let Some(n) = net.clone() {
+            let _ = tokio::task::spawn_blocking(move || n.disconnect()).await;
+        }
         self.agent.reset(RESET_TIMEOUT).await?;
+        if net.is_some() {
+            self.connect_room().await?;
+        }
         if let Some(r) = &self.remains {
             r.cgroup.reset_memory_peak()?;
             r.cgroup.oom_kills();
@@ -651,9 +784,9 @@ impl Backend for JailBackend {
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<Jail, SandboxError> {
-        if spec.allow_internet {
+        if spec.allow_internet && self.inner.network.is_none() {
             return Err(SandboxError::Unsupported(
-                "allow_internet=true is not available with the jail backend: a jail has no network (only loopback)".into(),
+                "allow_internet=true is not available: sandbox networking is off (set `enabled = true` in the [network] section of the configuration)".into(),
             ));
         }
         if let (Some(image), false) = (&spec.image, self.inner.agent_static) {
@@ -678,6 +811,22 @@ impl Backend for JailBackend {
             .map(|i| lock_image_root(&i.dir))
             .transpose()?;
         let id = SandboxId::random();
+        let net = match (&self.inner.network, spec.allow_internet) {
+            (Some(n), true) => {
+                let n = n.clone();
+                let id = id.to_string();
+                Some(
+                    tokio::task::spawn_blocking(move || n.lease(&id, None))
+                        .await
+                        .map_err(|e| SandboxError::Io {
+                            what: "network lease task".into(),
+                            error: io::Error::other(e.to_string()),
+                        })?
+                        .map_err(|e| SandboxError::backend("jail", e))?,
+                )
+            }
+            _ => None,
+        };
         let t0 = std::time::Instant::now();
         let inner = self.inner.clone();
         let spec2 = spec.clone();
@@ -695,7 +844,12 @@ impl Backend for JailBackend {
             cgroup,
             dir,
         } = started;
-        let remains = Remains { pid, cgroup, dir };
+        let remains = Remains {
+            pid,
+            cgroup,
+            dir,
+            net,
+        };
         let id_log = id.clone();
         // The agent's stderr: forwarded to our log, line by line.
         std::thread::spawn(move || {
@@ -743,10 +897,17 @@ impl Backend for JailBackend {
                 disk_mb: spec.disk_mb,
                 job_filters: self.inner.job_filters.clone(),
                 loopback: self.inner.cfg.loopback,
+                spare: !spec.allow_internet,
             }),
         };
         match jail.agent.hello(hello, self.inner.cfg.hello_timeout).await {
             Ok(_) => {
+                if jail.network().is_some() {
+                    if let Err(e) = jail.connect_room().await {
+                        jail.destroy().await;
+                        return Err(e);
+                    }
+                }
                 jail.timings.setup_ms = (t0.elapsed() - started).as_secs_f64() * 1000.0;
                 jail.oom_kills();
                 Ok(jail)

@@ -1,0 +1,326 @@
+//! A test-made "internet" for network tests: a network namespace that
+//! stands for the host side of Kiln's sandboxes (their interfaces, Kiln's
+//! table and resolver live there, never in the machine's own namespace),
+//! and one holding an HTTP server on three addresses and a DNS zone,
+//! routed from the host side. No packet leaves the machine. Both
+//! namespaces go when the [`World`] is dropped.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
+
+/// The test internet: its DNS server and web server's addresses.
+pub const DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const WEB_ALLOWED_BY_NAME: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const WEB_DENIED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const WEB_ALLOWED_BY_NETWORK: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+/// The host side's address towards the test internet.
+pub const HOST_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const BODY: &str = "kiln-test-internet";
+
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a new thread inside the named network namespace.
+pub fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = File::open(format!("/run/netns/{name}")).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace file, for this thread only.
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0);
+        f()
+    })
+}
+
+/// The two namespaces; deleted on drop.
+pub struct World {
+    pub host: String,
+    pub inet: String,
+}
+
+impl World {
+    pub fn new(tag: &str) -> Self {
+        let host = format!("kt{}{tag}h", std::process::id());
+        let inet = format!("kt{}{tag}i", std::process::id());
+        ip(&["netns", "add", &host]);
+        ip(&["netns", "add", &inet]);
+        let w = Self { host, inet };
+        ip(&[
+            "-n", &w.host, "link", "add", "up0", "type", "veth", "peer", "name", "down0", "netns",
+            &w.inet,
+        ]);
+        ip(&[
+            "-n",
+            &w.host,
+            "addr",
+            "add",
+            &format!("{HOST_SIDE}/24"),
+            "dev",
+            "up0",
+        ]);
+        ip(&["-n", &w.host, "link", "set", "up0", "up"]);
+        ip(&["-n", &w.host, "link", "set", "lo", "up"]);
+        for a in [WEB_ALLOWED_BY_NAME, WEB_DENIED, WEB_ALLOWED_BY_NETWORK] {
+            ip(&[
+                "-n",
+                &w.inet,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                "down0",
+            ]);
+        }
+        ip(&["-n", &w.inet, "link", "set", "down0", "up"]);
+        ip(&["-n", &w.inet, "link", "set", "lo", "up"]);
+        // The web server, on every address of the test internet.
+        let web = in_netns(&w.inet, || TcpListener::bind("0.0.0.0:80").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut c in web.incoming().flatten() {
+                let mut buf = [0u8; 512];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(BODY.as_bytes());
+            }
+        });
+        // Bulk bytes: port 81 sends as many as the first line asks for,
+        // port 82 swallows everything and answers how much it got.
+        let source = in_netns(&w.inet, || TcpListener::bind("0.0.0.0:81").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for c in source.incoming().flatten() {
+                std::thread::spawn(move || send_bulk(c));
+            }
+        });
+        let sink = in_netns(&w.inet, || TcpListener::bind("0.0.0.0:82").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut c in sink.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut n = 0u64;
+                    while let Ok(k) = c.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = c.write_all(n.to_string().as_bytes());
+                });
+            }
+        });
+        // The DNS zone: every name under .test, by its first label.
+        let dns = in_netns(&w.inet, || UdpSocket::bind((DNS, 53)).unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || serve_zone(&dns));
+        // A service of the host side that no sandbox may reach.
+        let host_service = in_netns(&w.host, || TcpListener::bind("0.0.0.0:8080").unwrap())
+            .join()
+            .unwrap();
+        std::thread::spawn(move || {
+            for mut c in host_service.incoming().flatten() {
+                let _ = c.write_all(b"host-secret");
+            }
+        });
+        w
+    }
+
+    pub fn host_ns(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.host))
+    }
+
+    /// What Kiln has in the host side: its links and its table.
+    pub fn host_links(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.host, "-o", "link", "show"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_owned())
+            .filter(|n| n.starts_with("kn"))
+            .collect()
+    }
+
+    pub fn table(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.host, "nft", "list", "table", "inet", "kiln",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.host])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.inet])
+            .status();
+    }
+}
+
+/// Port 81: reads a decimal byte count and a newline, sends that many.
+fn send_bulk(mut c: std::net::TcpStream) {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while c.read(&mut b).is_ok_and(|k| k == 1) && b[0] != b'\n' && line.len() < 20 {
+        line.push(b[0]);
+    }
+    let Ok(mut left) = String::from_utf8_lossy(&line).trim().parse::<u64>() else {
+        return;
+    };
+    let chunk = vec![b'k'; 1 << 16];
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        if c.write_all(&chunk[..k]).is_err() {
+            return;
+        }
+        left -= k as u64;
+    }
+}
+
+/// A job that moves bytes through the test internet's port 81 (down) and
+/// 82 (up); stdin is `down <host> <bytes>` or `up <host> <bytes>` lines,
+/// each answered `<bytes> <seconds>`, measured inside the sandbox.
+pub const BULK: &str = r#"
+import socket, sys, time
+for line in sys.stdin.read().split("\n"):
+    if not line:
+        continue
+    way, host, n = line.split()
+    n = int(n)
+    if way == "down":
+        s = socket.create_connection((host, 81))
+        t = time.monotonic()
+        s.sendall(b"%d\n" % n)
+        got = 0
+        while True:
+            b = s.recv(1 << 16)
+            if not b:
+                break
+            got += len(b)
+        print(got, time.monotonic() - t)
+    else:
+        s = socket.create_connection((host, 82))
+        buf = b"u" * 65536
+        t = time.monotonic()
+        sent = 0
+        while sent < n:
+            s.sendall(buf)
+            sent += len(buf)
+        s.shutdown(socket.SHUT_WR)
+        got = int(s.recv(100))
+        print(got, time.monotonic() - t)
+"#;
+
+fn serve_zone(socket: &UdpSocket) {
+    let mut buf = [0u8; 1500];
+    while let Ok((n, from)) = socket.recv_from(&mut buf) {
+        let Ok(q) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+        r.metadata.message_type = MessageType::Response;
+        r.add_queries(q.queries.iter().cloned());
+        if let Some(query) = q.queries.first() {
+            let name = query.name().to_ascii().to_ascii_lowercase();
+            let addr = match name.split('.').next() {
+                Some("allowed" | "www") => Some(WEB_ALLOWED_BY_NAME),
+                Some("denied") => Some(WEB_DENIED),
+                _ => None,
+            };
+            match addr {
+                Some(a) if query.query_type() == hickory_proto::rr::RecordType::A => {
+                    r.add_answer(Record::from_rdata(query.name().clone(), 30, RData::A(A(a))));
+                }
+                Some(_) => {}
+                None => r.metadata.response_code = ResponseCode::NXDomain,
+            }
+        }
+        let _ = socket.send_to(&r.to_vec().unwrap(), from);
+    }
+}
+
+/// Runs `f` on a thread inside the named network namespace and returns
+/// its result (for talking to a server that listens there).
+pub fn within<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let ns = File::open(format!("/run/netns/{name}")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on an open namespace file, for this thread only.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A job's probe: each line `what result`, the result `ok:<body>`, or
+/// the kind of failure (`errno name`, `dns:<gaierror>`, `rcode:<n>`).
+pub const PROBE: &str = r#"
+import errno, socket, sys
+def tcp(host, port=80):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = s.recv(100).decode()
+        s.close()
+        return "ok:" + data
+    except socket.gaierror as e:
+        return "dns:" + str(e.errno)
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def query(name, server):
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(10)
+    try:
+        s.sendto(q, (server, 53))
+        r = s.recv(512)
+        return "rcode:%d answers:%d" % (r[3] & 15, (r[6] << 8) | r[7])
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+for line in sys.stdin.read().split("\n"):
+    if not line:
+        continue
+    kind, arg = line.split(" ", 1)
+    if kind == "tcp":
+        host, port = arg.split(":")
+        print(line, tcp(host, int(port)))
+    else:
+        name, server = arg.split("@")
+        print(line, query(name, server))
+"#;

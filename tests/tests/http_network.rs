@@ -1,0 +1,467 @@
+//! Sandbox networks through the daemon's API, against a test-made
+//! internet (`kiln_tests::netlab`): `kiln serve` runs in the host-side
+//! namespace with `[network] enabled`, its API on every address there.
+//! A workspace's own egress rules replace the configured ones, change
+//! while it runs, and are refused without `allow_internet`; the daemon's
+//! API is out of a sandbox's reach; a SIGKILLed daemon's interfaces,
+//! rules and slots are gone after the next one starts. Needs root,
+//! iproute2, nftables and conntrack.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
+use std::process::Command;
+
+use kiln_tests::netlab::{
+    within, World, BODY, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
+};
+use kiln_tests::server::Server;
+use kiln_tests::{bin, Scope};
+use serde_json::{json, Value};
+
+/// `kiln serve` inside the host side, its API on every address there.
+fn serve(world: &World, scope: Scope) -> Server {
+    let config = scope.state_dir.join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut c = Command::new(bin("kiln"));
+    c.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--bind", "0.0.0.0:0", "--min-idle", "0", "--state-dir"])
+        .arg(&scope.state_dir)
+        .arg("--cgroup-parent")
+        .arg(&scope.cgroup_parent)
+        .env_remove("KILN_CONFIG")
+        .env_remove("KILN_TOKEN")
+        .stdin(std::process::Stdio::null());
+    let ns = std::fs::File::open(world.host_ns()).unwrap();
+    // SAFETY: setns is async-signal-safe; the descriptor is open in the
+    // parent until the spawn returns.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Server::start_command(scope, c)
+}
+
+fn call(world: &World, s: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {
+    within(&world.host, || s.json(method, path, &body))
+}
+
+/// Runs the probe lines in workspace `id`; the answer of each.
+fn probe(world: &World, s: &Server, id: &str, lines: &[String]) -> Vec<String> {
+    let (st, r) = call(
+        world,
+        s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"code": PROBE, "stdin": lines.join("\n")}),
+    );
+    assert_eq!((st, r["outcome"].as_str()), (200, Some("ok")), "{r}");
+    r["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .zip(lines)
+        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
+        .collect()
+}
+
+fn ok() -> String {
+    format!("ok:{BODY}")
+}
+
+#[test]
+fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
+    let world = World::new("api");
+    let s = serve(&world, Scope::new("net-api"));
+    let port = s.addr.port();
+    // The API answers on the host side's address (from the host side).
+    let (st, _) = call(&world, &s, "GET", "/v1/sandboxes", json!(null));
+    assert_eq!(st, 200);
+
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "egress": {"allow": ["allowed.test"]}}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some("egress")),
+        "{v}"
+    );
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "allow_internet": true, "egress": {"allow": ["bad name"]}}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some("egress")),
+        "{v}"
+    );
+
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "allow_internet": true, "egress": {"allow": ["allowed.test"]}, "rate_mbit": 500}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (st, net) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/egress"),
+        json!(null),
+    );
+    assert_eq!(st, 200);
+    assert_eq!(net["allow_internet"], true);
+    assert_eq!(net["egress"]["allow"], json!(["allowed.test"]));
+    assert_eq!(net["rate_mbit"], 500);
+    let address: std::net::Ipv4Addr = net["address"].as_str().unwrap().parse().unwrap();
+    let gateway = std::net::Ipv4Addr::from(u32::from(address) - 1);
+
+    let got = probe(
+        &world,
+        &s,
+        &id,
+        &[
+            "tcp allowed.test:80".into(),
+            // The configured rules allowed it; the workspace's own do not.
+            format!("tcp {WEB_ALLOWED_BY_NETWORK}:80"),
+            // The daemon's API listens on every address of the host side.
+            format!("tcp {gateway}:{port}"),
+            format!("tcp {HOST_SIDE}:{port}"),
+        ],
+    );
+    assert_eq!(
+        got,
+        [
+            ok(),
+            "ECONNREFUSED".into(),
+            "ECONNREFUSED".into(),
+            "ECONNREFUSED".into()
+        ]
+    );
+
+    // New rules on the running workspace.
+    let (st, net) = call(
+        &world,
+        &s,
+        "PUT",
+        &format!("/v1/sandboxes/{id}/egress"),
+        json!({"allow": [format!("{WEB_ALLOWED_BY_NETWORK}/32")]}),
+    );
+    assert_eq!(st, 200, "{net}");
+    assert_eq!(
+        net["egress"]["allow"],
+        json!([format!("{WEB_ALLOWED_BY_NETWORK}/32")])
+    );
+    let got = probe(
+        &world,
+        &s,
+        &id,
+        &[
+            "tcp allowed.test:80".into(),
+            format!("tcp {WEB_ALLOWED_BY_NAME}:80"),
+            format!("tcp {WEB_ALLOWED_BY_NETWORK}:80"),
+        ],
+    );
+    assert_eq!(got, ["dns:-2".to_string(), "ECONNREFUSED".into(), ok()]);
+
+    // An air-gapped workspace has no rules to change.
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python"}),
+    );
+    assert_eq!(st, 201);
+    let gapped = v["id"].as_str().unwrap().to_owned();
+    let (st, v) = call(
+        &world,
+        &s,
+        "PUT",
+        &format!("/v1/sandboxes/{gapped}/egress"),
+        json!({"allow": ["*"]}),
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (422, Some("unsupported")),
+        "{v}"
+    );
+    let (_, v) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{gapped}/egress"),
+        json!(null),
+    );
+    assert_eq!(v, json!({"allow_internet": false}));
+
+    // A private network needs an interface; two sandboxes naming one
+    // reach each other (shown end to end in sandbox/tests/jail_network.rs)
+    // and resolve each other's ids.
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "network": "team"}),
+    );
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some("network")),
+        "{v}"
+    );
+    let mut team = Vec::new();
+    for _ in 0..2 {
+        let (st, v) = call(
+            &world,
+            &s,
+            "POST",
+            "/v1/sandboxes",
+            json!({"template": "python", "allow_internet": true, "network": "team", "egress": {"allow": []}}),
+        );
+        assert_eq!(st, 201, "{v}");
+        team.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let (_, v) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{}/egress", team[0]),
+        json!(null),
+    );
+    assert_eq!(v["network"], "team", "{v}");
+    let got = probe(
+        &world,
+        &s,
+        &team[0],
+        &[
+            format!("tcp {}:9", team[1]),
+            format!("tcp {id}:9"),
+            "tcp allowed.test:80".into(),
+        ],
+    );
+    // The peer's name resolves (nothing listens on port 9: its kernel
+    // resets); a sandbox outside the network does not; and no internet
+    // at all with an empty allow list.
+    assert_eq!(
+        got,
+        ["ECONNREFUSED".to_string(), "dns:-2".into(), "dns:-2".into()]
+    );
+    for t in &team {
+        let (st, _) = call(
+            &world,
+            &s,
+            "DELETE",
+            &format!("/v1/sandboxes/{t}"),
+            json!(null),
+        );
+        assert_eq!(st, 204);
+    }
+
+    let (st, _) = call(
+        &world,
+        &s,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}"),
+        json!(null),
+    );
+    assert_eq!(st, 204);
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
+    assert!(!world.table().contains("chain s"), "{}", world.table());
+}
+
+#[test]
+fn a_sigkilled_daemon_leaves_no_network_behind_after_the_next_start() {
+    let world = World::new("kill");
+    let mut first = serve(&world, Scope::new("net-kill"));
+    for _ in 0..3 {
+        let (st, v) = call(
+            &world,
+            &first,
+            "POST",
+            "/v1/sandboxes",
+            json!({"template": "python", "allow_internet": true}),
+        );
+        assert_eq!(st, 201, "{v}");
+    }
+    assert_eq!(world.host_links().len(), 3);
+    first.kill();
+    // The crash left the slots and the table's chains (the interfaces go
+    // when their jails die, which the kernel does on its own time).
+    let slots = first.scope.state_dir.join("net/slots");
+    assert_eq!(std::fs::read_dir(&slots).unwrap().count(), 3);
+    assert!(world.table().contains("chain s"));
+    let second = serve(&world, Scope::new("net-kill"));
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
+    assert!(!world.table().contains("chain s"), "{}", world.table());
+    assert_eq!(std::fs::read_dir(&slots).unwrap().count(), 0);
+    // And the new daemon's sandboxes are networked as before.
+    let (st, v) = call(
+        &world,
+        &second,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "allow_internet": true}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        probe(&world, &second, &id, &["tcp allowed.test:80".into()]),
+        [ok()]
+    );
+    drop(second);
+    drop(first);
+}
+
+/// Serves port 8000 inside the sandbox, left running after the job:
+/// HTTP (`hello from inside <path>`) and a one-message WebSocket echo.
+const SERVE_8000: &str = r#"
+import base64, hashlib, os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000))
+s.listen(8)
+if os.fork() == 0:
+    os.setsid()
+    for fd in (0, 1, 2):
+        os.close(fd)
+    while True:
+        c, _ = s.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = c.recv(4096)
+            if not d:
+                break
+            head += d
+        lines = head.decode(errors="replace").split("\r\n")
+        hdr = {l.split(":", 1)[0].strip().lower(): l.split(":", 1)[1].strip() for l in lines[1:] if ":" in l}
+        if hdr.get("upgrade", "").lower() == "websocket":
+            key = hdr["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            acc = base64.b64encode(hashlib.sha1(key.encode()).digest()).decode()
+            c.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % acc).encode())
+            f = c.recv(2)
+            mask = c.recv(4)
+            data = bytearray(c.recv(f[1] & 127))
+            for i in range(len(data)):
+                data[i] ^= mask[i % 4]
+            c.sendall(bytes([0x81, len(data)]) + bytes(data))
+        else:
+            body = ("hello from inside " + lines[0].split()[1]).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        c.close()
+print("serving")
+"#;
+
+#[test]
+fn an_exposed_port_answers_http_and_websocket_through_the_daemon_only() {
+    use std::io::{Read, Write};
+    let world = World::new("ports");
+    let s = serve(&world, Scope::new("net-ports"));
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        "/v1/sandboxes",
+        json!({"template": "python", "allow_internet": true, "egress": {"allow": []}}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (_, r) = call(
+        &world,
+        &s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"code": SERVE_8000}),
+    );
+    assert_eq!(r["stdout"], "serving\n", "{r}");
+    let greet = format!("/v1/sandboxes/{id}/ports/8000/greet?x=1");
+    // Not exposed: the proxy refuses.
+    let (st, v) = call(&world, &s, "GET", &greet, json!(null));
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("not_exposed")),
+        "{v}"
+    );
+    let (st, v) = call(
+        &world,
+        &s,
+        "POST",
+        &format!("/v1/sandboxes/{id}/ports"),
+        json!({"port": 8000}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["ports"][0]["port"], 8000);
+    let r = within(&world.host, || s.request("GET", &greet, None));
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "hello from inside /greet?x=1".to_string())
+    );
+
+    // A WebSocket through the proxy: the sandbox echoes one message.
+    let echoed = within(&world.host, || {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        write!(
+            c,
+            "GET /v1/sandboxes/{id}/ports/8000/ws HTTP/1.1\r\nHost: kiln\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // RFC 6455's example key and its answer.
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | 5];
+        frame.extend(mask);
+        frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        c.write_all(&frame).unwrap();
+        let mut back = [0u8; 7];
+        c.read_exact(&mut back).unwrap();
+        back
+    });
+    assert_eq!(&echoed, b"\x81\x05hello");
+
+    // Nothing else of the host side gets in: a direct connection from it
+    // (no proxy mark) is refused, whether the port is exposed or not.
+    let (_, net) = call(
+        &world,
+        &s,
+        "GET",
+        &format!("/v1/sandboxes/{id}/egress"),
+        json!(null),
+    );
+    let addr: std::net::Ipv4Addr = net["address"].as_str().unwrap().parse().unwrap();
+    let direct = within(&world.host, || {
+        std::net::TcpStream::connect((addr, 8000)).map(drop)
+    });
+    assert_eq!(
+        direct.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+}
