@@ -1,13 +1,50 @@
 //! Running the data plane's tools (`ip` from iproute2, `nft` from
 //! nftables, `conntrack`) inside a given network namespace: the child
 //! joins it with `setns` between fork and exec, so that neither this
-//! process nor any of its threads ever changes namespace for it.
+//! process nor any of its threads ever changes namespace for it; and
+//! [`in_netns`], for sockets that must be made in the namespace.
 
 use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
+
+/// Makes this thread (one that is about to serve in `netns` for its whole
+/// life) a member of the network namespace `netns`.
+pub fn enter_netns(netns: &File) -> std::io::Result<()> {
+    // SAFETY: setns on a descriptor borrowed for the call, for the calling
+    // thread only (CLONE_NEWNET); it changes no memory of this process.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` in the network namespace `netns` (here when `None`), on a
+/// thread of its own that ends right after, so that no other thread of
+/// this process ever changes namespace; what `f` makes (a socket) stays in
+/// the namespace it was made in.
+pub fn in_netns<T: Send>(
+    netns: Option<&File>,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    let Some(ns) = netns else {
+        return f();
+    };
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            enter_netns(ns)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread in the namespace panicked",
+            ))
+        })
+    })
+}
 
 /// A data-plane command failed.
 #[derive(Debug, thiserror::Error)]

@@ -817,26 +817,8 @@ impl NetLease {
             }
             Ok(std::net::TcpStream::from(sock))
         };
-        let what = format!("connecting to {addr}");
-        let Some(ns) = &self.inner.net.host_ns else {
-            return connect().map_err(io_err(what));
-        };
-        let ns = ns
-            .try_clone()
-            .map_err(io_err("duplicating the host namespace"))?;
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                // SAFETY: setns on a descriptor we own, for this thread
-                // only, which ends right after.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                connect()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the connecting thread panicked")))
-        })
-        .map_err(io_err(what))
+        command::in_netns(self.inner.net.host_ns.as_ref(), connect)
+            .map_err(io_err(format!("connecting to {addr}")))
     }
 
     /// New egress rules for a running sandbox: the sets are refilled, the
@@ -962,29 +944,11 @@ fn both(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
 /// A UDP socket on a free port of every address, made in `host_ns`.
 fn bind_in(host_ns: Option<&File>) -> Result<UdpSocket, NetworkError> {
     let bind = || UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-    let Some(ns) = host_ns else {
-        return bind().map_err(io_err("binding the resolver's socket"));
-    };
-    let ns = ns
-        .try_clone()
-        .map_err(io_err("duplicating the host namespace"))?;
-    // A thread of its own enters the namespace, so that no other thread
-    // of this process ever changes namespace; the socket stays in it.
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns on a descriptor we own, for this thread only
-            // (CLONE_NEWNET), which ends right after.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            bind()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the binding thread panicked")))
-    })
-    .map_err(io_err(
-        "binding the resolver's socket in network.host_netns",
-    ))
+    command::in_netns(host_ns, bind).map_err(io_err(if host_ns.is_some() {
+        "binding the resolver's socket in network.host_netns"
+    } else {
+        "binding the resolver's socket"
+    }))
 }
 
 /// The IPv4 name servers of `/etc/resolv.conf`, at port 53.

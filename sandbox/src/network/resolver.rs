@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,14 +92,9 @@ impl Resolver {
         std::thread::Builder::new()
             .name("kiln-resolver".into())
             .spawn(move || {
-                if let Some(ns) = host_ns {
-                    // SAFETY: setns on a descriptor we own, for this
-                    // thread only (CLONE_NEWNET); the thread is ours.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        tracing::error!(
-                            "the resolver cannot enter the host side's namespace: {}",
-                            std::io::Error::last_os_error()
-                        );
+                if let Some(ns) = &host_ns {
+                    if let Err(e) = super::command::enter_netns(ns) {
+                        tracing::error!("the resolver cannot enter the host side's namespace: {e}");
                         return;
                     }
                 }
