@@ -37,7 +37,10 @@ esac
 # Debian packages: the runtimes the default runtime table names, and
 # bubblewrap for the benchmark baseline. (The page server issues its
 # userfaultfd ioctls itself, so no libclang/bindgen is needed.)
-packages=(python3 nodejs bash bubblewrap procps iproute2)
+# python3-matplotlib: the code-context tests render a figure to PNG in a
+# sandbox (no network at run time); python3-venv: the MCP and client tests'
+# Python environment (scripts/pyenv.sh).
+packages=(python3 nodejs bash bubblewrap procps iproute2 python3-matplotlib python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,6 +8,7 @@
 mod amqp;
 mod cli;
 mod config;
+mod contexts;
 mod http;
 mod jobs;
 mod live;

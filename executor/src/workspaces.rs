@@ -105,6 +105,8 @@ pub struct Workspace {
     info: WorkspaceInfo,
     held: Mutex<Option<Arc<Held>>>,
     ended: watch::Sender<Option<EndReason>>,
+    /// Its code contexts (long-lived interpreters).
+    pub contexts: crate::contexts::ContextSet,
 }
 
 impl Workspace {
@@ -112,7 +114,7 @@ impl Workspace {
         &self.info
     }
 
-    fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
+    pub(crate) fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -155,7 +157,7 @@ pub struct Workspaces {
     inner: Arc<Inner>,
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -186,6 +188,10 @@ impl Workspaces {
             .by_id
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn runtimes(&self) -> &RuntimeTable {
+        &self.inner.runtimes
     }
 
     pub fn settings(&self) -> &WorkspaceSettings {
@@ -275,6 +281,7 @@ impl Workspaces {
             info: info.clone(),
             held: Mutex::new(Some(Arc::new(held))),
             ended: watch::Sender::new(None),
+            contexts: Default::default(),
         });
         self.map().insert(id.clone(), ws);
         self.inner.metrics.set_workspaces(self.map().len());

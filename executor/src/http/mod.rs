@@ -4,6 +4,7 @@
 //! `docs/openapi.json`, which is also served at `/openapi.json`.
 
 mod body;
+pub(crate) mod contexts;
 mod error;
 pub(crate) mod jobs;
 pub(crate) mod piston;
@@ -165,6 +166,32 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
                 sandboxes::exec(app, &id, req).await,
             )
         }
+        (["v1", "sandboxes", id, "contexts"], &Method::POST) => {
+            let id = id.to_string();
+            (
+                "/v1/sandboxes/{id}/contexts",
+                contexts::create(app, &id, req).await,
+            )
+        }
+        (["v1", "sandboxes", id, "contexts"], &Method::GET) => {
+            ("/v1/sandboxes/{id}/contexts", contexts::list(app, id))
+        }
+        (["v1", "sandboxes", id, "contexts", cid], &Method::GET) => (
+            "/v1/sandboxes/{id}/contexts/{cid}",
+            contexts::get(app, id, cid),
+        ),
+        (["v1", "sandboxes", id, "contexts", cid], &Method::DELETE) => (
+            "/v1/sandboxes/{id}/contexts/{cid}",
+            contexts::delete(app, id, cid).await,
+        ),
+        (["v1", "sandboxes", id, "contexts", cid, "interrupt"], &Method::POST) => (
+            "/v1/sandboxes/{id}/contexts/{cid}/interrupt",
+            contexts::interrupt(app, id, cid).await,
+        ),
+        (["v1", "sandboxes", id, "contexts", cid, "restart"], &Method::POST) => (
+            "/v1/sandboxes/{id}/contexts/{cid}/restart",
+            contexts::restart(app, id, cid).await,
+        ),
         (["v1", "sandboxes", id, "metrics"], &Method::GET) => {
             ("/v1/sandboxes/{id}/metrics", sandboxes::metrics(app, id))
         }
@@ -216,6 +243,9 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _]
             | ["v1", "sandboxes", _, "exec"]
             | ["v1", "sandboxes", _, "metrics"]
+            | ["v1", "sandboxes", _, "contexts"]
+            | ["v1", "sandboxes", _, "contexts", _]
+            | ["v1", "sandboxes", _, "contexts", _, "interrupt" | "restart"]
             | ["v1", "sandboxes", _, "files", _, ..]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]
