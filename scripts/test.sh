@@ -72,6 +72,12 @@ export KILN_REQUIRE_FIRECRACKER=1
 log "RabbitMQ"
 bash scripts/rabbitmq.sh start
 
+# The Python side: the official MCP SDK and the Python client, in a venv
+# the MCP and client tests find through KILN_PYTHON.
+log "Python environment"
+KILN_PYTHON=$(bash scripts/pyenv.sh)
+export KILN_PYTHON
+
 log "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -1,6 +1,7 @@
 //! Subcommands of the `kiln` binary.
 
 mod job;
+pub mod mcp;
 pub mod run;
 pub mod serve;
 pub mod submit;

@@ -48,6 +48,8 @@ pub struct App {
     /// Bearer token; empty: no auth.
     pub token: String,
     pub max_body_bytes: u64,
+    /// The MCP server at `/mcp`.
+    pub mcp: crate::mcp::McpEndpoint,
 }
 
 /// How long open connections get to finish their responses once the server
@@ -207,6 +209,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
             "/v1/sandboxes/{id}/files/{path}",
             sandboxes::get_file(app, id, &rest.join("/")).await,
         ),
+        (["mcp"], _) => ("/mcp", Ok(crate::mcp::McpEndpoint::handle(app, req).await)),
         (["api", "v2", "runtimes"], &Method::GET) => {
             ("/api/v2/runtimes", Ok(piston::runtimes(app)))
         }
@@ -249,6 +252,7 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _, "files", _, ..]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]
+            | ["mcp"]
     )
 }
 
