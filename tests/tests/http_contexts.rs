@@ -303,3 +303,60 @@ fn bad_context_requests_name_the_field() {
     let (_, r) = cell(&s, &sb, &ctx, "int(open('n.txt').read()) * 2");
     assert_eq!(value(&r).as_deref(), Some("10"), "{r}");
 }
+
+/// Debian's python3-matplotlib (installed by scripts/test.sh) is visible in
+/// the sandbox; a figure a cell leaves open comes back as a PNG display,
+/// and a figure as the trailing expression as a PNG result.
+#[test]
+fn a_matplotlib_figure_comes_back_as_a_png() {
+    let s = Server::start("ctxpng", &["--min-idle", "0"]);
+    let sb = create_sandbox(&s, 512);
+    let ctx = create_context(&s, &sb, json!({}));
+    let (_, r) = cell(
+        &s,
+        &sb,
+        &ctx,
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')",
+    );
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let png = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| d["data"]["image/png"].as_str())
+        .unwrap_or_else(|| panic!("no image/png among the results: {r}"));
+    // base64 of the PNG signature \x89PNG\r\n\x1a\n
+    assert!(
+        png.starts_with("iVBORw0KGgo"),
+        "{}",
+        &png[..png.len().min(40)]
+    );
+    assert!(png.len() > 1000, "a real image, not a stub");
+    let (_, r) = cell(
+        &s,
+        &sb,
+        &ctx,
+        "fig, ax = plt.subplots()\nax.bar(['a', 'b'], [3, 5])\nfig",
+    );
+    let result = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "result")
+        .unwrap_or_else(|| panic!("no result: {r}"));
+    assert!(
+        result["data"]["image/png"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("iVBORw0KGgo")),
+        "{r}"
+    );
+    assert!(result["data"]["text/plain"]
+        .as_str()
+        .unwrap()
+        .contains("Figure"));
+    assert_eq!(
+        r["results"].as_array().unwrap().len(),
+        1,
+        "the figure comes back once: {r}"
+    );
+}

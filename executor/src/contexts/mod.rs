@@ -358,6 +358,11 @@ async fn start_driver(
     env.insert("KILN_CONTEXT_CWD".to_owned(), ctx.cwd.clone());
     // Figures render to PNG without a display.
     env.insert("MPLBACKEND".to_owned(), "Agg".to_owned());
+    // Its font cache goes where the sandbox can write.
+    env.insert(
+        "MPLCONFIGDIR".to_owned(),
+        "/tmp/.kiln-matplotlib".to_owned(),
+    );
     env.insert("PYTHONUNBUFFERED".to_owned(), "1".to_owned());
     let req = ExecRequest {
         tag: 0,

@@ -216,6 +216,9 @@ def _run(code, n):
             if value is not None:
                 _ns["_"] = value
                 result = _bundle(value)
+                if "image/png" in result and type(value).__module__.startswith("matplotlib.figure"):
+                    # Shown as the result; not again as an open figure.
+                    sys.modules["matplotlib.pyplot"].close(value)
         _running = False
         status, error = "ok", None
     except BaseException as e:
