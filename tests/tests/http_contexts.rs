@@ -360,3 +360,51 @@ fn a_matplotlib_figure_comes_back_as_a_png() {
         "the figure comes back once: {r}"
     );
 }
+
+/// Node contexts: declarations and required modules persist, a cell's
+/// completion value comes back (a promise awaited), and an interrupt
+/// during a busy loop keeps the state.
+#[test]
+fn a_node_context_keeps_state_and_survives_an_interrupt() {
+    let s = Server::start("ctxnode", &["--min-idle", "0"]);
+    let sb = create_sandbox(&s, 256);
+    let ctx = create_context(&s, &sb, json!({"language": "node"}));
+    let (_, r) = cell(&s, &sb, &ctx, "var x = 41; const fs = require('fs');");
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let (_, r) = cell(&s, &sb, &ctx, "console.log('hi'); x + 1");
+    assert_eq!(r["stdout"], "hi\n", "{r}");
+    assert_eq!(value(&r).as_deref(), Some("42"), "{r}");
+    let (_, r) = cell(&s, &sb, &ctx, "typeof fs.readFileSync");
+    assert_eq!(value(&r).as_deref(), Some("'function'"), "{r}");
+    let (_, r) = cell(
+        &s,
+        &sb,
+        &ctx,
+        "new Promise(r => setTimeout(() => r(x * 2), 10))",
+    );
+    assert_eq!(value(&r).as_deref(), Some("82"), "{r}");
+    let (_, r) = cell(&s, &sb, &ctx, "null.y");
+    assert_eq!(r["outcome"], "error", "{r}");
+    assert_eq!(r["error"]["name"], "TypeError", "{r}");
+    // A child process writing to the driver's stdout itself is output.
+    let (_, r) = cell(
+        &s,
+        &sb,
+        &ctx,
+        "require('child_process').execSync('echo from-a-child', {stdio: 'inherit'}); 1",
+    );
+    assert!(
+        r["stdout"].as_str().unwrap().contains("from-a-child"),
+        "{r}"
+    );
+    assert_eq!(r["context_alive"], true, "{r}");
+    let (_, r) = s.json(
+        "POST",
+        &format!("/v1/sandboxes/{sb}/exec"),
+        &json!({"context": ctx, "code": "x = 7; while (true) {}", "limits": {"timeout_ms": 300}}),
+    );
+    assert_eq!(r["outcome"], "timeout", "{r}");
+    assert_eq!(r["context_alive"], true, "{r}");
+    let (_, r) = cell(&s, &sb, &ctx, "x");
+    assert_eq!(value(&r).as_deref(), Some("7"), "{r}");
+}

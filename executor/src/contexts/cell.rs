@@ -187,12 +187,15 @@ pub(super) async fn run(
             Some(Frame::Stdout { data, .. }) => {
                 driver.pending.extend_from_slice(&data);
                 while let Some(l) = take_line(&mut driver.pending) {
-                    let Ok(msg) = serde_json::from_slice::<Value>(&l) else {
-                        lost = Some(format!(
-                            "the interpreter's driver sent a malformed line: {:?}",
-                            String::from_utf8_lossy(&l[..l.len().min(200)])
-                        ));
-                        break;
+                    // A line that is not the driver's is output a child
+                    // process wrote to the driver's stdout itself.
+                    let msg = match serde_json::from_slice::<Value>(&l) {
+                        Ok(m @ Value::Object(_)) => m,
+                        _ => {
+                            let mut text = String::from_utf8_lossy(&l).into_owned();
+                            text.push('\n');
+                            json!({"stream": "stdout", "data": text})
+                        }
                     };
                     if let Some(s) = msg.get("stream") {
                         let text = msg["data"].as_str().unwrap_or("").as_bytes();

@@ -1,4 +1,4 @@
-//! Stateful code contexts: a long-lived interpreter inside a workspace, so
+//! Stateful code contexts: a long-lived interpreter (Python, Node) inside a workspace, so
 //! that an agent (the LLM kind) can run a cell, look at the result and run
 //! the next one with its variables, imports and loaded data still there.
 //!
@@ -45,14 +45,26 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 /// Contexts one workspace may hold at once.
 pub const MAX_PER_SANDBOX: usize = 16;
 
-/// Where the driver goes in the work directory.
-const DRIVER_FILE: &str = ".kiln-context-python.py";
+/// Languages with a context driver, by canonical runtime name: the file
+/// the driver goes to in the work directory, and its source (see
+/// `python_driver.py`'s header for the line protocol both speak).
+const DRIVERS: &[(&str, &str, &str)] = &[
+    (
+        "python",
+        ".kiln-context-python.py",
+        include_str!("python_driver.py"),
+    ),
+    (
+        "node",
+        ".kiln-context-node.js",
+        include_str!("node_driver.js"),
+    ),
+];
 
-/// The Python driver (see the file's header for its line protocol).
-const PYTHON_DRIVER: &str = include_str!("python_driver.py");
-
-/// Languages with a context driver, by canonical runtime name.
-pub const LANGUAGES: &[&str] = &["python"];
+/// Languages with code contexts.
+pub fn languages() -> Vec<&'static str> {
+    DRIVERS.iter().map(|d| d.0).collect()
+}
 
 /// Why a context operation failed; the API maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -248,13 +260,13 @@ impl ContextSet {
                 field: "language",
                 message: e.to_string(),
             })?;
-        if !LANGUAGES.contains(&runtime.name.as_str()) {
+        if !languages().contains(&runtime.name.as_str()) {
             return Err(ContextError::Invalid {
                 field: "language",
                 message: format!(
                     "{} has no code contexts; contexts support: {}",
                     runtime.name,
-                    LANGUAGES.join(", ")
+                    languages().join(", ")
                 ),
             });
         }
@@ -348,11 +360,17 @@ async fn start_driver(
     warm_next: bool,
 ) -> Result<Driver, ContextError> {
     let agent = held.agent();
+    let Some(&(_, driver_file, source)) = DRIVERS.iter().find(|d| d.0 == runtime) else {
+        return Err(ContextError::Invalid {
+            field: "language",
+            message: format!("{runtime} has no code contexts"),
+        });
+    };
     let file = PutFile {
         tag: 0,
         mode: 0o644,
-        path: DRIVER_FILE.to_owned(),
-        data: PYTHON_DRIVER.as_bytes().to_vec(),
+        path: driver_file.to_owned(),
+        data: source.as_bytes().to_vec(),
     };
     let mut env = std::collections::BTreeMap::new();
     env.insert("KILN_CONTEXT_CWD".to_owned(), ctx.cwd.clone());
@@ -367,7 +385,7 @@ async fn start_driver(
     let req = ExecRequest {
         tag: 0,
         runtime: runtime.to_owned(),
-        entrypoint: DRIVER_FILE.to_owned(),
+        entrypoint: driver_file.to_owned(),
         args: Vec::new(),
         env,
         // The host caps each cell's output itself; the driver's lifetime

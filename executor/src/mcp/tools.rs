@@ -95,7 +95,7 @@ pub struct ExecArgs {
     /// Language of the code; default the sandbox's template.
     #[serde(default)]
     pub language: Option<String>,
-    /// Run in the sandbox's long-lived interpreter (Python): variables,
+    /// Run in the sandbox's long-lived interpreter (Python or Node): variables,
     /// imports and loaded data stay between stateful execs, and the value
     /// of a trailing expression is returned, like a notebook cell. Default
     /// false: a fresh process per exec (files persist either way).
