@@ -13,7 +13,7 @@ fi
 if ! "$env/bin/python" -c 'import mcp' 2>/dev/null; then
     "$env/bin/pip" install --quiet --disable-pip-version-check 'mcp>=2.3,<3' >&2
 fi
-if [ -d clients/python ] && ! "$env/bin/python" -c 'import kiln_client' 2>/dev/null; then
-    "$env/bin/pip" install --quiet --disable-pip-version-check -e 'clients/python[test]' >&2
+if ! "$env/bin/python" -c 'import kiln_client, pytest, pika' 2>/dev/null; then
+    "$env/bin/pip" install --quiet --disable-pip-version-check -e 'clients/python[test,amqp]' >&2
 fi
 echo "$(cd "$env" && pwd)/bin/python"

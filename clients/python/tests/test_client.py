@@ -117,3 +117,19 @@ def test_the_async_client_runs_calls_concurrently():
 def test_the_package_exports_its_api():
     for name in ("Kiln", "AsyncKiln", "Sandbox", "Context", "ExecResult", "KilnError"):
         assert hasattr(kiln_client, name)
+
+
+def test_the_amqp_helper_publishes_jobs_and_awaits_their_replies():
+    # Needs the daemon's AMQP intake: tests/tests/python_client.rs sets
+    # these; without them this test fails rather than passing unseen.
+    url = os.environ.get("KILN_AMQP_URL")
+    queue = os.environ.get("KILN_AMQP_QUEUE")
+    assert url and queue, "KILN_AMQP_URL and KILN_AMQP_QUEUE must name the daemon's broker and queue"
+    from kiln_client.amqp import AmqpJobs
+
+    with AmqpJobs(url, queue) as jobs:
+        ids = [jobs.publish({"runtime": "python", "code": f"print({i} + 1)"}) for i in range(3)]
+        results = [jobs.result(cid, timeout_s=120) for cid in ids]
+        assert [r.stdout for r in results] == ["1\n", "2\n", "3\n"]
+        r = jobs.run({"runtime": "bash", "code": "exit 4"}, timeout_s=120)
+        assert r.outcome == "error" and r.exit_code == 4
