@@ -1,7 +1,9 @@
 """Latency of a code-context exec of `x + 1` against a fresh-process exec
 of the same code in the same workspace, over HTTP to a real `kiln serve`
-(bench/contexts.sh starts one). Interleaved in rounds, so that the load of
-this shared machine hits both alike; percentiles over all samples merged.
+(bench/contexts.sh starts one); then the same for a cell that uses numpy,
+imported once by the context and by every fresh exec. Interleaved in
+rounds, so that the load of this shared machine hits both alike;
+percentiles over all samples merged.
 
 usage: python bench/contexts.py URL [N] [ROUNDS]
 """
@@ -44,13 +46,30 @@ with kiln.sandbox("python", ttl_s=3600) as sb:
             samples["fresh_server"].append(r.timings["total_ms"])
             assert r.stdout == "42\n", r
 
-print(f"{'exec of x + 1':<34} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    # A cell that needs a heavy import: the context has it already.
+    assert ctx.run("import numpy as np").ok
+    np_fresh = "import numpy as np\nprint(np.arange(10).sum())"
+    for _ in range(rounds):
+        for _ in range(max(1, n // 3 // rounds)):
+            t = time.perf_counter()
+            r = ctx.run("np.arange(10).sum()")
+            samples.setdefault("np_context", []).append((time.perf_counter() - t) * 1000)
+            assert r.value in ("45", "np.int64(45)"), r
+            t = time.perf_counter()
+            r = sb.exec(np_fresh)
+            samples.setdefault("np_fresh", []).append((time.perf_counter() - t) * 1000)
+            assert r.stdout == "45\n", r
+
+print(f"{'cell':<38} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
 for name, label in (
     ("context", "context exec, client round trip"),
     ("fresh", "fresh-process exec, client round trip"),
     ("context_server", "context exec, server total_ms"),
     ("fresh_server", "fresh-process exec, server total_ms"),
+    ("np_context", "numpy cell, context (imported once)"),
+    ("np_fresh", "numpy cell, fresh process (imports)"),
 ):
     xs = samples[name]
-    print(f"{label:<34} {len(xs):>5} {pct(xs, 50):>8.2f} {pct(xs, 90):>8.2f} {pct(xs, 99):>8.2f} {statistics.mean(xs):>8.2f}")
-print(f"ratio of p50 round trips (fresh / context): {pct(samples['fresh'], 50) / pct(samples['context'], 50):.1f}x")
+    print(f"{label:<38} {len(xs):>5} {pct(xs, 50):>8.2f} {pct(xs, 90):>8.2f} {pct(xs, 99):>8.2f} {statistics.mean(xs):>8.2f}")
+print(f"ratio of p50 round trips, x + 1 (fresh / context): {pct(samples['fresh'], 50) / pct(samples['context'], 50):.1f}x")
+print(f"ratio of p50 round trips, numpy (fresh / context): {pct(samples['np_fresh'], 50) / pct(samples['np_context'], 50):.1f}x")
