@@ -99,6 +99,14 @@ async def main():
         r = await s.call_tool("exec", {"sandbox_id": sid, "code": "x + 1", "stateful": True})
         check(not r.is_error and "--- result ---\n42" in text(r), "the state persists and the value comes back", r)
 
+        # A figure comes back as an image block next to the text.
+        r = await s.call_tool("exec", {"sandbox_id": sid, "stateful": True, "code": "import matplotlib.pyplot as plt\nplt.plot([1, 2], [3, 4])\n'plotted'"})
+        images = [c for c in r.content if getattr(c, "type", "") == "image"]
+        check(not r.is_error and images and images[0].mime_type == "image/png", "a stateful plot returns a PNG image", r)
+
+        r = await s.call_tool("run_code", {"language": "python", "code": "print(input()[::-1])", "stdin": "olleh\n", "files": [{"path": "f.txt", "content": "x"}]})
+        check(not r.is_error and "hello" in text(r), "run_code takes stdin and files", r)
+
         # Long output is cut for the model and kept whole as a resource.
         r = await s.call_tool("exec", {"sandbox_id": sid, "code": "print('z' * 100000)"})
         t = text(r)

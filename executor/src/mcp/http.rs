@@ -31,9 +31,15 @@ impl McpEndpoint {
             if !app.token.is_empty() {
                 config = config.disable_allowed_hosts();
             }
+            // An idle session ends (and its sandboxes with it) only when
+            // the longest TTL has passed: rmcp's default of 5 minutes would
+            // take an agent's sandboxes away while it thinks.
+            let mut sessions = LocalSessionManager::default();
+            sessions.session_config.keep_alive =
+                Some(app.scheduler.workspaces().settings().max_ttl);
             StreamableHttpService::new(
                 move || Ok(KilnMcp::new(weak.clone())),
-                Arc::new(LocalSessionManager::default()),
+                Arc::new(sessions),
                 config,
             )
         })
