@@ -52,6 +52,31 @@ async def session():
                 yield s
 
 
+async def modern_client():
+    # The SDK's high-level Client negotiates the newest version it can;
+    # Kiln offers versions with sessions only, so it settles on one and a
+    # sandbox stays its own from call to call.
+    from mcp.client import Client
+
+    if MODE == "http":
+        hc = create_mcp_http_client(headers={"Authorization": f"Bearer {TOKEN}"})
+        server = streamable_http_client(BASE + "/mcp", http_client=hc)
+    else:
+        hc = None
+        server = StdioServerParameters(command=KILN, args=["mcp", "--server", BASE], env={"KILN_TOKEN": TOKEN})
+    try:
+        async with Client(server) as c:
+            r = await c.call_tool("create_sandbox", {})
+            check(not r.is_error, "create_sandbox with the high-level Client", r)
+            sid = next(line.split(": ", 1)[1] for line in text(r).splitlines() if line.startswith("sandbox_id: "))
+            r = await c.call_tool("exec", {"sandbox_id": sid, "code": "print('mine')"})
+            check(not r.is_error and "mine" in text(r), "the high-level Client keeps its sandbox between calls", r)
+            await c.call_tool("delete_sandbox", {"sandbox_id": sid})
+    finally:
+        if hc is not None:
+            await hc.aclose()
+
+
 async def main():
     async with session() as s:
         tools = (await s.list_tools()).tools
@@ -134,6 +159,7 @@ async def main():
         r = await s.call_tool("create_sandbox", {})
         check(not r.is_error, "create a sandbox to leave behind", r)
         left = next(line.split(": ", 1)[1] for line in text(r).splitlines() if line.startswith("sandbox_id: "))
+    await modern_client()
     print(f"left {left}")
 
 

@@ -15,13 +15,14 @@
 mod http;
 mod tools;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{
-    ErrorData, Implementation, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
-    ResourceContents, ServerCapabilities, ServerConfig,
+    ErrorData, Implementation, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
+    ReadResourceResult, ResourceContents, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{tool_handler, RoleServer, ServerHandler};
@@ -168,6 +169,14 @@ impl ServerHandler for KilnMcp {
         )
         .with_server_info(Implementation::new("kiln", env!("CARGO_PKG_VERSION")))
         .with_instructions(INSTRUCTIONS)
+    }
+
+    /// Protocol versions with sessions only. From 2026-07-28 on, MCP has no
+    /// sessions and rmcp serves each request with a fresh server, so a
+    /// sandbox could belong to nobody (and its owner's end would delete
+    /// it at once); clients fall back to 2025-11-25.
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Borrowed(ProtocolVersion::known_up_to(&ProtocolVersion::V_2025_11_25))
     }
 
     async fn read_resource(
