@@ -119,7 +119,7 @@ fn a_context_keeps_variables_and_imports_between_execs() {
         &format!("/v1/sandboxes/{sb}/exec"),
         &[("Accept", "text/event-stream")],
         Some(
-            json!({"context": ctx, "code": "print('streamed')\nx * 2"})
+            json!({"context": ctx, "code": "print('streamed')\ndisplay('shown')\nx * 2"})
                 .to_string()
                 .as_bytes(),
         ),
@@ -131,6 +131,12 @@ fn a_context_keeps_variables_and_imports_between_execs() {
     assert_eq!(last.event, "exit");
     let r: Value = serde_json::from_str(&last.data).unwrap();
     assert_eq!(value(&r).as_deref(), Some("82"), "{r}");
+    let shown = evs
+        .iter()
+        .find(|e| e.event == "display")
+        .expect("a display event before the exit");
+    let d: Value = serde_json::from_str(&shown.data).unwrap();
+    assert_eq!(d["data"]["text/plain"], "'shown'", "{d}");
 
     let (_, list) = s.json("GET", &format!("/v1/sandboxes/{sb}/contexts"), &Value::Null);
     assert_eq!(list["contexts"][0]["id"], ctx.as_str(), "{list}");

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{ExitStatus, File, Frame, JobId, JobResult, Outcome, Timings, Usage};
-use kiln_sandbox::{OutputSink, Sandbox, Stream, KILL_GRACE};
+use kiln_sandbox::{Sandbox, Stream, KILL_GRACE};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::timeout_at;
@@ -64,6 +64,16 @@ pub struct ContextExecResult {
     /// Whether the context survived the exec (false: it died, see
     /// `message`; restart it to go on).
     pub context_alive: bool,
+}
+
+/// Receives a cell's output and display data as they happen (SSE).
+pub trait CellSink: Send {
+    fn output(&mut self, stream: Stream, data: &[u8]);
+    fn display(&mut self, _data: &DisplayData) {}
+}
+
+impl CellSink for () {
+    fn output(&mut self, _: Stream, _: &[u8]) {}
 }
 
 /// What [`run`] found.
@@ -138,7 +148,7 @@ pub(super) async fn run(
     driver: &mut Driver,
     req: &CellRequest,
     n: u64,
-    sink: &mut dyn OutputSink,
+    sink: &mut dyn CellSink,
 ) -> CellOutcome {
     let start = Instant::now();
     let oom_before = held.oom_kills();
@@ -217,10 +227,12 @@ pub(super) async fn run(
                     } else if let Some(Value::Object(d)) = msg.get("display") {
                         if result_bytes + l.len() <= MAX_RESULT_BYTES {
                             result_bytes += l.len();
-                            results.push(DisplayData {
+                            let d = DisplayData {
                                 kind: "display".into(),
                                 data: d.clone(),
-                            });
+                            };
+                            sink.display(&d);
+                            results.push(d);
                         } else {
                             dropped_results += 1;
                         }

@@ -31,7 +31,7 @@ use kiln_protocol::{check_rel_path, ExecRequest, ExitStatus, Frame, JobId, PutFi
 use kiln_sandbox::{ExecHandle, ExecStream, Sandbox};
 use serde::Serialize;
 
-pub use cell::{CellRequest, ContextExecResult};
+pub use cell::{CellRequest, CellSink, ContextExecResult, DisplayData};
 
 use crate::sandboxes::Held;
 
@@ -474,7 +474,7 @@ pub async fn exec(
     held: &Held,
     ctx: &Context,
     req: CellRequest,
-    sink: &mut dyn kiln_sandbox::OutputSink,
+    sink: &mut dyn CellSink,
 ) -> Result<ContextExecResult, ContextError> {
     if let Some(reason) = ctx
         .dead

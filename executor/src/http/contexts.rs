@@ -15,8 +15,7 @@ use tokio::sync::mpsc;
 use super::body::SseSender;
 use super::jobs::parse_spec;
 use super::{json_response, read_body, sse, ApiError, App, Body};
-use crate::contexts::{self, CellRequest, ContextError, ContextExecResult};
-use crate::jobs::OutputEvent;
+use crate::contexts::{self, CellRequest, CellSink, ContextError, ContextExecResult, DisplayData};
 use crate::workspaces::{EndReason, Workspace, WorkspaceError};
 
 pub fn context_error(e: ContextError) -> ApiError {
@@ -212,7 +211,7 @@ pub async fn run_cell(
     ws: &Workspace,
     cid: &str,
     cell: CellRequest,
-    sink: &mut dyn kiln_sandbox::OutputSink,
+    sink: &mut dyn CellSink,
 ) -> Result<ContextExecResult, ApiError> {
     let ctx = ws.contexts.get(cid).map_err(context_error)?;
     let held = held(ws)?;
@@ -248,51 +247,47 @@ pub async fn exec(
     if let Err(e) = ctx.check_ready() {
         return Err(context_error(e));
     }
-    let (etx, mut erx) = mpsc::unbounded_channel::<Result<OutputEvent, Value>>();
+    // The cell runs in its own task: a client that leaves the stream does
+    // not cut it short. Events: stdout, stderr, display, then exit (or
+    // error when the context refused the cell after all).
+    let (etx, mut erx) = mpsc::unbounded_channel::<(&'static str, Value)>();
     tokio::spawn(async move {
-        let out = etx.clone();
-        let mut sink = move |s: kiln_sandbox::Stream, d: &[u8]| {
-            let b = bytes::Bytes::copy_from_slice(d);
-            let _ = out.send(Ok(match s {
-                kiln_sandbox::Stream::Stdout => OutputEvent::Stdout(b),
-                kiln_sandbox::Stream::Stderr => OutputEvent::Stderr(b),
-            }));
+        let mut sink = SseCell(etx.clone());
+        let last = match run_cell(&ws, &cid, cell, &mut sink).await {
+            Ok(r) => ("exit", serde_json::to_value(&r).unwrap_or_default()),
+            Err(e) => (
+                "error",
+                json!({"error": {"code": e.code, "message": e.message}}),
+            ),
         };
-        let v = match run_cell(&ws, &cid, cell, &mut sink).await {
-            Ok(r) => serde_json::to_value(&r).unwrap_or_default(),
-            Err(e) => json!({"error": {"code": e.code, "message": e.message}}),
-        };
-        let _ = etx.send(Err(v));
+        let _ = etx.send(last);
     });
     Ok(sse(move |tx: SseSender| async move {
-        while let Some(e) = erx.recv().await {
-            let (name, data, last) = match e {
-                Ok(OutputEvent::Stdout(b)) => (
-                    "stdout",
-                    json!({"data": String::from_utf8_lossy(&b)}),
-                    false,
-                ),
-                Ok(OutputEvent::Stderr(b)) => (
-                    "stderr",
-                    json!({"data": String::from_utf8_lossy(&b)}),
-                    false,
-                ),
-                Ok(OutputEvent::Exit(r)) => {
-                    ("exit", serde_json::to_value(&*r).unwrap_or_default(), true)
-                }
-                Err(v) => (
-                    if v.get("error").is_some() {
-                        "error"
-                    } else {
-                        "exit"
-                    },
-                    v,
-                    true,
-                ),
-            };
-            if !tx.send(name, &data).await || last {
+        while let Some((name, data)) = erx.recv().await {
+            if !tx.send(name, &data).await || matches!(name, "exit" | "error") {
                 return;
             }
         }
     }))
+}
+
+/// A cell's events for its SSE stream.
+struct SseCell(mpsc::UnboundedSender<(&'static str, Value)>);
+
+impl CellSink for SseCell {
+    fn output(&mut self, stream: kiln_sandbox::Stream, data: &[u8]) {
+        let name = match stream {
+            kiln_sandbox::Stream::Stdout => "stdout",
+            kiln_sandbox::Stream::Stderr => "stderr",
+        };
+        let _ = self
+            .0
+            .send((name, json!({"data": String::from_utf8_lossy(data)})));
+    }
+
+    fn display(&mut self, data: &DisplayData) {
+        let _ = self
+            .0
+            .send(("display", serde_json::to_value(data).unwrap_or_default()));
+    }
 }
