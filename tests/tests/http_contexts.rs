@@ -414,3 +414,51 @@ fn a_node_context_keeps_state_and_survives_an_interrupt() {
     let (_, r) = cell(&s, &sb, &ctx, "x");
     assert_eq!(value(&r).as_deref(), Some("7"), "{r}");
 }
+
+/// Output written between cells (a background thread still printing after
+/// its cell ended) is kept up to a bound for the next cell and the rest
+/// dropped with a note: nobody reads the channel between cells, and
+/// unbounded it would stall the sandbox's connection to its agent.
+#[test]
+fn output_between_cells_is_bounded_and_the_sandbox_stays_responsive() {
+    let s = Server::start("ctxbetween", &["--min-idle", "0"]);
+    let sb = create_sandbox(&s, 256);
+    let ctx = create_context(&s, &sb, json!({}));
+    let (_, r) = cell(
+        &s,
+        &sb,
+        &ctx,
+        "import threading, time\ndone = threading.Event()\ndef spam():\n    time.sleep(0.3)\n    for i in range(300000): print('line', i)\n    done.set()\nthreading.Thread(target=spam, daemon=True).start()",
+    );
+    assert_eq!(r["outcome"], "ok", "{}", r["message"]);
+    // While the thread prints (about 3 MB) with no cell running, the
+    // sandbox still answers.
+    let mut finished = false;
+    for _ in 0..300 {
+        std::thread::sleep(Duration::from_millis(200));
+        let put = s.request(
+            "PUT",
+            &format!("/v1/sandboxes/{sb}/files/probe.txt"),
+            Some(b"p"),
+        );
+        assert_eq!(put.status, 204, "{}", put.text());
+        let got = s.request("GET", &format!("/v1/sandboxes/{sb}/files/probe.txt"), None);
+        assert_eq!(got.body, b"p");
+        if state(&s, &sb, &ctx) != "idle" {
+            continue;
+        }
+        // The check itself is a cell: output of the thread during it is
+        // forwarded (and may pass its cap), so only its value counts.
+        let (st, r) = cell(&s, &sb, &ctx, "done.is_set()");
+        assert_eq!(st, 200);
+        assert_eq!(r["context_alive"], true, "{}", r["message"]);
+        if value(&r).as_deref() == Some("True") {
+            finished = true;
+            break;
+        }
+    }
+    assert!(finished, "the printing thread never finished");
+    let (_, r) = cell(&s, &sb, &ctx, "'alive'");
+    assert_eq!(value(&r).as_deref(), Some("'alive'"), "{}", r["message"]);
+    assert_eq!(r["outcome"], "ok", "{}", r["message"]);
+}

@@ -25,10 +25,42 @@ function send(msg) {
   }
 }
 
+// Output is forwarded while a cell runs. Between cells (timers, promises
+// settling later) nobody reads the channel on the host, so what is written
+// then is kept, up to BETWEEN_MAX characters, and goes out with the next
+// cell; the rest is dropped and counted.
+const BETWEEN_MAX = 64 * 1024;
+let forwarding = false;
+let between = [];
+let betweenChars = 0;
+let betweenDropped = 0;
+
+function forward(stream, text) {
+  if (forwarding) {
+    send({ stream, data: text });
+  } else if (betweenChars + text.length <= BETWEEN_MAX) {
+    between.push({ stream, data: text });
+    betweenChars += text.length;
+  } else {
+    betweenDropped += text.length;
+  }
+}
+
+function startForwarding() {
+  forwarding = true;
+  for (const m of between) send(m);
+  if (betweenDropped) {
+    send({ stream: "stderr", data: "[kiln: " + betweenDropped + " characters written between cells were dropped]\n" });
+  }
+  between = [];
+  betweenChars = 0;
+  betweenDropped = 0;
+}
+
 function writer(stream) {
   return function (chunk, encoding, cb) {
     const text = typeof chunk === "string" ? chunk : Buffer.from(chunk).toString("utf8");
-    if (text) send({ stream, data: text });
+    if (text) forward(stream, text);
     if (typeof encoding === "function") encoding();
     else if (typeof cb === "function") cb();
     return true;
@@ -54,7 +86,7 @@ function bundle(value) {
 const scope = {
   require, console, process, Buffer, URL, TextEncoder, TextDecoder,
   setTimeout, setInterval, setImmediate, clearTimeout, clearInterval, clearImmediate,
-  display: (...objs) => objs.forEach((o) => send({ display: bundle(o) })),
+  display: (...objs) => objs.forEach((o) => forwarding && send({ display: bundle(o) })),
 };
 scope.global = scope;
 scope.globalThis = scope;
@@ -62,10 +94,10 @@ const context = vm.createContext(scope);
 
 process.on("SIGINT", () => {});
 process.on("uncaughtException", (e) => {
-  send({ stream: "stderr", data: "uncaught exception outside a cell: " + (e && e.stack ? e.stack : String(e)) + "\n" });
+  forward("stderr", "uncaught exception outside a cell: " + (e && e.stack ? e.stack : String(e)) + "\n");
 });
 process.on("unhandledRejection", (e) => {
-  send({ stream: "stderr", data: "unhandled rejection: " + (e && e.stack ? e.stack : String(e)) + "\n" });
+  forward("stderr", "unhandled rejection: " + (e && e.stack ? e.stack : String(e)) + "\n");
 });
 
 function cellError(e) {
@@ -81,6 +113,15 @@ function cellError(e) {
 }
 
 async function run(code, n) {
+  startForwarding();
+  try {
+    return await runCell(code, n);
+  } finally {
+    forwarding = false;
+  }
+}
+
+async function runCell(code, n) {
   let value;
   try {
     value = vm.runInContext(code, context, { filename: "<cell " + n + ">", breakOnSigint: true });
@@ -89,7 +130,7 @@ async function run(code, n) {
     const err = cellError(e);
     const interrupted = /interrupted by `SIGINT`/.test(err.value);
     if (interrupted) err.name = "Interrupted";
-    send({ stream: "stderr", data: err.traceback + "\n" });
+    forward("stderr", err.traceback + "\n");
     return { status: interrupted ? "interrupted" : "error", result: null, error: err };
   }
   return { status: "ok", result: value === undefined ? null : bundle(value), error: null };

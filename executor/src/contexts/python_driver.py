@@ -25,6 +25,49 @@ def _send(msg):
         _ctl.write(line)
 
 
+# Output is forwarded while a cell runs (until its end is synced). Between
+# cells nobody reads the channel on the host, so what background threads
+# write then is kept here, up to _BETWEEN_MAX bytes, and goes out with the
+# next cell; the rest is dropped and counted.
+_forwarding = False
+_between = []
+_between_bytes = 0
+_between_dropped = 0
+_between_lock = threading.Lock()
+_BETWEEN_MAX = 64 * 1024
+
+
+def _forward(stream, text):
+    global _between_bytes, _between_dropped
+    with _between_lock:
+        if not _forwarding:
+            if _between_bytes + len(text) <= _BETWEEN_MAX:
+                _between.append((stream, text))
+                _between_bytes += len(text)
+            else:
+                _between_dropped += len(text)
+            return
+    _send({"stream": stream, "data": text})
+
+
+def _start_forwarding():
+    global _forwarding, _between, _between_bytes, _between_dropped
+    with _between_lock:
+        _forwarding = True
+        kept, dropped = _between, _between_dropped
+        _between, _between_bytes, _between_dropped = [], 0, 0
+    for stream, text in kept:
+        _send({"stream": stream, "data": text})
+    if dropped:
+        _send({"stream": "stderr", "data": "[kiln: %d characters written between cells were dropped]\n" % dropped})
+
+
+def _stop_forwarding():
+    global _forwarding
+    with _between_lock:
+        _forwarding = False
+
+
 # A marker written into each output pipe after a cell: once the drain thread
 # has seen it, everything the cell wrote before it has been forwarded.
 _MARK = b"\x00\x1bkiln-cell-end\x1b\x00"
@@ -40,7 +83,7 @@ class _Drain(threading.Thread):
     def emit(self, raw, final=False):
         text = self.decoder.decode(raw, final)
         if text:
-            _send({"stream": self.stream, "data": text})
+            _forward(self.stream, text)
 
     def run(self):
         pending = b""
@@ -153,7 +196,10 @@ def _bundle(value):
 
 
 def display(*objs):
-    """Sends each object's rich forms to the caller as a display result."""
+    """Sends each object's rich forms to the caller as a display result
+    (from a cell; between cells, as from a background thread, nothing)."""
+    if not _forwarding:
+        return
     _sync()
     for o in objs:
         _send({"display": _bundle(o)})
@@ -203,6 +249,7 @@ def _run(code, n):
     name = "<cell %d>" % n
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     result = None
+    _start_forwarding()
     try:
         _running = True
         tree = ast.parse(code, name)
@@ -235,6 +282,7 @@ def _run(code, n):
         error = {"name": type(e).__name__, "value": str(e), "traceback": tb}
     _open_figures()
     _sync()
+    _stop_forwarding()
     return {"status": status, "result": result, "error": error}
 
 
@@ -257,6 +305,7 @@ def _serve():
             done = _run(req["code"], req.get("n", 0))
         except KeyboardInterrupt:
             # An interrupt that landed between cells' bookkeeping.
+            _stop_forwarding()
             done = {"status": "interrupted", "result": None, "error": None}
         _send({"done": done})
 
