@@ -152,7 +152,7 @@ pub(super) async fn run(
 ) -> CellOutcome {
     let start = Instant::now();
     let oom_before = held.oom_kills();
-    let handle = driver.stream.handle();
+    let handle = driver.handle();
     let mut line = serde_json::to_vec(&json!({"code": req.code, "n": n})).unwrap_or_default();
     line.push(b'\n');
     let mut out = Capture::new(req.output_bytes);
@@ -171,7 +171,7 @@ pub(super) async fn run(
         lost = Some(format!("sending the cell to the interpreter failed: {e}"));
     }
     while lost.is_none() {
-        let frame = match timeout_at(wait_until.into(), driver.stream.next()).await {
+        let frame = match timeout_at(wait_until.into(), driver.next()).await {
             Ok(f) => f,
             Err(_) => {
                 match phase {
@@ -270,7 +270,7 @@ pub(super) async fn run(
             None => {
                 lost = Some(format!(
                     "the sandbox's agent went away: {}",
-                    driver.stream.closed_reason()
+                    driver.closed_reason()
                 ))
             }
         }

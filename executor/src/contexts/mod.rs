@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{check_rel_path, ExecRequest, ExitStatus, Frame, JobId, PutFile, RuntimeTable};
 use kiln_sandbox::{ExecHandle, ExecStream, Sandbox};
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 pub use cell::{CellRequest, CellSink, ContextExecResult, DisplayData};
 
@@ -117,11 +118,88 @@ pub struct ContextInfo {
     pub state: ContextState,
 }
 
-/// One running driver.
+/// Frames a driver's pump holds for the reader.
+const PUMP_DEPTH: usize = 64;
+
+/// One running driver. Its exec's frames come through a pump task that
+/// reads them all the time, between cells too, when nobody else would: an
+/// unread exec stream fills its route and stalls the sandbox's whole agent
+/// connection (file calls, other execs). While a cell runs the pump passes
+/// everything on with backpressure; between cells it keeps what fits in
+/// its channel and drops further output (the drivers write nothing then,
+/// but the code in them could).
 struct Driver {
-    stream: ExecStream,
+    frames: mpsc::Receiver<Frame>,
+    handle: ExecHandle,
+    /// Why the exec's stream ended, once it has.
+    closed: Arc<Mutex<Option<String>>>,
+    pump: tokio::task::JoinHandle<()>,
     /// Bytes of the driver's stdout not yet ending in a newline.
     pending: Vec<u8>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+impl Driver {
+    fn new(mut stream: ExecStream, running: Arc<AtomicBool>) -> Self {
+        let (tx, frames) = mpsc::channel(PUMP_DEPTH);
+        let handle = stream.handle();
+        let closed = Arc::new(Mutex::new(None));
+        let why = closed.clone();
+        let pump = tokio::spawn(async move {
+            loop {
+                match stream.next().await {
+                    None => {
+                        *why.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(stream.closed_reason());
+                        return;
+                    }
+                    Some(f @ (Frame::Stdout { .. } | Frame::Stderr { .. }))
+                        if !running.load(Ordering::SeqCst) =>
+                    {
+                        let _ = tx.try_send(f);
+                    }
+                    Some(f) => {
+                        if tx.send(f).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            frames,
+            handle,
+            closed,
+            pump,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The exec's next frame; `None` once the connection is gone.
+    async fn next(&mut self) -> Option<Frame> {
+        self.frames.recv().await
+    }
+
+    fn closed_reason(&self) -> String {
+        self.closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "the connection to the sandbox's agent closed".into())
+    }
+
+    fn handle(&self) -> ExecHandle {
+        self.handle.clone()
+    }
+
+    async fn kill(&self, signal: i32) -> Result<(), kiln_sandbox::AgentError> {
+        self.handle.kill(signal).await
+    }
 }
 
 /// A long-lived interpreter in a workspace.
@@ -136,7 +214,7 @@ pub struct Context {
     driver: tokio::sync::Mutex<Option<Driver>>,
     /// Signals the current driver without waiting for `driver`.
     handle: Mutex<Option<ExecHandle>>,
-    running: AtomicBool,
+    running: Arc<AtomicBool>,
     dead: Mutex<Option<String>>,
 }
 
@@ -293,7 +371,7 @@ impl ContextSet {
             execs: AtomicU64::new(0),
             driver: tokio::sync::Mutex::new(None),
             handle: Mutex::new(None),
-            running: AtomicBool::new(false),
+            running: Arc::new(AtomicBool::new(false)),
             dead: Mutex::new(None),
         });
         let warm_next = runtime.name == warm_template && runtime.warm.is_some();
@@ -319,7 +397,7 @@ impl ContextSet {
             // Drain the old driver's end so that its process is reaped.
             let _ = tokio::time::timeout(INTERRUPT_GRACE, async {
                 while !matches!(
-                    old.stream.next().await,
+                    old.next().await,
                     None | Some(Frame::Exit(_) | Frame::Error(_))
                 ) {}
             })
@@ -400,18 +478,15 @@ async fn start_driver(
         .start_open(vec![file], req)
         .await
         .map_err(|e| internal("starting", &e))?;
-    let mut driver = Driver {
-        stream,
-        pending: Vec::new(),
-    };
-    *ctx.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(driver.stream.handle());
+    let mut driver = Driver::new(stream, ctx.running.clone());
+    *ctx.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(driver.handle());
     for ack in acks {
         ack.ack().await.map_err(|e| internal("placing", &e))?;
     }
     let ready = tokio::time::timeout(READY_WITHIN, async {
         let mut stderr = Vec::new();
         loop {
-            match driver.stream.next().await {
+            match driver.next().await {
                 Some(Frame::Started(_)) => {}
                 Some(Frame::Stdout { data, .. }) => {
                     driver.pending.extend_from_slice(&data);
@@ -439,7 +514,7 @@ async fn start_driver(
                 }
                 Some(Frame::Error(e)) => return Err(e.message),
                 Some(f) => return Err(format!("unexpected {} frame", f.name())),
-                None => return Err(driver.stream.closed_reason()),
+                None => return Err(driver.closed_reason()),
             }
         }
     })
@@ -447,13 +522,13 @@ async fn start_driver(
     match ready {
         Ok(Ok(())) => Ok(driver),
         Ok(Err(why)) => {
-            let _ = driver.stream.kill(libc::SIGKILL).await;
+            let _ = driver.kill(libc::SIGKILL).await;
             Err(ContextError::Internal(format!(
                 "starting the context's interpreter: {why}"
             )))
         }
         Err(_) => {
-            let _ = driver.stream.kill(libc::SIGKILL).await;
+            let _ = driver.kill(libc::SIGKILL).await;
             Err(ContextError::Internal(format!(
                 "the context's interpreter was not ready within {READY_WITHIN:?}"
             )))
