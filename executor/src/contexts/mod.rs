@@ -22,7 +22,7 @@
 
 mod cell;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use kiln_protocol::{check_rel_path, ExecRequest, ExitStatus, Frame, JobId, PutFile, RuntimeTable};
 use kiln_sandbox::{ExecHandle, ExecStream, Sandbox};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 pub use cell::{CellRequest, CellSink, ContextExecResult, DisplayData};
 
@@ -118,79 +118,107 @@ pub struct ContextInfo {
     pub state: ContextState,
 }
 
-/// Frames a driver's pump holds for the reader.
-const PUMP_DEPTH: usize = 64;
+/// Output a parked driver's drainer keeps for the next cell, in bytes;
+/// the rest is dropped.
+const PARKED_KEEP_BYTES: usize = 64 * 1024;
 
-/// One running driver. Its exec's frames come through a pump task that
-/// reads them all the time, between cells too, when nobody else would: an
-/// unread exec stream fills its route and stalls the sandbox's whole agent
-/// connection (file calls, other execs). While a cell runs the pump passes
-/// everything on with backpressure; between cells it keeps what fits in
-/// its channel and drops further output (the drivers write nothing then,
-/// but the code in them could).
+/// What a drainer hands back: the stream and the frames it kept.
+type Drained = (ExecStream, VecDeque<Frame>);
+
+/// One running driver. While a cell runs, the cell reads the driver's exec
+/// stream itself. Between cells the driver is parked: a drainer task reads
+/// the stream, because an unread exec stream fills its route and stalls
+/// the sandbox's whole agent connection (file calls, other execs). The
+/// drainer keeps up to [`PARKED_KEEP_BYTES`] of output for the next cell
+/// (the drivers write nothing then, but the code in them could) and every
+/// other frame (an exit), and drops the rest.
 struct Driver {
-    frames: mpsc::Receiver<Frame>,
+    stream: Option<ExecStream>,
+    drainer: Option<(tokio::task::JoinHandle<Drained>, oneshot::Sender<()>)>,
+    /// Frames the drainer kept, read before the stream.
+    backlog: VecDeque<Frame>,
     handle: ExecHandle,
-    /// Why the exec's stream ended, once it has.
-    closed: Arc<Mutex<Option<String>>>,
-    pump: tokio::task::JoinHandle<()>,
     /// Bytes of the driver's stdout not yet ending in a newline.
     pending: Vec<u8>,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        self.pump.abort();
+        if let Some((task, _)) = &self.drainer {
+            task.abort();
+        }
     }
 }
 
 impl Driver {
-    fn new(mut stream: ExecStream, running: Arc<AtomicBool>) -> Self {
-        let (tx, frames) = mpsc::channel(PUMP_DEPTH);
-        let handle = stream.handle();
-        let closed = Arc::new(Mutex::new(None));
-        let why = closed.clone();
-        let pump = tokio::spawn(async move {
-            loop {
-                match stream.next().await {
-                    None => {
-                        *why.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(stream.closed_reason());
-                        return;
-                    }
-                    Some(f @ (Frame::Stdout { .. } | Frame::Stderr { .. }))
-                        if !running.load(Ordering::SeqCst) =>
-                    {
-                        let _ = tx.try_send(f);
-                    }
-                    Some(f) => {
-                        if tx.send(f).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+    fn new(stream: ExecStream) -> Self {
         Self {
-            frames,
-            handle,
-            closed,
-            pump,
+            handle: stream.handle(),
+            stream: Some(stream),
+            drainer: None,
+            backlog: VecDeque::new(),
             pending: Vec::new(),
         }
     }
 
-    /// The exec's next frame; `None` once the connection is gone.
+    /// Hands the stream to a drainer until [`resume`](Self::resume).
+    fn park(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut kept = VecDeque::new();
+            let mut kept_bytes = 0usize;
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    _ = &mut stopped => return (stream, kept),
+                    f = stream.next() => f,
+                };
+                match frame {
+                    None => return (stream, kept),
+                    Some(Frame::Stdout { data, .. } | Frame::Stderr { data, .. })
+                        if kept_bytes + data.len() > PARKED_KEEP_BYTES => {}
+                    Some(f @ (Frame::Stdout { .. } | Frame::Stderr { .. })) => {
+                        if let Frame::Stdout { data, .. } | Frame::Stderr { data, .. } = &f {
+                            kept_bytes += data.len();
+                        }
+                        kept.push_back(f);
+                    }
+                    Some(f) => kept.push_back(f),
+                }
+            }
+        });
+        self.drainer = Some((task, stop));
+    }
+
+    /// Takes the stream back from the drainer.
+    async fn resume(&mut self) {
+        let Some((task, stop)) = self.drainer.take() else {
+            return;
+        };
+        let _ = stop.send(());
+        if let Ok((stream, kept)) = task.await {
+            self.stream = Some(stream);
+            self.backlog.extend(kept);
+        }
+    }
+
+    /// The exec's next frame; `None` once the connection is gone (or the
+    /// stream was lost with a failed drainer).
     async fn next(&mut self) -> Option<Frame> {
-        self.frames.recv().await
+        if let Some(f) = self.backlog.pop_front() {
+            return Some(f);
+        }
+        self.stream.as_mut()?.next().await
     }
 
     fn closed_reason(&self) -> String {
-        self.closed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_else(|| "the connection to the sandbox's agent closed".into())
+        match &self.stream {
+            Some(s) => s.closed_reason(),
+            None => "the context's exec stream was lost".into(),
+        }
     }
 
     fn handle(&self) -> ExecHandle {
@@ -214,7 +242,7 @@ pub struct Context {
     driver: tokio::sync::Mutex<Option<Driver>>,
     /// Signals the current driver without waiting for `driver`.
     handle: Mutex<Option<ExecHandle>>,
-    running: Arc<AtomicBool>,
+    running: AtomicBool,
     dead: Mutex<Option<String>>,
 }
 
@@ -371,7 +399,7 @@ impl ContextSet {
             execs: AtomicU64::new(0),
             driver: tokio::sync::Mutex::new(None),
             handle: Mutex::new(None),
-            running: Arc::new(AtomicBool::new(false)),
+            running: AtomicBool::new(false),
             dead: Mutex::new(None),
         });
         let warm_next = runtime.name == warm_template && runtime.warm.is_some();
@@ -394,6 +422,7 @@ impl ContextSet {
         ctx.kill().await;
         let mut slot = ctx.driver.lock().await;
         if let Some(mut old) = slot.take() {
+            old.resume().await;
             // Drain the old driver's end so that its process is reaped.
             let _ = tokio::time::timeout(INTERRUPT_GRACE, async {
                 while !matches!(
@@ -478,7 +507,7 @@ async fn start_driver(
         .start_open(vec![file], req)
         .await
         .map_err(|e| internal("starting", &e))?;
-    let mut driver = Driver::new(stream, ctx.running.clone());
+    let mut driver = Driver::new(stream);
     *ctx.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(driver.handle());
     for ack in acks {
         ack.ack().await.map_err(|e| internal("placing", &e))?;
@@ -520,7 +549,10 @@ async fn start_driver(
     })
     .await;
     match ready {
-        Ok(Ok(())) => Ok(driver),
+        Ok(Ok(())) => {
+            driver.park();
+            Ok(driver)
+        }
         Ok(Err(why)) => {
             let _ = driver.kill(libc::SIGKILL).await;
             Err(ContextError::Internal(format!(
@@ -587,7 +619,9 @@ pub async fn exec(
     let n = ctx.execs.fetch_add(1, Ordering::SeqCst) + 1;
     ctx.running.store(true, Ordering::SeqCst);
     let started = Instant::now();
+    driver.resume().await;
     let out = cell::run(held, driver, &req, n, sink).await;
+    driver.park();
     ctx.running.store(false, Ordering::SeqCst);
     let mut result = out.result;
     result.result.timings.run_ms = started.elapsed().as_secs_f64() * 1000.0;
