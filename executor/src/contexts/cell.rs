@@ -148,6 +148,7 @@ pub(super) async fn run(
     driver: &mut Driver,
     req: &CellRequest,
     n: u64,
+    started: &std::sync::atomic::AtomicBool,
     sink: &mut dyn CellSink,
 ) -> CellOutcome {
     let start = Instant::now();
@@ -236,6 +237,8 @@ pub(super) async fn run(
                         } else {
                             dropped_results += 1;
                         }
+                    } else if msg.get("started").is_some() {
+                        started.store(true, std::sync::atomic::Ordering::SeqCst);
                     } else if let Some(d) = msg.get("done") {
                         match serde_json::from_value::<Done>(d.clone()) {
                             Ok(d) => done = Some(d),

@@ -243,6 +243,8 @@ pub struct Context {
     /// Signals the current driver without waiting for `driver`.
     handle: Mutex<Option<ExecHandle>>,
     running: AtomicBool,
+    /// The running cell's driver said it started it (SIGINT reaches it).
+    started: AtomicBool,
     dead: Mutex<Option<String>>,
 }
 
@@ -310,6 +312,17 @@ impl Context {
     /// Sends SIGINT to a running cell (`KeyboardInterrupt` in it); the
     /// context keeps its state. `false` when no cell was running.
     pub async fn interrupt(&self) -> bool {
+        if !self.running.load(Ordering::SeqCst) {
+            return false;
+        }
+        // A SIGINT before the driver started the cell would find it idle
+        // (and be ignored); wait for the start, boundedly.
+        for _ in 0..200 {
+            if self.started.load(Ordering::SeqCst) || !self.running.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if !self.running.load(Ordering::SeqCst) {
             return false;
         }
@@ -400,6 +413,7 @@ impl ContextSet {
             driver: tokio::sync::Mutex::new(None),
             handle: Mutex::new(None),
             running: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             dead: Mutex::new(None),
         });
         let warm_next = runtime.name == warm_template && runtime.warm.is_some();
@@ -617,10 +631,11 @@ pub async fn exec(
             })?;
     }
     let n = ctx.execs.fetch_add(1, Ordering::SeqCst) + 1;
+    ctx.started.store(false, Ordering::SeqCst);
     ctx.running.store(true, Ordering::SeqCst);
     let started = Instant::now();
     driver.resume().await;
-    let out = cell::run(held, driver, &req, n, sink).await;
+    let out = cell::run(held, driver, &req, n, &ctx.started, sink).await;
     driver.park();
     ctx.running.store(false, Ordering::SeqCst);
     let mut result = out.result;

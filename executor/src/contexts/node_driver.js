@@ -123,6 +123,7 @@ async function run(code, n) {
 
 async function runCell(code, n) {
   let value;
+  send({ started: n });
   try {
     value = vm.runInContext(code, context, { filename: "<cell " + n + ">", breakOnSigint: true });
     if (value && typeof value.then === "function") value = await value;

@@ -5,6 +5,7 @@
 # Everything the host reads comes from the original fd 1, one JSON object a
 # line:
 #   {"ready": {...}}                         once, when the driver is set up
+#   {"started": n}                           the cell runs (SIGINT reaches it)
 #   {"stream": "stdout"|"stderr", "data": s} output of the running cell
 #   {"display": {"mime/type": data, ...}}     rich output (display(), figures)
 #   {"done": {"status": "ok"|"error"|"interrupted", "result": bundle|null,
@@ -25,49 +26,6 @@ def _send(msg):
         _ctl.write(line)
 
 
-# Output is forwarded while a cell runs (until its end is synced). Between
-# cells nobody reads the channel on the host, so what background threads
-# write then is kept here, up to _BETWEEN_MAX bytes, and goes out with the
-# next cell; the rest is dropped and counted.
-_forwarding = False
-_between = []
-_between_bytes = 0
-_between_dropped = 0
-_between_lock = threading.Lock()
-_BETWEEN_MAX = 64 * 1024
-
-
-def _forward(stream, text):
-    global _between_bytes, _between_dropped
-    with _between_lock:
-        if not _forwarding:
-            if _between_bytes + len(text) <= _BETWEEN_MAX:
-                _between.append((stream, text))
-                _between_bytes += len(text)
-            else:
-                _between_dropped += len(text)
-            return
-    _send({"stream": stream, "data": text})
-
-
-def _start_forwarding():
-    global _forwarding, _between, _between_bytes, _between_dropped
-    with _between_lock:
-        _forwarding = True
-        kept, dropped = _between, _between_dropped
-        _between, _between_bytes, _between_dropped = [], 0, 0
-    for stream, text in kept:
-        _send({"stream": stream, "data": text})
-    if dropped:
-        _send({"stream": "stderr", "data": "[kiln: %d characters written between cells were dropped]\n" % dropped})
-
-
-def _stop_forwarding():
-    global _forwarding
-    with _between_lock:
-        _forwarding = False
-
-
 # A marker written into each output pipe after a cell: once the drain thread
 # has seen it, everything the cell wrote before it has been forwarded.
 _MARK = b"\x00\x1bkiln-cell-end\x1b\x00"
@@ -83,7 +41,7 @@ class _Drain(threading.Thread):
     def emit(self, raw, final=False):
         text = self.decoder.decode(raw, final)
         if text:
-            _forward(self.stream, text)
+            _send({"stream": self.stream, "data": text})
 
     def run(self):
         pending = b""
@@ -196,10 +154,7 @@ def _bundle(value):
 
 
 def display(*objs):
-    """Sends each object's rich forms to the caller as a display result
-    (from a cell; between cells, as from a background thread, nothing)."""
-    if not _forwarding:
-        return
+    """Sends each object's rich forms to the caller as a display result."""
     _sync()
     for o in objs:
         _send({"display": _bundle(o)})
@@ -249,9 +204,11 @@ def _run(code, n):
     name = "<cell %d>" % n
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     result = None
-    _start_forwarding()
     try:
         _running = True
+        # From here on SIGINT interrupts the cell; the host waits for this
+        # before it sends one.
+        _send({"started": n})
         tree = ast.parse(code, name)
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -282,7 +239,6 @@ def _run(code, n):
         error = {"name": type(e).__name__, "value": str(e), "traceback": tb}
     _open_figures()
     _sync()
-    _stop_forwarding()
     return {"status": status, "result": result, "error": error}
 
 
@@ -305,7 +261,6 @@ def _serve():
             done = _run(req["code"], req.get("n", 0))
         except KeyboardInterrupt:
             # An interrupt that landed between cells' bookkeeping.
-            _stop_forwarding()
             done = {"status": "interrupted", "result": None, "error": None}
         _send({"done": done})
 
