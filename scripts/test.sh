@@ -39,8 +39,11 @@ esac
 # networks (iproute2, nftables, conntrack). (The page server issues its
 # userfaultfd ioctls itself, so no libclang/bindgen is needed.) The image
 # tests start their own registries on loopback (docker-registry) and push
-# their images, made from host files, with skopeo.
-packages=(python3 nodejs bash bubblewrap procps iproute2 nftables conntrack docker-registry skopeo)
+# their images, made from host files, with skopeo. python3-matplotlib: the
+# code-context tests render a figure to PNG in a sandbox (no network at run
+# time); python3-venv: the MCP and client tests' Python environment
+# (scripts/pyenv.sh).
+packages=(python3 nodejs bash bubblewrap procps iproute2 nftables conntrack docker-registry skopeo python3-matplotlib python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -71,6 +74,12 @@ export KILN_REQUIRE_FIRECRACKER=1
 # missing and started if not running, on loopback (idempotent).
 log "RabbitMQ"
 bash scripts/rabbitmq.sh start
+
+# The Python side: the official MCP SDK and the Python client, in a venv
+# the MCP and client tests find through KILN_PYTHON.
+log "Python environment"
+KILN_PYTHON=$(bash scripts/pyenv.sh)
+export KILN_PYTHON
 
 log "format and lints"
 cargo fmt --all --check

@@ -8,10 +8,12 @@
 mod amqp;
 mod cli;
 mod config;
+mod contexts;
 mod http;
 mod images;
 mod jobs;
 mod live;
+mod mcp;
 mod metrics;
 mod sandboxes;
 pub mod scheduler;
@@ -57,6 +59,9 @@ enum Command {
     Submit(cli::submit::SubmitArgs),
     /// Destroy sandboxes left behind by crashed kiln processes.
     Reap(kiln_sandbox::BackendFlags),
+    /// Kiln's MCP server over stdio (for desktop agents), bridged to a
+    /// running `kiln serve`.
+    Mcp(cli::mcp::McpArgs),
     /// Templates of the microVM backends: build, list, remove.
     #[command(subcommand)]
     Template(cli::template::TemplateCommand),
@@ -149,6 +154,7 @@ pub fn main() -> ExitCode {
             }
             Command::Submit(args) => cli::submit::submit(args).await,
             Command::Reap(args) => cli::reap(args).await,
+            Command::Mcp(args) => cli::mcp::mcp(args).await,
             Command::Template(cmd) => cli::template::run(cmd).await,
             Command::Image(cmd) => cli::image::run(cmd).await,
             Command::Snapshot(_) => unreachable!("handled before the runtime starts"),

@@ -120,6 +120,8 @@ pub struct Workspace {
     exposed: Mutex<std::collections::BTreeSet<u16>>,
     held: Mutex<Option<Arc<Held>>>,
     ended: watch::Sender<Option<EndReason>>,
+    /// Its code contexts (long-lived interpreters).
+    pub contexts: crate::contexts::ContextSet,
 }
 
 /// What `/v1/sandboxes/{id}/egress` shows.
@@ -204,7 +206,7 @@ impl Workspace {
         self.network()
     }
 
-    fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
+    pub(crate) fn held(&self) -> Result<Arc<Held>, WorkspaceError> {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -248,7 +250,7 @@ pub struct Workspaces {
     inner: Arc<Inner>,
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -281,6 +283,10 @@ impl Workspaces {
             .by_id
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn runtimes(&self) -> &RuntimeTable {
+        &self.inner.runtimes
     }
 
     pub fn settings(&self) -> &WorkspaceSettings {
@@ -426,6 +432,7 @@ impl Workspaces {
             held: Mutex::new(Some(Arc::new(held))),
             ended: watch::Sender::new(None),
             exposed: Mutex::default(),
+            contexts: Default::default(),
         });
         self.map().insert(id.clone(), ws);
         self.inner.metrics.set_workspaces(self.map().len());

@@ -357,8 +357,28 @@ impl AgentConn {
     pub async fn start_job(
         &self,
         files: Vec<PutFile>,
-        mut req: ExecRequest,
+        req: ExecRequest,
         stdin: &[u8],
+    ) -> Result<(Vec<PendingReply>, ExecStream), AgentError> {
+        self.start(files, req, Some(stdin)).await
+    }
+
+    /// [`start_job`](Self::start_job) with stdin left open: the caller feeds
+    /// it later through [`ExecHandle::stdin`]. For a long-lived interpreter
+    /// (a code context) that reads its requests from stdin.
+    pub async fn start_open(
+        &self,
+        files: Vec<PutFile>,
+        req: ExecRequest,
+    ) -> Result<(Vec<PendingReply>, ExecStream), AgentError> {
+        self.start(files, req, None).await
+    }
+
+    async fn start(
+        &self,
+        files: Vec<PutFile>,
+        mut req: ExecRequest,
+        stdin: Option<&[u8]>,
     ) -> Result<(Vec<PendingReply>, ExecStream), AgentError> {
         let mut bytes = Vec::new();
         let mut acks = Vec::with_capacity(files.len());
@@ -379,12 +399,11 @@ impl AgentConn {
             inner: self.inner.clone(),
         };
         Frame::Exec(req).encode_into(&mut bytes);
-        for chunk in stdin.chunks(MAX_CHUNK_BYTES) {
-            let data = chunk.to_vec();
+        if let Some(stdin) = stdin {
+            encode_stdin(tag, stdin, &mut bytes);
+            let data = Vec::new();
             Frame::Stdin { tag, data }.encode_into(&mut bytes);
         }
-        let data = Vec::new();
-        Frame::Stdin { tag, data }.encode_into(&mut bytes);
         self.inner.send_bytes(&bytes).await?;
         Ok((acks, stream))
     }
@@ -405,6 +424,15 @@ impl AgentConn {
     /// Whether the connection is still up.
     pub fn is_connected(&self) -> bool {
         self.inner.routes().closed.is_none()
+    }
+}
+
+/// Appends `data` as `Stdin` frames of at most one chunk each (an empty
+/// `data` appends nothing: an empty frame would close stdin).
+fn encode_stdin(tag: u32, data: &[u8], out: &mut Vec<u8>) {
+    for chunk in data.chunks(MAX_CHUNK_BYTES) {
+        let data = chunk.to_vec();
+        Frame::Stdin { tag, data }.encode_into(out);
     }
 }
 
@@ -515,6 +543,43 @@ impl ExecStream {
     /// Why the connection closed, once `next` returned `None`.
     pub fn closed_reason(&self) -> String {
         self.inner.closed_reason()
+    }
+
+    /// Signals the exec's process group.
+    pub async fn kill(&self, signal: i32) -> Result<(), AgentError> {
+        self.inner
+            .send(&Frame::Kill(Kill {
+                tag: self.tag,
+                signal,
+            }))
+            .await
+    }
+
+    /// A handle that feeds and signals this exec while another task
+    /// reads its frames.
+    pub fn handle(&self) -> ExecHandle {
+        ExecHandle {
+            tag: self.tag,
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Feeds and signals one exec; cheap to clone, and useless (every call
+/// fails or reaches nobody) once the exec or the connection is gone.
+#[derive(Clone)]
+pub struct ExecHandle {
+    tag: u32,
+    inner: Arc<Inner>,
+}
+
+impl ExecHandle {
+    /// Sends `data` to the exec's stdin (nothing for empty `data`; stdin
+    /// stays open).
+    pub async fn stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        let mut bytes = Vec::new();
+        encode_stdin(self.tag, data, &mut bytes);
+        self.inner.send_bytes(&bytes).await
     }
 
     /// Signals the exec's process group.

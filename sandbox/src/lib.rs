@@ -22,7 +22,7 @@ pub mod vm;
 use std::fmt;
 use std::future::Future;
 
-pub use agent::{AgentConn, AgentError, ExecStream, InlineClaim, PendingReply};
+pub use agent::{AgentConn, AgentError, ExecHandle, ExecStream, InlineClaim, PendingReply};
 pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
 pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};

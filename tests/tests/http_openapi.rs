@@ -275,6 +275,102 @@ fn every_documented_operation_answers_as_documented() {
         &[],
         Some(json!({"code": "print(1)"})),
     );
+    // Code contexts, and an exec naming one (JSON and SSE).
+    let r = c.call(
+        "POST",
+        "/v1/sandboxes/{id}/contexts",
+        &format!("/v1/sandboxes/{id}/contexts"),
+        Some(json!({"language": "python"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let cid = r.json()["id"].as_str().unwrap().to_owned();
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/contexts",
+        &format!("/v1/sandboxes/{id}/contexts"),
+        Some(json!({"language": "bash"})),
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/contexts",
+        &format!("/v1/sandboxes/{id}/contexts"),
+        None,
+    );
+    let r = c.call(
+        "POST",
+        "/v1/sandboxes/{id}/exec",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"context": cid, "code": "x = 41\nx + 1"})),
+    );
+    assert_eq!(r.json()["results"][0]["data"]["text/plain"], "42");
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/exec",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"context": cid, "code": "1 / 0"})),
+    );
+    c.stream(
+        "POST",
+        "/v1/sandboxes/{id}/exec",
+        &format!("/v1/sandboxes/{id}/exec?stream=true"),
+        &[],
+        Some(json!({"context": cid, "code": "print(x)"})),
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/contexts/{cid}",
+        &format!("/v1/sandboxes/{id}/contexts/{cid}"),
+        None,
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/contexts/{cid}/interrupt",
+        &format!("/v1/sandboxes/{id}/contexts/{cid}/interrupt"),
+        Some(json!({})),
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/contexts/{cid}/restart",
+        &format!("/v1/sandboxes/{id}/contexts/{cid}/restart"),
+        Some(json!({})),
+    );
+    c.call(
+        "DELETE",
+        "/v1/sandboxes/{id}/contexts/{cid}",
+        &format!("/v1/sandboxes/{id}/contexts/{cid}"),
+        None,
+    );
+    c.call(
+        "GET",
+        "/v1/sandboxes/{id}/contexts/{cid}",
+        &format!("/v1/sandboxes/{id}/contexts/{cid}"),
+        None,
+    );
+    c.call(
+        "POST",
+        "/v1/sandboxes/{id}/exec",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"context": cid, "code": "1"})),
+    );
+    // The MCP endpoint answers an MCP client's first message.
+    let r = c.s.request_with(
+        "POST",
+        "/mcp",
+        &[
+            ("Accept", "application/json, text/event-stream"),
+            ("Content-Type", "application/json"),
+        ],
+        Some(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "openapi-test", "version": "0"}}})
+            .to_string()
+            .as_bytes(),
+        ),
+    );
+    c.check("POST", "/mcp", &r);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"tools\""), "{}", r.text());
     let metrics_path = format!("/v1/sandboxes/{id}/metrics");
     let evs = std::thread::scope(|t| {
         let h = t.spawn(|| {

@@ -2,6 +2,7 @@
 
 pub mod image;
 mod job;
+pub mod mcp;
 pub mod run;
 pub mod serve;
 pub mod submit;

@@ -85,6 +85,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<ExitCode> 
         metrics,
         token: config.server.token.clone(),
         max_body_bytes: config.server.max_body_bytes,
+        mcp: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, app, stop_rx));

@@ -58,7 +58,7 @@ pub struct SubmitArgs {
 const TEMPFAIL: u8 = 75;
 
 /// `http://host:port[/base]` split into the address and the base path.
-fn parse_server(url: &str) -> anyhow::Result<(String, String)> {
+pub(crate) fn parse_server(url: &str) -> anyhow::Result<(String, String)> {
     let rest = url.strip_prefix("http://").with_context(|| {
         format!("--server {url:?}: only http:// URLs are supported, e.g. http://127.0.0.1:8080")
     })?;
@@ -217,14 +217,14 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<ExitCode> {
 /// end in LF, CRLF or CR; `event:` and `data:` fields, a space after the
 /// colon dropped; comments ignored; a blank line dispatches).
 #[derive(Default)]
-struct SseParser {
+pub(crate) struct SseParser {
     buf: Vec<u8>,
     event: String,
     data: Vec<String>,
 }
 
 impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         while let Some(i) = self.buf.iter().position(|b| *b == b'\n' || *b == b'\r') {

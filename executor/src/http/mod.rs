@@ -4,6 +4,7 @@
 //! `docs/openapi.json`, which is also served at `/openapi.json`.
 
 mod body;
+pub(crate) mod contexts;
 mod error;
 pub(crate) mod jobs;
 pub(crate) mod piston;
@@ -48,6 +49,8 @@ pub struct App {
     /// Bearer token; empty: no auth.
     pub token: String,
     pub max_body_bytes: u64,
+    /// The MCP server at `/mcp`.
+    pub mcp: crate::mcp::McpEndpoint,
 }
 
 /// How long open connections get to finish their responses once the server
@@ -195,6 +198,32 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
                 sandboxes::put_egress(app, &id, req).await,
             )
         }
+        (["v1", "sandboxes", id, "contexts"], &Method::POST) => {
+            let id = id.to_string();
+            (
+                "/v1/sandboxes/{id}/contexts",
+                contexts::create(app, &id, req).await,
+            )
+        }
+        (["v1", "sandboxes", id, "contexts"], &Method::GET) => {
+            ("/v1/sandboxes/{id}/contexts", contexts::list(app, id))
+        }
+        (["v1", "sandboxes", id, "contexts", cid], &Method::GET) => (
+            "/v1/sandboxes/{id}/contexts/{cid}",
+            contexts::get(app, id, cid),
+        ),
+        (["v1", "sandboxes", id, "contexts", cid], &Method::DELETE) => (
+            "/v1/sandboxes/{id}/contexts/{cid}",
+            contexts::delete(app, id, cid).await,
+        ),
+        (["v1", "sandboxes", id, "contexts", cid, "interrupt"], &Method::POST) => (
+            "/v1/sandboxes/{id}/contexts/{cid}/interrupt",
+            contexts::interrupt(app, id, cid).await,
+        ),
+        (["v1", "sandboxes", id, "contexts", cid, "restart"], &Method::POST) => (
+            "/v1/sandboxes/{id}/contexts/{cid}/restart",
+            contexts::restart(app, id, cid).await,
+        ),
         (["v1", "sandboxes", id, "metrics"], &Method::GET) => {
             ("/v1/sandboxes/{id}/metrics", sandboxes::metrics(app, id))
         }
@@ -212,6 +241,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
         ),
         (["v1", "images"], &Method::GET) => ("/v1/images", images(app).await),
         (["v1", "images"], &Method::POST) => ("/v1/images", pull_image(app, req).await),
+        (["mcp"], _) => ("/mcp", Ok(crate::mcp::McpEndpoint::handle(app, req).await)),
         (["api", "v2", "runtimes"], &Method::GET) => {
             ("/api/v2/runtimes", Ok(piston::runtimes(app)))
         }
@@ -250,10 +280,14 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _, "metrics"]
             | ["v1", "sandboxes", _, "egress"]
             | ["v1", "sandboxes", _, "ports"]
+            | ["v1", "sandboxes", _, "contexts"]
+            | ["v1", "sandboxes", _, "contexts", _]
+            | ["v1", "sandboxes", _, "contexts", _, "interrupt" | "restart"]
             | ["v1", "sandboxes", _, "files", _, ..]
             | ["v1", "images"]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]
+            | ["mcp"]
     )
 }
 

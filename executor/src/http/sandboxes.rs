@@ -345,6 +345,9 @@ pub async fn exec(
     let ws = find(app, id)?;
     let stream = wants_sse(&req) || query_bool(&req, "stream", false)?;
     let body = read_body(req, app.max_body_bytes).await?;
+    if let Some(cid) = super::contexts::named_context(&body) {
+        return super::contexts::exec(ws, cid, &body, stream).await;
+    }
     let spec = parse_exec(&ws, &body)?;
     let workspaces = app.scheduler.workspaces().clone();
     if !stream {
