@@ -291,8 +291,12 @@ async fn a_vmm_killed_mid_restore_leaves_the_others_going() {
         assert_eq!(ask(vm, Command::Echo("on".into())).await, "echo on");
     }
     for vm in vms {
+        let pid = vm.pid();
         let report = vm.destroy().await;
         assert!(report.is_clean(), "{report:?}");
+        // The page server learns of the exit from the VMM's pidfd on its
+        // own thread, a moment after `destroy` has reaped the VMM.
+        ended_restore(&server, pid);
     }
     assert!(!exists(victim));
     assert_eq!(server.metrics().snapshot().restores_active, 0);
