@@ -32,7 +32,7 @@ use crate::limits::{MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FRAME_BYTES, MAX_PATH_B
 use crate::runtime::RuntimeTable;
 
 /// Version of this protocol; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// First frame, host to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

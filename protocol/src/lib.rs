@@ -20,4 +20,6 @@ pub use job::{
     check_image_ref, check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits,
     Outcome, SandboxStart, SandboxTimings, SpecError, Timings, Usage,
 };
-pub use runtime::{Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML};
+pub use runtime::{
+    ContextDriver, Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML,
+};

@@ -129,6 +129,24 @@ pub struct Runtime {
     /// Optional warm start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmStart>,
+    /// Which of Kiln's code-context drivers this runtime's interpreter
+    /// runs (stateful cells, `POST /v1/sandboxes/{id}/contexts`); unset:
+    /// the runtime has no code contexts. The driver is run by this
+    /// runtime's `command`, so a runtime with another interpreter of the
+    /// same language (an image's Python) gets contexts by naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contexts: Option<ContextDriver>,
+}
+
+/// A code-context driver shipped with Kiln: a program in the runtime's own
+/// language that runs cells in one long-lived interpreter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextDriver {
+    /// For a CPython 3 interpreter.
+    Python,
+    /// For a Node.js interpreter.
+    Node,
 }
 
 impl Runtime {
@@ -295,6 +313,30 @@ mod tests {
         assert_eq!(t.resolve("JS").unwrap().name, "node");
         assert_eq!(t.by_extension("sh").unwrap().name, "bash");
         assert!(t.resolve("python").unwrap().warm.is_some());
+    }
+
+    #[test]
+    fn the_table_says_which_runtimes_have_code_contexts() {
+        let t = RuntimeTable::default();
+        assert_eq!(
+            t.resolve("python").unwrap().contexts,
+            Some(ContextDriver::Python)
+        );
+        assert_eq!(
+            t.resolve("node").unwrap().contexts,
+            Some(ContextDriver::Node)
+        );
+        assert_eq!(t.resolve("bash").unwrap().contexts, None);
+        let mine = "[[runtime]]\nname='py312'\nfile='main.py'\ncommand=['/opt/py/bin/python3','{file}']\ncontexts='python'\n";
+        let t = RuntimeTable::from_toml(mine).unwrap();
+        assert_eq!(
+            t.resolve("py312").unwrap().contexts,
+            Some(ContextDriver::Python)
+        );
+        let e = RuntimeTable::from_toml(&mine.replace("'python'\n", "'ruby'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ruby"), "{e}");
     }
 
     #[test]

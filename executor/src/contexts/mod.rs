@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use kiln_protocol::{check_rel_path, ExecRequest, ExitStatus, Frame, JobId, PutFile, RuntimeTable};
+use kiln_protocol::{
+    check_rel_path, ContextDriver, ExecRequest, ExitStatus, Frame, JobId, PutFile, RuntimeTable,
+};
 use kiln_sandbox::{ExecHandle, ExecStream, Sandbox};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -46,25 +48,23 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 /// Contexts one workspace may hold at once.
 pub const MAX_PER_SANDBOX: usize = 16;
 
-/// Languages with a context driver, by canonical runtime name: the file
-/// the driver goes to in the work directory, and its source (see
+/// The drivers, by the runtime table's `contexts` key: the file the
+/// driver goes to in the work directory, and its source (see
 /// `python_driver.py`'s header for the line protocol both speak).
-const DRIVERS: &[(&str, &str, &str)] = &[
-    (
-        "python",
-        ".kiln-context-python.py",
-        include_str!("python_driver.py"),
-    ),
-    (
-        "node",
-        ".kiln-context-node.js",
-        include_str!("node_driver.js"),
-    ),
-];
+fn driver(kind: ContextDriver) -> (&'static str, &'static str) {
+    match kind {
+        ContextDriver::Python => (".kiln-context-python.py", include_str!("python_driver.py")),
+        ContextDriver::Node => (".kiln-context-node.js", include_str!("node_driver.js")),
+    }
+}
 
-/// Languages with code contexts.
-pub fn languages() -> Vec<&'static str> {
-    DRIVERS.iter().map(|d| d.0).collect()
+/// The runtimes of `table` with code contexts (their `contexts` key).
+pub fn languages(table: &RuntimeTable) -> Vec<String> {
+    table
+        .iter()
+        .filter(|r| r.contexts.is_some())
+        .map(|r| r.name.clone())
+        .collect()
 }
 
 /// Why a context operation failed; the API maps each to a status.
@@ -235,6 +235,8 @@ pub struct Context {
     id: String,
     sandbox_id: String,
     language: String,
+    /// The driver the runtime table names for `language`.
+    kind: ContextDriver,
     cwd: String,
     created_at: f64,
     execs: AtomicU64,
@@ -379,16 +381,16 @@ impl ContextSet {
                 field: "language",
                 message: e.to_string(),
             })?;
-        if !languages().contains(&runtime.name.as_str()) {
+        let Some(kind) = runtime.contexts else {
             return Err(ContextError::Invalid {
                 field: "language",
                 message: format!(
-                    "{} has no code contexts; contexts support: {}",
+                    "{} has no code contexts (its runtime table entry has no `contexts` key); runtimes with contexts: {}",
                     runtime.name,
-                    languages().join(", ")
+                    languages(runtimes).join(", ")
                 ),
             });
-        }
+        };
         let cwd = match cwd {
             None => String::new(),
             Some(c) if c.is_empty() || c == "." => String::new(),
@@ -407,6 +409,7 @@ impl ContextSet {
             id: format!("ctx-{}", JobId::random()),
             sandbox_id: held.id().to_string(),
             language: runtime.name.clone(),
+            kind,
             cwd,
             created_at: crate::workspaces::unix_now(),
             execs: AtomicU64::new(0),
@@ -417,7 +420,7 @@ impl ContextSet {
             dead: Mutex::new(None),
         });
         let warm_next = runtime.name == warm_template && runtime.warm.is_some();
-        let driver = start_driver(held, &ctx, &runtime.name, warm_next).await?;
+        let driver = start_driver(held, &ctx, warm_next).await?;
         *ctx.driver.lock().await = Some(driver);
         let info = ctx.info();
         self.map().insert(ctx.id.clone(), ctx);
@@ -449,7 +452,7 @@ impl ContextSet {
         *ctx.dead.lock().unwrap_or_else(PoisonError::into_inner) = None;
         ctx.execs.store(0, Ordering::SeqCst);
         let warm_next = ctx.language == warm_template;
-        match start_driver(held, &ctx, &ctx.language.clone(), warm_next).await {
+        match start_driver(held, &ctx, warm_next).await {
             Ok(d) => {
                 *slot = Some(d);
                 Ok(ctx.info())
@@ -474,19 +477,10 @@ impl ContextSet {
 
 /// Puts the driver into the sandbox, starts it with stdin open, and waits
 /// for its `ready` line.
-async fn start_driver(
-    held: &Held,
-    ctx: &Context,
-    runtime: &str,
-    warm_next: bool,
-) -> Result<Driver, ContextError> {
+async fn start_driver(held: &Held, ctx: &Context, warm_next: bool) -> Result<Driver, ContextError> {
     let agent = held.agent();
-    let Some(&(_, driver_file, source)) = DRIVERS.iter().find(|d| d.0 == runtime) else {
-        return Err(ContextError::Invalid {
-            field: "language",
-            message: format!("{runtime} has no code contexts"),
-        });
-    };
+    let runtime = ctx.language.as_str();
+    let (driver_file, source) = driver(ctx.kind);
     let file = PutFile {
         tag: 0,
         mode: 0o644,
