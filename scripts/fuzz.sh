@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(frame_decoder job_spec piston_body sandbox_create amqp_message page_server_handshake config)
+TARGETS=(frame_decoder job_spec piston_body sandbox_create amqp_message page_server_handshake config image_layer)
 TRIPLE=x86_64-unknown-linux-gnu
 BIN_DIR="fuzz/target/$TRIPLE/release"
 WORK="${KILN_FUZZ_DIR:-/var/tmp/kiln-fuzz}"

@@ -570,15 +570,17 @@ impl Inner {
         restore_metrics
             .cpu_ns
             .fetch_add(sys::thread_cpu_time().as_nanos() as u64, Relaxed);
-        lock(&self.live).remove(&id);
-        self.metrics.restores_active.fetch_sub(1, Relaxed);
-        self.metrics.restores_finished.fetch_add(1, Relaxed);
         match &end {
             RestoreEnd::Failed(why) => {
                 tracing::error!(vmm_pid = peer.pid, error = %why, "restore failed")
             }
             other => tracing::info!(vmm_pid = peer.pid, end = ?other, "restore ended"),
         }
+        // Counted and into the history before it leaves the live restores:
+        // an observer that sees it gone from `restores()` finds its report
+        // and the counters settled (the other order left a window where it
+        // was in neither list, which a test of ten concurrent restores
+        // caught once).
         self.remember(RestoreReport {
             id,
             vmm_pid: Some(peer.pid),
@@ -588,6 +590,9 @@ impl Inner {
             metrics: restore_metrics.snapshot(),
             duration: accepted.elapsed(),
         });
+        self.metrics.restores_finished.fetch_add(1, Relaxed);
+        self.metrics.restores_active.fetch_sub(1, Relaxed);
+        lock(&self.live).remove(&id);
     }
 
     fn remember(&self, report: RestoreReport) {
