@@ -55,20 +55,6 @@ struct CreateBody {
     cwd: Option<String>,
 }
 
-fn malformed(e: serde_json::Error) -> ApiError {
-    if e.is_syntax() || e.is_eof() {
-        let mut a = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("the body is not valid JSON: {e}"),
-        );
-        a.field = Some("body".into());
-        a
-    } else {
-        ApiError::field("context", e)
-    }
-}
-
 pub async fn create(
     app: &Arc<App>,
     id: &str,
@@ -82,7 +68,7 @@ pub async fn create(
             cwd: None,
         }
     } else {
-        serde_json::from_slice(&body).map_err(malformed)?
+        ApiError::parse_json(&body, "context")?
     };
     let info = create_in(app, &ws, b.language.as_deref(), b.cwd).await?;
     let mut r = json_response(StatusCode::CREATED, &info);
@@ -167,7 +153,7 @@ pub fn named_context(body: &[u8]) -> Option<String> {
 /// `runtime` (if given) must be the context's language; `stdin`, `args`
 /// and `entrypoint` do not apply to a cell.
 pub fn parse_cell(body: &[u8], language: &str) -> Result<CellRequest, ApiError> {
-    let mut v: Value = serde_json::from_slice(body).map_err(malformed)?;
+    let mut v: Value = ApiError::parse_json(body, "context")?;
     let Some(o) = v.as_object_mut() else {
         return Err(ApiError::field("body", "must be a JSON object"));
     };

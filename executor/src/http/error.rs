@@ -41,6 +41,30 @@ impl ApiError {
         }
     }
 
+    /// The body is not JSON at all (`400 malformed_json`, field `body`).
+    pub fn malformed_json(why: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {why}"),
+        );
+        e.field = Some("body".into());
+        e
+    }
+
+    /// Parses a JSON body into `T`: bytes that are not JSON answer
+    /// [`ApiError::malformed_json`], JSON of the wrong shape an
+    /// `invalid_field` error naming `field`.
+    pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], field: &str) -> Result<T, Self> {
+        serde_json::from_slice(body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                Self::malformed_json(e)
+            } else {
+                Self::field(field, e)
+            }
+        })
+    }
+
     pub fn not_found(what: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", what)
     }

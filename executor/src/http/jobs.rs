@@ -52,13 +52,7 @@ fn rejected(r: &JobResult) -> ApiError {
 pub fn parse_spec(body: &[u8]) -> Result<JobSpec, ApiError> {
     JobSpec::from_json(body).map_err(|e| {
         if e.field == "body" {
-            let mut a = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                format!("the body is not valid JSON: {}", e.message),
-            );
-            a.field = Some("body".into());
-            a
+            ApiError::malformed_json(e.message)
         } else {
             ApiError::field(e.field, e.message)
         }

@@ -47,7 +47,7 @@ pub async fn expose(
 ) -> Result<Response<Body>, ApiError> {
     let ws = find(app, id)?;
     let body = read_body(req, app.max_body_bytes).await?;
-    let b: ExposeBody = serde_json::from_slice(&body).map_err(|e| ApiError::field("port", e))?;
+    let b: ExposeBody = ApiError::parse_json(&body, "port")?;
     if b.port == 0 {
         return Err(ApiError::field("port", "0 is not a port; 1 to 65535"));
     }

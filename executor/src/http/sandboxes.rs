@@ -104,19 +104,7 @@ fn range(field: &str, v: Option<i64>, (min, def, max): (u64, u64, u64)) -> Resul
 /// Parses a create body against the server's workspace settings (default
 /// and longest TTL), naming the first wrong field.
 pub fn parse_create(ws: &WorkspaceSettings, body: &[u8]) -> Result<WorkspaceRequest, ApiError> {
-    let b: CreateBody = serde_json::from_slice(body).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            let mut a = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                format!("the body is not valid JSON: {e}"),
-            );
-            a.field = Some("body".into());
-            a
-        } else {
-            ApiError::field("sandbox", e)
-        }
-    })?;
+    let b: CreateBody = ApiError::parse_json(body, "sandbox")?;
     let max_ttl = ws.max_ttl.as_secs_f64();
     // Compared as a Duration: a float near `max_ttl` may round above it,
     // and one of 2^64 s or more does not convert at all (which panicked).
@@ -289,8 +277,7 @@ pub async fn put_egress(
 ) -> Result<Response<Body>, ApiError> {
     let ws = find(app, id)?;
     let body = read_body(req, app.max_body_bytes).await?;
-    let spec: kiln_sandbox::network::EgressSpec =
-        serde_json::from_slice(&body).map_err(|e| ApiError::field("egress", e))?;
+    let spec: kiln_sandbox::network::EgressSpec = ApiError::parse_json(&body, "egress")?;
     let rules = parse_egress(&spec)?;
     let view = ws.set_egress(rules).await.map_err(|e| {
         let mut a = ws_error(e);
@@ -320,15 +307,8 @@ pub async fn delete(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError
 /// An exec body is a job without `runtime` (the workspace's template is
 /// the default).
 fn parse_exec(ws: &Workspace, body: &[u8]) -> Result<kiln_protocol::JobSpec, ApiError> {
-    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        let mut a = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("the body is not valid JSON: {e}"),
-        );
-        a.field = Some("body".into());
-        a
-    })?;
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(ApiError::malformed_json)?;
     let Some(o) = v.as_object_mut() else {
         return Err(ApiError::field("body", "must be a JSON object"));
     };
