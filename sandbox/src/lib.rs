@@ -25,7 +25,7 @@ use std::future::Future;
 pub use agent::{AgentConn, AgentError, ExecHandle, ExecStream, InlineClaim, PendingReply};
 pub use any::{AnyBackend, AnySandbox};
 use kiln_protocol::Limits;
-pub use run::{run_job, OutputSink, RunOutcome, Stream, KILL_GRACE};
+pub use run::{run_job, OutputCapture, OutputSink, RunOutcome, Stream, KILL_GRACE};
 pub use settings::{BackendFlags, BackendKind, BackendSettings, OpenError};
 pub use template::TemplateInfo;
 

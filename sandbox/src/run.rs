@@ -51,14 +51,17 @@ pub struct RunOutcome {
     pub poisoned: bool,
 }
 
-struct Capture {
-    buf: Vec<u8>,
+/// A job's (or a code cell's) stdout or stderr as kept by the host: at
+/// most `cap` bytes, the rest dropped and `truncated` set.
+#[derive(Debug)]
+pub struct OutputCapture {
+    pub buf: Vec<u8>,
     cap: usize,
-    truncated: bool,
+    pub truncated: bool,
 }
 
-impl Capture {
-    fn new(cap: u64) -> Self {
+impl OutputCapture {
+    pub fn new(cap: u64) -> Self {
         Self {
             buf: Vec::new(),
             cap: usize::try_from(cap).unwrap_or(usize::MAX),
@@ -67,7 +70,7 @@ impl Capture {
     }
 
     /// Keeps what fits; returns the part kept (for streaming).
-    fn push<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+    pub fn push<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
         let room = self.cap.saturating_sub(self.buf.len());
         if data.len() > room {
             self.truncated = true;
@@ -155,8 +158,8 @@ pub async fn run_job<S: Sandbox>(
         return internal(failed, !agent.is_connected());
     }
 
-    let mut out = Capture::new(spec.limits.output_bytes);
-    let mut err = Capture::new(spec.limits.output_bytes);
+    let mut out = OutputCapture::new(spec.limits.output_bytes);
+    let mut err = OutputCapture::new(spec.limits.output_bytes);
     let mut warm = false;
     let mut timed_out = false;
     let mut poisoned = false;
@@ -321,7 +324,7 @@ mod tests {
 
     #[test]
     fn capture_keeps_the_cap_and_flags_the_rest() {
-        let mut c = Capture::new(5);
+        let mut c = OutputCapture::new(5);
         assert_eq!(c.push(b"abc"), b"abc");
         assert_eq!(c.push(b"defg"), b"de");
         assert!(c.truncated);

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_protocol::{ExitStatus, File, Frame, JobId, JobResult, Outcome, Timings, Usage};
-use kiln_sandbox::{Sandbox, Stream, KILL_GRACE};
+use kiln_sandbox::{OutputCapture, Sandbox, Stream, KILL_GRACE};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::timeout_at;
@@ -91,32 +91,6 @@ pub(super) fn take_line(buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     Some(line)
 }
 
-struct Capture {
-    buf: Vec<u8>,
-    cap: usize,
-    truncated: bool,
-}
-
-impl Capture {
-    fn new(cap: u64) -> Self {
-        Self {
-            buf: Vec::new(),
-            cap: usize::try_from(cap).unwrap_or(usize::MAX),
-            truncated: false,
-        }
-    }
-
-    fn push<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        let room = self.cap.saturating_sub(self.buf.len());
-        if data.len() > room {
-            self.truncated = true;
-        }
-        let kept = &data[..data.len().min(room)];
-        self.buf.extend_from_slice(kept);
-        kept
-    }
-}
-
 /// Why the host stopped a cell.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Stop {
@@ -156,8 +130,8 @@ pub(super) async fn run(
     let handle = driver.handle();
     let mut line = serde_json::to_vec(&json!({"code": req.code, "n": n})).unwrap_or_default();
     line.push(b'\n');
-    let mut out = Capture::new(req.output_bytes);
-    let mut err = Capture::new(req.output_bytes);
+    let mut out = OutputCapture::new(req.output_bytes);
+    let mut err = OutputCapture::new(req.output_bytes);
     let mut results = Vec::new();
     let mut result_bytes = 0usize;
     let mut dropped_results = 0usize;
@@ -422,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_capture_keeps_what_fits_and_says_it_cut() {
-        let mut c = Capture::new(4);
+        let mut c = OutputCapture::new(4);
         assert_eq!(c.push(b"abc"), b"abc");
         assert_eq!(c.push(b"def"), b"d");
         assert!(c.truncated);
