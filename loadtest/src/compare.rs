@@ -292,7 +292,7 @@ pub fn render(c: &Comparison, a: &Report, b: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{Ending, Recorder, RunInfo, Sample};
+    use crate::stats::{Ending, Recorder, Sample};
     use kiln_protocol::Outcome;
     use std::time::Duration;
 
@@ -310,22 +310,7 @@ mod tests {
                 throttled: 0,
             });
         }
-        let info = RunInfo {
-            target: "http".into(),
-            endpoint: "x".into(),
-            loop_kind: "closed".into(),
-            concurrency: Some(1),
-            rate_per_s: None,
-            arrivals: None,
-            requests: 0,
-            duration_limit_s: 1.0,
-            warmup: 0,
-            cold: false,
-            on_429: "count".into(),
-            started_unix_s: 0.0,
-            load_average_1m: None,
-            in_flight_cap_hit: false,
-        };
+        let info = crate::stats::tests::info();
         r.report(info, Duration::from_secs(elapsed_s), None)
     }
 

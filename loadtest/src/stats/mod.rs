@@ -308,7 +308,7 @@ impl Recorder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kiln_protocol::{SandboxStart, SandboxTimings};
 
@@ -341,7 +341,7 @@ mod tests {
         }
     }
 
-    pub(super) fn info() -> RunInfo {
+    pub(crate) fn info() -> RunInfo {
         RunInfo {
             target: "http".into(),
             endpoint: "x".into(),
