@@ -104,6 +104,23 @@ async fn probe(sb: &Jail, lines: &[String]) -> Vec<String> {
     got
 }
 
+/// A file of the sandbox's, read by a job.
+async fn read_in(sb: &Jail, path: &str) -> String {
+    let spec = JobSpec::inline("python", &format!("print(open({path:?}).read(), end='')"));
+    let table = RuntimeTable::default();
+    let out = run_job(
+        sb,
+        JobId::random(),
+        table.resolve("python").unwrap(),
+        &spec,
+        false,
+        &mut (),
+    )
+    .await;
+    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
+    out.result.stdout
+}
+
 fn ok() -> String {
     format!("ok:{BODY}")
 }
@@ -190,6 +207,13 @@ async fn egress_rules_hold_by_name_by_address_and_against_direct_queries() {
         "ECONNREFUSED".into(),
     ];
     assert_eq!(got, expect);
+    // The name server the sandbox's libc asks is one that leaves the
+    // sandbox (redirected to Kiln's resolver), whatever the host's
+    // /etc/resolv.conf names (a loopback systemd-resolved would fail
+    // every lookup in the sandbox's own namespace).
+    let ns = env.backend.network().unwrap().nameserver();
+    let resolv = read_in(&sb, "/etc/resolv.conf").await;
+    assert!(resolv.contains(&format!("\nnameserver {ns}\n")), "{resolv}");
     sb.destroy().await;
     assert!(
         env.world.host_links().is_empty(),

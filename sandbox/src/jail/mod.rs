@@ -229,7 +229,6 @@ impl JailBackend {
             }
         }
         let agent_static = rootfs::is_static_elf(&agent);
-        let root = rootfs::RootLayout::new(&cfg.rootfs, cfg.id_base, &agent)?;
         let jails = cfg.state_dir.join("jails");
         reach::create_searchable(&jails)
             .map_err(io_err(format!("creating {}", jails.display())))?;
@@ -241,6 +240,8 @@ impl JailBackend {
             ),
             _ => None,
         };
+        let nameserver = network.as_ref().map(|n| n.nameserver());
+        let root = rootfs::RootLayout::new(&cfg.rootfs, cfg.id_base, &agent, nameserver)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -351,8 +352,10 @@ impl Inner {
             .map_err(|e| fail(io_err("socketpair")(e), None, &cg))?;
         let (log_r, log_w) = std::io::pipe().map_err(|e| fail(io_err("log pipe")(e), None, &cg))?;
         let mounts = match &spec.image {
-            Some(image) => self.root.mount_image(&image.dir, spec.disk_mb),
-            None => self.root.mount(),
+            Some(image) => self
+                .root
+                .mount_image(&image.dir, spec.disk_mb, spec.allow_internet),
+            None => self.root.mount(spec.allow_internet),
         }
         .map_err(|e| fail(e.into(), None, &cg))?;
         let plan = self.plan(&root, &mounts.layers);

@@ -75,6 +75,26 @@ const AGENT_FILE: &CStr = c"kiln-agent";
 /// The device nodes of a jail's `/dev`, made like the host's.
 pub const DEVICE_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
+/// Where the base keeps what a networked jail sees above its root: a tree
+/// with only `etc/resolv.conf`, naming an address that routes out of the
+/// sandbox (see [`resolv_conf`]).
+const NET_ROOT: &str = "net";
+
+/// The `/etc/resolv.conf` of a networked jail. Every DNS packet a
+/// networked sandbox sends, to whatever address, is redirected to Kiln's
+/// resolver (`crate::network`), so any address that leaves the sandbox
+/// serves; what must not be there is a loopback name server (a host
+/// running systemd-resolved or dnsmasq has `127.0.0.53` or `127.0.0.1` in
+/// its own file, and an image may have anything or nothing), which would
+/// stay inside the sandbox's namespace and fail every lookup.
+pub fn resolv_conf(nameserver: std::net::Ipv4Addr) -> String {
+    format!(
+        "# Written by Kiln: every DNS query of this sandbox goes to Kiln's resolver.\n\
+         nameserver {nameserver}\n\
+         options timeout:2 attempts:2\n"
+    )
+}
+
 /// Directories a root must have for the jail's and its rooms' own mounts.
 pub const MOUNT_POINTS: [&str; 4] = ["proc", "dev", "tmp", "work"];
 
@@ -209,9 +229,11 @@ pub struct MountedRoot {
 /// the root first, and the overlay the agent's binary is exec'd from.
 pub struct RootLayout {
     /// Keeps the base filesystem the overlays' lowers are paths into.
-    _base: Base,
+    base: Base,
     layers: Vec<(&'static str, Overlay)>,
     agent: Overlay,
+    /// Whether the base holds the `/etc` of networked jails ([`NET_ROOT`]).
+    net_etc: bool,
     /// The jail's root on the host, owner of an image root's upper.
     id_base: u32,
 }
@@ -221,12 +243,20 @@ impl RootLayout {
     /// bytes): checks the host's side and makes the base filesystem, with
     /// the jail's root (`id_base` on the host) as the owner of the
     /// directories it makes.
-    pub fn new(rootfs: &RootFs, id_base: u32, agent: &[u8]) -> Result<Self, RootFsError> {
+    /// `nameserver`: the address networked jails' `/etc/resolv.conf`
+    /// names (`None`: no networking, no such file).
+    pub fn new(
+        rootfs: &RootFs,
+        id_base: u32,
+        agent: &[u8],
+        nameserver: Option<std::net::Ipv4Addr>,
+    ) -> Result<Self, RootFsError> {
         let host = match rootfs {
             RootFs::Host => host_entries()?,
             RootFs::Dir(_) => Vec::new(),
         };
-        let base = Base::new(&host, id_base, agent)?;
+        let resolv = nameserver.map(resolv_conf);
+        let base = Base::new(&host, id_base, agent, resolv.as_deref())?;
         let read_only = |lower: PathBuf, attrs| {
             // Overlayfs wants two lowers when there is no upper; an empty
             // directory at the bottom changes nothing of the tree.
@@ -256,22 +286,41 @@ impl RootLayout {
             libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
         );
         Ok(Self {
-            _base: base,
+            base,
             layers,
             agent,
             id_base,
+            net_etc: nameserver.is_some(),
         })
     }
 
-    /// Mounts every overlay of one jail, detached.
-    pub fn mount(&self) -> Result<MountedRoot, RootFsError> {
+    /// `o` with the networked jail's `/etc` files on top, where `o` is the
+    /// overlay at `at` that shows `/etc` (the host's `/etc`, or a root
+    /// that holds one) and the jail is `networked`.
+    fn for_net(&self, at: &str, o: &Overlay, networked: bool) -> Overlay {
+        if !(networked && self.net_etc) {
+            return o.clone();
+        }
+        let top = match at {
+            "etc" => self.base.path(&format!("{NET_ROOT}/etc")),
+            "" if !self.layers.iter().any(|(a, _)| *a == "etc") => self.base.path(NET_ROOT),
+            _ => return o.clone(),
+        };
+        let mut o = o.clone();
+        o.lowers.insert(0, top);
+        o
+    }
+
+    /// Mounts every overlay of one jail, detached; a `networked` jail sees
+    /// Kiln's `/etc/resolv.conf` ([`resolv_conf`]).
+    pub fn mount(&self, networked: bool) -> Result<MountedRoot, RootFsError> {
         let layers = self
             .layers
             .iter()
             .map(|(at, o)| {
                 Ok(Mounted {
                     at,
-                    mount: o.mount()?,
+                    mount: self.for_net(at, o, networked).mount()?,
                 })
             })
             .collect::<Result<_, RootFsError>>()?;
@@ -287,17 +336,25 @@ impl RootLayout {
     /// jail's own, detached, so that it goes with the jail's last mount
     /// and a full root is the jail's problem alone. `/dev` and the agent
     /// as for every jail.
-    pub fn mount_image(&self, image: &Path, disk_mb: u64) -> Result<MountedRoot, RootFsError> {
+    /// A `networked` jail sees Kiln's `/etc/resolv.conf` above the
+    /// image's ([`resolv_conf`]); its writes go to its upper as usual.
+    pub fn mount_image(
+        &self,
+        image: &Path,
+        disk_mb: u64,
+        networked: bool,
+    ) -> Result<MountedRoot, RootFsError> {
         let upper = upper_tmpfs(disk_mb, self.id_base)?;
         let at = |rel: &str| PathBuf::from(format!("/proc/self/fd/{}/{rel}", upper.as_raw_fd()));
-        let root = Overlay::new(
-            vec![image.to_path_buf()],
-            libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-        )
-        .with_upper(Upper {
-            dir: at("upper"),
-            work: at("work"),
-        });
+        let mut lowers = vec![image.to_path_buf()];
+        if networked && self.net_etc {
+            lowers.insert(0, self.base.path(NET_ROOT));
+        }
+        let root = Overlay::new(lowers, libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV)
+            .with_upper(Upper {
+                dir: at("upper"),
+                work: at("work"),
+            });
         let mut layers = vec![Mounted {
             at: "",
             mount: root.mount()?,
@@ -459,7 +516,12 @@ struct Base {
 }
 
 impl Base {
-    fn new(host: &[HostEntry], id_base: u32, agent: &[u8]) -> Result<Self, RootFsError> {
+    fn new(
+        host: &[HostEntry],
+        id_base: u32,
+        agent: &[u8],
+        resolv: Option<&str>,
+    ) -> Result<Self, RootFsError> {
         let fail = |what: &str| {
             let what = what.to_owned();
             move |source| RootFsError::Base { what, source }
@@ -531,6 +593,13 @@ impl Base {
             for name in MOUNT_POINTS {
                 dir(&format!("root/{name}"), 0o755)?;
             }
+        }
+        if let Some(resolv) = resolv {
+            dir(NET_ROOT, 0o755)?;
+            dir(&format!("{NET_ROOT}/etc"), 0o755)?;
+            let rel = format!("{NET_ROOT}/etc/resolv.conf");
+            write_file(base.fd(), &at(&rel), resolv.as_bytes(), 0o444)
+                .map_err(fail(&format!("writing {rel}")))?;
         }
         dir(AGENT_DIR, 0o755)?;
         let agent_at = format!("{AGENT_DIR}/{}", AGENT_FILE.to_string_lossy());
@@ -869,8 +938,8 @@ mod tests {
     /// overlay.
     #[test]
     fn a_host_root_has_the_host_directories_mount_points_and_devices() {
-        let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"agent").unwrap();
-        let mounts = layout.mount().unwrap().layers;
+        let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"agent", None).unwrap();
+        let mounts = layout.mount(false).unwrap().layers;
         let ats: Vec<&str> = mounts.iter().map(|m| m.at).collect();
         assert_eq!(ats.first(), Some(&""), "the root comes first");
         assert!(
@@ -912,6 +981,46 @@ mod tests {
         assert_eq!(shm.mode() & 0o7777, 0o1777);
     }
 
+    /// A networked jail's `/etc/resolv.conf` is Kiln's, above the host's
+    /// `/etc` (whose other files still show) or above an image's; a jail
+    /// without a network sees the host's file.
+    #[test]
+    fn networked_jails_see_kilns_resolv_conf() {
+        let ns = std::net::Ipv4Addr::new(10, 9, 0, 1);
+        let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"agent", Some(ns)).unwrap();
+        let etc_of = |networked| {
+            let mounts = layout.mount(networked).unwrap().layers;
+            let etc = mounts.into_iter().find(|m| m.at == "etc").unwrap().mount;
+            (
+                fs::read_to_string(inside(&etc, "resolv.conf")).ok(),
+                inside(&etc, "passwd").exists(),
+            )
+        };
+        let (resolv, passwd) = etc_of(true);
+        assert_eq!(resolv.as_deref(), Some(resolv_conf(ns).as_str()));
+        assert!(passwd, "the host's other /etc files still show");
+        let (resolv, _) = etc_of(false);
+        assert_eq!(resolv, fs::read_to_string("/etc/resolv.conf").ok());
+
+        let image = scratch("net-image");
+        fs::create_dir_all(image.join("etc")).unwrap();
+        fs::write(image.join("etc/resolv.conf"), "nameserver 127.0.0.53\n").unwrap();
+        fs::write(image.join("etc/os-release"), "ID=test\n").unwrap();
+        let root = layout.mount_image(&image, 8, true).unwrap().layers;
+        let root = &root[0].mount;
+        assert_eq!(
+            fs::read_to_string(inside(root, "etc/resolv.conf")).unwrap(),
+            resolv_conf(ns)
+        );
+        assert!(inside(root, "etc/os-release").exists());
+        let root = layout.mount_image(&image, 8, false).unwrap().layers;
+        assert_eq!(
+            fs::read_to_string(inside(&root[0].mount, "etc/resolv.conf")).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
+        fs::remove_dir_all(&image).unwrap();
+    }
+
     /// The agent's copy cannot be changed, not even by root: neither
     /// through a jail's overlay nor in the base (read-only once filled);
     /// and each jail's exec sees the bytes given at start-up.
@@ -927,8 +1036,8 @@ mod tests {
 
     #[test]
     fn the_agent_copy_cannot_be_changed() {
-        let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"#!/bin/true\n").unwrap();
-        let agent = layout.mount().unwrap().agent;
+        let layout = RootLayout::new(&RootFs::Host, 1_000_000_000, b"#!/bin/true\n", None).unwrap();
+        let agent = layout.mount(false).unwrap().agent;
         let through_jail = PathBuf::from(format!("/proc/self/fd/{}", agent.as_raw_fd()));
         assert_eq!(fs::read(&through_jail).unwrap(), b"#!/bin/true\n");
         let e = fs::OpenOptions::new()
@@ -936,7 +1045,7 @@ mod tests {
             .open(&through_jail)
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
-        let in_base = layout._base.path("agent/kiln-agent");
+        let in_base = layout.base.path("agent/kiln-agent");
         let e = fs::OpenOptions::new()
             .write(true)
             .open(&in_base)

@@ -291,6 +291,14 @@ impl Network {
         self.pool.cidr()
     }
 
+    /// The name server networked sandboxes' `/etc/resolv.conf` names: the
+    /// pool's first gateway. Any address that leaves a sandbox would do,
+    /// since every DNS packet a sandbox sends is redirected to Kiln's
+    /// resolver; one that is plainly Kiln's reads best in a sandbox.
+    pub fn nameserver(&self) -> Ipv4Addr {
+        self.pool().nth(1).expect("a pool holds at least one /30")
+    }
+
     /// The port Kiln's resolver listens on in the host side (sandboxes
     /// reach it as port 53 of any address).
     pub fn resolver_port(&self) -> u16 {
