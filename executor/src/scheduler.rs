@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_protocol::{Acquire, JobId, JobResult, JobSpec, Outcome, Runtime, RuntimeTable};
+use kiln_sandbox::network::EgressRules;
 use kiln_sandbox::{
-    run_job, AnyBackend, Backend, Capabilities, ImageRoot, Sandbox, SandboxSpec, Stream,
+    run_job, AnyBackend, Backend, Capabilities, ImageRoot, Sandbox, SandboxError, SandboxSpec,
+    Stream,
 };
 
 use crate::images::{self, Images};
@@ -382,6 +384,14 @@ impl Scheduler {
                 ))));
             }
         }
+        // Egress rules that do not parse are refused before admission too.
+        if let Some(Err(e)) = spec.egress.as_ref().map(EgressRules::parse) {
+            inner.metrics.rejected(opts.source, "invalid");
+            return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
+                id,
+                format!("egress: {e}"),
+            ))));
+        }
         if !inner.admission.try_admit() {
             inner.metrics.rejected(opts.source, "busy");
             return Err(AdmitError::Busy {
@@ -553,8 +563,72 @@ fn publish_capacity(inner: &Inner) {
 }
 
 /// Why a job got no sandbox.
-fn acquire_failed(id: &JobId, e: impl std::fmt::Display) -> JobResult {
-    JobResult::internal(id.clone(), format!("acquiring a sandbox: {e}"))
+#[derive(Debug)]
+enum AcquireError {
+    /// The job asked for what this server cannot give (a network where
+    /// networking is off or the backend has none): the caller's to fix.
+    Refused(String),
+    /// Ours: the backend failed, or the server is stopping.
+    Failed(String),
+}
+
+impl From<String> for AcquireError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl From<&str> for AcquireError {
+    fn from(e: &str) -> Self {
+        Self::Failed(e.to_owned())
+    }
+}
+
+fn acquire_failed(id: &JobId, e: AcquireError) -> JobResult {
+    match e {
+        AcquireError::Refused(m) => JobResult::rejected(id.clone(), m),
+        AcquireError::Failed(m) => {
+            JobResult::internal(id.clone(), format!("acquiring a sandbox: {m}"))
+        }
+    }
+}
+
+/// A sandbox of the job's own with a network (`allow_internet`): never a
+/// pooled one (spares have none), its egress rules in force before the
+/// job runs. What the backend cannot do is the caller's refusal.
+async fn networked(
+    inner: &Inner,
+    runtime: &Runtime,
+    spec: &JobSpec,
+    image: Option<ImageRoot>,
+) -> Result<(Held, Acquire), AcquireError> {
+    let mut sandbox_spec = sandboxes::spec_for(&spec.limits, &runtime.name);
+    sandbox_spec.image = image;
+    sandbox_spec.allow_internet = true;
+    let sandbox = inner
+        .backend
+        .create(&sandbox_spec)
+        .await
+        .map_err(|e| match e {
+            SandboxError::Unsupported(m) => AcquireError::Refused(format!("allow_internet: {m}")),
+            e => AcquireError::Failed(e.to_string()),
+        })?;
+    let rules = spec.egress.as_ref().map(EgressRules::parse).transpose();
+    let configured = match rules {
+        Ok(None) => Ok(()),
+        Ok(Some(rules)) => sandbox.set_egress(rules).map_err(|e| match e {
+            SandboxError::Unsupported(m) => AcquireError::Refused(format!("egress: {m}")),
+            e => AcquireError::Failed(format!("egress: {e}")),
+        }),
+        Err(e) => Err(AcquireError::Refused(format!("egress: {e}"))),
+    };
+    match configured {
+        Ok(()) => Ok((Held::Own(sandbox), Acquire::Cold)),
+        Err(e) => {
+            sandbox.destroy().await;
+            Err(e)
+        }
+    }
 }
 
 /// Leases a pooled sandbox for the job or makes one.
@@ -563,7 +637,10 @@ async fn acquire(
     runtime: &Runtime,
     spec: &JobSpec,
     image: Option<ImageRoot>,
-) -> Result<(Held, Acquire), String> {
+) -> Result<(Held, Acquire), AcquireError> {
+    if spec.allow_internet {
+        return networked(inner, runtime, spec, image).await;
+    }
     // Spares are rooted in one image (or none): they serve jobs of the same.
     let digest = image.as_ref().map(|i| i.digest.as_str());
     let pooled = inner
@@ -665,7 +742,7 @@ async fn run(
         let acq_start = Instant::now();
         let acquired = tokio::select! {
             a = acquire(&inner, &runtime, &spec, image) => a,
-            _ = until_true(&mut hard_stop) => Err("the server shut down".into()),
+            _ = until_true(&mut hard_stop) => Err(AcquireError::from("the server shut down")),
         };
         let acquire_d = acq_start.elapsed();
         let mut result = match acquired {

@@ -414,7 +414,8 @@ impl Workspaces {
             expires_at: unix_now() + ttl.as_secs_f64(),
             ttl_s: ttl.as_secs_f64(),
             remove_on_exit: false,
-            allow_internet: false,
+            // A job's own networked sandbox keeps its network.
+            allow_internet: held.network_info().is_some(),
             cpus: d.cpu_millis as f64 / 1000.0,
             memory_mb: d.memory_mb,
             disk_mb: d.disk_mb,

@@ -172,6 +172,53 @@ pub struct JobSpec {
     /// name, `name@sha256:...` or a manifest digest); `None`: the
     /// backend's default root.
     pub image: Option<String>,
+    /// The job's sandbox gets a network interface and reaches what
+    /// `egress` (or the configured defaults) allows; `false`: loopback
+    /// only.
+    pub allow_internet: bool,
+    /// Egress rules of the job's sandbox (needs `allow_internet`);
+    /// `None`: the configured defaults.
+    pub egress: Option<EgressSpec>,
+}
+
+/// Egress rules as they travel (configuration, API bodies, jobs): lists of
+/// rule strings, each an IPv4 network (`10.0.0.0/8`, `192.0.2.7`), a
+/// domain name (`example.com`), a wildcard (`*.example.com`) or `*`. Their
+/// meaning is the sandbox crate's (`kiln_sandbox::network::EgressRules`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressSpec {
+    /// Networks and names that may be reached.
+    pub allow: Vec<String>,
+    /// Networks and names that may not, whatever `allow` says.
+    pub deny: Vec<String>,
+}
+
+impl EgressSpec {
+    /// Checks the lists' sizes (a rule's meaning is checked where it is
+    /// parsed): at most [`limits::MAX_EGRESS_RULES`] rules of at most 255
+    /// bytes each.
+    pub fn check_sizes(&self, field: &str) -> Result<(), SpecError> {
+        for (name, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if list.len() > limits::MAX_EGRESS_RULES {
+                return Err(SpecError::new(
+                    format!("{field}.{name}"),
+                    format!("{} rules; at most {}", list.len(), limits::MAX_EGRESS_RULES),
+                ));
+            }
+            if let Some((i, _)) = list
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.is_empty() || r.len() > 255)
+            {
+                return Err(SpecError::new(
+                    format!("{field}.{name}[{i}]"),
+                    "a rule is 1 to 255 bytes long",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What was wrong with a job: the field (dotted path) and what would be right.
@@ -219,6 +266,8 @@ impl JobSpec {
             env: BTreeMap::new(),
             limits: Limits::default(),
             image: None,
+            allow_internet: false,
+            egress: None,
         }
     }
 
@@ -304,6 +353,10 @@ struct RawJobSpec {
     limits: RawLimits,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     image: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    allow_internet: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    egress: Option<EgressSpec>,
 }
 
 /// Checks an image reference's shape (whether the image exists is the
@@ -395,6 +448,15 @@ impl TryFrom<RawJobSpec> for JobSpec {
         check_runtime_name(&raw.runtime)?;
         if let Some(image) = &raw.image {
             check_image_ref("image", image)?;
+        }
+        if let Some(egress) = &raw.egress {
+            if !raw.allow_internet {
+                return Err(SpecError::new(
+                    "egress",
+                    "egress rules need allow_internet: true",
+                ));
+            }
+            egress.check_sizes("egress")?;
         }
         if raw.code.is_none() && raw.files.is_empty() {
             return Err(SpecError::new(
@@ -549,6 +611,8 @@ impl TryFrom<RawJobSpec> for JobSpec {
             env: raw.env,
             limits,
             image: raw.image,
+            allow_internet: raw.allow_internet,
+            egress: raw.egress,
         })
     }
 }
@@ -592,6 +656,8 @@ impl From<JobSpec> for RawJobSpec {
                 cpus: Some(l.cpu_millis as f64 / 1000.0),
             },
             image: s.image,
+            allow_internet: s.allow_internet,
+            egress: s.egress,
         }
     }
 }
@@ -765,6 +831,37 @@ mod tests {
         let e =
             JobSpec::from_json(br#"{"runtime":"python","code":"1","image":"a b"}"#).unwrap_err();
         assert_eq!(e.field, "image");
+    }
+
+    #[test]
+    fn a_network_request_is_kept_and_egress_needs_it() {
+        let s = JobSpec::from_json(
+            br#"{"runtime":"python","code":"1","allow_internet":true,"egress":{"allow":["*.example.com"],"deny":["10.0.0.0/8"]}}"#,
+        )
+        .unwrap();
+        assert!(s.allow_internet);
+        let egress = s.egress.clone().unwrap();
+        assert_eq!((egress.allow.len(), egress.deny.len()), (1, 1));
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        // An air-gapped job serializes as before (no new keys).
+        let plain = serde_json::to_string(&JobSpec::inline("python", "1")).unwrap();
+        assert!(
+            !plain.contains("allow_internet") && !plain.contains("egress"),
+            "{plain}"
+        );
+        let e = JobSpec::from_json(br#"{"runtime":"python","code":"1","egress":{"allow":[]}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "egress");
+        let many: Vec<String> = (0..=limits::MAX_EGRESS_RULES)
+            .map(|i| format!("n{i}.test"))
+            .collect();
+        let json = serde_json::json!({"runtime": "python", "code": "1", "allow_internet": true, "egress": {"deny": many}});
+        let e = JobSpec::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.field, "egress.deny");
+        let json = serde_json::json!({"runtime": "python", "code": "1", "allow_internet": true, "egress": {"allow": ["ok", ""]}});
+        let e = JobSpec::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.field, "egress.allow[1]");
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub use frame::{
     PROTOCOL_VERSION,
 };
 pub use job::{
-    check_image_ref, check_rel_path, Acquire, ExecId, File, JobId, JobResult, JobSpec, Limits,
-    Outcome, SandboxStart, SandboxTimings, SpecError, Timings, Usage,
+    check_image_ref, check_rel_path, Acquire, EgressSpec, ExecId, File, JobId, JobResult, JobSpec,
+    Limits, Outcome, SandboxStart, SandboxTimings, SpecError, Timings, Usage,
 };
 pub use runtime::{
     ContextDriver, Runtime, RuntimeError, RuntimeTable, WarmStart, DEFAULT_RUNTIMES_TOML,

@@ -17,6 +17,9 @@ pub const MAX_FILE_BYTES: usize = 8 * 1024 * 1024;
 /// Largest total size of a job's code and files.
 pub const MAX_JOB_CODE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most rules in one list (allow or deny) of a job's egress rules.
+pub const MAX_EGRESS_RULES: usize = 256;
+
 /// Most files one job may carry.
 pub const MAX_FILES: usize = 256;
 

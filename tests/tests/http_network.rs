@@ -291,6 +291,81 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
     assert!(!world.table().contains("chain s"), "{}", world.table());
 }
 
+/// Runs a job through `POST /v1/jobs` with the probe lines and the extra
+/// fields of `body`; the answer of each line.
+fn job_probe(world: &World, s: &Server, body: Value, lines: &[String]) -> Vec<String> {
+    let mut job = json!({"runtime": "python", "code": PROBE, "stdin": lines.join("\n")});
+    for (k, v) in body.as_object().unwrap() {
+        job[k] = v.clone();
+    }
+    let (st, r) = call(world, s, "POST", "/v1/jobs", job);
+    assert_eq!((st, r["outcome"].as_str()), (200, Some("ok")), "{r}");
+    r["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .zip(lines)
+        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
+        .collect()
+}
+
+/// One-shot jobs (HTTP here; AMQP carries the same JobSpec) ask for a
+/// network as workspaces do: `allow_internet` with the configured rules or
+/// their own `egress`, refused with the field named when malformed, and
+/// the sandbox (never a pooled one) leaves nothing behind.
+#[test]
+fn jobs_get_a_network_on_request_under_their_own_or_the_configured_rules() {
+    let world = World::new("jobs");
+    let s = serve(&world, Scope::new("net-jobs"));
+    let lines = [
+        "tcp allowed.test:80".to_string(),
+        format!("tcp {WEB_ALLOWED_BY_NETWORK}:80"),
+    ];
+    // Air-gapped by default: no name, no route.
+    let got = job_probe(&world, &s, json!({}), &lines);
+    assert!(got[0] == "dns:-3" || got[0] == "dns:-2", "{got:?}");
+    assert_eq!(got[1], "ENETUNREACH");
+    // The configured rules: both allowed.
+    let got = job_probe(&world, &s, json!({"allow_internet": true}), &lines);
+    assert_eq!(got, [ok(), ok()]);
+    // The job's own rules replace them.
+    let got = job_probe(
+        &world,
+        &s,
+        json!({"allow_internet": true, "egress": {"allow": ["allowed.test"]}}),
+        &lines,
+    );
+    assert_eq!(got, [ok(), "ECONNREFUSED".to_string()]);
+    // Malformed requests name the field.
+    for (body, field) in [
+        (json!({"egress": {"allow": ["allowed.test"]}}), "egress"),
+        (
+            json!({"allow_internet": true, "egress": {"allow": ["bad name"]}}),
+            "egress",
+        ),
+        (
+            json!({"allow_internet": true, "egress": {"alow": []}}),
+            "job",
+        ),
+    ] {
+        let mut job = json!({"runtime": "python", "code": "print(1)"});
+        for (k, v) in body.as_object().unwrap() {
+            job[k] = v.clone();
+        }
+        let (st, v) = call(&world, &s, "POST", "/v1/jobs", job);
+        assert_eq!(
+            (st, v["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{v}"
+        );
+    }
+    assert!(
+        world.host_links().is_empty(),
+        "the jobs' interfaces are gone: {:?}",
+        world.host_links()
+    );
+}
+
 #[test]
 fn a_sigkilled_daemon_leaves_no_network_behind_after_the_next_start() {
     let world = World::new("kill");

@@ -12,8 +12,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
 /// An IPv4 network: an address and a prefix length, the host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -166,16 +164,9 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Egress rules as they travel (configuration, API bodies): lists of rule
-/// strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EgressSpec {
-    /// Networks and names that may be reached.
-    pub allow: Vec<String>,
-    /// Networks and names that may not, whatever `allow` says.
-    pub deny: Vec<String>,
-}
+/// Egress rules as they travel (configuration, API bodies, jobs): lists of
+/// rule strings, defined with the job they travel in.
+pub use kiln_protocol::EgressSpec;
 
 /// Parsed egress rules of one sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
