@@ -39,11 +39,12 @@ esac
 # networks (iproute2, nftables, conntrack). (The page server issues its
 # userfaultfd ioctls itself, so no libclang/bindgen is needed.) The image
 # tests start their own registries on loopback (docker-registry) and push
-# their images, made from host files, with skopeo. python3-matplotlib: the
+# their images, made from host files, with skopeo; openssl makes the key of
+# the token-auth registry's token service. python3-matplotlib: the
 # code-context tests render a figure to PNG in a sandbox (no network at run
 # time); python3-venv: the MCP and client tests' Python environment
 # (scripts/pyenv.sh).
-packages=(python3 nodejs bash bubblewrap procps iproute2 nftables conntrack docker-registry skopeo python3-matplotlib python3-venv)
+packages=(python3 nodejs bash bubblewrap procps iproute2 nftables conntrack docker-registry skopeo openssl python3-matplotlib python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,7 +1,8 @@
 //! `kiln image pull` against a real registry on loopback (Debian's
 //! docker-registry), with images built from host files and pushed with
 //! skopeo: pulled by tag and by digest, a Python job run from the pulled
-//! image; a registry behind basic auth; a corrupted blob refused (digest
+//! image; a registry behind basic auth, and one behind bearer tokens from a
+//! token service of the test's own; a corrupted blob refused (digest
 //! mismatch) and the pull restarted cleanly once the registry is repaired.
 //! No public registry is involved.
 
@@ -10,7 +11,7 @@ use std::process::{Command, Output};
 
 use kiln_protocol::Outcome;
 use kiln_tests::images::{static_agent, write_test_layout, MARKER_PATH};
-use kiln_tests::registry::Registry;
+use kiln_tests::registry::{Auth, Registry};
 use kiln_tests::{bin, Scope};
 use serde_json::Value;
 
@@ -131,6 +132,51 @@ fn a_registry_behind_basic_auth_needs_the_credentials() {
         ],
     ));
     assert_eq!(listed(&store)[0]["name"], r.as_str());
+}
+
+/// A registry behind bearer tokens (the distribution token protocol, as
+/// Docker Hub and GHCR use): the registry answers 401 with a challenge
+/// naming the token service; Kiln asks it for a token with the
+/// credentials and retries with the token. Without them, or with wrong
+/// ones, the service refuses and nothing is stored.
+#[test]
+fn a_registry_behind_bearer_tokens_is_pulled_with_a_token_for_the_credentials() {
+    let s = Scope::new("pull-token");
+    let layout = layout(&s, "m");
+    let reg = Registry::start_with(&s.state_dir.join("registry"), Auth::Token("kiln", "t0ken"));
+    reg.push(&layout, "bare", "kiln/bare:1");
+    let (pushed, _) = reg.token_counts();
+    assert!(pushed > 0, "skopeo's push went through the token service");
+    let r = format!("{}/kiln/bare:1", reg.host);
+    let store = s.state_dir.join("images");
+    let out = kiln_image(&store, &["pull", "--insecure", &r], &[]);
+    assert!(!out.status.success(), "an anonymous pull must fail");
+    let out = kiln_image(
+        &store,
+        &["pull", "--insecure", &r],
+        &[
+            ("KILN_REGISTRY_USER", "kiln"),
+            ("KILN_REGISTRY_PASSWORD", "wrong"),
+        ],
+    );
+    assert!(!out.status.success(), "a wrong password must fail");
+    let (_, refused) = reg.token_counts();
+    assert!(refused > 0, "the token service refused the wrong password");
+    assert!(listed(&store).is_empty());
+    ok(&kiln_image(
+        &store,
+        &["pull", "--insecure", &r],
+        &[
+            ("KILN_REGISTRY_USER", "kiln"),
+            ("KILN_REGISTRY_PASSWORD", "t0ken"),
+        ],
+    ));
+    assert_eq!(listed(&store)[0]["name"], r.as_str());
+    assert!(
+        reg.token_counts().0 > pushed,
+        "the pull was served with a token: {:?}",
+        reg.token_counts()
+    );
 }
 
 #[test]
