@@ -147,6 +147,16 @@ pub fn python_layer() -> Vec<u8> {
     layer.finish()
 }
 
+/// A layer of the host's trees (files, directories, links, as they are),
+/// for images of a chosen size in benchmarks.
+pub fn host_tree_layer(paths: &[&Path]) -> Vec<u8> {
+    let mut layer = HostLayer::new();
+    for p in paths {
+        layer.add(p);
+    }
+    layer.finish()
+}
+
 /// A directory in the marker layer that jobs (not the jail's root) may
 /// write to: mode 1777, like `/tmp`.
 pub const WRITABLE_DIR: &str = "/var/scratch";
