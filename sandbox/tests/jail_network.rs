@@ -15,8 +15,8 @@ use kiln_sandbox::jail::{Jail, JailBackend, JailConfig};
 use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
 use kiln_tests::netlab::{
-    ip, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
-    WEB_DENIED,
+    answers, ip, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
+    WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
 };
 use kiln_tests::Scope;
 
@@ -78,35 +78,10 @@ fn backend_with(scope: &Scope, network: NetworkSettings) -> JailBackend {
     JailBackend::new(cfg).unwrap()
 }
 
-/// Runs the probe lines in the sandbox; the answer of each, in order.
-async fn probe(sb: &Jail, lines: &[String]) -> Vec<String> {
-    let mut spec = JobSpec::inline("python", PROBE);
-    spec.stdin = lines.join("\n").into_bytes();
-    let table = RuntimeTable::default();
-    let out = run_job(
-        sb,
-        JobId::random(),
-        table.resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    let got: Vec<String> = out
-        .result
-        .stdout
-        .lines()
-        .zip(lines)
-        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
-        .collect();
-    assert_eq!(got.len(), lines.len(), "{}", out.result.stdout);
-    got
-}
-
-/// A file of the sandbox's, read by a job.
-async fn read_in(sb: &Jail, path: &str) -> String {
-    let spec = JobSpec::inline("python", &format!("print(open({path:?}).read(), end='')"));
+/// Runs Python `code` in the sandbox with `stdin`; its stdout.
+async fn python(sb: &Jail, code: &str, stdin: &str) -> String {
+    let mut spec = JobSpec::inline("python", code);
+    spec.stdin = stdin.as_bytes().to_vec();
     let table = RuntimeTable::default();
     let out = run_job(
         sb,
@@ -119,6 +94,16 @@ async fn read_in(sb: &Jail, path: &str) -> String {
     .await;
     assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
     out.result.stdout
+}
+
+/// Runs the probe lines in the sandbox; the answer of each, in order.
+async fn probe(sb: &Jail, lines: &[String]) -> Vec<String> {
+    answers(&python(sb, PROBE, &lines.join("\n")).await, lines)
+}
+
+/// A file of the sandbox's, read by a job.
+async fn read_in(sb: &Jail, path: &str) -> String {
+    python(sb, &format!("print(open({path:?}).read(), end='')"), "").await
 }
 
 fn ok() -> String {

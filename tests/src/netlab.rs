@@ -283,6 +283,23 @@ pub fn within<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// The answer to each of the probe's `lines` in its `stdout`, in order
+/// (every line must have one).
+pub fn answers(stdout: &str, lines: &[String]) -> Vec<String> {
+    let got: Vec<String> = stdout
+        .lines()
+        .zip(lines)
+        .map(|(l, q)| {
+            l.strip_prefix(q.as_str())
+                .unwrap_or_else(|| panic!("{l:?} answers {q:?}"))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(got.len(), lines.len(), "{stdout}");
+    got
+}
+
 /// A job's probe: each line `what result`, the result `ok:<body>`, or
 /// the kind of failure (`errno name`, `dns:<gaierror>`, `rcode:<n>`).
 pub const PROBE: &str = r#"

@@ -12,7 +12,8 @@ use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 
 use kiln_tests::netlab::{
-    within, World, BODY, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
+    answers, within, World, BODY, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
+    WEB_ALLOWED_BY_NETWORK,
 };
 use kiln_tests::server::Server;
 use kiln_tests::{bin, Scope};
@@ -67,13 +68,7 @@ fn probe(world: &World, s: &Server, id: &str, lines: &[String]) -> Vec<String> {
         json!({"code": PROBE, "stdin": lines.join("\n")}),
     );
     assert_eq!((st, r["outcome"].as_str()), (200, Some("ok")), "{r}");
-    r["stdout"]
-        .as_str()
-        .unwrap()
-        .lines()
-        .zip(lines)
-        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
-        .collect()
+    answers(r["stdout"].as_str().unwrap(), lines)
 }
 
 fn ok() -> String {
@@ -300,13 +295,7 @@ fn job_probe(world: &World, s: &Server, body: Value, lines: &[String]) -> Vec<St
     }
     let (st, r) = call(world, s, "POST", "/v1/jobs", job);
     assert_eq!((st, r["outcome"].as_str()), (200, Some("ok")), "{r}");
-    r["stdout"]
-        .as_str()
-        .unwrap()
-        .lines()
-        .zip(lines)
-        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
-        .collect()
+    answers(r["stdout"].as_str().unwrap(), lines)
 }
 
 /// One-shot jobs (HTTP here; AMQP carries the same JobSpec) ask for a

@@ -103,35 +103,48 @@ fn an_image_pulled_by_tag_and_by_digest_runs_python_from_the_registry() {
     );
 }
 
-#[test]
-fn a_registry_behind_basic_auth_needs_the_credentials() {
-    let s = Scope::new("pull-auth");
+/// Pushes an image to a registry started with `auth` for user `kiln`,
+/// then pulls it: anonymously and with a wrong password (both refused,
+/// nothing stored), then with the right one. `between`: checks after the
+/// refusals.
+fn pulls_only_with_the_credentials(name: &str, auth: Auth<'_>, between: impl Fn(&Registry)) {
+    let password = match auth {
+        Auth::Basic(_, p) | Auth::Token(_, p) => p,
+        Auth::None => unreachable!("a registry with credentials"),
+    };
+    let s = Scope::new(name);
     let layout = layout(&s, "m");
-    let reg = Registry::start(&s.state_dir.join("registry"), Some(("kiln", "s3cret")));
+    let reg = Registry::start_with(&s.state_dir.join("registry"), auth);
     reg.push(&layout, "bare", "kiln/bare:1");
     let r = format!("{}/kiln/bare:1", reg.host);
     let store = s.state_dir.join("images");
-    let out = kiln_image(&store, &["pull", "--insecure", &r], &[]);
-    assert!(!out.status.success(), "an anonymous pull must fail");
-    let out = kiln_image(
-        &store,
-        &["pull", "--insecure", &r],
-        &[
-            ("KILN_REGISTRY_USER", "kiln"),
-            ("KILN_REGISTRY_PASSWORD", "wrong"),
-        ],
+    let pull = |password: Option<&str>| {
+        let env = password.map(|p| {
+            [
+                ("KILN_REGISTRY_USER", "kiln"),
+                ("KILN_REGISTRY_PASSWORD", p),
+            ]
+        });
+        kiln_image(
+            &store,
+            &["pull", "--insecure", &r],
+            env.as_ref().map_or(&[][..], |e| &e[..]),
+        )
+    };
+    assert!(!pull(None).status.success(), "an anonymous pull must fail");
+    assert!(
+        !pull(Some("wrong")).status.success(),
+        "a wrong password must fail"
     );
-    assert!(!out.status.success(), "a wrong password must fail");
     assert!(listed(&store).is_empty());
-    ok(&kiln_image(
-        &store,
-        &["pull", "--insecure", &r],
-        &[
-            ("KILN_REGISTRY_USER", "kiln"),
-            ("KILN_REGISTRY_PASSWORD", "s3cret"),
-        ],
-    ));
+    between(&reg);
+    ok(&pull(Some(password)));
     assert_eq!(listed(&store)[0]["name"], r.as_str());
+}
+
+#[test]
+fn a_registry_behind_basic_auth_needs_the_credentials() {
+    pulls_only_with_the_credentials("pull-auth", Auth::Basic("kiln", "s3cret"), |_| {});
 }
 
 /// A registry behind bearer tokens (the distribution token protocol, as
@@ -141,42 +154,11 @@ fn a_registry_behind_basic_auth_needs_the_credentials() {
 /// ones, the service refuses and nothing is stored.
 #[test]
 fn a_registry_behind_bearer_tokens_is_pulled_with_a_token_for_the_credentials() {
-    let s = Scope::new("pull-token");
-    let layout = layout(&s, "m");
-    let reg = Registry::start_with(&s.state_dir.join("registry"), Auth::Token("kiln", "t0ken"));
-    reg.push(&layout, "bare", "kiln/bare:1");
-    let (pushed, _) = reg.token_counts();
-    assert!(pushed > 0, "skopeo's push went through the token service");
-    let r = format!("{}/kiln/bare:1", reg.host);
-    let store = s.state_dir.join("images");
-    let out = kiln_image(&store, &["pull", "--insecure", &r], &[]);
-    assert!(!out.status.success(), "an anonymous pull must fail");
-    let out = kiln_image(
-        &store,
-        &["pull", "--insecure", &r],
-        &[
-            ("KILN_REGISTRY_USER", "kiln"),
-            ("KILN_REGISTRY_PASSWORD", "wrong"),
-        ],
-    );
-    assert!(!out.status.success(), "a wrong password must fail");
-    let (_, refused) = reg.token_counts();
-    assert!(refused > 0, "the token service refused the wrong password");
-    assert!(listed(&store).is_empty());
-    ok(&kiln_image(
-        &store,
-        &["pull", "--insecure", &r],
-        &[
-            ("KILN_REGISTRY_USER", "kiln"),
-            ("KILN_REGISTRY_PASSWORD", "t0ken"),
-        ],
-    ));
-    assert_eq!(listed(&store)[0]["name"], r.as_str());
-    assert!(
-        reg.token_counts().0 > pushed,
-        "the pull was served with a token: {:?}",
-        reg.token_counts()
-    );
+    pulls_only_with_the_credentials("pull-token", Auth::Token("kiln", "t0ken"), |reg| {
+        let (issued, refused) = reg.token_counts();
+        assert!(issued > 0, "skopeo's push went through the token service");
+        assert!(refused > 0, "the token service refused the wrong password");
+    });
 }
 
 #[test]
