@@ -3,10 +3,17 @@
 //! threads, checked to hold the runtime's interpreter, and handed to the
 //! backend as the sandbox's root. The image's `Env` becomes the job's
 //! environment under what the job sets itself.
+//!
+//! With `[images] pull_on_use`, an image that is not stored but that
+//! `allowed` lists is pulled when a job or sandbox first names it: once
+//! (concurrent askers wait for the same pull), bounded by
+//! `pull_timeout_s`, on the asking job's time before it takes a run slot,
+//! so other jobs go on meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kiln_images::{Image, ImageStore, StoreError};
 use kiln_protocol::{Runtime, RuntimeTable};
@@ -29,6 +36,10 @@ pub enum ImageRefusal {
         runtime: String,
         interpreter: String,
     },
+    /// Pulling it on first use failed: the registry does not have it,
+    /// refused, or did not answer in time (4xx: the name is the caller's).
+    #[error("image: pulling {image} failed: {message}")]
+    Pull { image: String, message: String },
     /// The store failed (5xx).
     #[error("image {image}: {source}")]
     Store {
@@ -55,6 +66,17 @@ pub struct Images {
     dir: Arc<PathBuf>,
     allowed: Arc<Vec<String>>,
     defaults: Arc<BTreeMap<String, String>>,
+    /// Pulls on first use, when configured.
+    pull: Option<Arc<PullOnUse>>,
+}
+
+/// How images are pulled on first use, and the pulls under way.
+struct PullOnUse {
+    opts: kiln_images::PullOptions,
+    timeout: Duration,
+    /// One lock per reference being pulled: the first asker pulls, the
+    /// others wait and then find it stored.
+    under_way: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// An image ready to root a sandbox in, with what jobs in it inherit.
@@ -72,7 +94,97 @@ impl Images {
             dir: Arc::new(settings.dir.clone()),
             allowed: Arc::new(settings.allowed.clone()),
             defaults: Arc::new(settings.defaults.clone()),
+            pull: settings.pull_on_use.then(|| {
+                Arc::new(PullOnUse {
+                    opts: kiln_images::PullOptions {
+                        insecure: settings.pull_insecure,
+                        // The daemon's own, as for `kiln image pull`.
+                        username: std::env::var("KILN_REGISTRY_USER").ok(),
+                        password: std::env::var("KILN_REGISTRY_PASSWORD").ok(),
+                    },
+                    timeout: Duration::from_secs(settings.pull_timeout_s.max(1)),
+                    under_way: Mutex::default(),
+                })
+            }),
         }
+    }
+
+    /// Whether `reference`, not stored yet, is pulled when named: pulls
+    /// on first use are on and `allowed` lists it (never with an empty
+    /// `allowed`: any name of any registry would be fetched for anyone).
+    fn pulls(&self, reference: &str) -> bool {
+        self.pull.is_some()
+            && self.allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => reference.starts_with(prefix),
+                None => a == reference,
+            })
+    }
+
+    /// What admission checks of a job's image: [`Self::check`], except
+    /// that an image that is not stored but will be pulled on first use
+    /// passes.
+    pub fn admit(&self, reference: &str, runtime: &Runtime) -> Result<(), ImageRefusal> {
+        match self.check(reference, runtime) {
+            Err(ImageRefusal::Unknown(_)) if self.pulls(reference) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Pulls `reference` if it is not stored and [`Self::pulls`] says so;
+    /// otherwise nothing (what is missing is then refused as unknown).
+    async fn pull_if_missing(&self, reference: &str) -> Result<(), ImageRefusal> {
+        let Some(pull) = &self.pull else {
+            return Ok(());
+        };
+        let store_err = |source| ImageRefusal::Store {
+            image: reference.to_owned(),
+            source: Box::new(source),
+        };
+        let store = self.store().map_err(store_err)?;
+        if store.resolve(reference).is_ok() || !self.pulls(reference) {
+            return Ok(());
+        }
+        let lock = {
+            let mut m = pull.under_way.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(reference.to_owned()).or_default().clone()
+        };
+        let _held = lock.lock().await;
+        // Whoever held it before may have pulled it.
+        let result = if store.resolve(reference).is_ok() {
+            Ok(())
+        } else {
+            tracing::info!(image = reference, "pulling an image on first use");
+            let (s, r, opts) = (store.clone(), reference.to_owned(), pull.opts.clone());
+            // On a task of its own: a job that is cancelled does not cut
+            // the pull short halfway through a blob.
+            let task = tokio::spawn(async move { kiln_images::pull(&s, &r, &opts).await });
+            match tokio::time::timeout(pull.timeout, task).await {
+                Ok(Ok(Ok(image))) => {
+                    tracing::info!(image = reference, digest = %image.digest, "pulled");
+                    Ok(())
+                }
+                Ok(Ok(Err(e))) => Err(ImageRefusal::Pull {
+                    image: reference.to_owned(),
+                    message: error_chain(&e),
+                }),
+                Ok(Err(e)) => Err(ImageRefusal::Pull {
+                    image: reference.to_owned(),
+                    message: e.to_string(),
+                }),
+                Err(_) => Err(ImageRefusal::Pull {
+                    image: reference.to_owned(),
+                    message: format!(
+                        "no answer within {} s (images.pull_timeout_s)",
+                        pull.timeout.as_secs()
+                    ),
+                }),
+            }
+        };
+        pull.under_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(reference);
+        result
     }
 
     /// The image a job or sandbox of `runtime` gets when it names none.
@@ -126,7 +238,10 @@ impl Images {
 
     /// The image's root (unpacked now if it is not yet, on a blocking
     /// thread) and environment, its interpreter checked.
+    /// An image that is not stored is pulled first when
+    /// `[images] pull_on_use` allows it.
     pub async fn ready(&self, reference: &str, runtime: &Runtime) -> Result<Ready, ImageRefusal> {
+        self.pull_if_missing(reference).await?;
         let this = self.clone();
         let (reference, runtime) = (reference.to_owned(), runtime.clone());
         tokio::task::spawn_blocking(move || this.ready_blocking(&reference, &runtime))
@@ -181,6 +296,18 @@ impl Images {
             env,
         })
     }
+}
+
+/// An error with its sources, `: `-joined.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 /// The interpreter a runtime runs: its command's program.

@@ -375,7 +375,7 @@ impl Scheduler {
         }
         // An image that is not stored, not allowed, or lacks the runtime,
         // is the caller's mistake: refused before admission.
-        if let Some(Err(e)) = spec.image.as_ref().map(|i| inner.images.check(i, &runtime)) {
+        if let Some(Err(e)) = spec.image.as_ref().map(|i| inner.images.admit(i, &runtime)) {
             if e.is_callers() {
                 inner.metrics.rejected(opts.source, "invalid");
                 return Err(AdmitError::Rejected(Box::new(JobResult::rejected(
@@ -652,16 +652,11 @@ async fn acquire(
         // A job whose limits the template's sandboxes cannot take gets a
         // sandbox of its own rather than a pooled one thrown away.
         if sandboxes::fits(&t.spec, &spec.limits) && (!resize || inner.capabilities.resize) {
-            let lease = inner.pool.lease(&t.key).await.map_err(|e| {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(": ");
-                    msg.push_str(&s.to_string());
-                    src = s.source();
-                }
-                msg
-            })?;
+            let lease = inner
+                .pool
+                .lease(&t.key)
+                .await
+                .map_err(|e| images::error_chain(&e))?;
             let how = match lease.acquire() {
                 kiln_warmpool::Acquire::Warm => Acquire::Warm,
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,

@@ -219,6 +219,15 @@ pub struct ImagesSettings {
     /// Runtime name -> the image its jobs and sandboxes get when they name
     /// none; a runtime not listed keeps the backend's own root.
     pub defaults: std::collections::BTreeMap<String, String>,
+    /// Pull an image a job or sandbox names that is not stored yet, when
+    /// `allowed` lists it (by name or `prefix*`; with `allowed` empty,
+    /// nothing is pulled). The job waits for the pull without holding a
+    /// run slot; other jobs go on.
+    pub pull_on_use: bool,
+    /// Those pulls may use plain HTTP (registries on loopback only).
+    pub pull_insecure: bool,
+    /// A pull on first use that takes longer is given up (seconds).
+    pub pull_timeout_s: u64,
 }
 
 impl Default for ImagesSettings {
@@ -227,6 +236,9 @@ impl Default for ImagesSettings {
             dir: PathBuf::from("/var/lib/kiln/images"),
             allowed: Vec::new(),
             defaults: std::collections::BTreeMap::new(),
+            pull_on_use: false,
+            pull_insecure: false,
+            pull_timeout_s: 600,
         }
     }
 }

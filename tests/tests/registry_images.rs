@@ -240,3 +240,121 @@ fn an_operator_pulls_over_the_api_and_jobs_run_in_the_image() {
     );
     assert_eq!(st, 502, "{r}");
 }
+
+/// `[images] pull_on_use`: an image `allowed` lists is pulled when a job
+/// first names it (once, however many jobs ask at the same time) and the
+/// job runs in it; a name `allowed` does not list is refused at once; a
+/// registry that never answers holds up only the job that named it (the
+/// job waits for its pull without a run slot) until `pull_timeout_s`,
+/// when it is rejected naming the pull.
+#[test]
+fn an_allowed_image_is_pulled_on_first_use_while_other_jobs_go_on() {
+    use kiln_tests::server::Server;
+    use serde_json::json;
+    let s = Scope::new("pull-on-use");
+    let layout = layout(&s, "first-use");
+    let reg = Registry::start(&s.state_dir.join("registry"), None);
+    reg.push(&layout, "py", "kiln/python:3");
+    // A "registry" that never answers: the kernel completes the
+    // connections (backlog), nobody reads or writes.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tarpit = tarpit.local_addr().map(|a| (tarpit, a)).unwrap();
+    let images = s.state_dir.join("images");
+    let config = s.state_dir.join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[images]\ndir = {:?}\nallowed = [\"{}/kiln/*\", \"{}/kiln/*\"]\npull_on_use = true\npull_insecure = true\npull_timeout_s = 20\n",
+            images.display(),
+            reg.host,
+            tarpit.1
+        ),
+    )
+    .unwrap();
+    let agent = static_agent();
+    let server = Server::start_in(
+        s,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--min-idle",
+            "0",
+            "--agent",
+            agent.to_str().unwrap(),
+        ],
+    );
+    let job = |image: &str, code: &str| json!({"runtime": "python", "image": image, "code": code});
+    let read_marker = format!("print(open('{MARKER_PATH}').read())");
+
+    // Not allowed: refused before admission, nothing pulled.
+    let (st, r) = server.json(
+        "POST",
+        "/v1/jobs",
+        &job(&format!("{}/other/python:3", reg.host), "1"),
+    );
+    assert_eq!(
+        (st, r["error"]["field"].as_str()),
+        (400, Some("image")),
+        "{r}"
+    );
+
+    // The tarpit's pull hangs: its job waits, the next job runs.
+    let (st, hung) = server.json(
+        "POST",
+        "/v1/jobs?wait=false",
+        &job(&format!("{}/kiln/python:3", tarpit.1), "1"),
+    );
+    assert_eq!(st, 202, "{hung}");
+    let hung = format!("/v1/jobs/{}", hung["id"].as_str().unwrap());
+    let (st, r) = server.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": "print(7)"}),
+    );
+    assert_eq!((st, r["stdout"].as_str()), (200, Some("7\n")), "{r}");
+    let (_, h) = server.json("GET", &hung, &json!(null));
+    assert_ne!(
+        h["state"], "done",
+        "the hung pull's job is still waiting: {h}"
+    );
+
+    // Two jobs name the registry's image at once: one pull, both run in it.
+    let reference = format!("{}/kiln/python:3", reg.host);
+    let answers: Vec<(u16, serde_json::Value)> = std::thread::scope(|t| {
+        let asks: Vec<_> = (0..2)
+            .map(|_| t.spawn(|| server.json("POST", "/v1/jobs", &job(&reference, &read_marker))))
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    for (st, r) in &answers {
+        assert_eq!(
+            (*st, r["stdout"].as_str()),
+            (200, Some("first-use\n")),
+            "{r}"
+        );
+    }
+    assert_eq!(answers[0].1["image"], answers[1].1["image"]);
+    let (_, listed) = server.json("GET", "/v1/images", &json!(null));
+    let names: Vec<&str> = listed
+        .as_array()
+        .or(listed["images"].as_array())
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, [reference.as_str()], "{listed}");
+
+    // The hung pull gives up at its timeout, and says so.
+    assert!(kiln_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        || server.json("GET", &hung, &json!(null)).1["state"] == "done"
+    ));
+    let (_, h) = server.json("GET", &hung, &json!(null));
+    let r = &h["result"];
+    assert_eq!(r["outcome"], "rejected", "{h}");
+    assert!(
+        r["message"].as_str().unwrap().contains("pull_timeout_s"),
+        "{h}"
+    );
+    drop(tarpit);
+}

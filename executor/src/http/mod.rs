@@ -384,14 +384,11 @@ async fn pull_image(app: &App, req: Request<Incoming>) -> Result<Response<Body>,
             return Err(ApiError::field("reference", e))
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            return Err(ApiError::new(StatusCode::BAD_GATEWAY, "pull_failed", msg));
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "pull_failed",
+                crate::images::error_chain(&e),
+            ))
         }
     };
     let i = image.clone();
