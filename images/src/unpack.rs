@@ -130,6 +130,23 @@ pub struct LayerStats {
     pub bytes: u64,
     /// Device nodes and FIFOs left out.
     pub skipped: u64,
+    /// Extended attributes set (see [`xattr_kept`]).
+    pub xattrs: u64,
+    /// Extended attributes left out: names outside what is kept, on
+    /// symlinks, or refused by the filesystem.
+    pub xattrs_skipped: u64,
+}
+
+/// Whether an extended attribute of a layer is applied: `user.*` (the
+/// image's own data) and `security.capability` (file capabilities, as a
+/// container runtime keeps them; a jail's image root is mounted `nosuid`,
+/// which ignores them, while a microVM's guest honours them inside its
+/// own kernel). Never `trusted.*`: the unpacked root is an overlay lower,
+/// and `trusted.overlay.*` would steer overlayfs (opaque directories,
+/// redirects) from inside an image; nor other `security.*` labels, which
+/// belong to the host's policy.
+pub fn xattr_kept(name: &[u8]) -> bool {
+    name.starts_with(b"user.") && name.len() > 5 || name == b"security.capability"
 }
 
 /// A failure inside one entry, before it is given the layer's and
@@ -317,10 +334,20 @@ impl Applier<'_> {
         if kind.is_gnu_sparse() {
             return Err(Refusal::Sparse.into());
         }
+        // Extended attributes travel as PAX records `SCHILY.xattr.NAME`.
+        let mut xattrs = Vec::new();
         if let Some(pax) = entry.pax_extensions()? {
             for ext in pax {
-                if ext?.key_bytes().starts_with(b"GNU.sparse.") {
+                let ext = ext?;
+                let key = ext.key_bytes();
+                if key.starts_with(b"GNU.sparse.") {
                     return Err(Refusal::Sparse.into());
+                }
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    match CString::new(name) {
+                        Ok(n) if xattr_kept(name) => xattrs.push((n, ext.value_bytes().to_vec())),
+                        _ => self.stats.xattrs_skipped += 1,
+                    }
                 }
             }
         }
@@ -365,6 +392,7 @@ impl Applier<'_> {
                 Err(e) => return Err(e.into()),
             }
             self.chown(&path, uid, gid)?;
+            self.set_xattrs(&path, &xattrs)?;
             self.dirs.push((path, mode, mtime));
             self.written.insert(rel);
             return Ok(());
@@ -387,6 +415,8 @@ impl Applier<'_> {
             remove_any(&path)?;
             std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)?;
             self.chown(&path, uid, gid)?;
+            // Linux keeps no user attributes on symlinks.
+            self.stats.xattrs_skipped += xattrs.len() as u64;
             set_mtime(&path, mtime)?;
             self.written.insert(rel);
             return Ok(());
@@ -413,8 +443,47 @@ impl Applier<'_> {
         drop(file);
         self.chown(&path, uid, gid)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        // After the chown, which clears file capabilities.
+        self.set_xattrs(&path, &xattrs)?;
         set_mtime(&path, mtime)?;
         self.written.insert(rel);
+        Ok(())
+    }
+
+    /// Sets the kept extended attributes on `path` (never following a
+    /// link); those the filesystem does not take are counted as skipped.
+    fn set_xattrs(&mut self, path: &Path, xattrs: &[(CString, Vec<u8>)]) -> io::Result<()> {
+        if xattrs.is_empty() {
+            return Ok(());
+        }
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        for (name, value) in xattrs {
+            // SAFETY: `c` and `name` are NUL-terminated strings and
+            // `value` a buffer of `value.len()` bytes, all outliving the
+            // call, as lsetxattr(2) requires.
+            let r = unsafe {
+                libc::lsetxattr(
+                    c.as_ptr(),
+                    name.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            if r == 0 {
+                self.stats.xattrs += 1;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Not supported here, not permitted, or too large for the
+                // filesystem: "where the filesystem allows".
+                Some(libc::EOPNOTSUPP | libc::EPERM | libc::E2BIG | libc::EINVAL) => {
+                    self.stats.xattrs_skipped += 1
+                }
+                _ => return Err(e),
+            }
+        }
         Ok(())
     }
 

@@ -318,3 +318,95 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Extended attributes (PAX `SCHILY.xattr.*`): `user.*` and file
+/// capabilities are set, after the ownership (a chown clears
+/// capabilities); `trusted.overlay.*`, which would steer the overlay the
+/// root becomes a lower of, and other `security.*` labels are left out;
+/// a symlink's are skipped.
+#[test]
+fn user_attributes_and_capabilities_are_kept_and_overlay_ones_are_not() {
+    let p = Place::new("xattrs");
+    // cap_net_raw+ep, as `setcap cap_net_raw+ep` writes it (VFS v2).
+    let caps: &[u8] = &[
+        0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>,
+               name: &str,
+               kind: tar::EntryType,
+               attrs: &[(&str, &[u8])]| {
+        b.append_pax_extensions(attrs.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(0o755);
+        h.set_size(if kind.is_file() { 2 } else { 0 });
+        if kind.is_symlink() {
+            h.set_link_name("ping").unwrap();
+        }
+        b.append_data(
+            &mut h,
+            name,
+            if kind.is_file() { &b"hi"[..] } else { &b""[..] },
+        )
+        .unwrap();
+    };
+    add(
+        &mut b,
+        "dir",
+        tar::EntryType::Directory,
+        &[
+            ("SCHILY.xattr.user.mime", b"dir/x"),
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+        ],
+    );
+    add(
+        &mut b,
+        "dir/ping",
+        tar::EntryType::Regular,
+        &[
+            ("SCHILY.xattr.security.capability", caps),
+            ("SCHILY.xattr.user.origin", b"image"),
+            (
+                "SCHILY.xattr.security.selinux",
+                b"system_u:object_r:bin_t:s0",
+            ),
+        ],
+    );
+    add(
+        &mut b,
+        "dir/link",
+        tar::EntryType::Symlink,
+        &[("SCHILY.xattr.user.origin", b"image")],
+    );
+    let stats = p.apply(&b.into_inner().unwrap()).unwrap();
+    let get = |rel: &str, name: &str| -> Option<Vec<u8>> {
+        let path = std::ffi::CString::new(p.root.join(rel).as_os_str().as_bytes()).unwrap();
+        let name = std::ffi::CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: NUL-terminated strings and a buffer of its own length.
+        let n = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    };
+    assert_eq!(get("dir", "user.mime").as_deref(), Some(&b"dir/x"[..]));
+    assert_eq!(get("dir", "trusted.overlay.opaque"), None);
+    assert_eq!(
+        get("dir/ping", "user.origin").as_deref(),
+        Some(&b"image"[..])
+    );
+    assert_eq!(
+        get("dir/ping", "security.capability").as_deref(),
+        Some(caps)
+    );
+    assert_eq!(get("dir/ping", "security.selinux"), None);
+    assert_eq!(get("dir/link", "user.origin"), None);
+    assert_eq!((stats.xattrs, stats.xattrs_skipped), (3, 3), "{stats:?}");
+}
