@@ -102,6 +102,12 @@ async def main():
         check(r.is_error and "language" in text(r), "a missing argument is a tool error naming it", r)
         r = await s.call_tool("run_code", {"language": "cobol", "code": "x"})
         check(r.is_error and "cobol" in text(r), "an unknown language is a tool error", r)
+        # This server has no sandbox networking: asking for it is refused,
+        # naming what was asked, and so is an image the server does not have.
+        r = await s.call_tool("run_code", {"language": "python", "code": "print(1)", "allow_internet": True})
+        check(r.is_error and "allow_internet" in text(r), "run_code refuses allow_internet where networking is off", r)
+        r = await s.call_tool("run_code", {"language": "python", "code": "print(1)", "image": "nowhere/none:1"})
+        check(r.is_error and "image" in text(r), "run_code refuses an image the server does not have", r)
 
         r = await s.call_tool("create_sandbox", {"template": "python", "ttl_s": 300})
         check(not r.is_error, "create_sandbox", r)

@@ -63,6 +63,14 @@ pub struct RunCodeArgs {
     /// Time limit in milliseconds (default 10000, at most 900000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Whether the code may reach the internet, under the server's egress
+    /// rules (refused where the server cannot give it). Default false.
+    #[serde(default)]
+    pub allow_internet: bool,
+    /// An OCI image the server has (or may pull) whose filesystem the code
+    /// runs in, e.g. `registry/python:3.12`; default: the server's.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -83,6 +91,10 @@ pub struct CreateSandboxArgs {
     /// Memory limit in MiB.
     #[serde(default)]
     pub memory_mb: Option<i64>,
+    /// An OCI image the server has (or may pull) to root the sandbox in,
+    /// e.g. `registry/python:3.12`; default: the server's.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -300,6 +312,12 @@ impl KilnMcp {
         if let Some(t) = a.timeout_ms {
             body["limits"] = json!({"timeout_ms": t});
         }
+        if a.allow_internet {
+            body["allow_internet"] = json!(true);
+        }
+        if let Some(i) = a.image {
+            body["image"] = json!(i);
+        }
         let spec = match spec(body) {
             Ok(s) => s,
             Err(e) => return fail(e),
@@ -334,6 +352,9 @@ impl KilnMcp {
         }
         if let Some(m) = a.memory_mb {
             body["memory_mb"] = json!(m);
+        }
+        if let Some(i) = a.image {
+            body["image"] = json!(i);
         }
         let ws = app.scheduler.workspaces();
         let req = match crate::http::sandboxes::parse_create(
