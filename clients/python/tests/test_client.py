@@ -38,6 +38,13 @@ def test_errors_are_typed(kiln):
     with pytest.raises(InvalidRequest) as e:
         kiln.run("x", memory_mb=0)
     assert e.value.field == "limits.memory_mb"
+    # Egress rules without a network, an image the server does not have.
+    with pytest.raises(InvalidRequest) as e:
+        kiln.run("x", egress={"allow": ["example.com"]})
+    assert e.value.field == "egress"
+    with pytest.raises(InvalidRequest) as e:
+        kiln.run("x", image="nowhere/none:1")
+    assert e.value.field == "image"
     with pytest.raises(NotFound):
         kiln.get_sandbox("no-such-sandbox")
     if TOKEN:

@@ -111,9 +111,23 @@ class Kiln:
         timeout_ms: Optional[int] = None,
         memory_mb: Optional[int] = None,
         output_bytes: Optional[int] = None,
+        image: Optional[str] = None,
+        allow_internet: bool = False,
+        egress: Optional[Mapping[str, List[str]]] = None,
     ) -> ExecResult:
-        """Runs ``code`` once in a fresh sandbox and returns its result."""
+        """Runs ``code`` once in a fresh sandbox and returns its result.
+
+        ``image``: an OCI image the server has (or may pull) to run in;
+        ``allow_internet``: a network under the server's egress rules, or
+        under ``egress`` (``{"allow": [...], "deny": [...]}``).
+        """
         body: Dict[str, Any] = {"runtime": runtime, "code": code, "files": _files(files)}
+        if image is not None:
+            body["image"] = image
+        if allow_internet:
+            body["allow_internet"] = True
+        if egress is not None:
+            body["egress"] = {k: list(v) for k, v in egress.items()}
         if stdin is not None:
             body["stdin"] = stdin
         if args:
@@ -140,9 +154,15 @@ class Kiln:
         cpus: Optional[float] = None,
         memory_mb: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
+        image: Optional[str] = None,
+        egress: Optional[Mapping[str, List[str]]] = None,
     ) -> "Sandbox":
         """Creates a sandbox; use it as a context manager to delete it at the end."""
         body: Dict[str, Any] = {"template": template, "allow_internet": allow_internet}
+        if image is not None:
+            body["image"] = image
+        if egress is not None:
+            body["egress"] = {k: list(v) for k, v in egress.items()}
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
         if cpus is not None:
