@@ -21,6 +21,10 @@ pub struct LiveSample {
     /// Summed over the sandbox's interfaces (only loopback without network).
     pub net_rx_bytes: Option<u64>,
     pub net_tx_bytes: Option<u64>,
+    /// The bandwidth limit in force each way, Mbit/s (0: none); absent
+    /// for a sandbox without a network of Kiln's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net_rate_mbit: Option<u32>,
     /// Exits of the guest's vCPUs to the VMM (Firecracker; as of the
     /// VMM's latest metrics line, written every 60 s).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,6 +50,7 @@ pub fn sample(sandbox: &AnySandbox) -> LiveSample {
         disk_total_bytes: s.disk_total_bytes,
         net_rx_bytes: s.net_rx_bytes,
         net_tx_bytes: s.net_tx_bytes,
+        net_rate_mbit: sandbox.network_info().map(|n| n.rate_mbit),
         vmm_exits: s.vmm_exits,
     }
 }
