@@ -176,6 +176,7 @@ impl Images {
             root: ImageRoot {
                 digest: image.digest.to_string(),
                 dir: root,
+                store: self.dir.as_ref().clone(),
                 runtimes,
             },
             env,
