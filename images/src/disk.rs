@@ -20,8 +20,8 @@
 //! (`unpack`), but with ownership *not* shifted: in the guest, uid 0 of the
 //! image is uid 0 of the kernel that mounts the disk. It needs root for
 //! that (`lchown` to the image's ids), as the daemon already is for jails.
-//! Then the mount points the agent uses are made where the image lacks
-//! them, the agent is written into the image's `/sbin` (followed inside the
+//! Then the mount points the agent uses (and `/etc`) are made where the
+//! image lacks them, `/etc/resolv.conf` becomes an empty file, the agent is written into the image's `/sbin` (followed inside the
 //! root, never out of it, when `/sbin` is a link as in merged-`/usr`
 //! images) with `init` a link to it, and `mkfs.ext4 -d` (e2fsprogs >=
 //! 1.43; no loop mount, no mount at all) copies the tree into a new file
@@ -40,8 +40,15 @@ use crate::store::{io_err, lock_file, lookup, tmp_name, Image, ImageStore, Store
 use crate::unpack;
 
 /// The directories the guest agent mounts on or creates under a read-only
-/// root (agent/src/guest.rs): it cannot make them itself.
-pub const GUEST_MOUNT_POINTS: [&str; 7] = ["proc", "sys", "dev", "overlay", "tmp", "run", "work"];
+/// root (agent/src/guest.rs): it cannot make them itself. `etc` holds the
+/// `resolv.conf` it writes in a guest with a network.
+pub const GUEST_DIRS: [&str; 8] = ["proc", "sys", "dev", "overlay", "tmp", "run", "work", "etc"];
+
+/// The name server file the agent writes in a networked guest: a plain
+/// empty file in every disk, as in Kiln's guest image. An image's own may
+/// be a link into `/run` (systemd-resolved), which the agent's write would
+/// follow to a directory that does not exist in the guest.
+const RESOLV_CONF: &str = "etc/resolv.conf";
 
 /// Where the guest's init lives, as the kernel command line names it
 /// (`init=/sbin/init`, like Kiln's own guest image).
@@ -136,10 +143,15 @@ impl ImageStore {
             })?;
         }
         let in_image = |e: io::Error| io_err(format!("image {}", image.name))(e);
-        for m in GUEST_MOUNT_POINTS {
+        for m in GUEST_DIRS {
             mount_point(&root, m).map_err(in_image)?;
         }
         fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))
+            .map_err(in_image)?;
+        let resolv = root.join(RESOLV_CONF);
+        remove_any(&resolv)
+            .and_then(|()| fs::write(&resolv, b""))
+            .and_then(|()| fs::set_permissions(&resolv, fs::Permissions::from_mode(0o644)))
             .map_err(in_image)?;
         install_init(&root, &agent.bytes).map_err(in_image)?;
         let disk = work.join("disk.ext4");
@@ -158,7 +170,7 @@ fn mount_point(root: &Path, name: &str) -> io::Result<()> {
     match fs::symlink_metadata(&p) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(io::Error::other(format!(
-            "/{name} is not a directory, and the guest mounts on it"
+            "/{name} is not a directory, and the guest agent needs one there"
         ))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir(&p)?;

@@ -46,6 +46,7 @@ fn a_disk_holds_the_image_with_its_own_ids_and_the_agent_as_init_in_its_sbin() {
         vec![tarball(&[
             Item::Dir("usr/sbin"),
             Item::Symlink("sbin", "usr/sbin"),
+            Item::Symlink("etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf"),
             Item::Owned("home/app/data", b"owned by 1234\n", 1234),
             Item::File("etc/marker", b"in the disk\n"),
         ])],
@@ -76,8 +77,14 @@ fn a_disk_holds_the_image_with_its_own_ids_and_the_agent_as_init_in_its_sbin() {
         init.contains("Type: symlink") && init.contains("\"kiln-agent\""),
         "{init}"
     );
+    // The agent's to write: a plain file, not the image's link into /run.
+    let resolv = debugfs(&disk, "stat /etc/resolv.conf");
+    assert!(
+        resolv.contains("Type: regular") && resolv.contains("Size: 0"),
+        "{resolv}"
+    );
     let ls = debugfs(&disk, "ls -l /");
-    for m in GUEST_MOUNT_POINTS {
+    for m in GUEST_DIRS {
         assert!(ls.contains(&format!(" {m}")), "/{m} is missing: {ls}");
     }
     // Read-only, and the tree it was made from is gone.
