@@ -6,7 +6,9 @@
 //! disk: the marker is there, the files of the host and of Kiln's own
 //! guest image are not, the image's Env applies, the root is writable and
 //! the writes die with the guest. The disk is built once and reused; a
-//! template made for the image restores sandboxes of that image only.
+//! template made for the image restores sandboxes of that image only; and
+//! `kiln serve` with the image as the runtime's default pools guests of it,
+//! builds the image's template, and serves a job warm from the pool.
 //!
 //! Needs root, QEMU, vhost-device-vsock, docker-registry, skopeo and the
 //! guest artefacts (the newest in `KILN_GUEST_CACHE`, default
@@ -15,11 +17,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use kiln_protocol::{JobResult, Outcome};
 use kiln_tests::images::{write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR};
 use kiln_tests::registry::Registry;
+use kiln_tests::server::Server;
 use kiln_tests::{bin, processes_matching, Scope};
+use serde_json::json;
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -275,6 +280,80 @@ fn a_template_made_for_an_image_restores_sandboxes_of_that_image_only() {
         log.contains(&format!("template {built} is current")),
         "{log}"
     );
+}
+
+#[test]
+fn serve_pools_guests_of_a_runtimes_default_image_and_builds_its_template() {
+    if !kiln_tests::has_guest() {
+        return;
+    }
+    let scope = Scope::new("qemu-image-serve");
+    let (images, tag, digest) = pulled(&scope, "served-by-qemu");
+    let config = scope.state_dir.join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[images]\ndir = {:?}\n[images.defaults]\npython = {tag:?}\n",
+            images.display().to_string()
+        ),
+    )
+    .unwrap();
+    let templates = scope.state_dir.join("templates");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--backend",
+        "qemu",
+        "--snapshot-store",
+        templates.to_str().unwrap(),
+        "--pool-runtimes",
+        "python",
+        "--min-idle",
+        "1",
+    ];
+    let mut s = Server::start_in(scope, &args);
+    // A spare of the image (booted, or restored once the template is).
+    assert!(
+        kiln_tests::wait_until(Duration::from_secs(180), || s
+            .request("GET", "/readyz", None)
+            .status
+            == 200),
+        "the pool never became ready"
+    );
+    // The image's template, built in the background at start-up.
+    let hex = digest.trim_start_matches("sha256:");
+    let published = || -> Vec<String> {
+        std::fs::read_dir(templates.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        kiln_tests::wait_until(Duration::from_secs(180), || !published().is_empty()),
+        "no template was published"
+    );
+    let built = published();
+    assert!(
+        built.len() == 1 && built[0].contains(&format!("-img{}", &hex[..12])),
+        "the pool's template is not the image's: {built:?}"
+    );
+    let code = format!("print(open('{MARKER_PATH}').read(), end='')");
+    let (status, r) = s.json(
+        "POST",
+        "/v1/jobs?wait=true",
+        &json!({"runtime": "python", "code": code}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["stdout"], "served-by-qemu", "{r}");
+    assert_eq!(r["image"], digest.as_str(), "{r}");
+    assert_eq!(r["timings"]["acquire"], "warm", "{r}");
+    let st = s.term(Duration::from_secs(60));
+    assert!(st.success(), "kiln serve exited with {st}");
+    assert_clean(&s.scope);
+    let _ = std::fs::remove_dir_all(&s.scope.state_dir);
 }
 
 /// The id of the template `kiln run` said it built.
