@@ -178,12 +178,15 @@ fn python_from_a_pulled_image_runs_in_a_guest_booted_from_the_images_disk() {
     let made = std::fs::metadata(&built[0]).unwrap().modified().unwrap();
 
     // By digest: the same disk, not rebuilt; a fresh guest, without the
-    // first one's write.
+    // first one's write, whose root takes the sandbox's disk size (more
+    // than the 64 MiB a guest boots with).
     let (r, _, log) = run(
         &s,
         &[
             "--snapshot-templates",
             "false",
+            "--disk",
+            "128M",
             "--images-dir",
             images.to_str().unwrap(),
             "--image",
@@ -192,12 +195,16 @@ fn python_from_a_pulled_image_runs_in_a_guest_booted_from_the_images_disk() {
             "python",
             "-c",
             &format!(
-                "import os; print(open('{MARKER_PATH}').read(), os.path.exists('{WRITABLE_DIR}/written'))"
+                "import os\n\
+                 print(open('{MARKER_PATH}').read(), os.path.exists('{WRITABLE_DIR}/written'))\n\
+                 open('{WRITABLE_DIR}/big', 'wb').write(b'x' * (96 << 20))\n\
+                 s = os.statvfs('/')\n\
+                 print(os.path.getsize('{WRITABLE_DIR}/big') >> 20, s.f_blocks * s.f_frsize >> 20)\n"
             ),
         ],
     );
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}\n{log}");
-    assert_eq!(r.stdout, "pulled-for-qemu False\n");
+    assert_eq!(r.stdout, "pulled-for-qemu False\n96 128\n");
     assert_eq!(disks(&images), built);
     assert_eq!(
         std::fs::metadata(&built[0]).unwrap().modified().unwrap(),
