@@ -22,8 +22,9 @@
 //! What is unique to a sandbox comes later, over the protocol, on every
 //! connection ([`apply_setup`], `Frame::Setup`): entropy for the random
 //! pool and a reseed of the kernel's generator, the wall clock, the
-//! hostname, the sandbox's id, the size of the tmpfs directories and the
-//! cap on tasks (`kernel.threads-max`). A VM restored from a snapshot gets
+//! hostname, the sandbox's id, the size of the tmpfs directories and of
+//! the root's writable layer (the sandbox's disk size), and the cap on
+//! tasks (`kernel.threads-max`). A VM restored from a snapshot gets
 //! its own before it runs anything.
 //!
 //! Any failure is fatal: PID 1 exits, the kernel panics and, with
@@ -32,7 +33,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 /// The vsock port the agent listens on unless `kiln.port=` says otherwise.
 pub const DEFAULT_PORT: u32 = 1024;
@@ -42,6 +43,12 @@ const BOOT_DISK_MB: u64 = 64;
 
 /// The tmpfs directories a setup sizes (the job's disk).
 const SIZED_TMPFS: [&str; 3] = ["/work", "/tmp", "/dev/shm"];
+
+/// The tmpfs holding the overlay's upper layer (what jobs write anywhere
+/// in `/` outside the directories above): no path reaches it once the
+/// root is switched, so it is kept open (close-on-exec), and a setup sizes
+/// it through `/proc/self/fd` like the others. -1 until the guest is set up.
+static UPPER_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// What the host tells the guest on the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +153,11 @@ pub fn setup() -> Result<GuestConfig, String> {
         Some(&size("0755")),
     )
     .map_err(step("mount the overlay's tmpfs"))?;
+    let upper = std::fs::File::open(STAGE).map_err(step("open the overlay's tmpfs"))?;
+    UPPER_FD.store(
+        std::os::fd::IntoRawFd::into_raw_fd(upper),
+        Ordering::Relaxed,
+    );
     for d in ["upper", "work", "root"] {
         std::fs::create_dir(format!("{STAGE}/{d}")).map_err(step("create the overlay dirs"))?;
     }
@@ -257,13 +269,18 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
     Ok(())
 }
 
-/// The size of the [`SIZED_TMPFS`] directories now, in MiB.
+/// The size of the [`SIZED_TMPFS`] directories (and of the overlay's
+/// upper layer) now, in MiB.
 static TMPFS_MB: AtomicU64 = AtomicU64::new(BOOT_DISK_MB);
 
 fn resize_tmpfs(disk_mb: u64) -> Result<(), String> {
     // Unknown until every remount succeeded.
     TMPFS_MB.store(0, Ordering::Relaxed);
-    for dir in SIZED_TMPFS {
+    let upper = match UPPER_FD.load(Ordering::Relaxed) {
+        -1 => None,
+        fd => Some(format!("/proc/self/fd/{fd}")),
+    };
+    for dir in SIZED_TMPFS.iter().copied().chain(upper.as_deref()) {
         let data = cstring(format!("size={disk_mb}m"));
         sys::mount(
             c"tmpfs",

@@ -291,6 +291,7 @@ impl Images {
             root: ImageRoot {
                 digest: image.digest.to_string(),
                 dir: root,
+                store: self.dir.as_ref().clone(),
                 runtimes,
             },
             env,

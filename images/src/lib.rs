@@ -5,6 +5,7 @@
 //! sandbox can use (read-only, shared by every sandbox of the image).
 
 mod digest;
+pub mod disk;
 pub mod import;
 pub mod layout;
 pub mod pull;
@@ -12,6 +13,7 @@ pub mod store;
 pub mod unpack;
 
 pub use digest::{BadDigest, Digest, Hasher};
+pub use disk::GuestAgent;
 pub use import::{import, ImportError};
 pub use pull::{pull, PullError, PullOptions};
 pub use store::{lookup, GcReport, Image, ImageStore, StoreError};

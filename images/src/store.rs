@@ -8,13 +8,15 @@
 //! <dir>/images.json          name -> manifest digest, config, layers
 //! <dir>/roots/<hex>          the image with that manifest digest, unpacked
 //!                            (made in roots/tmp, renamed in when whole)
+//! <dir>/disks/<hex>-<agent>.ext4
+//!                            the image as a microVM's root disk (`disk`)
 //! <dir>/lock                 flock'ed by every change (the daemon and the
 //!                            CLI share a store)
 //! ```
 //!
 //! A layer two images share is stored and hashed once. `rm` forgets a
-//! name; [`ImageStore::gc`] removes every blob and root no image refers
-//! to.
+//! name; [`ImageStore::gc`] removes every blob, root and disk no image
+//! refers to.
 
 use std::collections::HashSet;
 use std::fs;
@@ -53,6 +55,9 @@ pub struct GcReport {
     /// Unreferenced roots kept because a sandbox still uses them (it holds
     /// a shared `flock` on the root); a later `gc` removes them.
     pub roots_in_use: u64,
+    /// microVM root disks of images no longer stored (`disk`). A guest
+    /// still running on one keeps its open file; the name goes at once.
+    pub disks_removed: u64,
 }
 
 /// Why the store could not do something.
@@ -89,7 +94,7 @@ pub enum StoreError {
     },
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     let what = what.into();
     move |source| StoreError::Io { what, source }
 }
@@ -112,7 +117,7 @@ struct Index {
 }
 
 /// The store's lock, held while it lives.
-struct Locked(fs::File);
+pub(crate) struct Locked(fs::File);
 
 impl Drop for Locked {
     fn drop(&mut self) {
@@ -121,8 +126,24 @@ impl Drop for Locked {
     }
 }
 
+/// An exclusive `flock` on the file at `path` (made if missing), held
+/// until the value is dropped.
+pub(crate) fn lock_file(path: &Path) -> Result<Locked, StoreError> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_err("locking the image store")(io::Error::last_os_error()));
+    }
+    Ok(Locked(f))
+}
+
 /// A name for a temporary file or directory, unique in this host.
-fn tmp_name() -> String {
+pub(crate) fn tmp_name() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!(
         "{}-{}",
@@ -164,18 +185,11 @@ impl ImageStore {
     }
 
     fn lock(&self) -> Result<Locked, StoreError> {
-        let path = self.dir.join("lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(format!("opening {}", path.display())))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err("locking the image store")(io::Error::last_os_error()));
-        }
-        Ok(Locked(f))
+        lock_file(&self.dir.join("lock"))
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Where the blob with `digest` is (whether or not it is there).
@@ -438,8 +452,28 @@ impl ImageStore {
                 report.roots_removed += 1;
             }
         }
-        // Leftovers of interrupted writes.
-        for sub in ["blobs/tmp", "roots/tmp"] {
+        let disks = self.dir.join("disks");
+        if let Ok(rd) = fs::read_dir(&disks) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((hex, _)) = name.strip_suffix(".ext4").and_then(|n| n.split_once('-'))
+                else {
+                    continue;
+                };
+                if !manifests.contains(hex) {
+                    fs::remove_file(e.path()).map_err(io_err(format!("removing disk {name}")))?;
+                    report.disks_removed += 1;
+                }
+            }
+        }
+        // Leftovers of interrupted writes; those of disk builds only while
+        // no build holds the disks' lock.
+        let mut scratch = vec!["blobs/tmp", "roots/tmp"];
+        let _no_disk_build = lock_unused(&disks.join("lock"));
+        if _no_disk_build.is_some() {
+            scratch.push("disks/tmp");
+        }
+        for sub in scratch {
             let d = self.dir.join(sub);
             if let Ok(rd) = fs::read_dir(&d) {
                 for e in rd.flatten() {

@@ -10,6 +10,8 @@ pub enum Item<'a> {
     File(&'a str, &'a [u8]),
     /// A file with this mode.
     FileMode(&'a str, &'a [u8], u32),
+    /// A file owned by this uid and gid.
+    Owned(&'a str, &'a [u8], u64),
     Dir(&'a str),
     Symlink(&'a str, &'a str),
     HardLink(&'a str, &'a str),
@@ -23,9 +25,13 @@ pub enum Item<'a> {
 pub fn tarball(items: &[Item<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for item in items {
+        let owner = match *item {
+            Item::Owned(_, _, id) => id,
+            _ => 0,
+        };
         let (name, kind, link, data, mode, size): (&str, u8, &str, &[u8], u32, Option<u64>) =
             match *item {
-                Item::File(n, d) => (n, b'0', "", d, 0o644, None),
+                Item::File(n, d) | Item::Owned(n, d, _) => (n, b'0', "", d, 0o644, None),
                 Item::FileMode(n, d, m) => (n, b'0', "", d, m, None),
                 Item::Dir(n) => (n, b'5', "", b"", 0o755, None),
                 Item::Symlink(n, t) => (n, b'2', t, b"", 0o777, None),
@@ -44,8 +50,8 @@ pub fn tarball(items: &[Item<'_>]) -> Vec<u8> {
         h.set_mode(mode);
         h.set_size(size.unwrap_or(data.len() as u64));
         h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
+        h.set_uid(owner);
+        h.set_gid(owner);
         if kind == b'S' {
             // A valid GNU sparse header: 1 MiB of holes, no data.
             let gnu = h.as_gnu_mut().expect("a GNU header");

@@ -70,8 +70,9 @@ pub struct SandboxSpec {
     /// interpreter warm-up should yield the CPU to sandboxes running jobs
     /// until [`Sandbox::set_background`] lifts it at lease.
     pub background: bool,
-    /// An image's unpacked root as `/` instead of the backend's default
-    /// root (the jail backend; the others refuse it as unsupported).
+    /// An image's filesystem as `/` instead of the backend's default root:
+    /// a jail mounts its unpacked root, a qemu or Firecracker microVM boots
+    /// from its root disk (`vm::image_disk`).
     pub image: Option<ImageRoot>,
 }
 
@@ -81,8 +82,12 @@ pub struct SandboxSpec {
 pub struct ImageRoot {
     /// The image's manifest digest.
     pub digest: String,
-    /// The unpacked root (kiln-images' store).
+    /// The unpacked root (kiln-images' store), with ids shifted into the
+    /// jail's range.
     pub dir: std::path::PathBuf,
+    /// The image store holding it, where microVM backends have its root
+    /// disk built.
+    pub store: std::path::PathBuf,
     /// The runtime table the sandbox's agent gets instead of the
     /// backend's, when the image keeps an interpreter elsewhere.
     pub runtimes: Option<kiln_protocol::RuntimeTable>,
@@ -184,17 +189,6 @@ impl ReapReport {
     pub fn extend(&mut self, other: ReapReport) {
         self.reaped.extend(other.reaped);
         self.failed.extend(other.failed);
-    }
-}
-
-/// The refusal of a backend that cannot root a sandbox in an image.
-pub(crate) fn no_image_roots(backend: &str, spec: &SandboxSpec) -> Result<(), SandboxError> {
-    match &spec.image {
-        Some(i) => Err(SandboxError::Unsupported(format!(
-            "image roots are not available with the {backend} backend yet (image {}); use the jail backend",
-            i.digest
-        ))),
-        None => Ok(()),
     }
 }
 

@@ -40,19 +40,30 @@ pub struct TemplateKey {
     pub memory_mb: u64,
     /// Whether it has a network device.
     pub network: bool,
+    /// The manifest digest of the OCI image its root is, if any: a
+    /// template of one image restores sandboxes of that image only.
+    pub image: Option<String>,
 }
+
+/// The inputs that make a [`TemplateKey`] (`image` only where there is
+/// one, so that templates made before images existed keep their key).
+const KEY_ENTRIES: [&str; 5] = ["warm", "vcpus", "memory_mb", "network", "image"];
 
 impl TemplateKey {
     /// The key's entries, as they appear among a template's inputs.
-    fn entries(&self) -> [(&'static str, String); 4] {
+    fn entries(&self) -> Vec<(&'static str, String)> {
         let mut warm = self.warm.clone();
         warm.sort();
-        [
+        let mut e = vec![
             ("warm", warm.join(",")),
             ("vcpus", self.vcpus.to_string()),
             ("memory_mb", self.memory_mb.to_string()),
             ("network", self.network.to_string()),
-        ]
+        ];
+        if let Some(i) = &self.image {
+            e.push(("image", i.clone()));
+        }
+        e
     }
 
     /// A short human name (`python-1cpu-192m`).
@@ -69,7 +80,14 @@ impl TemplateKey {
             self.vcpus,
             self.memory_mb,
             if self.network { "-net" } else { "" }
-        )
+        ) + &self
+            .image
+            .as_deref()
+            .map(|d| {
+                let hex = d.strip_prefix("sha256:").unwrap_or(d);
+                format!("-img{}", hex.get(..12).unwrap_or(hex))
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -405,16 +423,10 @@ impl TemplateStore {
         let want = inputs.to_map();
         let same = |s: &Snapshot| {
             let have = &s.manifest().inputs;
-            [
-                "backend",
-                "warm",
-                "vcpus",
-                "memory_mb",
-                "network",
-                "protocol",
-            ]
-            .iter()
-            .all(|k| have.get(*k) == want.get(*k))
+            ["backend", "protocol"]
+                .iter()
+                .chain(&KEY_ENTRIES)
+                .all(|k| have.get(*k) == want.get(*k))
         };
         self.store
             .list()
@@ -501,10 +513,7 @@ impl TemplateStore {
         let mut seen_keys = std::collections::HashSet::new();
         let mut removed = Vec::new();
         for t in all {
-            let key: Vec<Option<&String>> = ["warm", "vcpus", "memory_mb", "network"]
-                .iter()
-                .map(|k| t.inputs.get(*k))
-                .collect();
+            let key: Vec<Option<&String>> = KEY_ENTRIES.iter().map(|k| t.inputs.get(*k)).collect();
             let newest_of_key = seen_keys.insert(format!("{key:?}"));
             if !t.current && !newest_of_key {
                 self.remove(&t.id)?;
@@ -528,6 +537,10 @@ mod tests {
     }
 
     fn inputs(agent: &str, memory_mb: u64) -> TemplateInputs {
+        inputs_of_image(agent, memory_mb, None)
+    }
+
+    fn inputs_of_image(agent: &str, memory_mb: u64, image: Option<&str>) -> TemplateInputs {
         TemplateInputs::new(
             "qemu",
             TemplateKey {
@@ -535,6 +548,7 @@ mod tests {
                 vcpus: 1,
                 memory_mb,
                 network: false,
+                image: image.map(String::from),
             },
             ident("vmlinux", 'a'),
             ident("rootfs.ext4", 'b'),
@@ -621,6 +635,52 @@ mod tests {
         assert_eq!(store.list(&[]).unwrap().len(), 1);
         store.remove(new.id().as_str()).unwrap();
         assert!(store.list(&[]).unwrap().is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_template_of_an_image_serves_sandboxes_of_that_image_only() {
+        let root = std::env::temp_dir().join(format!("kiln-templates-img-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let (mem, vm) = (root.join("m"), root.join("v"));
+        std::fs::write(&mem, [1u8; 4096]).unwrap();
+        std::fs::write(&vm, b"state").unwrap();
+        let store = TemplateStore::open(&root.join("store"), "qemu").unwrap();
+        let (a, b) = (
+            format!("sha256:{}", "a".repeat(64)),
+            format!("sha256:{}", "b".repeat(64)),
+        );
+        let of_a = inputs_of_image("agent-1", 192, Some(&a));
+        let plain = inputs("agent-1", 192);
+        assert!(
+            of_a.id()
+                .as_str()
+                .starts_with("qemu-python-1cpu-192m-imgaaaaaaaaaaaa-"),
+            "{}",
+            of_a.id()
+        );
+        assert_eq!(of_a.to_map()["image"], a);
+        assert!(
+            !plain.to_map().contains_key("image"),
+            "keys of templates without images stay as they were"
+        );
+        store.publish(&of_a, &mem, &vm).unwrap();
+        assert_eq!(store.usable(&of_a).unwrap().manifest().id, of_a.id());
+        // Outdated (another agent) but of the same image: it serves.
+        let newer = inputs_of_image("agent-2", 192, Some(&a));
+        assert_eq!(store.usable(&newer).unwrap().manifest().id, of_a.id());
+        // Never for another image, nor for the guest image's own root.
+        assert!(store
+            .usable(&inputs_of_image("agent-2", 192, Some(&b)))
+            .is_none());
+        assert!(store.usable(&inputs("agent-2", 192)).is_none());
+        store.publish(&plain, &mem, &vm).unwrap();
+        assert!(store
+            .usable(&inputs_of_image("agent-2", 192, Some(&b)))
+            .is_none());
+        // Each is the newest of its own key: pruning keeps both.
+        assert!(store.prune(&[]).unwrap().is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

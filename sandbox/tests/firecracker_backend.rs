@@ -101,7 +101,8 @@ impl Progress {
 /// Boots the test guest on the machine a sandbox of `spec()` gets, writes
 /// the pattern and publishes it as the template of `spec()`.
 async fn publish_test_guest(backend: &FirecrackerBackend, progress: &Progress) -> String {
-    let vm = FirecrackerVm::start(&backend.config().vmm, &backend.boot_spec(&spec()))
+    let boot = backend.boot_spec(&spec()).await.expect("the machine");
+    let vm = FirecrackerVm::start(&backend.config().vmm, &boot)
         .await
         .expect("booting the test guest on a sandbox's machine");
     ready(&vm).await;

@@ -3,7 +3,8 @@
 //! restored from it through Kiln's page server, recording and then
 //! prefetching its working set), limits ending restored jobs as they end
 //! booted ones, restored sandboxes that are clones with identities of
-//! their own, booting when templates are off, and `kiln serve --backend
+//! their own, booting when templates are off, a job in an OCI image booted
+//! from the image's root disk, and `kiln serve --backend
 //! firecracker` over HTTP (warm pool, TTL, remove-on-exit) and AMQP.
 //!
 //! **Opt-in: `KILN_FIRECRACKER_LINUX=1`.** It needs what this project's CI
@@ -258,6 +259,57 @@ fn two_restores_of_one_template_are_different_machines_with_the_right_clock() {
             assert_ne!(seen[a][key], seen[b][key], "{key} repeats across restores");
         }
     }
+}
+
+#[test]
+fn a_job_in_an_image_boots_from_the_images_root_disk_without_a_template() {
+    let Some(h) = firecracker_host("image") else {
+        return;
+    };
+    // The store on the chroot base's filesystem: the jailer hard-links the
+    // image's disk into the VM's chroot, as it does the guest image.
+    let layout = h.dir.join("layout");
+    let (py, _) = kiln_tests::images::write_test_layout(&layout, "py", "bare", "fc-image");
+    let images = h.dir.join("images");
+    let out = std::process::Command::new(kiln_tests::bin("kiln"))
+        .args(["image", "import"])
+        .arg(&layout)
+        .arg("--images-dir")
+        .arg(&images)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = format!(
+        "import os; print(open('{}').read(), os.path.exists('/usr/bin/node'))",
+        kiln_tests::images::MARKER_PATH
+    );
+    let (r, status) = h.run(&[
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--image",
+        "py",
+        "--runtime",
+        "python",
+        "--timeout",
+        "60s",
+        "-c",
+        &code,
+    ]);
+    assert_eq!(
+        (r.stdout.as_str(), status),
+        ("fc-image False\n", 0),
+        "{r:?}"
+    );
+    assert_eq!(r.image.as_deref(), Some(py.as_str()));
+    assert_eq!(how(&r), Some(SandboxStart::Boot), "{r:?}");
+    assert!(
+        h.templates().is_empty(),
+        "no template of an image on firecracker"
+    );
 }
 
 #[test]

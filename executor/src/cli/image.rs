@@ -164,10 +164,11 @@ fn run_blocking(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "removed {} blobs ({:.1} MiB) and {} unpacked roots",
+                    "removed {} blobs ({:.1} MiB), {} unpacked roots and {} microVM disks",
                     r.blobs_removed,
                     r.bytes_freed as f64 / (1 << 20) as f64,
-                    r.roots_removed
+                    r.roots_removed,
+                    r.disks_removed
                 );
             }
         }

@@ -158,6 +158,8 @@ pub(super) struct Inner {
     pub pages: Option<Pages>,
     /// Every VM's Firecracker counters, for `/metrics`.
     pub fleet: Fleet,
+    /// Root disks of sandboxes rooted in an image.
+    pub disks: crate::vm::ImageDisks,
 }
 
 /// Makes Firecracker microVMs. Cheap to clone.
@@ -229,6 +231,7 @@ impl FirecrackerBackend {
         };
         Ok(Self {
             inner: Arc::new(Inner {
+                disks: crate::vm::ImageDisks::new(cfg.rootfs.clone()),
                 cfg,
                 templates,
                 pages,
@@ -242,10 +245,11 @@ impl FirecrackerBackend {
     }
 
     /// The machine a sandbox of `spec` boots: its resources, Kiln's guest
-    /// kernel with the shared command line, the read-only image, a vsock
+    /// kernel with the shared command line, the read-only guest image (or
+    /// the root disk of the spec's image, built now if need be), a vsock
     /// device and an entropy device.
-    pub fn boot_spec(&self, spec: &SandboxSpec) -> BootSpec {
-        self.inner.boot_spec(spec)
+    pub async fn boot_spec(&self, spec: &SandboxSpec) -> Result<BootSpec, SandboxError> {
+        self.inner.boot_spec(spec).await
     }
 
     /// Kiln's page server for this backend's restores (`None` without
@@ -361,7 +365,11 @@ impl Inner {
     pub(super) fn hello(&self, spec: &SandboxSpec) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
-            runtimes: self.cfg.runtimes.clone(),
+            runtimes: spec
+                .image
+                .as_ref()
+                .and_then(|i| i.runtimes.clone())
+                .unwrap_or_else(|| self.cfg.runtimes.clone()),
             warm: spec.warm.clone(),
             workdir: WORKDIR.into(),
             uid: self.cfg.job_uid,
@@ -501,10 +509,11 @@ impl Backend for FirecrackerBackend {
     /// Restores the sandbox from a usable template when there is one;
     /// boots it otherwise, or when the restore fails.
     async fn create(&self, spec: &SandboxSpec) -> Result<FirecrackerSandbox, SandboxError> {
-        crate::no_image_roots("firecracker", spec)?;
         let inner = &self.inner;
         inner.check_spec(spec)?;
-        if inner.templates.is_some() {
+        // Templates are of the guest image only: a sandbox rooted in an
+        // image boots.
+        if inner.templates.is_some() && spec.image.is_none() {
             match inner.usable_template(spec).await {
                 Ok(Some(template)) => match inner.restore(&template, spec).await {
                     Ok(sandbox) => return Ok(sandbox),
@@ -547,6 +556,12 @@ impl Backend for FirecrackerBackend {
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<TemplateInfo, SandboxError> {
         self.inner.check_spec(spec)?;
+        if let Some(image) = &spec.image {
+            return Err(SandboxError::Unsupported(format!(
+                "the firecracker backend makes no templates of sandboxes rooted in an image (image {}): they boot; the qemu backend makes them",
+                image.digest
+            )));
+        }
         self.inner.prepare_template(spec, progress).await
     }
 

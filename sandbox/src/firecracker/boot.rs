@@ -1,7 +1,9 @@
 //! Booting a sandbox: a Firecracker VM of the sandbox's machine (vCPUs
 //! from its CPU quota, RAM its memory plus the guest's overhead) boots
 //! Kiln's guest kernel with the command line every sandbox shares, on the
-//! read-only guest image, with a hybrid-vsock device and an entropy device.
+//! read-only guest image (or, for a sandbox rooted in an OCI image, that
+//! image's root disk, `crate::vm::image_disk`), with a hybrid-vsock device
+//! and an entropy device.
 //!
 //! No writable disk: the guest agent puts `/work`, `/tmp`, `/dev/shm` and
 //! the overlay over `/` on tmpfs, sized by the guest setup, so a job's
@@ -26,13 +28,23 @@ use crate::vm::{boot, vsock, ReadySignal, READY_PORT};
 use crate::{SandboxError, SandboxSpec};
 
 impl Inner {
-    /// The machine a sandbox of `spec` boots.
-    pub(super) fn boot_spec(&self, spec: &SandboxSpec) -> BootSpec {
+    /// The machine a sandbox of `spec` boots; its image's root disk is
+    /// built now if need be.
+    pub(super) async fn boot_spec(&self, spec: &SandboxSpec) -> Result<BootSpec, SandboxError> {
+        let root = match &spec.image {
+            Some(image) => self.disks.disk(image).await?,
+            None => self.cfg.rootfs.clone(),
+        };
+        Ok(self.boot_spec_on(spec, root))
+    }
+
+    /// The machine a sandbox of `spec` boots, on the root disk `root`.
+    pub(super) fn boot_spec_on(&self, spec: &SandboxSpec, root: std::path::PathBuf) -> BootSpec {
         BootSpec {
             resources: self.resources(spec),
             kernel: self.cfg.kernel.clone(),
             boot_args: Some(boot::kernel_cmdline(self.cfg.verbose_console)),
-            root_drive: Some(self.cfg.rootfs.clone()),
+            root_drive: Some(root),
             scratch_disk_mib: None,
             vsock_cid: Some(GUEST_CID),
             entropy: true,
@@ -71,7 +83,7 @@ impl Inner {
         &self,
         spec: &SandboxSpec,
     ) -> Result<(FirecrackerVm, ReadySignal), SandboxError> {
-        let mut vm = FirecrackerVm::configured(&self.cfg.vmm, &self.boot_spec(spec))
+        let mut vm = FirecrackerVm::configured(&self.cfg.vmm, &self.boot_spec(spec).await?)
             .await
             .map_err(|e| SandboxError::backend(NAME, e))?;
         let ready = match listen_for_ready(&vm) {
@@ -111,4 +123,59 @@ fn listen_for_ready(vm: &FirecrackerVm) -> Result<ReadySignal, SandboxError> {
         })?;
     }
     Ok(ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::image_disk::testing::{guest_image, image_root, scratch, static_elf};
+
+    fn inner(dir: &std::path::Path) -> Inner {
+        let rootfs = guest_image(dir, &static_elf());
+        let cfg = super::super::backend::FirecrackerBackendConfig::new(
+            super::super::config::FirecrackerConfig::from_env(),
+            dir.join("vmlinux"),
+            rootfs.clone(),
+            kiln_protocol::RuntimeTable::default(),
+        );
+        Inner {
+            cfg,
+            templates: None,
+            pages: None,
+            fleet: Default::default(),
+            disks: crate::vm::ImageDisks::new(rootfs),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_of_an_image_boots_from_its_disk_and_others_from_the_guest_image() {
+        let dir = scratch("fc-image-root");
+        let inner = inner(&dir);
+        let mut spec = SandboxSpec::for_job(&kiln_protocol::Limits::default(), "python");
+        let plain = inner.boot_spec(&spec).await.unwrap();
+        assert_eq!(
+            plain.root_drive.as_deref(),
+            Some(inner.cfg.rootfs.as_path())
+        );
+        let image = image_root(&dir);
+        spec.image = Some(image.clone());
+        let boot = inner.boot_spec(&spec).await.unwrap();
+        let disk = boot.root_drive.clone().unwrap();
+        assert!(
+            disk.starts_with(&image.store) && disk.extension().is_some_and(|e| e == "ext4"),
+            "{}",
+            disk.display()
+        );
+        assert!(disk.is_file());
+        // The rest of the machine is the same: same kernel, command line
+        // (init=/sbin/init is the image disk's agent), devices.
+        assert_eq!(
+            BootSpec {
+                root_drive: plain.root_drive.clone(),
+                ..boot
+            },
+            plain
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -158,6 +158,7 @@ impl Inner {
             vcpus: u32::from(machine.vcpus),
             memory_mb: machine.memory_mib,
             network: false,
+            image: None,
         };
         let root_drive = if self.cfg.vmm.jailer.is_some() {
             Path::new("/").join(names::ROOTFS)

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 pub use cgroup::{Cgroup, CgroupError, CgroupLimits, CgroupStats, Layout as CgroupLayout};
 use kiln_protocol::{Hello, Rooms, RuntimeTable, PROTOCOL_VERSION};
+pub(crate) use rootfs::is_static_elf;
 pub use seccomp::SeccompError;
 use seccompiler::BpfProgram;
 

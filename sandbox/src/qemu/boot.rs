@@ -21,6 +21,7 @@ use crate::{AgentConn, Sandbox as _, SandboxError, SandboxId, SandboxSpec};
 impl Inner {
     /// Boots a VM for `spec` and hands over its set-up agent.
     pub(super) async fn boot(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
+        let rootfs = self.rootfs(spec).await?;
         let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
@@ -36,7 +37,7 @@ impl Inner {
             },
             memory: Memory::SharedMemfd,
             kernel: self.cfg.kernel.clone(),
-            rootfs: self.cfg.rootfs.clone(),
+            rootfs,
             cmdline: self.kernel_cmdline(machine.network, false),
             qmp: dir.join(QMP_SOCK),
             incoming: None,

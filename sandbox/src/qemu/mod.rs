@@ -22,7 +22,9 @@
 //!
 //! Either way, under `<state_dir>/qemu/<id>/` (a template being built:
 //! `<state_dir>/qemu-templates/<id>/`): QEMU's sockets (QMP on
-//! `qmp.sock`), with the image as a read-only virtio-blk disk, a
+//! `qmp.sock`), with the image as a read-only virtio-blk disk (a sandbox
+//! rooted in an OCI image boots from that image's root disk instead,
+//! `vm::image_disk`; its templates are its own), a
 //! virtio-rng, the serial console on its stdout (read by the host: logs,
 //! and the guest's OOM kills), no network device unless `allow_internet`,
 //! and a record of the owner process and the pids, so that a later process
@@ -244,6 +246,8 @@ struct Inner {
     owner: crate::record::Owner,
     /// The template store, when templates are on.
     templates: Option<template::Templates>,
+    /// Root disks of sandboxes rooted in an image.
+    disks: crate::vm::ImageDisks,
 }
 
 /// Makes QEMU microVMs. Cheap to clone.
@@ -296,12 +300,13 @@ impl QemuBackend {
         });
         Ok(Self {
             inner: Arc::new(Inner {
-                cfg,
                 accel,
                 qemu,
                 vhost_vsock,
                 owner,
                 templates,
+                disks: crate::vm::ImageDisks::new(cfg.rootfs.clone()),
+                cfg,
             }),
         })
     }
@@ -328,11 +333,29 @@ impl Inner {
         Ok(())
     }
 
+    /// The runtime table of sandboxes of `spec`: an image's, where it
+    /// keeps an interpreter elsewhere, else the backend's.
+    fn runtimes<'a>(&'a self, spec: &'a SandboxSpec) -> &'a RuntimeTable {
+        spec.image
+            .as_ref()
+            .and_then(|i| i.runtimes.as_ref())
+            .unwrap_or(&self.cfg.runtimes)
+    }
+
+    /// The root disk sandboxes of `spec` boot from: their image's (built
+    /// now if need be), or the guest image.
+    async fn rootfs(&self, spec: &SandboxSpec) -> Result<PathBuf, SandboxError> {
+        match &spec.image {
+            Some(image) => self.disks.disk(image).await,
+            None => Ok(self.cfg.rootfs.clone()),
+        }
+    }
+
     /// The handshake's opening for a sandbox of `spec`.
     fn hello(&self, spec: &SandboxSpec) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
-            runtimes: self.cfg.runtimes.clone(),
+            runtimes: self.runtimes(spec).clone(),
             warm: spec.warm.clone(),
             workdir: WORKDIR.into(),
             uid: self.cfg.job_uid,
@@ -362,7 +385,6 @@ impl Backend for QemuBackend {
     /// Restores the sandbox from a usable template when there is one (see
     /// `template`); boots it otherwise, or when the restore fails.
     async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
-        crate::no_image_roots("qemu", spec)?;
         let inner = &self.inner;
         inner.check_warm(spec)?;
         if inner.templates.is_some() {
@@ -397,7 +419,7 @@ impl Backend for QemuBackend {
 
     fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
         match &self.inner.templates {
-            Some(_) => self.inner.list_templates(),
+            Some(_) => self.inner.list_templates(&[]),
             None => Ok(Vec::new()),
         }
     }

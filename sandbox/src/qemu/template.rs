@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_snapshotter::store::{Snapshot, StoreError};
+use kiln_snapshotter::store::{ArtifactIdentity, Snapshot, StoreError};
 use serde_json::json;
 
 use super::command::{
@@ -146,11 +146,12 @@ impl Inner {
         Ok(base)
     }
 
-    /// The template inputs of sandboxes of `spec`.
+    /// The template inputs of sandboxes of `spec`, and the root disk they
+    /// boot from (an image's is built now if need be, and identified).
     pub(super) async fn template_inputs(
         self: &Arc<Self>,
         spec: &SandboxSpec,
-    ) -> Result<TemplateInputs, SandboxError> {
+    ) -> Result<(TemplateInputs, PathBuf), SandboxError> {
         let me = self.clone();
         let base = tokio::task::spawn_blocking(move || me.base_inputs())
             .await
@@ -158,23 +159,54 @@ impl Inner {
                 what: "identifying the guest kernel and image".into(),
                 error: std::io::Error::other(e),
             })??;
-        Ok(self.inputs_with(&base, spec))
+        let Some(image) = &spec.image else {
+            return Ok((self.inputs_with(&base, spec, None), self.cfg.rootfs.clone()));
+        };
+        let disk = self.disks.disk(image).await?;
+        let (store, at) = (self.templates()?.store.clone(), disk.clone());
+        let identity =
+            tokio::task::spawn_blocking(move || store.identify_cached("image disk", &at))
+                .await
+                .map_err(|e| SandboxError::Io {
+                    what: "identifying an image's root disk".into(),
+                    error: std::io::Error::other(e),
+                })?
+                .map_err(|e| SandboxError::backend("qemu", e))?;
+        let inputs = self.inputs_with(&base, spec, Some((&disk, identity)));
+        Ok((inputs, disk))
     }
 
-    fn inputs_with(&self, base: &GuestInputs, spec: &SandboxSpec) -> TemplateInputs {
+    /// The inputs of a template of `spec`; `image`: the root disk of its
+    /// image and its identity.
+    fn inputs_with(
+        &self,
+        base: &GuestInputs,
+        spec: &SandboxSpec,
+        image: Option<(&Path, ArtifactIdentity)>,
+    ) -> TemplateInputs {
         let machine = Machine::of(self, spec);
         let key = TemplateKey {
-            warm: warmed_runtimes(&self.cfg.runtimes, spec),
+            warm: warmed_runtimes(self.runtimes(spec), spec),
             vcpus: machine.vcpus,
             memory_mb: machine.mem_mb,
             network: machine.network,
+            image: spec.image.as_ref().map(|i| i.digest.clone()),
+        };
+        let image_runtimes = spec
+            .image
+            .as_ref()
+            .and_then(|i| i.runtimes.as_ref())
+            .map(|t| serde_json::to_vec(t).expect("a runtime table serialises"));
+        let (rootfs, rootfs_path) = match image {
+            Some((disk, identity)) => (identity, disk.to_owned()),
+            None => (base.rootfs.clone(), self.cfg.rootfs.clone()),
         };
         TemplateInputs::new(
             "qemu",
             key,
             base.kernel.clone(),
-            base.rootfs.clone(),
-            &base.runtimes,
+            rootfs,
+            image_runtimes.as_deref().unwrap_or(&base.runtimes),
             &base.vmm,
         )
         .with(
@@ -189,15 +221,20 @@ impl Inner {
             format!("{}:{}", self.cfg.job_uid, self.cfg.job_gid),
         )
         .with("kernel_path", self.cfg.kernel.to_string_lossy())
-        .with("rootfs_path", self.cfg.rootfs.to_string_lossy())
+        .with("rootfs_path", rootfs_path.to_string_lossy())
     }
 
     /// The spec whose sandboxes a template of this key serves (the reverse
-    /// of [`Machine::of`]), from the key's entries among its inputs.
+    /// of [`Machine::of`]), from the key's entries among its inputs; `None`
+    /// for a template of an image (whose store this backend does not know
+    /// until a sandbox of the image asks).
     fn spec_of_key(
         &self,
         inputs: &std::collections::BTreeMap<String, String>,
     ) -> Option<SandboxSpec> {
+        if inputs.contains_key("image") {
+            return None;
+        }
         let num = |k: &str| inputs.get(k)?.parse::<u64>().ok();
         let warm = inputs.get("warm")?;
         Some(SandboxSpec {
@@ -215,8 +252,12 @@ impl Inner {
 
     /// Every template of this backend in the store; `current` is set for
     /// those made from what this backend would make a template of their
-    /// key from now.
-    pub(super) fn list_templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+    /// key from now (and for those of `known`: current inputs the caller
+    /// worked out, such as an image's).
+    pub(super) fn list_templates(
+        &self,
+        known: &[TemplateInputs],
+    ) -> Result<Vec<TemplateInfo>, SandboxError> {
         let t = self.templates()?;
         let all = t
             .store
@@ -226,22 +267,24 @@ impl Inner {
         let current: Vec<TemplateInputs> = all
             .iter()
             .filter_map(|i| self.spec_of_key(&i.inputs))
-            .map(|spec| self.inputs_with(&base, &spec))
+            .map(|spec| self.inputs_with(&base, &spec, None))
+            .chain(known.iter().cloned())
             .collect();
         t.store
             .list(&current)
             .map_err(|e| SandboxError::backend("qemu", e))
     }
 
-    fn template_info(&self, id: &str) -> Result<TemplateInfo, SandboxError> {
-        self.list_templates()?
+    fn template_info(&self, inputs: &TemplateInputs) -> Result<TemplateInfo, SandboxError> {
+        let id = inputs.id().to_string();
+        self.list_templates(std::slice::from_ref(inputs))?
             .into_iter()
             .find(|t| t.id == id)
             .ok_or_else(|| {
                 SandboxError::backend(
                     "qemu",
                     TemplateError::Store(StoreError::NotFound(
-                        kiln_snapshotter::store::SnapshotId::new(id)
+                        kiln_snapshotter::store::SnapshotId::new(&id)
                             .expect("ids of published templates are valid"),
                     )),
                 )
@@ -255,7 +298,7 @@ impl Inner {
         self: &Arc<Self>,
         spec: &SandboxSpec,
     ) -> Result<Option<Snapshot>, SandboxError> {
-        let inputs = self.template_inputs(spec).await?;
+        let (inputs, _) = self.template_inputs(spec).await?;
         Ok(self.templates()?.store.usable(&inputs))
     }
 
@@ -316,17 +359,17 @@ impl Inner {
     ) -> Result<TemplateInfo, SandboxError> {
         self.check_warm(spec)?;
         let t = self.templates()?;
-        let inputs = self.template_inputs(spec).await?;
+        let (inputs, rootfs) = self.template_inputs(spec).await?;
         let id = inputs.id().to_string();
         if t.store.current(&inputs).is_some() {
             progress(&format!("template {id} is current"));
-            return self.template_info(&id);
+            return self.template_info(&inputs);
         }
         let lock = t.building.of(&id);
         let held = lock.lock().await;
         if t.store.current(&inputs).is_some() {
             progress(&format!("template {id} was built meanwhile"));
-            return self.template_info(&id);
+            return self.template_info(&inputs);
         }
         let started = Instant::now();
         progress(&format!(
@@ -339,7 +382,7 @@ impl Inner {
                 inputs.key().warm.join(", ")
             }
         ));
-        let built = self.build_template(spec, &inputs, progress).await;
+        let built = self.build_template(spec, &inputs, &rootfs, progress).await;
         drop(held);
         t.building.release(&id);
         built?;
@@ -347,13 +390,14 @@ impl Inner {
             "template {id} published after {:.1} s",
             started.elapsed().as_secs_f64()
         ));
-        self.template_info(&id)
+        self.template_info(&inputs)
     }
 
     async fn build_template(
         &self,
         spec: &SandboxSpec,
         inputs: &TemplateInputs,
+        rootfs: &Path,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(), SandboxError> {
         let t = self.templates()?;
@@ -381,7 +425,7 @@ impl Inner {
                 shared: true,
             },
             kernel: self.cfg.kernel.clone(),
-            rootfs: self.cfg.rootfs.clone(),
+            rootfs: rootfs.to_owned(),
             cmdline: self.kernel_cmdline(machine.network, true),
             qmp: dir.join(QMP_SOCK),
             incoming: None,
