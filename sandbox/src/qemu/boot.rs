@@ -14,6 +14,7 @@ use kiln_protocol::{SandboxStart, SandboxTimings};
 use super::command::{Channel, Launch, Machine, Memory};
 use super::vm::{Origin, QemuVm, Remains, VmKind, QMP_SOCK, VHOST_SOCK, VSOCK_SOCK};
 use super::{boot_err, io_err, ms, Inner, GUEST_CID};
+use crate::network::NetLease;
 use crate::vm::process::spawn_tied;
 use crate::vm::{boot, Console, ReadySignal};
 use crate::{AgentConn, Sandbox as _, SandboxError, SandboxId, SandboxSpec};
@@ -22,6 +23,7 @@ impl Inner {
     /// Boots a VM for `spec` and hands over its set-up agent.
     pub(super) async fn boot(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
         let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
+        let tap = self.attach_network(&id, spec, &mut remains).await?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
         let vhost_pid = self
@@ -37,8 +39,9 @@ impl Inner {
             memory: Memory::SharedMemfd,
             kernel: self.cfg.kernel.clone(),
             rootfs: self.cfg.rootfs.clone(),
-            cmdline: self.kernel_cmdline(machine.network, false),
+            cmdline: self.kernel_cmdline(false),
             qmp: dir.join(QMP_SOCK),
+            tap,
             incoming: None,
         };
         let mut vm = self
@@ -64,8 +67,9 @@ impl Inner {
             "guest agent is listening"
         );
 
-        let setup =
+        let mut setup =
             boot::guest_setup(&vm.id, spec).map_err(io_err("drawing the guest's entropy"))?;
+        setup.network = vm.remains.net.as_ref().map(NetLease::guest);
         let mut qemu = QemuVm {
             id: vm.id,
             agent: AgentConn::new(stream),

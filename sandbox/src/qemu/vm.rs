@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::command::Launch;
 use super::qmp::{Qmp, QmpError};
 use super::{boot_err, io_err, Accel, Inner};
+use crate::network::NetLease;
 use crate::vm::process::spawn_tied;
 use crate::vm::{vsock, BootError, Console, VsockError};
 use crate::{AgentConn, Sandbox, SandboxError, SandboxId, SandboxStats};
@@ -58,6 +59,9 @@ pub(super) struct Remains {
     pub dir: PathBuf,
     /// More to remove with the VM (a template's files being built).
     pub extra: Vec<PathBuf>,
+    /// The sandbox's network (its tap, rules and slot), released once
+    /// QEMU is gone.
+    pub net: Option<NetLease>,
 }
 
 impl Remains {
@@ -67,6 +71,7 @@ impl Remains {
             vhost: None,
             dir,
             extra: Vec::new(),
+            net: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl Remains {
         for p in self.extra.drain(..) {
             crate::record::remove_path(&p);
         }
+        drop(self.net.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -359,6 +365,21 @@ impl QemuVm {
         self.qmp.lock().await.execute(command, args).await
     }
 
+    /// The sandbox's network (`allow_internet`), if it has one.
+    pub fn network(&self) -> Option<NetLease> {
+        let r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_ref()?.net.clone()
+    }
+
+    /// The sandbox's network, or why there is none.
+    fn networked(&self) -> Result<NetLease, SandboxError> {
+        self.network().ok_or_else(|| {
+            SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )
+        })
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&self) -> bool {
         let mut r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
@@ -406,6 +427,34 @@ impl Sandbox for QemuVm {
             oom_kills: self.oom_kills(),
             ..SandboxStats::default()
         }
+    }
+
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.network().as_ref().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rules(rules)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        self.networked()?
+            .join(name)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rate(mbit)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        self.networked()?
+            .open_port(port)
+            .map_err(|e| SandboxError::backend("qemu", e))
     }
 
     fn kill_now(&self) {
