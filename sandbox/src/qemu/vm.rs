@@ -365,7 +365,8 @@ impl QemuVm {
         self.qmp.lock().await.execute(command, args).await
     }
 
-    /// The sandbox's network (`allow_internet`), if it has one.
+    /// The sandbox's network (`allow_internet`), if it has one: a handle
+    /// on the lease, which lives (tap, rules, slot) while any is held.
     pub fn network(&self) -> Option<NetLease> {
         let r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
         r.as_ref()?.net.clone()
