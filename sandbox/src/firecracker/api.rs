@@ -20,8 +20,8 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, Fault, FirecrackerVersion, InstanceAction,
-    InstanceInfo, Logger, MachineConfig, MetricsConfig, SnapshotCreateParams, SnapshotLoadParams,
-    VmConfig, VmState, VmStateBody, Vsock,
+    InstanceInfo, Logger, MachineConfig, MetricsConfig, NetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, VmConfig, VmState, VmStateBody, Vsock,
 };
 
 /// Why an API call failed.
@@ -263,6 +263,12 @@ impl ApiClient {
     pub async fn put_drive(&self, drive: &Drive) -> Result<(), ApiError> {
         let path = format!("/drives/{}", drive.drive_id);
         self.send(Method::PUT, &path, drive).await
+    }
+
+    /// `PUT /network-interfaces/{iface_id}` (before boot).
+    pub async fn put_network_interface(&self, nic: &NetworkInterface) -> Result<(), ApiError> {
+        let path = format!("/network-interfaces/{}", nic.iface_id);
+        self.send(Method::PUT, &path, nic).await
     }
 
     /// `PUT /vsock` (before boot).

@@ -36,6 +36,7 @@ impl Inner {
             scratch_disk_mib: None,
             vsock_cid: Some(GUEST_CID),
             entropy: true,
+            network: None,
         }
     }
 

@@ -49,6 +49,64 @@ pub struct Drive {
     pub path_on_host: PathBuf,
     pub is_root_device: bool,
     pub is_read_only: bool,
+    /// Bandwidth and operations per second of the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /network-interfaces/{iface_id}` (virtio-net): the guest's NIC on
+/// a tap device of the host's, opened by name in the VMM's network
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// What the guest receives...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// ...and what it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// Firecracker's rate limiter of a device: a token bucket of bytes and
+/// one of operations (either may be absent: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// A bucket of `size` tokens refilled whole every `refill_time` ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl RateLimiter {
+    /// A bandwidth of `mbit` Mbit/s (0: `None`, unlimited): a bucket of
+    /// 100 ms of traffic, refilled every 100 ms.
+    pub fn mbit(mbit: u32) -> Option<Self> {
+        if mbit == 0 {
+            return None;
+        }
+        let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
+        Some(Self {
+            bandwidth: Some(TokenBucket {
+                size: bytes_per_s / 10,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        })
+    }
 }
 
 /// `PUT /vsock`: a virtio-vsock device whose host side is Firecracker's
@@ -223,6 +281,8 @@ pub struct VmConfig {
     pub boot_source: Option<BootSource>,
     #[serde(default)]
     pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default)]
     pub vsock: Option<Vsock>,
     #[serde(default)]

@@ -15,15 +15,18 @@ use super::console::Console;
 use super::metrics::{MetricsError, MetricsReader, VmmMetrics};
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, InstanceInfo, MachineConfig, MemoryBackendParams,
-    MemoryBackendType, MetricsConfig, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
-    VmState, Vsock, VsockOverride,
+    MemoryBackendType, MetricsConfig, NetworkInterface, RateLimiter, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, VmState, Vsock, VsockOverride,
 };
-use super::process::{launch, names, LaunchError, LaunchPlan, Launched, RootFile, VmPaths};
+use super::process::{
+    launch, names, LaunchError, LaunchPlan, Launched, NetnsPlan, RootFile, VmPaths,
+};
 use super::snapshot::{
     collect, MachineSummary, MemoryBackend, RestoreError, RestoreSpec, Snapshot, SnapshotError,
 };
 use super::sys;
 use super::teardown::{Remains, TeardownReport};
+use crate::network::NetLease;
 use crate::SandboxId;
 
 /// What to boot.
@@ -44,7 +47,36 @@ pub struct BootSpec {
     pub vsock_cid: Option<u32>,
     /// A virtio-rng device.
     pub entropy: bool,
+    /// A virtio-net device on the sandbox's network.
+    pub network: Option<VmNic>,
 }
+
+/// A VM's network interface: the sandbox's network lease, whose tap
+/// (`kn<slot>`, in the host side) is made once the VMM's uid is known,
+/// owned by it, and whose bandwidth becomes the NIC's rate limiters
+/// (Firecracker's, each way; no `tc` then). The VMM runs in the host
+/// side's network namespace, not one of its own, to open the tap; the
+/// lease is released once the VMM is dead.
+#[derive(Clone)]
+pub struct VmNic {
+    pub lease: NetLease,
+}
+
+impl std::fmt::Debug for VmNic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmNic")
+            .field("slot", &self.lease.slot().index)
+            .finish()
+    }
+}
+
+impl PartialEq for VmNic {
+    fn eq(&self, other: &Self) -> bool {
+        self.lease.slot() == other.lease.slot()
+    }
+}
+
+impl Eq for VmNic {}
 
 impl BootSpec {
     /// A bare machine booting `kernel`: no disks, no vsock, no entropy.
@@ -57,6 +89,7 @@ impl BootSpec {
             scratch_disk_mib: None,
             vsock_cid: None,
             entropy: false,
+            network: None,
         }
     }
 }
@@ -78,6 +111,9 @@ pub enum StartError {
     /// `InstanceStart` was refused.
     #[error("Firecracker could not boot the VM: {0}")]
     InstanceStart(#[source] ApiError),
+    /// The VM's network interface could not be made.
+    #[error("making the VM's network interface failed: {0}")]
+    Network(String),
 }
 
 /// Why the VM's metrics could not be read.
@@ -204,6 +240,10 @@ impl FirecrackerVm {
             resources: spec.resources,
             files: files.clone(),
             scratch_mib: spec.scratch_disk_mib,
+            netns: match &spec.network {
+                None => NetnsPlan::Default,
+                Some(nic) => NetnsPlan::Join(nic.lease.host_netns()),
+            },
         })
         .await?;
         let api_ready = launched.api_ready;
@@ -214,7 +254,17 @@ impl FirecrackerVm {
         };
         let mut vm = Self::assemble(launched, machine, spec.root_drive.clone());
         let configured = Instant::now();
-        if let Err(e) = vm.configure(spec, &files).await {
+        let tap = match &spec.network {
+            None => None,
+            Some(nic) => match vm.make_tap(nic).await {
+                Ok(tap) => Some(tap),
+                Err(e) => {
+                    vm.destroy().await;
+                    return Err(e);
+                }
+            },
+        };
+        if let Err(e) = vm.configure(spec, &files, tap.as_deref()).await {
             vm.destroy().await;
             return Err(e);
         }
@@ -242,7 +292,32 @@ impl FirecrackerVm {
         Ok(())
     }
 
-    async fn configure(&self, spec: &BootSpec, files: &[RootFile]) -> Result<(), StartError> {
+    /// Makes the tap of `nic`, owned by the VMM's uid when jailed; the
+    /// lease goes with the VM's remains (released after the VMM's death).
+    async fn make_tap(&self, nic: &VmNic) -> Result<String, StartError> {
+        let lease = nic.lease.clone();
+        let ids = self.ids;
+        let tap = tokio::task::spawn_blocking(move || lease.attach_tap(ids, false))
+            .await
+            .map_err(|e| StartError::Network(e.to_string()))?
+            .map_err(|e| StartError::Network(e.to_string()))?;
+        if let Some(r) = self
+            .remains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            r.net = Some(nic.lease.clone());
+        }
+        Ok(tap)
+    }
+
+    async fn configure(
+        &self,
+        spec: &BootSpec,
+        files: &[RootFile],
+        tap: Option<&str>,
+    ) -> Result<(), StartError> {
         let step = |step: &'static str| move |source| StartError::Configure { step, source };
         let api = &self.api;
         api.put_metrics(&MetricsConfig {
@@ -272,6 +347,7 @@ impl FirecrackerVm {
                 path_on_host: self.vmm_path(root),
                 is_root_device: true,
                 is_read_only: true,
+                rate_limiter: None,
             })
             .await
             .map_err(step("root disk"))?;
@@ -282,6 +358,7 @@ impl FirecrackerVm {
                 path_on_host: self.paths.vmm(names::SCRATCH),
                 is_root_device: false,
                 is_read_only: false,
+                rate_limiter: None,
             })
             .await
             .map_err(step("writable disk"))?;
@@ -293,6 +370,18 @@ impl FirecrackerVm {
             })
             .await
             .map_err(step("vsock device"))?;
+        }
+        if let (Some(nic), Some(tap)) = (&spec.network, tap) {
+            let rate = RateLimiter::mbit(nic.lease.info().rate_mbit);
+            api.put_network_interface(&NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.to_owned(),
+                guest_mac: None,
+                rx_rate_limiter: rate.clone(),
+                tx_rate_limiter: rate,
+            })
+            .await
+            .map_err(step("network interface"))?;
         }
         if spec.entropy {
             api.put_entropy(&EntropyDevice {})
@@ -365,6 +454,7 @@ impl FirecrackerVm {
             },
             files: files.clone(),
             scratch_mib: None,
+            netns: NetnsPlan::Default,
         })
         .await?;
         let api_ready = launched.api_ready;

@@ -590,7 +590,22 @@ impl LeaseInner {
     }
 }
 
+impl std::fmt::Debug for NetLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetLease")
+            .field("sandbox", &self.inner.sandbox)
+            .field("slot", &self.inner.slot.index)
+            .finish_non_exhaustive()
+    }
+}
+
 impl NetLease {
+    /// The network namespace of the host side, when it is not this
+    /// process's: where a VMM must run to open the lease's tap by name.
+    pub fn host_netns(&self) -> Option<&File> {
+        self.inner.net.host_ns.as_ref()
+    }
+
     pub fn slot(&self) -> Slot {
         self.inner.slot
     }
