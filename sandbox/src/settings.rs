@@ -588,6 +588,7 @@ impl BackendSettings {
         let mut cfg = FirecrackerBackendConfig::new(vmm, img.kernel, img.rootfs, runtimes);
         cfg.templates = self.snapshot.templates.then(|| self.snapshot.store.clone());
         cfg.memory = self.snapshot.memory;
+        cfg.network = Some(self.network.clone());
         Ok(cfg)
     }
 

@@ -61,15 +61,21 @@ async fn a_vms_nic_is_its_leases_tap_with_rate_limiters_and_goes_with_it() {
     let world = World::new("fcn");
     let net = network(&world, &scope.state_dir());
     for jailed in [true, false] {
-        let lease = net.lease(&format!("fc-{jailed}"), None).unwrap();
-        let tap = lease.slot().host_link();
         let mut spec = scope.boot_spec(small());
-        spec.network = Some(VmNic { lease });
+        spec.network = Some(VmNic {
+            network: net.clone(),
+        });
         let vm = FirecrackerVm::start(&scope.config(jailed), &spec)
             .await
             .expect("boot with a network interface");
         drop(spec);
         ready(&vm).await;
+        // The lease is the VM's, by its id.
+        let tap = {
+            let lease = vm.network().expect("a networked VM has a lease");
+            assert_eq!(lease.info().rate_mbit, MBIT);
+            lease.slot().host_link()
+        };
         // Firecracker took the interface with the lease's rate each way...
         let config = vm.api().vm_config().await.unwrap();
         let nic = &config.network_interfaces[0];
@@ -149,16 +155,17 @@ fn networked_owner_child() {
             ..NetworkSettings::default()
         };
         let net = Network::open(&settings, &scope.state_dir()).unwrap();
-        let lease = net.lease("fc-owned", None).unwrap();
-        let tap = lease.slot().host_link();
         let mut spec = scope.boot_spec(small());
-        spec.network = Some(VmNic { lease });
+        spec.network = Some(VmNic {
+            network: net.clone(),
+        });
         let vm = FirecrackerVm::start(&scope.config(true), &spec)
             .await
             .expect("boot in the owner child");
         drop(spec);
         ready(&vm).await;
-        println!("OWNED {} {tap}", vm.pid());
+        let tap = vm.network().unwrap().slot().host_link();
+        println!("OWNED {} {tap} {}", vm.pid(), vm.id());
         std::mem::forget(scope);
         std::mem::forget(net);
         tokio::time::sleep(std::time::Duration::from_secs(120)).await;
@@ -196,13 +203,17 @@ async fn a_sigkilled_owners_vm_and_tap_are_reaped() {
         }
     });
     let deadline = Instant::now() + GUEST * 2;
-    let (pid, tap) = loop {
+    let (pid, tap, id) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 if let Some(rest) = line.split("OWNED ").nth(1) {
                     let f: Vec<&str> = rest.split_whitespace().collect();
-                    break (f[0].parse::<u32>().unwrap(), f[1].to_owned());
+                    break (
+                        f[0].parse::<u32>().unwrap(),
+                        f[1].to_owned(),
+                        f[2].to_owned(),
+                    );
                 }
             }
             Err(_) => {
@@ -222,7 +233,7 @@ async fn a_sigkilled_owners_vm_and_tap_are_reaped() {
     assert_eq!(report.reaped.len(), 1, "{report:?}");
     assert!(!exists(pid));
     let gone = kiln_sandbox::network::reap(&child_scope.state_dir()).unwrap();
-    assert_eq!(gone, ["fc-owned"]);
+    assert_eq!(gone, [id]);
     assert_eq!(link(&world, &tap), None);
     let table = Process::new("ip")
         .args(["netns", "exec", &world.host, "nft", "list", "tables"])

@@ -28,6 +28,12 @@ use crate::{SandboxError, SandboxSpec};
 impl Inner {
     /// The machine a sandbox of `spec` boots.
     pub(super) fn boot_spec(&self, spec: &SandboxSpec) -> BootSpec {
+        let network = match (&self.network, spec.allow_internet) {
+            (Some(network), true) => Some(super::vm::VmNic {
+                network: network.clone(),
+            }),
+            _ => None,
+        };
         BootSpec {
             resources: self.resources(spec),
             kernel: self.cfg.kernel.clone(),
@@ -36,7 +42,7 @@ impl Inner {
             scratch_disk_mib: None,
             vsock_cid: Some(GUEST_CID),
             entropy: true,
-            network: None,
+            network,
         }
     }
 

@@ -10,7 +10,8 @@ use kiln_protocol::SandboxTimings;
 use super::metrics::{Fleet, FleetTicket, VmmMetrics};
 use super::vm::{FirecrackerVm, VmMetricsError};
 use crate::jail::{Cgroup, CgroupLayout};
-use crate::{AgentConn, Sandbox, SandboxId, SandboxStats};
+use crate::network::NetLease;
+use crate::{AgentConn, Sandbox, SandboxError, SandboxId, SandboxStats};
 
 /// How long teardown waits for Firecracker to write a last metrics line.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
@@ -81,6 +82,15 @@ impl FirecrackerSandbox {
         m.vcpu.exit_io_in + m.vcpu.exit_io_out + m.vcpu.exit_mmio_read + m.vcpu.exit_mmio_write
     }
 
+    /// The sandbox's network, or why there is none.
+    fn networked(&self) -> Result<NetLease, SandboxError> {
+        self.vm.network().ok_or_else(|| {
+            SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )
+        })
+    }
+
     pub(super) fn agent_conn(&self) -> &AgentConn {
         &self.agent
     }
@@ -126,6 +136,40 @@ impl Sandbox for FirecrackerSandbox {
             vmm_exits: Some(self.vmm_exits()),
             ..SandboxStats::default()
         }
+    }
+
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.vm.network().as_ref().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rules(rules)
+            .map_err(|e| SandboxError::backend("firecracker", e))
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        self.networked()?
+            .join(name)
+            .map_err(|e| SandboxError::backend("firecracker", e))
+    }
+
+    /// Firecracker's rate limiters are set when the VM boots; a running
+    /// VM's would need `PATCH /network-interfaces`, not made yet.
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        let net = self.networked()?;
+        if net.info().rate_mbit == mbit {
+            return Ok(());
+        }
+        Err(SandboxError::Unsupported(
+            "a Firecracker sandbox's bandwidth is fixed when it boots (network.rate_mbit)".into(),
+        ))
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        self.networked()?
+            .open_port(port)
+            .map_err(|e| SandboxError::backend("firecracker", e))
     }
 
     fn start_timings(&self) -> Option<SandboxTimings> {

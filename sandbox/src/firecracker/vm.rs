@@ -26,7 +26,7 @@ use super::snapshot::{
 };
 use super::sys;
 use super::teardown::{Remains, TeardownReport};
-use crate::network::NetLease;
+use crate::network::{NetLease, Network};
 use crate::SandboxId;
 
 /// What to boot.
@@ -51,28 +51,29 @@ pub struct BootSpec {
     pub network: Option<VmNic>,
 }
 
-/// A VM's network interface: the sandbox's network lease, whose tap
-/// (`kn<slot>`, in the host side) is made once the VMM's uid is known,
-/// owned by it, and whose bandwidth becomes the NIC's rate limiters
+/// A VM's network interface, on `network`: the VM's lease (named by the
+/// VM's id, with the default rules) is taken once the VM exists, and its
+/// tap (`kn<slot>`, in the host side) made once the VMM's uid is known,
+/// owned by it; the lease's bandwidth becomes the NIC's rate limiters
 /// (Firecracker's, each way; no `tc` then). The VMM runs in the host
 /// side's network namespace, not one of its own, to open the tap; the
-/// lease is released once the VMM is dead.
+/// lease is released once the VMM is dead ([`FirecrackerVm::network`]).
 #[derive(Clone)]
 pub struct VmNic {
-    pub lease: NetLease,
+    pub network: Arc<Network>,
 }
 
 impl std::fmt::Debug for VmNic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmNic")
-            .field("slot", &self.lease.slot().index)
+            .field("pool", &self.network.pool())
             .finish()
     }
 }
 
 impl PartialEq for VmNic {
     fn eq(&self, other: &Self) -> bool {
-        self.lease.slot() == other.lease.slot()
+        Arc::ptr_eq(&self.network, &other.network)
     }
 }
 
@@ -242,7 +243,7 @@ impl FirecrackerVm {
             scratch_mib: spec.scratch_disk_mib,
             netns: match &spec.network {
                 None => NetnsPlan::Default,
-                Some(nic) => NetnsPlan::Join(nic.lease.host_netns()),
+                Some(nic) => NetnsPlan::Join(nic.network.host_netns()),
             },
         })
         .await?;
@@ -254,17 +255,20 @@ impl FirecrackerVm {
         };
         let mut vm = Self::assemble(launched, machine, spec.root_drive.clone());
         let configured = Instant::now();
-        let tap = match &spec.network {
+        let nic = match &spec.network {
             None => None,
             Some(nic) => match vm.make_tap(nic).await {
-                Ok(tap) => Some(tap),
+                Ok(lease) => Some(lease),
                 Err(e) => {
                     vm.destroy().await;
                     return Err(e);
                 }
             },
         };
-        if let Err(e) = vm.configure(spec, &files, tap.as_deref()).await {
+        let tap = nic.as_ref().map(|l| l.slot().host_link());
+        let rate = nic.as_ref().map_or(0, |l| l.info().rate_mbit);
+        drop(nic);
+        if let Err(e) = vm.configure(spec, &files, tap.as_deref(), rate).await {
             vm.destroy().await;
             return Err(e);
         }
@@ -292,24 +296,36 @@ impl FirecrackerVm {
         Ok(())
     }
 
-    /// Makes the tap of `nic`, owned by the VMM's uid when jailed; the
-    /// lease goes with the VM's remains (released after the VMM's death).
-    async fn make_tap(&self, nic: &VmNic) -> Result<String, StartError> {
-        let lease = nic.lease.clone();
-        let ids = self.ids;
-        let tap = tokio::task::spawn_blocking(move || lease.attach_tap(ids, false))
-            .await
-            .map_err(|e| StartError::Network(e.to_string()))?
-            .map_err(|e| StartError::Network(e.to_string()))?;
+    /// Takes the VM's lease on `nic`'s network and makes its tap, owned
+    /// by the VMM's uid when jailed; the lease goes with the VM's remains
+    /// (released after the VMM's death).
+    async fn make_tap(&self, nic: &VmNic) -> Result<NetLease, StartError> {
+        let net = nic.network.clone();
+        let (id, ids) = (self.id.to_string(), self.ids);
+        let lease = tokio::task::spawn_blocking(move || {
+            let lease = net.lease(&id, None)?;
+            lease.attach_tap(ids, false)?;
+            Ok::<_, crate::network::NetworkError>(lease)
+        })
+        .await
+        .map_err(|e| StartError::Network(e.to_string()))?
+        .map_err(|e| StartError::Network(e.to_string()))?;
         if let Some(r) = self
             .remains
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            r.net = Some(nic.lease.clone());
+            r.net = Some(lease.clone());
         }
-        Ok(tap)
+        Ok(lease)
+    }
+
+    /// The VM's network (a handle on its lease, which lives while any is
+    /// held), when it has a NIC.
+    pub fn network(&self) -> Option<NetLease> {
+        let r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_ref()?.net.clone()
     }
 
     async fn configure(
@@ -317,6 +333,7 @@ impl FirecrackerVm {
         spec: &BootSpec,
         files: &[RootFile],
         tap: Option<&str>,
+        rate_mbit: u32,
     ) -> Result<(), StartError> {
         let step = |step: &'static str| move |source| StartError::Configure { step, source };
         let api = &self.api;
@@ -371,8 +388,8 @@ impl FirecrackerVm {
             .await
             .map_err(step("vsock device"))?;
         }
-        if let (Some(nic), Some(tap)) = (&spec.network, tap) {
-            let rate = RateLimiter::mbit(nic.lease.info().rate_mbit);
+        if let Some(tap) = tap {
+            let rate = RateLimiter::mbit(rate_mbit);
             api.put_network_interface(&NetworkInterface {
                 iface_id: "eth0".into(),
                 host_dev_name: tap.to_owned(),
