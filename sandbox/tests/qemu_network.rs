@@ -123,6 +123,10 @@ async fn vms_restored_from_a_networked_template_each_get_their_own_network() {
     // firewall drops any other source) and reaches the test internet.
     for vm in [&a, &b] {
         assert_eq!(probe(vm, &lines).await, expect);
+        // Its traffic, as its tap counts it, is in its live figures.
+        let s = vm.stats();
+        assert!(s.net_rx_bytes.unwrap() >= 2 * BODY.len() as u64, "{s:?}");
+        assert!(s.net_tx_bytes.unwrap() > 0, "{s:?}");
     }
     a.destroy().await;
     b.destroy().await;

@@ -124,11 +124,18 @@ impl Sandbox for FirecrackerSandbox {
     }
 
     /// The host's view: the VMM's resident memory (the guest's touched RAM
-    /// included) and CPU time. The guest's disk is tmpfs inside its RAM
-    /// and it has no network, so there is nothing else to see from here.
+    /// included) and CPU time, and a networked guest's traffic as its tap
+    /// counts it (the VMM runs in the host side, where the tap is). The
+    /// guest's disk is tmpfs inside its RAM.
     fn stats(&self) -> SandboxStats {
         let pid = self.vm.pid() as i32;
+        let net = self
+            .vm
+            .network()
+            .and_then(|n| crate::procfs::tap_bytes(pid, &n.slot().host_link()));
         SandboxStats {
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
             memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
             memory_peak_bytes: self.memory_peak_bytes(),
             cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),

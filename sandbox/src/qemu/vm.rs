@@ -418,14 +418,21 @@ impl Sandbox for QemuVm {
         Some(self.timings)
     }
 
-    /// The host's view: QEMU's resident memory and CPU time. The guest's
-    /// disk and network are not visible from the host.
+    /// The host's view: QEMU's resident memory and CPU time, and a
+    /// networked guest's traffic as its tap counts it (QEMU runs in the
+    /// host side, where the tap is). The guest's disk is not visible from
+    /// the host.
     fn stats(&self) -> SandboxStats {
         let pid = self.qemu_pid as i32;
+        let net = self
+            .network()
+            .and_then(|n| crate::procfs::tap_bytes(pid, &n.slot().host_link()));
         SandboxStats {
             memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
             cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
             oom_kills: self.oom_kills(),
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
             ..SandboxStats::default()
         }
     }
