@@ -100,6 +100,16 @@ async fn a_vms_nic_is_its_leases_tap_with_rate_limiters_and_goes_with_it() {
             netns_inode(&format!("/proc/{}/ns/net", vm.pid())),
             netns_inode(&world.host_ns().to_string_lossy())
         );
+        // A new rate on the running VM: Firecracker's limiters change.
+        vm.set_rate_mbit(MBIT / 2).unwrap();
+        let config = vm.api().vm_config().await.unwrap();
+        let nic = &config.network_interfaces[0];
+        assert_eq!(nic.rx_rate_limiter, RateLimiter::mbit(MBIT / 2));
+        assert_eq!(nic.tx_rate_limiter, RateLimiter::mbit(MBIT / 2));
+        assert_eq!(vm.network().unwrap().info().rate_mbit, MBIT / 2);
+        // And none at all (a bucket of size 0 is Firecracker's "off").
+        vm.set_rate_mbit(0).unwrap();
+        assert_eq!(vm.network().unwrap().info().rate_mbit, 0);
         // ...and no tc on the tap: the rate is Firecracker's to keep.
         let qdisc = Process::new("ip")
             .args([

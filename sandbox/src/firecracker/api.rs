@@ -20,8 +20,8 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, Fault, FirecrackerVersion, InstanceAction,
-    InstanceInfo, Logger, MachineConfig, MetricsConfig, NetworkInterface, SnapshotCreateParams,
-    SnapshotLoadParams, VmConfig, VmState, VmStateBody, Vsock,
+    InstanceInfo, Logger, MachineConfig, MetricsConfig, NetworkInterface, NetworkInterfaceUpdate,
+    SnapshotCreateParams, SnapshotLoadParams, VmConfig, VmState, VmStateBody, Vsock,
 };
 
 /// Why an API call failed.
@@ -119,6 +119,11 @@ impl ApiClient {
             timeout,
             conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The socket this client talks to.
@@ -269,6 +274,15 @@ impl ApiClient {
     pub async fn put_network_interface(&self, nic: &NetworkInterface) -> Result<(), ApiError> {
         let path = format!("/network-interfaces/{}", nic.iface_id);
         self.send(Method::PUT, &path, nic).await
+    }
+
+    /// `PATCH /network-interfaces/{iface_id}` (a running VM's limiters).
+    pub async fn patch_network_interface(
+        &self,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), ApiError> {
+        let path = format!("/network-interfaces/{}", update.iface_id);
+        self.send(Method::PATCH, &path, update).await
     }
 
     /// `PUT /vsock` (before boot).

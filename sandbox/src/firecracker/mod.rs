@@ -71,8 +71,8 @@ pub use metrics::{
 pub use models::{
     ActionType, BootSource, Drive, EntropyDevice, FirecrackerVersion, HugePages, InstanceInfo,
     InstanceState, LogLevel, Logger, MachineConfig, MemoryBackendParams, MemoryBackendType,
-    MetricsConfig, NetworkInterface, RateLimiter, SnapshotCreateParams, SnapshotLoadParams,
-    SnapshotType, TokenBucket, VmConfig, VmState, Vsock, VsockOverride,
+    MetricsConfig, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, TokenBucket, VmConfig, VmState, Vsock, VsockOverride,
 };
 pub use process::{LaunchError, VmPaths};
 pub use restore::{reap_page_sockets, MemorySource, RestoredVm};

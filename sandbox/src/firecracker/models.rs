@@ -71,6 +71,17 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters of a running
+/// VM's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
 /// Firecracker's rate limiter of a device: a token bucket of bytes and
 /// one of operations (either may be absent: unlimited).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +102,19 @@ pub struct TokenBucket {
 }
 
 impl RateLimiter {
+    /// [`RateLimiter::mbit`] for an update, where no limit is a bucket of
+    /// size 0 (Firecracker's "disabled"), not an absent one (unchanged).
+    pub fn mbit_update(mbit: u32) -> Self {
+        Self::mbit(mbit).unwrap_or(Self {
+            bandwidth: Some(TokenBucket {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        })
+    }
+
     /// A bandwidth of `mbit` Mbit/s (0: `None`, unlimited): a bucket of
     /// 100 ms of traffic, refilled every 100 ms.
     pub fn mbit(mbit: u32) -> Option<Self> {

@@ -161,16 +161,12 @@ impl Sandbox for FirecrackerSandbox {
             .map_err(|e| SandboxError::backend("firecracker", e))
     }
 
-    /// Firecracker's rate limiters are set when the VM boots; a running
-    /// VM's would need `PATCH /network-interfaces`, not made yet.
+    /// Firecracker's rate limiters of the NIC, changed on the running VM.
     fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
-        let net = self.networked()?;
-        if net.info().rate_mbit == mbit {
-            return Ok(());
-        }
-        Err(SandboxError::Unsupported(
-            "a Firecracker sandbox's bandwidth is fixed when it boots (network.rate_mbit)".into(),
-        ))
+        self.networked()?;
+        self.vm
+            .set_rate_mbit(mbit)
+            .map_err(|e| SandboxError::backend("firecracker", e))
     }
 
     fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {

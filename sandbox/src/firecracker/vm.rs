@@ -15,8 +15,8 @@ use super::console::Console;
 use super::metrics::{MetricsError, MetricsReader, VmmMetrics};
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, InstanceInfo, MachineConfig, MemoryBackendParams,
-    MemoryBackendType, MetricsConfig, NetworkInterface, RateLimiter, SnapshotCreateParams,
-    SnapshotLoadParams, SnapshotType, VmState, Vsock, VsockOverride,
+    MemoryBackendType, MetricsConfig, NetworkInterface, NetworkInterfaceUpdate, RateLimiter,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState, Vsock, VsockOverride,
 };
 use super::process::{
     launch, names, LaunchError, LaunchPlan, Launched, NetnsPlan, RootFile, VmPaths,
@@ -319,6 +319,41 @@ impl FirecrackerVm {
             r.net = Some(lease.clone());
         }
         Ok(lease)
+    }
+
+    /// Sets the bandwidth of the VM's NIC, each way (0: unlimited), with
+    /// Firecracker's rate limiters (`PATCH /network-interfaces/eth0`), and
+    /// records it in its lease. Blocking: the call runs on a thread of its
+    /// own with a connection of its own, so that it may be made from
+    /// anywhere (the contract's `set_rate_mbit` is synchronous).
+    pub fn set_rate_mbit(&self, mbit: u32) -> Result<(), StartError> {
+        let lease = self
+            .network()
+            .ok_or_else(|| StartError::Network("the VM has no network interface".into()))?;
+        let client = ApiClient::new(self.api.socket(), self.api.timeout());
+        let update = NetworkInterfaceUpdate {
+            iface_id: "eth0".into(),
+            rx_rate_limiter: Some(RateLimiter::mbit_update(mbit)),
+            tx_rate_limiter: Some(RateLimiter::mbit_update(mbit)),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StartError::Network(e.to_string()))?;
+                rt.block_on(client.patch_network_interface(&update))
+                    .map_err(|source| StartError::Configure {
+                        step: "network interface's rate limiters",
+                        source,
+                    })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StartError::Network("the API thread panicked".into())))
+        })?;
+        lease
+            .set_rate(mbit)
+            .map_err(|e| StartError::Network(e.to_string()))
     }
 
     /// The VM's network (a handle on its lease, which lives while any is
