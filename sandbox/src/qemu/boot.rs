@@ -23,12 +23,16 @@ impl Inner {
     /// Boots a VM for `spec` and hands over its set-up agent.
     pub(super) async fn boot(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
         let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
-        let tap = self.attach_network(&id, spec, &mut remains).await?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
-        let vhost_pid = self
-            .start_vhost(&id, &dir, &uds, &console, &mut remains)
-            .await?;
+        // The network (its processes) while vhost-device-vsock starts.
+        let (vhost, net) = tokio::join!(
+            self.start_vhost(&id, &dir, &uds, &console, &mut remains),
+            self.network_for(&id, spec)
+        );
+        let (lease, tap) = net?.unzip();
+        remains.net = lease;
+        let vhost_pid = vhost?;
         let ready = ReadySignal::listen(&uds).map_err(boot_err)?;
         let machine = Machine::of(self, spec);
         let launch = Launch {

@@ -381,6 +381,20 @@ impl Inner {
         spec: &SandboxSpec,
         remains: &mut vm::Remains,
     ) -> Result<Option<String>, SandboxError> {
+        let Some((lease, tap)) = self.network_for(id, spec).await? else {
+            return Ok(None);
+        };
+        remains.net = Some(lease);
+        Ok(Some(tap))
+    }
+
+    /// The network lease and tap of a sandbox of `spec`, if it has
+    /// `allow_internet`; the caller keeps the lease with the VM.
+    async fn network_for(
+        &self,
+        id: &crate::SandboxId,
+        spec: &SandboxSpec,
+    ) -> Result<Option<(crate::network::NetLease, String)>, SandboxError> {
         let (Some(net), true) = (&self.network, spec.allow_internet) else {
             return Ok(None);
         };
@@ -397,8 +411,7 @@ impl Inner {
             error: io::Error::other(e.to_string()),
         })?
         .map_err(|e| SandboxError::backend("qemu", e))?;
-        remains.net = Some(lease);
-        Ok(Some(tap))
+        Ok(Some((lease, tap)))
     }
 
     /// The handshake's opening for a sandbox of `spec`.
