@@ -263,24 +263,24 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
     Ok(())
 }
 
+/// The netmask of a prefix length (0 to 32).
+fn netmask(prefix_len: u8) -> Result<std::net::Ipv4Addr, String> {
+    if prefix_len > 32 {
+        return Err(format!("a prefix length of {prefix_len}"));
+    }
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    Ok(std::net::Ipv4Addr::from(mask))
+}
+
 /// The guest's interface for its network: `eth0` gets `n`'s address and
 /// comes up, the default route goes through the host's end, and
 /// `/etc/resolv.conf` names the host's resolver.
 fn configure_network(n: &kiln_protocol::GuestNetwork) -> Result<(), String> {
     let step = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
-    if n.prefix_len > 32 {
-        return Err(format!("a prefix length of {}", n.prefix_len));
-    }
-    let mask = u32::MAX
-        .checked_shl(32 - u32::from(n.prefix_len))
-        .unwrap_or(0);
-    sys::configure_interface(
-        c"eth0",
-        n.address,
-        std::net::Ipv4Addr::from(mask),
-        n.gateway,
-    )
-    .map_err(step("set up eth0"))?;
+    let mask = netmask(n.prefix_len)?;
+    sys::configure_interface(c"eth0", n.address, mask, n.gateway).map_err(step("set up eth0"))?;
     std::fs::write("/etc/resolv.conf", format!("nameserver {}\n", n.dns))
         .map_err(step("write /etc/resolv.conf"))
 }
@@ -621,6 +621,17 @@ mod tests {
         assert!(GuestConfig::parse("kiln.vport=a/b")
             .unwrap_err()
             .contains("kiln.vport"));
+    }
+
+    #[test]
+    fn netmasks_follow_the_prefix_length() {
+        assert_eq!(
+            netmask(30).unwrap(),
+            std::net::Ipv4Addr::new(255, 255, 255, 252)
+        );
+        assert_eq!(netmask(32).unwrap(), std::net::Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(0).unwrap(), std::net::Ipv4Addr::UNSPECIFIED);
+        assert!(netmask(33).unwrap_err().contains("33"));
     }
 
     #[test]

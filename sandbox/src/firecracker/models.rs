@@ -367,6 +367,24 @@ mod tests {
     }
 
     #[test]
+    fn a_nics_rate_limiters_are_buckets_of_100_ms() {
+        let nic = NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "kn3".into(),
+            guest_mac: None,
+            rx_rate_limiter: RateLimiter::mbit(8),
+            tx_rate_limiter: RateLimiter::mbit(0),
+        };
+        assert_eq!(
+            serde_json::to_string(&nic).unwrap(),
+            r#"{"iface_id":"eth0","host_dev_name":"kn3","rx_rate_limiter":{"bandwidth":{"size":100000,"refill_time":100}}}"#
+        );
+        // An update says "no limit" with an empty bucket, not by leaving
+        // the limiter out (that keeps it).
+        assert_eq!(RateLimiter::mbit_update(0).bandwidth.unwrap().size, 0);
+    }
+
+    #[test]
     fn answers_parse_with_fields_kiln_does_not_read() {
         let info: InstanceInfo = serde_json::from_str(
             r#"{"id":"anonymous-instance","state":"Not started","vmm_version":"1.17.0-dev","app_name":"Firecracker"}"#,
