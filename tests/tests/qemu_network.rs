@@ -28,13 +28,15 @@ use kiln_tests::{bin, Scope};
 use serde_json::{json, Value};
 
 /// `kiln serve --backend qemu` inside the host side, its API on every
-/// address there.
+/// address there; every VM booted (no pool templates being built beside
+/// the test's VMs; `sandbox/tests/qemu_network.rs` restores networked
+/// VMs from a template).
 fn serve(world: &World, scope: Scope) -> Server {
     let config = scope.state_dir.join("kiln.toml");
     std::fs::write(
         &config,
         format!(
-            "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n"
+            "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n\n[snapshot]\ntemplates = false\n"
         ),
     )
     .unwrap();
