@@ -37,10 +37,11 @@
 //! setup. Everything keyed by the interface (the table's maps, the
 //! resolver's client, the slot's clean-up and reaping) is the same as a
 //! jail's. Its bandwidth: a token bucket on the tap's egress (towards the
-//! guest) and a policer on its ingress (from the guest, which no queue on
-//! the host side shapes); Firecracker's own rate limiters do both instead
-//! when the VMM is Firecracker. docs/network.md says why the tap sits in
-//! the host side rather than in a namespace of its own.
+//! guest), and one on an `ifb` device its ingress (from the guest, which
+//! no queue on the host side holds) is redirected through; Firecracker's
+//! own rate limiters do both instead when the VMM is Firecracker.
+//! docs/security.md (Networks, microVMs) says why the tap sits in the host
+//! side rather than in a namespace of its own.
 //!
 //! A namespace is never handed from one lease to another: a jail's reset
 //! makes a new room, with a new namespace, and the sandbox's veth pair is
