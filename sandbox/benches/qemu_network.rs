@@ -223,6 +223,10 @@ fn main() {
         let (lim_down, lim_up) = stream(&vm, n).await;
         vm.destroy().await;
         drop(limited);
+        // The templates are guest RAM's size, and /run is RAM too.
+        for state in ["qnet", "qrate"] {
+            let _ = std::fs::remove_dir_all(format!("/run/kiln-bench-{state}"));
+        }
         println!(
             "VM limited to {rate} Mbit/s: down {lim_down:.1} ({:+.1}%), up {lim_up:.1} ({:+.1}%)",
             (lim_down / f64::from(rate) - 1.0) * 100.0,
