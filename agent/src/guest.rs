@@ -23,9 +23,12 @@
 //! connection ([`apply_setup`], `Frame::Setup`): entropy for the random
 //! pool and a reseed of the kernel's generator, the wall clock, the
 //! hostname, the sandbox's id, the size of the tmpfs directories and of
-//! the root's writable layer (the sandbox's disk size), and the cap on
-//! tasks (`kernel.threads-max`). A VM restored from a snapshot gets
-//! its own before it runs anything.
+//! the root's writable layer (the sandbox's disk size), the cap on tasks
+//! (`kernel.threads-max`), and, for a networked sandbox, the address,
+//! default route and name server of its one network interface (`eth0`,
+//! set with the same ioctls `ifconfig` and `route` use: no guest tools).
+//! A VM restored from a snapshot gets its own before it runs anything; a
+//! template never had any.
 //!
 //! Any failure is fatal: PID 1 exits, the kernel panics and, with
 //! `panic=-1 reboot=t` and QEMU's `-no-reboot` (or Firecracker's reboot
@@ -266,7 +269,32 @@ pub fn apply_setup(s: &kiln_protocol::GuestSetup) -> Result<(), String> {
         resize_tmpfs(s.disk_mb)?;
     }
     limit_tasks(s.pids).map_err(step("limit the number of tasks"))?;
+    if let Some(n) = &s.network {
+        configure_network(n)?;
+    }
     Ok(())
+}
+
+/// The netmask of a prefix length (0 to 32).
+fn netmask(prefix_len: u8) -> Result<std::net::Ipv4Addr, String> {
+    if prefix_len > 32 {
+        return Err(format!("a prefix length of {prefix_len}"));
+    }
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
+    Ok(std::net::Ipv4Addr::from(mask))
+}
+
+/// The guest's interface for its network: `eth0` gets `n`'s address and
+/// comes up, the default route goes through the host's end, and
+/// `/etc/resolv.conf` names the host's resolver.
+fn configure_network(n: &kiln_protocol::GuestNetwork) -> Result<(), String> {
+    let step = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+    let mask = netmask(n.prefix_len)?;
+    sys::configure_interface(c"eth0", n.address, mask, n.gateway).map_err(step("set up eth0"))?;
+    std::fs::write("/etc/resolv.conf", format!("nameserver {}\n", n.dns))
+        .map_err(step("write /etc/resolv.conf"))
 }
 
 /// The size of the [`SIZED_TMPFS`] directories (and of the overlay's
@@ -489,6 +517,70 @@ mod sys {
         cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
     }
 
+    fn sockaddr(a: std::net::Ipv4Addr) -> libc::sockaddr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes)
+        // and any bytes are a valid sockaddr.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    }
+
+    /// Gives interface `name` an address and netmask, brings it up and
+    /// adds a default route through `gateway` (already there: fine).
+    pub fn configure_interface(
+        name: &CStr,
+        address: std::net::Ipv4Addr,
+        netmask: std::net::Ipv4Addr,
+        gateway: std::net::Ipv4Addr,
+    ) -> io::Result<()> {
+        // SAFETY: plain socket creation; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.to_bytes_with_nul();
+        if bytes.len() > req.ifr_name.len() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: each ioctl reads (and SIOCGIFFLAGS writes) the ifreq
+        // passed, whose union member is the one the request uses.
+        unsafe {
+            req.ifr_ifru.ifru_addr = sockaddr(address);
+            cvt(libc::ioctl(fd, libc::SIOCSIFADDR as _, &req))?;
+            req.ifr_ifru.ifru_netmask = sockaddr(netmask);
+            cvt(libc::ioctl(fd, libc::SIOCSIFNETMASK as _, &req))?;
+            cvt(libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req))?;
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            cvt(libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req))?;
+        }
+        // SAFETY: an all-zero rtentry is valid (no device, no metric).
+        let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+        route.rt_dst = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+        route.rt_genmask = sockaddr(std::net::Ipv4Addr::UNSPECIFIED);
+        route.rt_gateway = sockaddr(gateway);
+        route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // SAFETY: SIOCADDRT reads the rtentry passed; it names no device
+        // (the kernel finds the one that reaches the gateway).
+        match cvt(unsafe { libc::ioctl(fd, libc::SIOCADDRT as _, &route) }) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
+    }
+
     pub fn loopback_up() -> io::Result<()> {
         // SAFETY: plain socket creation; the fd is owned below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -546,6 +638,17 @@ mod tests {
         assert!(GuestConfig::parse("kiln.vport=a/b")
             .unwrap_err()
             .contains("kiln.vport"));
+    }
+
+    #[test]
+    fn netmasks_follow_the_prefix_length() {
+        assert_eq!(
+            netmask(30).unwrap(),
+            std::net::Ipv4Addr::new(255, 255, 255, 252)
+        );
+        assert_eq!(netmask(32).unwrap(), std::net::Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(0).unwrap(), std::net::Ipv4Addr::UNSPECIFIED);
+        assert!(netmask(33).unwrap_err().contains("33"));
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn wrong_requests_get_tagged_errors_and_serving_continues() {
         clock_unix_ns: 0,
         disk_mb: 16,
         pids: 16,
+        network: None,
     }));
     expect_error(h.recv(), Some(97), "microVM guests");
 }

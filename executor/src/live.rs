@@ -18,7 +18,8 @@ pub struct LiveSample {
     /// Used and total bytes of the work directory (`/work`).
     pub disk_used_bytes: Option<u64>,
     pub disk_total_bytes: Option<u64>,
-    /// Summed over the sandbox's interfaces (only loopback without network).
+    /// Summed over the sandbox's interfaces (a jail's: only loopback without
+    /// network); a microVM's tap (none without network).
     pub net_rx_bytes: Option<u64>,
     pub net_tx_bytes: Option<u64>,
     /// The bandwidth limit in force each way, Mbit/s (0: none); absent
@@ -32,8 +33,9 @@ pub struct LiveSample {
 }
 
 /// Samples `sandbox` now: what its backend can see (a jail's cgroup and
-/// room; a microVM's VMM process, whose guest disk and network are not
-/// visible from the host, `null`).
+/// room; a microVM's VMM process and its tap, whose guest disk is not
+/// visible from the host, `null`, and whose network is `null` when it has
+/// none).
 pub fn sample(sandbox: &AnySandbox) -> LiveSample {
     let s = sandbox.stats();
     LiveSample {

@@ -32,7 +32,7 @@ use crate::limits::{MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FRAME_BYTES, MAX_PATH_B
 use crate::runtime::RuntimeTable;
 
 /// Version of this protocol; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// First frame, host to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +131,25 @@ pub struct GuestSetup {
     pub disk_mb: u64,
     /// Most tasks jobs may add to those running now.
     pub pids: u64,
+    /// The guest's network interface, when the sandbox has a network
+    /// (`allow_internet`); `None`: it has none (an air-gapped guest has no
+    /// network device either). Sent with every setup, never kept in a
+    /// template: a restored guest learns its address here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the guest's one network interface (`eth0`, a virtio-net device) is
+/// set up: its address in a point-to-point network of the host's, the
+/// default route through the host's end, and the name server for
+/// `/etc/resolv.conf` (the host answers DNS sent to any address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    /// The prefix length of the interface's network (e.g. 30).
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: std::net::Ipv4Addr,
 }
 
 /// Most bytes of [`GuestSetup::entropy`] (the kernel's `RNDADDENTROPY`
@@ -764,6 +783,12 @@ mod tests {
                 clock_unix_ns: 1_765_000_000_000_000_000,
                 disk_mb: 64,
                 pids: 256,
+                network: Some(GuestNetwork {
+                    address: std::net::Ipv4Addr::new(10, 213, 0, 2),
+                    prefix_len: 30,
+                    gateway: std::net::Ipv4Addr::new(10, 213, 0, 1),
+                    dns: std::net::Ipv4Addr::new(10, 213, 0, 1),
+                }),
             }),
             Frame::Started(Started {
                 tag: 7,

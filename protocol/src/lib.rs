@@ -13,8 +13,8 @@ mod runtime;
 
 pub use frame::{
     read_frame, Decoder, ExecError, ExecRequest, ExitReport, ExitStatus, Frame, FrameError,
-    GetFile, GuestSetup, Hello, HelloAck, Kill, PutFile, Rooms, Started, MAX_SETUP_ENTROPY_BYTES,
-    PROTOCOL_VERSION,
+    GetFile, GuestNetwork, GuestSetup, Hello, HelloAck, Kill, PutFile, Rooms, Started,
+    MAX_SETUP_ENTROPY_BYTES, PROTOCOL_VERSION,
 };
 pub use job::{
     check_image_ref, check_rel_path, Acquire, EgressSpec, ExecId, File, JobId, JobResult, JobSpec,

@@ -85,6 +85,23 @@ pub(crate) fn net_bytes(pid: i32) -> Option<(u64, u64)> {
     Some(parse_net_dev(&text))
 }
 
+/// What a microVM received and sent through its tap `dev`, from the
+/// table of the namespace process `pid` is in (its VMM's, the host side):
+/// what the tap transmits the guest receives, and the other way round.
+pub(crate) fn tap_bytes(pid: i32, dev: &str) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;
+    parse_tap(&text, dev)
+}
+
+fn parse_tap(text: &str, dev: &str) -> Option<(u64, u64)> {
+    let line = text.lines().skip(2).find(|l| {
+        l.split_once(':')
+            .is_some_and(|(name, _)| name.trim() == dev)
+    })?;
+    let (rx, tx) = parse_net_dev(&format!("\n\n{line}"));
+    Some((tx, rx))
+}
+
 /// Sums received and transmitted bytes over every interface of a
 /// `/proc/net/dev` table (two header lines, then `name: rx_bytes ... tx_bytes ...`).
 fn parse_net_dev(text: &str) -> (u64, u64) {
@@ -129,6 +146,9 @@ mod tests {
     fn net_dev_is_summed_over_interfaces() {
         let t = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\n  eth0:      50       1    0    0    0     0          0         0       7       1    0    0    0     0       0          0\n";
         assert_eq!(parse_net_dev(t), (150, 107));
+        // A tap's counters are the guest's the other way round.
+        assert_eq!(parse_tap(t, "eth0"), Some((7, 50)));
+        assert_eq!(parse_tap(t, "kn1"), None);
     }
 
     #[test]

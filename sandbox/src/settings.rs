@@ -541,6 +541,7 @@ impl BackendSettings {
         cfg.vhost_vsock.clone_from(&self.qemu.vhost_vsock_bin);
         cfg.state_dir.clone_from(&self.backend.state_dir);
         cfg.templates = self.snapshot.templates.then(|| self.snapshot.store.clone());
+        cfg.network = Some(self.network.clone());
         let backend = QemuBackend::new(cfg).map_err(|source| OpenError::Backend {
             backend: "qemu",
             source,
@@ -599,6 +600,7 @@ impl BackendSettings {
         let mut cfg = FirecrackerBackendConfig::new(vmm, img.kernel, img.rootfs, runtimes);
         cfg.templates = self.snapshot.templates.then(|| self.snapshot.store.clone());
         cfg.memory = self.snapshot.memory;
+        cfg.network = Some(self.network.clone());
         Ok(cfg)
     }
 

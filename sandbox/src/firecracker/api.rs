@@ -20,8 +20,8 @@ use serde::Serialize;
 
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, Fault, FirecrackerVersion, InstanceAction,
-    InstanceInfo, Logger, MachineConfig, MetricsConfig, SnapshotCreateParams, SnapshotLoadParams,
-    VmConfig, VmState, VmStateBody, Vsock,
+    InstanceInfo, Logger, MachineConfig, MetricsConfig, NetworkInterface, NetworkInterfaceUpdate,
+    SnapshotCreateParams, SnapshotLoadParams, VmConfig, VmState, VmStateBody, Vsock,
 };
 
 /// Why an API call failed.
@@ -119,6 +119,11 @@ impl ApiClient {
             timeout,
             conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The socket this client talks to.
@@ -263,6 +268,21 @@ impl ApiClient {
     pub async fn put_drive(&self, drive: &Drive) -> Result<(), ApiError> {
         let path = format!("/drives/{}", drive.drive_id);
         self.send(Method::PUT, &path, drive).await
+    }
+
+    /// `PUT /network-interfaces/{iface_id}` (before boot).
+    pub async fn put_network_interface(&self, nic: &NetworkInterface) -> Result<(), ApiError> {
+        let path = format!("/network-interfaces/{}", nic.iface_id);
+        self.send(Method::PUT, &path, nic).await
+    }
+
+    /// `PATCH /network-interfaces/{iface_id}` (a running VM's limiters).
+    pub async fn patch_network_interface(
+        &self,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), ApiError> {
+        let path = format!("/network-interfaces/{}", update.iface_id);
+        self.send(Method::PATCH, &path, update).await
     }
 
     /// `PUT /vsock` (before boot).

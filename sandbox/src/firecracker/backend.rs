@@ -74,6 +74,9 @@ pub struct FirecrackerBackendConfig {
     pub templates: Option<PathBuf>,
     /// How a restore loads the template's memory.
     pub memory: MemoryMode,
+    /// Networking for sandboxes with `allow_internet` (off, or `None`:
+    /// refused).
+    pub network: Option<crate::network::NetworkSettings>,
 }
 
 impl FirecrackerBackendConfig {
@@ -101,6 +104,7 @@ impl FirecrackerBackendConfig {
             verbose_console: std::env::var("KILN_GUEST_VERBOSE").as_deref() == Ok("1"),
             templates: None,
             memory: MemoryMode::Prefetch,
+            network: None,
         }
     }
 }
@@ -148,6 +152,9 @@ pub enum SetupError {
     /// This process could not become the subreaper of its jailed VMMs.
     #[error("cannot adopt the jailed VMMs (PR_SET_CHILD_SUBREAPER): {0}")]
     Subreaper(#[source] std::io::Error),
+    /// Sandbox networking could not be set up.
+    #[error("sandbox networks: {0}")]
+    Network(#[source] crate::network::NetworkError),
 }
 
 /// What the backend's parts share.
@@ -160,6 +167,8 @@ pub(super) struct Inner {
     pub fleet: Fleet,
     /// Root disks of sandboxes rooted in an image.
     pub disks: crate::vm::ImageDisks,
+    /// Sandbox networking, when configured.
+    pub network: Option<Arc<crate::network::Network>>,
 }
 
 /// Makes Firecracker microVMs. Cheap to clone.
@@ -225,6 +234,13 @@ impl FirecrackerBackend {
             }
             super::adopt_orphaned_vmms().map_err(SetupError::Subreaper)?;
         }
+        let network = match &cfg.network {
+            Some(n) if n.enabled => Some(
+                crate::network::Network::open(n, &cfg.vmm.state_dir)
+                    .map_err(SetupError::Network)?,
+            ),
+            _ => None,
+        };
         let pages = match (&templates, cfg.memory) {
             (Some(_), MemoryMode::Lazy | MemoryMode::Prefetch) => Some(open_pages(&cfg)?),
             _ => None,
@@ -236,6 +252,7 @@ impl FirecrackerBackend {
                 templates,
                 pages,
                 fleet: Fleet::default(),
+                network,
             }),
         })
     }
@@ -348,9 +365,9 @@ impl Inner {
                 .resolve(w)
                 .map_err(|e| SandboxError::Unsupported(e.to_string()))?;
         }
-        if spec.allow_internet {
+        if spec.allow_internet && self.network.is_none() {
             return Err(SandboxError::Unsupported(
-                "the firecracker backend gives sandboxes no network yet (allow_internet must be false); use the qemu backend for sandboxes with internet access".into(),
+                "allow_internet=true is not available: sandbox networking is off (set `enabled = true` in the [network] section of the configuration)".into(),
             ));
         }
         Ok(())
@@ -416,7 +433,10 @@ impl Inner {
         let connected = Instant::now();
         let id = vm.id().clone();
         let setup = match boot::guest_setup(&id, spec) {
-            Ok(s) => s,
+            Ok(mut s) => {
+                s.network = vm.network().map(|l| l.guest());
+                s
+            }
             Err(error) => {
                 vm.destroy().await;
                 return Err(SandboxError::Io {
@@ -511,9 +531,9 @@ impl Backend for FirecrackerBackend {
     async fn create(&self, spec: &SandboxSpec) -> Result<FirecrackerSandbox, SandboxError> {
         let inner = &self.inner;
         inner.check_spec(spec)?;
-        // Templates are of the guest image only: a sandbox rooted in an
-        // image boots.
-        if inner.templates.is_some() && spec.image.is_none() {
+        // A snapshot fixes its NIC's tap, and templates are of the guest
+        // image only: a networked sandbox, or one rooted in an image, boots.
+        if inner.templates.is_some() && !spec.allow_internet && spec.image.is_none() {
             match inner.usable_template(spec).await {
                 Ok(Some(template)) => match inner.restore(&template, spec).await {
                     Ok(sandbox) => return Ok(sandbox),
@@ -561,6 +581,11 @@ impl Backend for FirecrackerBackend {
                 "the firecracker backend makes no templates of sandboxes rooted in an image (image {}): they boot; the qemu backend makes them",
                 image.digest
             )));
+        }
+        if spec.allow_internet {
+            return Err(SandboxError::Unsupported(
+                "the firecracker backend makes no templates of networked sandboxes (a snapshot would fix its NIC's tap); they boot".into(),
+            ));
         }
         self.inner.prepare_template(spec, progress).await
     }

@@ -40,6 +40,12 @@ impl Inner {
 
     /// The machine a sandbox of `spec` boots, on the root disk `root`.
     pub(super) fn boot_spec_on(&self, spec: &SandboxSpec, root: std::path::PathBuf) -> BootSpec {
+        let network = match (&self.network, spec.allow_internet) {
+            (Some(network), true) => Some(super::vm::VmNic {
+                network: network.clone(),
+            }),
+            _ => None,
+        };
         BootSpec {
             resources: self.resources(spec),
             kernel: self.cfg.kernel.clone(),
@@ -48,6 +54,7 @@ impl Inner {
             scratch_disk_mib: None,
             vsock_cid: Some(GUEST_CID),
             entropy: true,
+            network,
         }
     }
 
@@ -144,6 +151,7 @@ mod tests {
             pages: None,
             fleet: Default::default(),
             disks: crate::vm::ImageDisks::new(rootfs),
+            network: None,
         }
     }
 

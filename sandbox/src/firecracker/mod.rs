@@ -71,8 +71,8 @@ pub use metrics::{
 pub use models::{
     ActionType, BootSource, Drive, EntropyDevice, FirecrackerVersion, HugePages, InstanceInfo,
     InstanceState, LogLevel, Logger, MachineConfig, MemoryBackendParams, MemoryBackendType,
-    MetricsConfig, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmConfig, VmState,
-    Vsock, VsockOverride,
+    MetricsConfig, NetworkInterface, NetworkInterfaceUpdate, RateLimiter, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, TokenBucket, VmConfig, VmState, Vsock, VsockOverride,
 };
 pub use process::{LaunchError, VmPaths};
 pub use restore::{reap_page_sockets, MemorySource, RestoredVm};
@@ -82,7 +82,9 @@ pub use snapshot::{
 };
 pub use teardown::TeardownReport;
 pub use template::BuildError;
-pub use vm::{BootSpec, BootTimings, FirecrackerVm, RestoreTimings, StartError, VmMetricsError};
+pub use vm::{
+    BootSpec, BootTimings, FirecrackerVm, RestoreTimings, StartError, VmMetricsError, VmNic,
+};
 
 use crate::ReapReport;
 

@@ -49,6 +49,88 @@ pub struct Drive {
     pub path_on_host: PathBuf,
     pub is_root_device: bool,
     pub is_read_only: bool,
+    /// Bandwidth and operations per second of the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /network-interfaces/{iface_id}` (virtio-net): the guest's NIC on
+/// a tap device of the host's, opened by name in the VMM's network
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// What the guest receives...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// ...and what it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters of a running
+/// VM's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// Firecracker's rate limiter of a device: a token bucket of bytes and
+/// one of operations (either may be absent: unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// A bucket of `size` tokens refilled whole every `refill_time` ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+impl RateLimiter {
+    /// [`RateLimiter::mbit`] for an update, where no limit is a bucket of
+    /// size 0 (Firecracker's "disabled"), not an absent one (unchanged).
+    pub fn mbit_update(mbit: u32) -> Self {
+        Self::mbit(mbit).unwrap_or(Self {
+            bandwidth: Some(TokenBucket {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        })
+    }
+
+    /// A bandwidth of `mbit` Mbit/s (0: `None`, unlimited): a bucket of
+    /// 100 ms of traffic, refilled every 100 ms.
+    pub fn mbit(mbit: u32) -> Option<Self> {
+        if mbit == 0 {
+            return None;
+        }
+        let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
+        Some(Self {
+            bandwidth: Some(TokenBucket {
+                size: bytes_per_s / 10,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        })
+    }
 }
 
 /// `PUT /vsock`: a virtio-vsock device whose host side is Firecracker's
@@ -223,6 +305,8 @@ pub struct VmConfig {
     pub boot_source: Option<BootSource>,
     #[serde(default)]
     pub drives: Vec<Drive>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
     #[serde(default)]
     pub vsock: Option<Vsock>,
     #[serde(default)]
@@ -280,6 +364,24 @@ mod tests {
             serde_json::to_string(&b).unwrap(),
             r#"{"kernel_image_path":"/kernel"}"#
         );
+    }
+
+    #[test]
+    fn a_nics_rate_limiters_are_buckets_of_100_ms() {
+        let nic = NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "kn3".into(),
+            guest_mac: None,
+            rx_rate_limiter: RateLimiter::mbit(8),
+            tx_rate_limiter: RateLimiter::mbit(0),
+        };
+        assert_eq!(
+            serde_json::to_string(&nic).unwrap(),
+            r#"{"iface_id":"eth0","host_dev_name":"kn3","rx_rate_limiter":{"bandwidth":{"size":100000,"refill_time":100}}}"#
+        );
+        // An update says "no limit" with an empty bucket, not by leaving
+        // the limiter out (that keeps it).
+        assert_eq!(RateLimiter::mbit_update(0).bandwidth.unwrap().size, 0);
     }
 
     #[test]

@@ -179,6 +179,18 @@ pub(crate) struct LaunchPlan<'a> {
     pub files: Vec<RootFile>,
     /// Size of the per-sandbox writable disk to create, if any.
     pub scratch_mib: Option<u64>,
+    /// The network namespace the VMM runs in.
+    pub netns: NetnsPlan<'a>,
+}
+
+/// Where a VMM runs, network-wise.
+pub(crate) enum NetnsPlan<'a> {
+    /// A jailed VMM in a namespace of its own with only loopback
+    /// (`JailerConfig::own_netns`), an unjailed one in ours.
+    Default,
+    /// A networked VM's: the host side's (this namespace when `None`),
+    /// where its tap is.
+    Join(Option<&'a std::fs::File>),
 }
 
 /// A Firecracker process whose API is up.
@@ -225,6 +237,7 @@ pub(crate) async fn launch(plan: LaunchPlan<'_>) -> Result<Launched, LaunchError
         dir: dir.clone(),
         vmm: None,
         children: Vec::new(),
+        net: None,
     };
     match launch_in(&plan, &binaries, &mut remains).await {
         Ok(started) => Ok(Launched {
@@ -314,9 +327,25 @@ async fn launch_in(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let own_netns = config.jailer.as_ref().is_some_and(|j| j.own_netns) && jail.is_some();
-    if own_netns {
-        // SAFETY: the closure only makes one async-signal-safe system call.
-        unsafe { cmd.pre_exec(sys::unshare_network) };
+    match plan.netns {
+        NetnsPlan::Default if own_netns => {
+            // SAFETY: the closure only makes one async-signal-safe system call.
+            unsafe { cmd.pre_exec(sys::unshare_network) };
+        }
+        NetnsPlan::Join(Some(ns)) => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(ns);
+            // SAFETY: setns is async-signal-safe and touches no memory;
+            // `fd` is open until the spawn returns (the plan borrows it).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        NetnsPlan::Default | NetnsPlan::Join(None) => {}
     }
     let spawned = Instant::now();
     let mut child = spawn_tied(cmd).map_err(|source| LaunchError::Spawn {

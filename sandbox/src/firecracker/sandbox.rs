@@ -10,7 +10,8 @@ use kiln_protocol::SandboxTimings;
 use super::metrics::{Fleet, FleetTicket, VmmMetrics};
 use super::vm::{FirecrackerVm, VmMetricsError};
 use crate::jail::{Cgroup, CgroupLayout};
-use crate::{AgentConn, Sandbox, SandboxId, SandboxStats};
+use crate::network::NetLease;
+use crate::{AgentConn, Sandbox, SandboxError, SandboxId, SandboxStats};
 
 /// How long teardown waits for Firecracker to write a last metrics line.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
@@ -81,6 +82,15 @@ impl FirecrackerSandbox {
         m.vcpu.exit_io_in + m.vcpu.exit_io_out + m.vcpu.exit_mmio_read + m.vcpu.exit_mmio_write
     }
 
+    /// The sandbox's network, or why there is none.
+    fn networked(&self) -> Result<NetLease, SandboxError> {
+        self.vm.network().ok_or_else(|| {
+            SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )
+        })
+    }
+
     pub(super) fn agent_conn(&self) -> &AgentConn {
         &self.agent
     }
@@ -114,11 +124,18 @@ impl Sandbox for FirecrackerSandbox {
     }
 
     /// The host's view: the VMM's resident memory (the guest's touched RAM
-    /// included) and CPU time. The guest's disk is tmpfs inside its RAM
-    /// and it has no network, so there is nothing else to see from here.
+    /// included) and CPU time, and a networked guest's traffic as its tap
+    /// counts it (the VMM runs in the host side, where the tap is). The
+    /// guest's disk is tmpfs inside its RAM.
     fn stats(&self) -> SandboxStats {
         let pid = self.vm.pid() as i32;
+        let net = self
+            .vm
+            .network()
+            .and_then(|n| crate::procfs::tap_bytes(pid, &n.slot().host_link()));
         SandboxStats {
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
             memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
             memory_peak_bytes: self.memory_peak_bytes(),
             cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
@@ -126,6 +143,36 @@ impl Sandbox for FirecrackerSandbox {
             vmm_exits: Some(self.vmm_exits()),
             ..SandboxStats::default()
         }
+    }
+
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.vm.network().as_ref().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rules(rules)
+            .map_err(|e| SandboxError::backend("firecracker", e))
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        self.networked()?
+            .join(name)
+            .map_err(|e| SandboxError::backend("firecracker", e))
+    }
+
+    /// Firecracker's rate limiters of the NIC, changed on the running VM.
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        self.networked()?;
+        self.vm
+            .set_rate_mbit(mbit)
+            .map_err(|e| SandboxError::backend("firecracker", e))
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        self.networked()?
+            .open_port(port)
+            .map_err(|e| SandboxError::backend("firecracker", e))
     }
 
     fn start_timings(&self) -> Option<SandboxTimings> {

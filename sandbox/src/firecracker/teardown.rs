@@ -39,6 +39,9 @@ pub(crate) struct Remains {
     pub vmm: Option<OwnedFd>,
     /// Our children: the jailer or Firecracker itself.
     pub children: Vec<Child>,
+    /// A networked VM's network (its tap, rules and slot), released once
+    /// the VMM is dead.
+    pub net: Option<crate::network::NetLease>,
 }
 
 /// What a teardown could not remove.
@@ -84,6 +87,7 @@ impl Remains {
         for mut child in self.children.drain(..) {
             let _ = child.wait();
         }
+        drop(self.net.take());
         report.leftovers.extend(remove_leftovers(&self.record));
         if !remove_shallow(&self.dir) {
             report

@@ -15,15 +15,18 @@ use super::console::Console;
 use super::metrics::{MetricsError, MetricsReader, VmmMetrics};
 use super::models::{
     ActionType, BootSource, Drive, EntropyDevice, InstanceInfo, MachineConfig, MemoryBackendParams,
-    MemoryBackendType, MetricsConfig, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
-    VmState, Vsock, VsockOverride,
+    MemoryBackendType, MetricsConfig, NetworkInterface, NetworkInterfaceUpdate, RateLimiter,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState, Vsock, VsockOverride,
 };
-use super::process::{launch, names, LaunchError, LaunchPlan, Launched, RootFile, VmPaths};
+use super::process::{
+    launch, names, LaunchError, LaunchPlan, Launched, NetnsPlan, RootFile, VmPaths,
+};
 use super::snapshot::{
     collect, MachineSummary, MemoryBackend, RestoreError, RestoreSpec, Snapshot, SnapshotError,
 };
 use super::sys;
 use super::teardown::{Remains, TeardownReport};
+use crate::network::{NetLease, Network};
 use crate::SandboxId;
 
 /// What to boot.
@@ -44,7 +47,37 @@ pub struct BootSpec {
     pub vsock_cid: Option<u32>,
     /// A virtio-rng device.
     pub entropy: bool,
+    /// A virtio-net device on the sandbox's network.
+    pub network: Option<VmNic>,
 }
+
+/// A VM's network interface, on `network`: the VM's lease (named by the
+/// VM's id, with the default rules) is taken once the VM exists, and its
+/// tap (`kn<slot>`, in the host side) made once the VMM's uid is known,
+/// owned by it; the lease's bandwidth becomes the NIC's rate limiters
+/// (Firecracker's, each way; no `tc` then). The VMM runs in the host
+/// side's network namespace, not one of its own, to open the tap; the
+/// lease is released once the VMM is dead ([`FirecrackerVm::network`]).
+#[derive(Clone)]
+pub struct VmNic {
+    pub network: Arc<Network>,
+}
+
+impl std::fmt::Debug for VmNic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmNic")
+            .field("pool", &self.network.pool())
+            .finish()
+    }
+}
+
+impl PartialEq for VmNic {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.network, &other.network)
+    }
+}
+
+impl Eq for VmNic {}
 
 impl BootSpec {
     /// A bare machine booting `kernel`: no disks, no vsock, no entropy.
@@ -57,6 +90,7 @@ impl BootSpec {
             scratch_disk_mib: None,
             vsock_cid: None,
             entropy: false,
+            network: None,
         }
     }
 }
@@ -78,6 +112,9 @@ pub enum StartError {
     /// `InstanceStart` was refused.
     #[error("Firecracker could not boot the VM: {0}")]
     InstanceStart(#[source] ApiError),
+    /// The VM's network interface could not be made.
+    #[error("making the VM's network interface failed: {0}")]
+    Network(String),
 }
 
 /// Why the VM's metrics could not be read.
@@ -204,6 +241,10 @@ impl FirecrackerVm {
             resources: spec.resources,
             files: files.clone(),
             scratch_mib: spec.scratch_disk_mib,
+            netns: match &spec.network {
+                None => NetnsPlan::Default,
+                Some(nic) => NetnsPlan::Join(nic.network.host_netns()),
+            },
         })
         .await?;
         let api_ready = launched.api_ready;
@@ -214,7 +255,20 @@ impl FirecrackerVm {
         };
         let mut vm = Self::assemble(launched, machine, spec.root_drive.clone());
         let configured = Instant::now();
-        if let Err(e) = vm.configure(spec, &files).await {
+        let nic = match &spec.network {
+            None => None,
+            Some(nic) => match vm.make_tap(nic).await {
+                Ok(lease) => Some(lease),
+                Err(e) => {
+                    vm.destroy().await;
+                    return Err(e);
+                }
+            },
+        };
+        let tap = nic.as_ref().map(|l| l.slot().host_link());
+        let rate = nic.as_ref().map_or(0, |l| l.info().rate_mbit);
+        drop(nic);
+        if let Err(e) = vm.configure(spec, &files, tap.as_deref(), rate).await {
             vm.destroy().await;
             return Err(e);
         }
@@ -242,7 +296,80 @@ impl FirecrackerVm {
         Ok(())
     }
 
-    async fn configure(&self, spec: &BootSpec, files: &[RootFile]) -> Result<(), StartError> {
+    /// Takes the VM's lease on `nic`'s network and makes its tap, owned
+    /// by the VMM's uid when jailed; the lease goes with the VM's remains
+    /// (released after the VMM's death).
+    async fn make_tap(&self, nic: &VmNic) -> Result<NetLease, StartError> {
+        let net = nic.network.clone();
+        let (id, ids) = (self.id.to_string(), self.ids);
+        let lease = tokio::task::spawn_blocking(move || {
+            let lease = net.lease(&id, None)?;
+            lease.attach_tap(ids, false)?;
+            Ok::<_, crate::network::NetworkError>(lease)
+        })
+        .await
+        .map_err(|e| StartError::Network(e.to_string()))?
+        .map_err(|e| StartError::Network(e.to_string()))?;
+        if let Some(r) = self
+            .remains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            r.net = Some(lease.clone());
+        }
+        Ok(lease)
+    }
+
+    /// Sets the bandwidth of the VM's NIC, each way (0: unlimited), with
+    /// Firecracker's rate limiters (`PATCH /network-interfaces/eth0`), and
+    /// records it in its lease. Blocking: the call runs on a thread of its
+    /// own with a connection of its own, so that it may be made from
+    /// anywhere (the contract's `set_rate_mbit` is synchronous).
+    pub fn set_rate_mbit(&self, mbit: u32) -> Result<(), StartError> {
+        let lease = self
+            .network()
+            .ok_or_else(|| StartError::Network("the VM has no network interface".into()))?;
+        let client = ApiClient::new(self.api.socket(), self.api.timeout());
+        let update = NetworkInterfaceUpdate {
+            iface_id: "eth0".into(),
+            rx_rate_limiter: Some(RateLimiter::mbit_update(mbit)),
+            tx_rate_limiter: Some(RateLimiter::mbit_update(mbit)),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StartError::Network(e.to_string()))?;
+                rt.block_on(client.patch_network_interface(&update))
+                    .map_err(|source| StartError::Configure {
+                        step: "network interface's rate limiters",
+                        source,
+                    })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StartError::Network("the API thread panicked".into())))
+        })?;
+        lease
+            .set_rate(mbit)
+            .map_err(|e| StartError::Network(e.to_string()))
+    }
+
+    /// The VM's network (a handle on its lease, which lives while any is
+    /// held), when it has a NIC.
+    pub fn network(&self) -> Option<NetLease> {
+        let r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_ref()?.net.clone()
+    }
+
+    async fn configure(
+        &self,
+        spec: &BootSpec,
+        files: &[RootFile],
+        tap: Option<&str>,
+        rate_mbit: u32,
+    ) -> Result<(), StartError> {
         let step = |step: &'static str| move |source| StartError::Configure { step, source };
         let api = &self.api;
         api.put_metrics(&MetricsConfig {
@@ -272,6 +399,7 @@ impl FirecrackerVm {
                 path_on_host: self.vmm_path(root),
                 is_root_device: true,
                 is_read_only: true,
+                rate_limiter: None,
             })
             .await
             .map_err(step("root disk"))?;
@@ -282,6 +410,7 @@ impl FirecrackerVm {
                 path_on_host: self.paths.vmm(names::SCRATCH),
                 is_root_device: false,
                 is_read_only: false,
+                rate_limiter: None,
             })
             .await
             .map_err(step("writable disk"))?;
@@ -293,6 +422,18 @@ impl FirecrackerVm {
             })
             .await
             .map_err(step("vsock device"))?;
+        }
+        if let Some(tap) = tap {
+            let rate = RateLimiter::mbit(rate_mbit);
+            api.put_network_interface(&NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.to_owned(),
+                guest_mac: None,
+                rx_rate_limiter: rate.clone(),
+                tx_rate_limiter: rate,
+            })
+            .await
+            .map_err(step("network interface"))?;
         }
         if spec.entropy {
             api.put_entropy(&EntropyDevice {})
@@ -365,6 +506,7 @@ impl FirecrackerVm {
             },
             files: files.clone(),
             scratch_mib: None,
+            netns: NetnsPlan::Default,
         })
         .await?;
         let api_ready = launched.api_ready;

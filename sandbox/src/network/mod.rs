@@ -29,6 +29,20 @@
 //! it after a crash (the next [`Network::open`] on the same state
 //! directory) removes all of it.
 //!
+//! A microVM (the qemu and firecracker backends) has no namespace of its
+//! own to put a veth end in: its interface is a tap device, and the tap
+//! *is* the host-side end, `kn<slot>`, with the gateway's address, in the
+//! host side ([`NetLease::attach_tap`]); the VMM opens it by name and the
+//! guest's agent gives its `eth0` the sandbox's address from the guest
+//! setup. Everything keyed by the interface (the table's maps, the
+//! resolver's client, the slot's clean-up and reaping) is the same as a
+//! jail's. Its bandwidth: a token bucket on the tap's egress (towards the
+//! guest), and one on an `ifb` device its ingress (from the guest, which
+//! no queue on the host side holds) is redirected through; Firecracker's
+//! own rate limiters do both instead when the VMM is Firecracker.
+//! docs/security.md (Networks, microVMs) says why the tap sits in the host
+//! side rather than in a namespace of its own.
+//!
 //! A namespace is never handed from one lease to another: a jail's reset
 //! makes a new room, with a new namespace, and the sandbox's veth pair is
 //! made again for it ([`NetLease::connect`]); the conntrack entries and the
@@ -286,6 +300,12 @@ impl Network {
         &self.defaults
     }
 
+    /// The network namespace of the host side, when it is not this
+    /// process's: where a VMM must run to open its tap by name.
+    pub fn host_netns(&self) -> Option<&File> {
+        self.host_ns.as_ref()
+    }
+
     /// The pool sandboxes' addresses come from.
     pub fn pool(&self) -> Cidr {
         self.pool.cidr()
@@ -516,6 +536,17 @@ fn network_name_ok(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Where a lease's interface is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attached {
+    /// A veth pair into the network namespace of this process (a jail's
+    /// room).
+    Room(i32),
+    /// A tap device in the host side (a microVM's); `shaped`: Kiln's `tc`
+    /// limits its bandwidth (else the VMM does).
+    Tap { shaped: bool },
+}
+
 /// One sandbox's network: its slot, rules and current room. Cheap to
 /// clone; everything goes when the last clone is dropped.
 #[derive(Clone)]
@@ -527,8 +558,8 @@ struct LeaseInner {
     net: Arc<Network>,
     slot: Slot,
     rules: Mutex<Arc<EgressRules>>,
-    /// The holder of the room connected now.
-    room: Mutex<Option<i32>>,
+    /// What the interface is connected to now.
+    room: Mutex<Option<Attached>>,
     /// Bandwidth each way, Mbit/s; 0: unlimited.
     rate_mbit: Mutex<u32>,
     /// The sandbox's id, and the private network it joined.
@@ -568,7 +599,22 @@ impl LeaseInner {
     }
 }
 
+impl std::fmt::Debug for NetLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetLease")
+            .field("sandbox", &self.inner.sandbox)
+            .field("slot", &self.inner.slot.index)
+            .finish_non_exhaustive()
+    }
+}
+
 impl NetLease {
+    /// The network namespace of the host side, when it is not this
+    /// process's: where a VMM must run to open the lease's tap by name.
+    pub fn host_netns(&self) -> Option<&File> {
+        self.inner.net.host_ns.as_ref()
+    }
+
     pub fn slot(&self) -> Slot {
         self.inner.slot
     }
@@ -641,8 +687,95 @@ impl NetLease {
             remove_link(i.net.host_ns.as_ref(), s);
             return Err(e.into());
         }
-        *room = Some(holder);
+        *room = Some(Attached::Room(holder));
         Ok(())
+    }
+
+    /// Makes the sandbox's interface a tap device for a microVM: `kn<slot>`
+    /// in the host side, persistent (it outlives the VMM's descriptor
+    /// until the lease removes it), owned by `owner` (uid, gid) so that an
+    /// unprivileged VMM may attach to it, with the gateway's address.
+    /// `shaped`: the lease's bandwidth is Kiln's to enforce with `tc` (a
+    /// VMM with rate limiters of its own, Firecracker, does it instead).
+    /// Returns the device's name. Once per lease: a VM is never handed on.
+    pub fn attach_tap(
+        &self,
+        owner: Option<(u32, u32)>,
+        shaped: bool,
+    ) -> Result<String, NetworkError> {
+        let i = &self.inner;
+        let mut room = i.room.lock().expect("never poisoned");
+        self.disconnect_locked(&mut room);
+        let s = &i.slot;
+        let link = s.host_link();
+        let user = owner
+            .map(|(u, g)| format!(" user {u} group {g}"))
+            .unwrap_or_default();
+        let host = format!(
+            "tuntap add dev {link} mode tap{user}\n\
+             addr add {}/30 dev {link}\n\
+             link set {link} up\n",
+            s.gateway
+        );
+        command::run(i.net.host_ns.as_ref(), "ip", &["-batch", "-"], Some(&host))?;
+        let rate = *i.rate_mbit.lock().expect("never poisoned");
+        if shaped {
+            if let Err(e) = self.limit_tap(rate, false) {
+                remove_link(i.net.host_ns.as_ref(), s);
+                return Err(e.into());
+            }
+        }
+        *room = Some(Attached::Tap { shaped });
+        Ok(link)
+    }
+
+    /// What the guest of a tap's VM is told of its network (the guest
+    /// setup's): its address, the gateway as route and name server.
+    pub fn guest(&self) -> kiln_protocol::GuestNetwork {
+        let s = &self.inner.slot;
+        kiln_protocol::GuestNetwork {
+            address: s.address,
+            prefix_len: 30,
+            gateway: s.gateway,
+            dns: s.gateway,
+        }
+    }
+
+    /// The bandwidth limit of a tap, `mbit` each way (0: none): a token
+    /// bucket on its egress (towards the guest), and one on the egress of
+    /// an `ifb` device, `kb<slot>`, that the tap's ingress (the guest's
+    /// packets) is redirected through, since no queue of the host's holds
+    /// packets arriving from a device (the guest's own queues are the
+    /// guest's to change). The `ifb` hands them back to the tap's ingress,
+    /// so the firewall sees them as the tap's.
+    fn limit_tap(&self, mbit: u32, replace: bool) -> Result<(), CommandError> {
+        let i = &self.inner;
+        let host = i.net.host_ns.as_ref();
+        let link = i.slot.host_link();
+        let ifb = i.slot.shaper_link();
+        if replace {
+            let _ = command::run(host, "tc", &["qdisc", "del", "dev", &link, "ingress"], None);
+            let _ = command::run(host, "ip", &["link", "del", &ifb], None);
+        }
+        if mbit == 0 {
+            if replace {
+                let _ = command::run(host, "tc", &["qdisc", "del", "dev", &link, "root"], None);
+            }
+            return Ok(());
+        }
+        command::run(
+            host,
+            "ip",
+            &["-batch", "-"],
+            Some(&format!("link add {ifb} type ifb\nlink set {ifb} up\n")),
+        )?;
+        let script = format!(
+            "{}{}qdisc add dev {link} handle ffff: ingress\n\
+             filter add dev {link} parent ffff: protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb}\n",
+            token_bucket(&link, mbit, replace),
+            token_bucket(&ifb, mbit, false),
+        );
+        command::run(host, "tc", &["-batch", "-"], Some(&script)).map(drop)
     }
 
     /// Applies a bandwidth limit of `mbit` (0: none) to both ends of the
@@ -677,10 +810,14 @@ impl NetLease {
     pub fn set_rate(&self, mbit: u32) -> Result<(), NetworkError> {
         let i = &self.inner;
         let room = i.room.lock().expect("never poisoned");
-        if let Some(holder) = *room {
-            let ns_path = format!("/proc/{holder}/ns/net");
-            let ns = File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
-            self.limit(&ns, mbit, true)?;
+        match *room {
+            Some(Attached::Room(holder)) => {
+                let ns_path = format!("/proc/{holder}/ns/net");
+                let ns = File::open(&ns_path).map_err(io_err(format!("opening {ns_path}")))?;
+                self.limit(&ns, mbit, true)?;
+            }
+            Some(Attached::Tap { shaped: true }) => self.limit_tap(mbit, true)?,
+            Some(Attached::Tap { shaped: false }) | None => {}
         }
         *i.rate_mbit.lock().expect("never poisoned") = mbit;
         Ok(())
@@ -693,7 +830,7 @@ impl NetLease {
         self.disconnect_locked(&mut room);
     }
 
-    fn disconnect_locked(&self, room: &mut Option<i32>) {
+    fn disconnect_locked(&self, room: &mut Option<Attached>) {
         let i = &self.inner;
         let connected = room.take().is_some();
         // The link first (no packet makes new state after it), then the
@@ -884,10 +1021,16 @@ impl Drop for LeaseInner {
 /// `dev`. The bucket holds 20 ms of traffic, and at least 64 KiB (a
 /// segmentation-offloaded packet on a veth can be that large).
 fn token_bucket(dev: &str, mbit: u32, replace: bool) -> String {
-    let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
-    let burst = (bytes_per_s / 50).max(64 << 10);
+    let burst = token_burst(mbit);
     let verb = if replace { "replace" } else { "add" };
     format!("qdisc {verb} dev {dev} root tbf rate {mbit}mbit burst {burst} latency 50ms\n")
+}
+
+/// The bucket of a limit of `mbit` Mbit/s, in bytes: 20 ms of traffic,
+/// and at least 64 KiB.
+fn token_burst(mbit: u32) -> u64 {
+    let bytes_per_s = u64::from(mbit) * 1_000_000 / 8;
+    (bytes_per_s / 50).max(64 << 10)
 }
 
 impl LeaseInner {
@@ -922,9 +1065,15 @@ impl LeaseInner {
 }
 
 /// Deletes the host end of a slot's veth pair (the other end goes with
-/// it); nothing when it is already gone.
+/// it) or its tap, and a tap's shaper; nothing when they are gone. One
+/// `ip` that goes on past the first failure (a jail has no shaper).
 fn remove_link(host_ns: Option<&File>, slot: &Slot) {
-    let _ = command::run(host_ns, "ip", &["link", "del", &slot.host_link()], None);
+    let script = format!(
+        "link del {}\nlink del {}\n",
+        slot.host_link(),
+        slot.shaper_link()
+    );
+    let _ = command::run(host_ns, "ip", &["-force", "-batch", "-"], Some(&script));
 }
 
 /// Deletes the conntrack entries of a slot's address, so that nothing of

@@ -30,6 +30,12 @@ impl Slot {
     pub fn host_link(&self) -> String {
         format!("kn{}", self.index)
     }
+
+    /// The `ifb` device that shapes what a tap's guest sends
+    /// (`NetLease::attach_tap`); not `kn*`, which the firewall keys on.
+    pub fn shaper_link(&self) -> String {
+        format!("kb{}", self.index)
+    }
 }
 
 pub struct Pool {

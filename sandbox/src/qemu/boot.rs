@@ -14,6 +14,7 @@ use kiln_protocol::{SandboxStart, SandboxTimings};
 use super::command::{Channel, Launch, Machine, Memory};
 use super::vm::{Origin, QemuVm, Remains, VmKind, QMP_SOCK, VHOST_SOCK, VSOCK_SOCK};
 use super::{boot_err, io_err, ms, Inner, GUEST_CID};
+use crate::network::NetLease;
 use crate::vm::process::spawn_tied;
 use crate::vm::{boot, Console, ReadySignal};
 use crate::{AgentConn, Sandbox as _, SandboxError, SandboxId, SandboxSpec};
@@ -25,9 +26,14 @@ impl Inner {
         let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
         let console = Arc::new(Console::default());
         let uds = dir.join(VSOCK_SOCK);
-        let vhost_pid = self
-            .start_vhost(&id, &dir, &uds, &console, &mut remains)
-            .await?;
+        // The network (its processes) while vhost-device-vsock starts.
+        let (vhost, net) = tokio::join!(
+            self.start_vhost(&id, &dir, &uds, &console, &mut remains),
+            self.network_for(&id, spec)
+        );
+        let (lease, tap) = net?.unzip();
+        remains.net = lease;
+        let vhost_pid = vhost?;
         let ready = ReadySignal::listen(&uds).map_err(boot_err)?;
         let machine = Machine::of(self, spec);
         let launch = Launch {
@@ -38,8 +44,9 @@ impl Inner {
             memory: Memory::SharedMemfd,
             kernel: self.cfg.kernel.clone(),
             rootfs,
-            cmdline: self.kernel_cmdline(machine.network, false),
+            cmdline: self.kernel_cmdline(false),
             qmp: dir.join(QMP_SOCK),
+            tap,
             incoming: None,
         };
         let mut vm = self
@@ -65,8 +72,9 @@ impl Inner {
             "guest agent is listening"
         );
 
-        let setup =
+        let mut setup =
             boot::guest_setup(&vm.id, spec).map_err(io_err("drawing the guest's entropy"))?;
+        setup.network = vm.remains.net.as_ref().map(NetLease::guest);
         let mut qemu = QemuVm {
             id: vm.id,
             agent: AgentConn::new(stream),

@@ -29,7 +29,7 @@ pub const AGENT_PORT_ID: &str = "agent-port";
 /// set below; bump it when the devices of template and restored VMs
 /// change, so that no restore meets a template of other hardware.
 pub const MACHINE_RECIPE: &str =
-    "microvm acpi=off; virtio-serial-device + virtserialport kiln.agent; virtio-blk ro; virtio-rng; ttyS0; v1";
+    "microvm acpi=off; virtio-serial-device + virtserialport kiln.agent; virtio-blk ro; virtio-rng; ttyS0; virtio-net net0 when networked, configured by the setup; v2";
 
 /// The machine's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,11 @@ pub struct Launch {
     pub rootfs: PathBuf,
     pub cmdline: String,
     pub qmp: PathBuf,
+    /// The host-side tap device of a networked VM (`kn<slot>`, see
+    /// `network::NetLease::attach_tap`); a networked machine without one
+    /// (a template being built) has its NIC on a hub port that leads
+    /// nowhere.
+    pub tap: Option<String>,
     /// Wait for the device state (`-incoming defer`) instead of booting,
     /// to be read from this file, which QEMU inherits as [`INCOMING_FD`].
     pub incoming: Option<File>,
@@ -94,12 +99,9 @@ impl Inner {
     /// The guest kernel's command line: the same for every sandbox of a
     /// kind (a snapshot freezes it); what is unique to one travels in its
     /// guest setup.
-    pub(super) fn kernel_cmdline(&self, network: bool, port: bool) -> String {
+    /// A networked guest's address is no exception: its setup brings it.
+    pub(super) fn kernel_cmdline(&self, port: bool) -> String {
         let mut c = boot::kernel_cmdline(self.cfg.verbose_console);
-        if network {
-            // QEMU's user-mode network: fixed addresses (docs/system/devices/net.rst).
-            c.push_str(" ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off kiln.dns=10.0.2.3");
-        }
         if port {
             c.push_str(" kiln.vport=");
             c.push_str(AGENT_PORT_NAME);
@@ -177,12 +179,28 @@ impl Inner {
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qemu_value(&l.qmp)));
         if l.machine.network {
-            cmd.args([
-                "-netdev",
-                "user,id=net0",
-                "-device",
-                "virtio-net-device,netdev=net0",
-            ]);
+            // The tap is opened by name, in the host side's namespace
+            // (QEMU is started there, see `start_qemu`).
+            let netdev = match &l.tap {
+                Some(tap) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+                None => "hubport,id=net0,hubid=0".to_owned(),
+            };
+            cmd.arg("-netdev")
+                .arg(netdev)
+                .args(["-device", "virtio-net-device,netdev=net0"]);
+        }
+        if let (Some(ns), true) = (self.host_netns(), l.tap.is_some()) {
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns is async-signal-safe and touches no memory;
+            // `fd` is the backend's, open until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         if let Some(state) = &l.incoming {
             cmd.args(["-incoming", "defer"]);

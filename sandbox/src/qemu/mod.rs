@@ -26,8 +26,8 @@
 //! rooted in an OCI image boots from that image's root disk instead,
 //! `vm::image_disk`; its templates are its own), a
 //! virtio-rng, the serial console on its stdout (read by the host: logs,
-//! and the guest's OOM kills), no network device unless `allow_internet`,
-//! and a record of the owner process and the pids, so that a later process
+//! and the guest's OOM kills), no network device unless `allow_internet`
+//! (then a virtio-net device on the sandbox's tap, see below), and a record of the owner process and the pids, so that a later process
 //! can reap what a crashed one left ([`QemuBackend::reap_orphans`]).
 //! QEMU's command line is built in one place (`command`), so that a
 //! restore describes exactly the machine its template was.
@@ -39,6 +39,16 @@
 //! guest setup sent after the handshake (`vm::boot`), which also brings the
 //! guest fresh entropy, the clock, its hostname and its id. The kernel
 //! command line is the same for every sandbox of a kind.
+//!
+//! Networks (`allow_internet`, with `[network] enabled`): the sandbox's
+//! [`NetLease`](crate::network::NetLease) makes its tap, `kn<slot>`, in the
+//! host side before QEMU starts (QEMU opens it by name, started in the
+//! host side's namespace); the guest's agent gives `eth0` its address,
+//! route and name server from the guest setup, so a VM restored from a
+//! template learns its own, and templates of networked sandboxes carry the
+//! NIC (on a hub port that leads nowhere while the template is built). The
+//! firewall, resolver, private networks, port proxy, rate limits and
+//! reaping are the jail's (`network`). An air-gapped VM has no NIC.
 //!
 //! Acceleration: KVM when `/dev/kvm` opens and the CPU has hardware
 //! virtualisation (vmx/svm), TCG otherwise ([`AccelChoice`]), reported by
@@ -62,6 +72,7 @@ pub use qmp::{Qmp, QmpError};
 pub use template::BuildError;
 pub use vm::{Origin, QemuVm};
 
+use crate::network::Network;
 use crate::template::TemplateInfo;
 use crate::vm::process::find_program;
 use crate::vm::BootError;
@@ -193,6 +204,9 @@ pub struct QemuConfig {
     pub verbose_console: bool,
     /// The template store, when sandboxes are restored from templates.
     pub templates: Option<PathBuf>,
+    /// Networking for sandboxes with `allow_internet` (off, or `None`:
+    /// refused).
+    pub network: Option<crate::network::NetworkSettings>,
 }
 
 impl QemuConfig {
@@ -215,6 +229,7 @@ impl QemuConfig {
             hello_timeout: Duration::from_secs(20),
             verbose_console: std::env::var("KILN_GUEST_VERBOSE").as_deref() == Ok("1"),
             templates: None,
+            network: None,
             tcg_cache_mb: std::env::var("KILN_QEMU_TCG_CACHE_MB")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -248,6 +263,8 @@ struct Inner {
     templates: Option<template::Templates>,
     /// Root disks of sandboxes rooted in an image.
     disks: crate::vm::ImageDisks,
+    /// Sandbox networking, when configured.
+    network: Option<Arc<Network>>,
 }
 
 /// Makes QEMU microVMs. Cheap to clone.
@@ -289,6 +306,12 @@ impl QemuBackend {
             .map(template::Templates::open)
             .transpose()
             .map_err(|e| SandboxError::backend("qemu", e))?;
+        let network = match &cfg.network {
+            Some(n) if n.enabled => Some(
+                Network::open(n, &cfg.state_dir).map_err(|e| SandboxError::backend("qemu", e))?,
+            ),
+            _ => None,
+        };
         for kind in vm::VmKind::ALL {
             let dir = cfg.state_dir.join(kind.dir());
             fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -306,6 +329,7 @@ impl QemuBackend {
                 owner,
                 templates,
                 disks: crate::vm::ImageDisks::new(cfg.rootfs.clone()),
+                network,
                 cfg,
             }),
         })
@@ -318,6 +342,11 @@ impl QemuBackend {
     /// The accelerator in use.
     pub fn accel(&self) -> Accel {
         self.inner.accel
+    }
+
+    /// Sandbox networking, when configured (`[network] enabled`).
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.inner.network.as_ref()
     }
 }
 
@@ -349,6 +378,63 @@ impl Inner {
             Some(image) => self.disks.disk(image).await,
             None => Ok(self.cfg.rootfs.clone()),
         }
+    }
+
+    /// Refuses `allow_internet` when networking is off.
+    fn check_network(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        if spec.allow_internet && self.network.is_none() {
+            return Err(SandboxError::Unsupported(
+                "allow_internet=true is not available: sandbox networking is off (set `enabled = true` in the [network] section of the configuration)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The host side's namespace, when networks live in another one than
+    /// ours (QEMU of a networked VM starts there to open its tap).
+    fn host_netns(&self) -> Option<&fs::File> {
+        self.network.as_ref()?.host_netns()
+    }
+
+    /// For a sandbox of `spec` with `allow_internet`: its network lease and
+    /// tap, kept in `remains` (released with them); the tap's name.
+    async fn attach_network(
+        &self,
+        id: &crate::SandboxId,
+        spec: &SandboxSpec,
+        remains: &mut vm::Remains,
+    ) -> Result<Option<String>, SandboxError> {
+        let Some((lease, tap)) = self.network_for(id, spec).await? else {
+            return Ok(None);
+        };
+        remains.net = Some(lease);
+        Ok(Some(tap))
+    }
+
+    /// The network lease and tap of a sandbox of `spec`, if it has
+    /// `allow_internet`; the caller keeps the lease with the VM.
+    async fn network_for(
+        &self,
+        id: &crate::SandboxId,
+        spec: &SandboxSpec,
+    ) -> Result<Option<(crate::network::NetLease, String)>, SandboxError> {
+        let (Some(net), true) = (&self.network, spec.allow_internet) else {
+            return Ok(None);
+        };
+        let net = net.clone();
+        let id = id.to_string();
+        let (lease, tap) = tokio::task::spawn_blocking(move || {
+            let lease = net.lease(&id, None)?;
+            let tap = lease.attach_tap(None, true)?;
+            Ok::<_, crate::network::NetworkError>((lease, tap))
+        })
+        .await
+        .map_err(|e| SandboxError::Io {
+            what: "network lease task".into(),
+            error: io::Error::other(e.to_string()),
+        })?
+        .map_err(|e| SandboxError::backend("qemu", e))?;
+        Ok(Some((lease, tap)))
     }
 
     /// The handshake's opening for a sandbox of `spec`.
@@ -387,6 +473,7 @@ impl Backend for QemuBackend {
     async fn create(&self, spec: &SandboxSpec) -> Result<QemuVm, SandboxError> {
         let inner = &self.inner;
         inner.check_warm(spec)?;
+        inner.check_network(spec)?;
         if inner.templates.is_some() {
             match inner.usable_template(spec).await {
                 Ok(Some(snap)) => match inner.restore(spec, &snap).await {

@@ -41,7 +41,8 @@ impl Inner {
     ) -> Result<QemuVm, SandboxError> {
         let template = snap.manifest().id.to_string();
         let (kernel, rootfs) = self.template_artefacts(snap).await?;
-        let (id, dir, remains) = self.new_vm_dir(VmKind::Sandbox)?;
+        let (id, dir, mut remains) = self.new_vm_dir(VmKind::Sandbox)?;
+        let tap = self.attach_network(&id, spec, &mut remains).await?;
         let machine = Machine::of(self, spec);
         let launch = Launch {
             machine,
@@ -59,8 +60,9 @@ impl Inner {
                 .inputs
                 .get("cmdline")
                 .cloned()
-                .unwrap_or_else(|| self.kernel_cmdline(machine.network, true)),
+                .unwrap_or_else(|| self.kernel_cmdline(true)),
             qmp: dir.join(QMP_SOCK),
+            tap,
             incoming: Some(
                 std::fs::File::open(snap.vmstate_path())
                     .map_err(io_err(format!("opening {}", snap.vmstate_path().display())))?,
@@ -108,8 +110,9 @@ impl Inner {
             restore_ms = connected.as_millis() as u64,
             "guest restored"
         );
-        let setup =
+        let mut setup =
             boot::guest_setup(&vm.id, spec).map_err(io_err("drawing the guest's entropy"))?;
+        setup.network = vm.remains.net.as_ref().map(crate::network::NetLease::guest);
         let hello = self.hello(spec);
         let within = self.cfg.hello_timeout;
         let shaken = vm

@@ -215,7 +215,7 @@ impl Inner {
         )
         .with("accel", self.accel.as_str())
         .with("machine", MACHINE_RECIPE)
-        .with("cmdline", self.kernel_cmdline(machine.network, true))
+        .with("cmdline", self.kernel_cmdline(true))
         .with(
             "job_user",
             format!("{}:{}", self.cfg.job_uid, self.cfg.job_gid),
@@ -426,8 +426,9 @@ impl Inner {
             },
             kernel: self.cfg.kernel.clone(),
             rootfs: rootfs.to_owned(),
-            cmdline: self.kernel_cmdline(machine.network, true),
+            cmdline: self.kernel_cmdline(true),
             qmp: dir.join(QMP_SOCK),
+            tap: None,
             incoming: None,
         };
         let console = Arc::new(Console::default());

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::command::Launch;
 use super::qmp::{Qmp, QmpError};
 use super::{boot_err, io_err, Accel, Inner};
+use crate::network::NetLease;
 use crate::vm::process::spawn_tied;
 use crate::vm::{vsock, BootError, Console, VsockError};
 use crate::{AgentConn, Sandbox, SandboxError, SandboxId, SandboxStats};
@@ -58,6 +59,9 @@ pub(super) struct Remains {
     pub dir: PathBuf,
     /// More to remove with the VM (a template's files being built).
     pub extra: Vec<PathBuf>,
+    /// The sandbox's network (its tap, rules and slot), released once
+    /// QEMU is gone.
+    pub net: Option<NetLease>,
 }
 
 impl Remains {
@@ -67,6 +71,7 @@ impl Remains {
             vhost: None,
             dir,
             extra: Vec::new(),
+            net: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl Remains {
         for p in self.extra.drain(..) {
             crate::record::remove_path(&p);
         }
+        drop(self.net.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -359,6 +365,22 @@ impl QemuVm {
         self.qmp.lock().await.execute(command, args).await
     }
 
+    /// The sandbox's network (`allow_internet`), if it has one: a handle
+    /// on the lease, which lives (tap, rules, slot) while any is held.
+    pub fn network(&self) -> Option<NetLease> {
+        let r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
+        r.as_ref()?.net.clone()
+    }
+
+    /// The sandbox's network, or why there is none.
+    fn networked(&self) -> Result<NetLease, SandboxError> {
+        self.network().ok_or_else(|| {
+            SandboxError::Unsupported(
+                "this sandbox has no network (create it with allow_internet: true)".into(),
+            )
+        })
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&self) -> bool {
         let mut r = self.remains.lock().unwrap_or_else(|e| e.into_inner());
@@ -396,16 +418,51 @@ impl Sandbox for QemuVm {
         Some(self.timings)
     }
 
-    /// The host's view: QEMU's resident memory and CPU time. The guest's
-    /// disk and network are not visible from the host.
+    /// The host's view: QEMU's resident memory and CPU time, and a
+    /// networked guest's traffic as its tap counts it (QEMU runs in the
+    /// host side, where the tap is). The guest's disk is not visible from
+    /// the host.
     fn stats(&self) -> SandboxStats {
         let pid = self.qemu_pid as i32;
+        let net = self
+            .network()
+            .and_then(|n| crate::procfs::tap_bytes(pid, &n.slot().host_link()));
         SandboxStats {
             memory_bytes: crate::procfs::rss_bytes(pid).unwrap_or(0),
             cpu_usage_us: Some(crate::procfs::cpu_us(&[pid], false)),
             oom_kills: self.oom_kills(),
+            net_rx_bytes: net.map(|n| n.0),
+            net_tx_bytes: net.map(|n| n.1),
             ..SandboxStats::default()
         }
+    }
+
+    fn network_info(&self) -> Option<crate::network::NetworkInfo> {
+        self.network().as_ref().map(NetLease::info)
+    }
+
+    fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rules(rules)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn join_network(&self, name: &str) -> Result<(), SandboxError> {
+        self.networked()?
+            .join(name)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
+        self.networked()?
+            .set_rate(mbit)
+            .map_err(|e| SandboxError::backend("qemu", e))
+    }
+
+    fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
+        self.networked()?
+            .open_port(port)
+            .map_err(|e| SandboxError::backend("qemu", e))
     }
 
     fn kill_now(&self) {

@@ -219,6 +219,7 @@ pub fn guest_setup(id: &SandboxId, spec: &SandboxSpec) -> io::Result<GuestSetup>
         clock_unix_ns,
         disk_mb: spec.disk_mb,
         pids: spec.pids,
+        network: None,
     })
 }
 
