@@ -16,17 +16,20 @@
 //! conntrack).
 
 mod common;
+#[path = "../tests/netjobs/mod.rs"]
+mod netjobs;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{backend_with, histogram, print_row, summary, Flags};
-use kiln_protocol::{JobId, JobSpec, Limits, Outcome, RuntimeTable};
-use kiln_sandbox::jail::{Jail, JailBackend};
+use kiln_protocol::Limits;
+use kiln_sandbox::jail::JailBackend;
 use kiln_sandbox::network::NetworkSettings;
-use kiln_sandbox::{run_job, Backend as _, Sandbox as _, SandboxSpec};
-use kiln_tests::netlab::{within, World, BULK, DNS, WEB_ALLOWED_BY_NETWORK};
+use kiln_sandbox::{Backend as _, Sandbox as _, SandboxSpec};
+use kiln_tests::netlab::{within, World, DNS, WEB_ALLOWED_BY_NETWORK};
+use netjobs::{bulk, mbit};
 
 /// Bytes per throughput run, each way.
 const STREAM_BYTES: u64 = 256 << 20;
@@ -46,34 +49,6 @@ fn networked(world: &World, state: &str, rate_mbit: u32) -> JailBackend {
             ..NetworkSettings::default()
         });
     })
-}
-
-async fn bulk(sb: &Jail, lines: &[String]) -> Vec<(u64, f64)> {
-    let mut spec = JobSpec::inline("python", BULK);
-    spec.stdin = lines.join("\n").into_bytes();
-    spec.limits.timeout_ms = 300_000;
-    let out = run_job(
-        sb,
-        JobId::random(),
-        RuntimeTable::default().resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    out.result
-        .stdout
-        .lines()
-        .map(|l| {
-            let (b, s) = l.split_once(' ').unwrap();
-            (b.parse().unwrap(), s.parse().unwrap())
-        })
-        .collect()
-}
-
-fn mbit((bytes, secs): (u64, f64)) -> f64 {
-    bytes as f64 * 8.0 / secs / 1e6
 }
 
 /// One stream each way from the host side, over the plain veth.

@@ -19,18 +19,21 @@
 //! nftables, conntrack).
 
 mod common;
+#[path = "../tests/netjobs/mod.rs"]
+mod netjobs;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{backend_with, histogram, print_row, summary, Flags};
-use kiln_protocol::{JobId, JobSpec, Limits, Outcome, RuntimeTable};
+use kiln_protocol::{Limits, RuntimeTable};
 use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::qemu::{Origin, QemuBackend, QemuConfig};
 use kiln_sandbox::vm::GuestImage;
-use kiln_sandbox::{run_job, Backend as _, Sandbox, SandboxSpec};
-use kiln_tests::netlab::{within, World, BULK, DNS, WEB_ALLOWED_BY_NETWORK};
+use kiln_sandbox::{Backend as _, Sandbox, SandboxSpec};
+use kiln_tests::netlab::{within, World, DNS, WEB_ALLOWED_BY_NETWORK};
+use netjobs::{bulk, mbit};
 
 /// Bytes per throughput run, each way (TCG moves far less than a jail).
 const STREAM_BYTES: u64 = 64 << 20;
@@ -54,34 +57,6 @@ fn qemu(world: &World, state: &str, rate_mbit: u32) -> QemuBackend {
     cfg.templates = Some(cfg.state_dir.join("templates"));
     cfg.network = Some(settings(world, rate_mbit));
     QemuBackend::new(cfg).expect("qemu backend")
-}
-
-async fn bulk<S: Sandbox>(sb: &S, lines: &[String]) -> Vec<(u64, f64)> {
-    let mut spec = JobSpec::inline("python", BULK);
-    spec.stdin = lines.join("\n").into_bytes();
-    spec.limits.timeout_ms = 600_000;
-    let out = run_job(
-        sb,
-        JobId::random(),
-        RuntimeTable::default().resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    out.result
-        .stdout
-        .lines()
-        .map(|l| {
-            let (b, s) = l.split_once(' ').unwrap();
-            (b.parse().unwrap(), s.parse().unwrap())
-        })
-        .collect()
-}
-
-fn mbit((bytes, secs): (u64, f64)) -> f64 {
-    bytes as f64 * 8.0 / secs / 1e6
 }
 
 async fn stream<S: Sandbox>(sb: &S, n: u64) -> (f64, f64) {

@@ -10,15 +10,17 @@
 //! slot. Needs root, iproute2, nftables and conntrack, and the built
 //! `kiln-agent`.
 
-use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
+mod netjobs;
+
+use kiln_protocol::{JobId, JobSpec, RuntimeTable};
 use kiln_sandbox::jail::{Jail, JailBackend, JailConfig};
 use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
 use kiln_tests::netlab::{
-    answers, ip, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
-    WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
+    ip, World, BODY, DNS, HOST_SIDE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
 };
 use kiln_tests::Scope;
+use netjobs::{bulk, probe, python};
 
 struct Env {
     backend: JailBackend,
@@ -76,29 +78,6 @@ fn backend_with(scope: &Scope, network: NetworkSettings) -> JailBackend {
     cfg.cgroup_parent = scope.cgroup_parent.clone();
     cfg.network = Some(network);
     JailBackend::new(cfg).unwrap()
-}
-
-/// Runs Python `code` in the sandbox with `stdin`; its stdout.
-async fn python(sb: &Jail, code: &str, stdin: &str) -> String {
-    let mut spec = JobSpec::inline("python", code);
-    spec.stdin = stdin.as_bytes().to_vec();
-    let table = RuntimeTable::default();
-    let out = run_job(
-        sb,
-        JobId::random(),
-        table.resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    out.result.stdout
-}
-
-/// Runs the probe lines in the sandbox; the answer of each, in order.
-async fn probe(sb: &Jail, lines: &[String]) -> Vec<String> {
-    answers(&python(sb, PROBE, &lines.join("\n")).await, lines)
 }
 
 /// A file of the sandbox's, read by a job.
@@ -313,32 +292,6 @@ fn what_a_crashed_owner_left_is_removed_by_the_next() {
     assert!(world.table().contains("map sandboxes"));
     drop(b);
     assert!(world.table().is_empty(), "the table goes with the backend");
-}
-
-/// Runs the bulk job's lines; bytes and seconds of each.
-async fn bulk(sb: &Jail, lines: &[String]) -> Vec<(u64, f64)> {
-    let mut spec = JobSpec::inline("python", BULK);
-    spec.stdin = lines.join("\n").into_bytes();
-    spec.limits.timeout_ms = 120_000;
-    let table = RuntimeTable::default();
-    let out = run_job(
-        sb,
-        JobId::random(),
-        table.resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    out.result
-        .stdout
-        .lines()
-        .map(|l| {
-            let (b, s) = l.split_once(' ').unwrap();
-            (b.parse().unwrap(), s.parse().unwrap())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

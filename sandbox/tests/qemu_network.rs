@@ -11,13 +11,16 @@
 //! the guest artefacts; without the artefacts it says SKIPPED, unless
 //! `KILN_REQUIRE_GUEST=1`.
 
-use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
+mod netjobs;
+
+use kiln_protocol::RuntimeTable;
 use kiln_sandbox::network::NetworkSettings;
-use kiln_sandbox::qemu::{Origin, QemuBackend, QemuConfig, QemuVm};
+use kiln_sandbox::qemu::{Origin, QemuBackend, QemuConfig};
 use kiln_sandbox::vm::GuestImage;
-use kiln_sandbox::{run_job, Backend, Sandbox, SandboxSpec};
-use kiln_tests::netlab::{World, BODY, DNS, PROBE, WEB_ALLOWED_BY_NETWORK, WEB_DENIED};
+use kiln_sandbox::{Backend, Sandbox, SandboxSpec};
+use kiln_tests::netlab::{World, BODY, DNS, WEB_ALLOWED_BY_NETWORK, WEB_DENIED};
 use kiln_tests::Scope;
+use netjobs::probe;
 
 fn guest() -> Option<GuestImage> {
     match GuestImage::from_env() {
@@ -31,32 +34,6 @@ fn guest() -> Option<GuestImage> {
             None
         }
     }
-}
-
-async fn probe(vm: &QemuVm, lines: &[String]) -> Vec<String> {
-    let mut spec = JobSpec::inline("python", PROBE);
-    spec.stdin = lines.join("\n").into_bytes();
-    spec.limits.timeout_ms = 120_000;
-    let table = RuntimeTable::default();
-    let out = run_job(
-        vm,
-        JobId::random(),
-        table.resolve("python").unwrap(),
-        &spec,
-        false,
-        &mut (),
-    )
-    .await;
-    assert_eq!(out.result.outcome, Outcome::Ok, "{:?}", out.result);
-    let got: Vec<String> = out
-        .result
-        .stdout
-        .lines()
-        .zip(lines)
-        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
-        .collect();
-    assert_eq!(got.len(), lines.len(), "{}", out.result.stdout);
-    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -149,7 +150,8 @@ impl World {
         PathBuf::from(format!("/run/netns/{}", self.host))
     }
 
-    /// What Kiln has in the host side: its links and its table.
+    /// What Kiln has in the host side: its links (veth ends and taps
+    /// `kn*`, a tap's shaper `kb*`) and its table.
     pub fn host_links(&self) -> Vec<String> {
         let out = Command::new("ip")
             .args(["-n", &self.host, "-o", "link", "show"])
@@ -159,8 +161,64 @@ impl World {
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap().to_owned())
-            .filter(|n| n.starts_with("kn"))
+            .filter(|n| n.starts_with("kn") || n.starts_with("kb"))
             .collect()
+    }
+
+    /// Makes `c` start in the host side's network namespace.
+    pub fn in_host_side(&self, c: &mut Command) {
+        let ns = File::open(self.host_ns()).unwrap();
+        // SAFETY: setns is async-signal-safe; the descriptor is open in
+        // the parent until the spawn returns (the closure owns it).
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// `kiln serve` in the host side, its API on every address there,
+    /// with `[network] enabled` on a pool of its own, the test internet's
+    /// DNS upstream, `allowed.test` and [`WEB_ALLOWED_BY_NETWORK`] allowed
+    /// by default; `config` is added to that file and `args` to the
+    /// command line.
+    pub fn serve(&self, scope: crate::Scope, config: &str, args: &[&str]) -> crate::server::Server {
+        let path = scope.state_dir.join("kiln.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n\n{config}"
+            ),
+        )
+        .unwrap();
+        let mut c = Command::new(crate::bin("kiln"));
+        c.arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .args(["--bind", "0.0.0.0:0", "--min-idle", "0", "--state-dir"])
+            .arg(&scope.state_dir)
+            .arg("--cgroup-parent")
+            .arg(&scope.cgroup_parent)
+            .env_remove("KILN_CONFIG")
+            .env_remove("KILN_TOKEN")
+            .stdin(std::process::Stdio::null());
+        self.in_host_side(&mut c);
+        crate::server::Server::start_command(scope, c)
+    }
+
+    /// A JSON call to `s` from the host side.
+    pub fn call(
+        &self,
+        s: &crate::server::Server,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        within(&self.host, || s.json(method, path, &body))
     }
 
     pub fn table(&self) -> String {

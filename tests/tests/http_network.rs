@@ -7,55 +7,20 @@
 //! rules and slots are gone after the next one starts. Needs root,
 //! iproute2, nftables and conntrack.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt as _;
-use std::process::Command;
-
 use kiln_tests::netlab::{
-    answers, within, World, BODY, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
-    WEB_ALLOWED_BY_NETWORK,
+    answers, within, World, BODY, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
 };
 use kiln_tests::server::Server;
-use kiln_tests::{bin, Scope};
+use kiln_tests::Scope;
 use serde_json::{json, Value};
 
 /// `kiln serve` inside the host side, its API on every address there.
 fn serve(world: &World, scope: Scope) -> Server {
-    let config = scope.state_dir.join("kiln.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n"
-        ),
-    )
-    .unwrap();
-    let mut c = Command::new(bin("kiln"));
-    c.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--bind", "0.0.0.0:0", "--min-idle", "0", "--state-dir"])
-        .arg(&scope.state_dir)
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env_remove("KILN_CONFIG")
-        .env_remove("KILN_TOKEN")
-        .stdin(std::process::Stdio::null());
-    let ns = std::fs::File::open(world.host_ns()).unwrap();
-    // SAFETY: setns is async-signal-safe; the descriptor is open in the
-    // parent until the spawn returns.
-    unsafe {
-        c.pre_exec(move || {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Server::start_command(scope, c)
+    world.serve(scope, "", &[])
 }
 
 fn call(world: &World, s: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {
-    within(&world.host, || s.json(method, path, &body))
+    world.call(s, method, path, body)
 }
 
 /// Runs the probe lines in workspace `id`; the answer of each.

@@ -15,13 +15,11 @@
 //! `KILN_REQUIRE_GUEST=1`. Each VM boots under TCG here (seconds), so the
 //! tests make few and ask each many questions.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 
 use kiln_tests::netlab::{
-    within, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
-    WEB_DENIED,
+    answers, within, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
+    WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
 };
 use kiln_tests::server::Server;
 use kiln_tests::{bin, Scope};
@@ -32,54 +30,15 @@ use serde_json::{json, Value};
 /// the test's VMs; `sandbox/tests/qemu_network.rs` restores networked
 /// VMs from a template).
 fn serve(world: &World, scope: Scope) -> Server {
-    let config = scope.state_dir.join("kiln.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[network]\nenabled = true\npool = \"10.213.0.0/24\"\nupstream_dns = [\"{DNS}:53\"]\nallow = [\"allowed.test\", \"{WEB_ALLOWED_BY_NETWORK}/32\"]\n\n[snapshot]\ntemplates = false\n"
-        ),
+    world.serve(
+        scope,
+        "[snapshot]\ntemplates = false\n",
+        &["--backend", "qemu"],
     )
-    .unwrap();
-    let mut c = Command::new(bin("kiln"));
-    c.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--backend",
-            "qemu",
-            "--bind",
-            "0.0.0.0:0",
-            "--min-idle",
-            "0",
-            "--state-dir",
-        ])
-        .arg(&scope.state_dir)
-        .arg("--cgroup-parent")
-        .arg(&scope.cgroup_parent)
-        .env_remove("KILN_CONFIG")
-        .env_remove("KILN_TOKEN")
-        .stdin(std::process::Stdio::null());
-    in_host_side(&mut c, world);
-    Server::start_command(scope, c)
-}
-
-/// Makes `c` start in the host side's network namespace.
-fn in_host_side(c: &mut Command, world: &World) {
-    let ns = std::fs::File::open(world.host_ns()).unwrap();
-    // SAFETY: setns is async-signal-safe; the descriptor is open in the
-    // parent until the spawn returns (the closure owns it).
-    unsafe {
-        c.pre_exec(move || {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 fn call(world: &World, s: &Server, method: &str, path: &str, body: Value) -> (u16, Value) {
-    within(&world.host, || s.json(method, path, &body))
+    world.call(s, method, path, body)
 }
 
 /// A workspace of `body` (a python one), its id.
@@ -117,14 +76,7 @@ fn exec(world: &World, s: &Server, id: &str, code: &str, stdin: &str) -> String 
 
 /// Runs the probe lines in workspace `id`; the answer of each.
 fn probe(world: &World, s: &Server, id: &str, lines: &[String]) -> Vec<String> {
-    let out = exec(world, s, id, PROBE, &lines.join("\n"));
-    let got: Vec<String> = out
-        .lines()
-        .zip(lines)
-        .map(|(l, q)| l.strip_prefix(q.as_str()).unwrap().trim().to_owned())
-        .collect();
-    assert_eq!(got.len(), lines.len(), "{out}");
-    got
+    answers(&exec(world, s, id, PROBE, &lines.join("\n")), lines)
 }
 
 fn address(world: &World, s: &Server, id: &str) -> std::net::Ipv4Addr {
@@ -143,25 +95,10 @@ fn ok() -> String {
     format!("ok:{BODY}")
 }
 
-/// Kiln's devices in the host side: taps (`kn*`) and their shapers
-/// (`kb*`).
-fn kiln_links(world: &World) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["-n", &world.host, "-o", "link", "show"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap().to_owned())
-        .filter(|n| n.starts_with("kn") || n.starts_with("kb"))
-        .collect()
-}
-
 /// Nothing of a sandbox's network left in the host side or the state
 /// directory.
 fn assert_no_network_left(world: &World, s: &Server) {
-    assert!(kiln_links(world).is_empty(), "{:?}", kiln_links(world));
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
     let table = world.table();
     assert!(!table.contains("chain s"), "{table}");
     assert!(!table.contains("set n0"), "{table}");
@@ -229,14 +166,14 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
         json!(null),
     );
     assert_eq!(v, json!({"allow_internet": false}));
-    assert!(kiln_links(&world).is_empty(), "{:?}", kiln_links(&world));
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
     delete(&world, &s, &gapped);
 
     // Networked, under the configured rules, in private network "a".
     let a1 = create(&world, &s, json!({"allow_internet": true, "network": "a"}));
     let a1_addr = address(&world, &s, &a1);
     let gw = std::net::Ipv4Addr::from(u32::from(a1_addr) - 1);
-    assert_eq!(kiln_links(&world).len(), 1, "{:?}", kiln_links(&world));
+    assert_eq!(world.host_links().len(), 1, "{:?}", world.host_links());
     let got = probe(
         &world,
         &s,
@@ -370,7 +307,7 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
     // Made and destroyed again and again: nothing accumulates.
     for _ in 0..3 {
         let id = create(&world, &s, json!({"allow_internet": true, "rate_mbit": 50}));
-        assert_eq!(kiln_links(&world).len(), 2, "{:?}", kiln_links(&world));
+        assert_eq!(world.host_links().len(), 2, "{:?}", world.host_links());
         delete(&world, &s, &id);
         assert_no_network_left(&world, &s);
     }
@@ -390,7 +327,7 @@ fn a_sigkilled_daemons_vm_networks_are_gone_after_the_next_start() {
             json!({"allow_internet": true, "rate_mbit": 100}),
         );
     }
-    assert_eq!(kiln_links(&world).len(), 4, "{:?}", kiln_links(&world));
+    assert_eq!(world.host_links().len(), 4, "{:?}", world.host_links());
     first.kill();
     // The taps are persistent: they outlive the dead daemon's VMs, and so
     // do the slots and the table's chains.
@@ -408,7 +345,7 @@ fn a_sigkilled_daemons_vm_networks_are_gone_after_the_next_start() {
     // left, with no daemon starting.
     let mut second = second;
     second.kill();
-    assert_eq!(kiln_links(&world).len(), 1, "{:?}", kiln_links(&world));
+    assert_eq!(world.host_links().len(), 1, "{:?}", world.host_links());
     let mut reap = Command::new(bin("kiln"));
     reap.arg("reap")
         .arg("--state-dir")
@@ -416,10 +353,10 @@ fn a_sigkilled_daemons_vm_networks_are_gone_after_the_next_start() {
         .arg("--cgroup-parent")
         .arg(&second.scope.cgroup_parent)
         .stdin(std::process::Stdio::null());
-    in_host_side(&mut reap, &world);
+    world.in_host_side(&mut reap);
     let out = reap.output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(kiln_links(&world).is_empty(), "{:?}", kiln_links(&world));
+    assert!(world.host_links().is_empty(), "{:?}", world.host_links());
     assert!(!world.table().contains("chain s"), "{}", world.table());
     drop(second);
     drop(first);
