@@ -19,8 +19,6 @@ mod common;
 #[path = "../tests/netjobs/mod.rs"]
 mod netjobs;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{backend_with, histogram, print_row, summary, Flags};
@@ -28,8 +26,8 @@ use kiln_protocol::Limits;
 use kiln_sandbox::jail::JailBackend;
 use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::{Backend as _, Sandbox as _, SandboxSpec};
-use kiln_tests::netlab::{within, World, DNS, WEB_ALLOWED_BY_NETWORK};
-use netjobs::{bulk, mbit};
+use kiln_tests::netlab::{World, DNS, WEB_ALLOWED_BY_NETWORK};
+use netjobs::{bulk, host_side, mbit};
 
 /// Bytes per throughput run, each way.
 const STREAM_BYTES: u64 = 256 << 20;
@@ -48,36 +46,6 @@ fn networked(world: &World, state: &str, rate_mbit: u32) -> JailBackend {
             rate_mbit,
             ..NetworkSettings::default()
         });
-    })
-}
-
-/// One stream each way from the host side, over the plain veth.
-fn host_side(world: &World) -> (f64, f64) {
-    within(&world.host, || {
-        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 81)).unwrap();
-        let t = Instant::now();
-        s.write_all(format!("{STREAM_BYTES}\n").as_bytes()).unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = 0u64;
-        while let Ok(k) = s.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            got += k as u64;
-        }
-        let down = mbit((got, t.elapsed().as_secs_f64()));
-        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 82)).unwrap();
-        let buf = vec![b'u'; 1 << 16];
-        let t = Instant::now();
-        let mut sent = 0u64;
-        while sent < STREAM_BYTES {
-            s.write_all(&buf).unwrap();
-            sent += buf.len() as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (down, mbit((sent, t.elapsed().as_secs_f64())))
     })
 }
 
@@ -192,7 +160,7 @@ fn main() {
         .await;
         sb.destroy().await;
         let (nat_down, nat_up) = (mbit(got[0]), mbit(got[1]));
-        let (veth_down, veth_up) = host_side(&world);
+        let (veth_down, veth_up) = host_side(&world, STREAM_BYTES);
         println!(
             "one TCP stream, Mbit/s: sandbox through rules+NAT down {nat_down:.0} up {nat_up:.0}; host side over the plain veth down {veth_down:.0} up {veth_up:.0}"
         );

@@ -22,8 +22,6 @@ mod common;
 #[path = "../tests/netjobs/mod.rs"]
 mod netjobs;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{backend_with, histogram, print_row, summary, Flags};
@@ -32,8 +30,8 @@ use kiln_sandbox::network::NetworkSettings;
 use kiln_sandbox::qemu::{Origin, QemuBackend, QemuConfig};
 use kiln_sandbox::vm::GuestImage;
 use kiln_sandbox::{Backend as _, Sandbox, SandboxSpec};
-use kiln_tests::netlab::{within, World, DNS, WEB_ALLOWED_BY_NETWORK};
-use netjobs::{bulk, mbit};
+use kiln_tests::netlab::{World, DNS, WEB_ALLOWED_BY_NETWORK};
+use netjobs::{bulk, host_side, mbit};
 
 /// Bytes per throughput run, each way (TCG moves far less than a jail).
 const STREAM_BYTES: u64 = 64 << 20;
@@ -69,36 +67,6 @@ async fn stream<S: Sandbox>(sb: &S, n: u64) -> (f64, f64) {
     )
     .await;
     (mbit(got[0]), mbit(got[1]))
-}
-
-/// One stream each way from the host side, over the plain veth.
-fn host_side(world: &World) -> (f64, f64) {
-    within(&world.host, || {
-        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 81)).unwrap();
-        let t = Instant::now();
-        s.write_all(format!("{STREAM_BYTES}\n").as_bytes()).unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut got = 0u64;
-        while let Ok(k) = s.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            got += k as u64;
-        }
-        let down = mbit((got, t.elapsed().as_secs_f64()));
-        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 82)).unwrap();
-        let buf = vec![b'u'; 1 << 16];
-        let t = Instant::now();
-        let mut sent = 0u64;
-        while sent < STREAM_BYTES {
-            s.write_all(&buf).unwrap();
-            sent += buf.len() as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (down, mbit((sent, t.elapsed().as_secs_f64())))
-    })
 }
 
 /// Creates and destroys a VM of each kind `runs` times, alternately;
@@ -174,7 +142,7 @@ fn main() {
         let vm = backend.create(&spec).await.expect("create");
         let (vm_down, vm_up) = stream(&vm, STREAM_BYTES).await;
         vm.destroy().await;
-        let (veth_down, veth_up) = host_side(&world);
+        let (veth_down, veth_up) = host_side(&world, STREAM_BYTES);
         drop(backend);
         let jail_world = World::new("qbenchj");
         let jails = backend_with(|cfg| {

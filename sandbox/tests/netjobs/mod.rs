@@ -6,7 +6,11 @@
 
 use kiln_protocol::{JobId, JobSpec, Outcome, RuntimeTable};
 use kiln_sandbox::{run_job, Sandbox};
-use kiln_tests::netlab::{answers, BULK, PROBE};
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::Instant;
+
+use kiln_tests::netlab::{answers, within, World, BULK, PROBE, WEB_ALLOWED_BY_NETWORK};
 
 /// Runs Python `code` in the sandbox with `stdin` (10 minutes at most:
 /// bulk transfers under TCG are slow); its stdout. The job must succeed.
@@ -47,4 +51,36 @@ pub async fn bulk<S: Sandbox>(sb: &S, lines: &[String]) -> Vec<(u64, f64)> {
 /// Megabits per second of a `(bytes, seconds)` measurement.
 pub fn mbit((bytes, secs): (u64, f64)) -> f64 {
     bytes as f64 * 8.0 / secs / 1e6
+}
+
+/// One stream of `bytes` each way between the host side and the test
+/// internet's bulk server, over the plain veth (no sandbox, no rules):
+/// Mbit/s down and up, the baseline of the sandboxes' streams.
+pub fn host_side(world: &World, bytes: u64) -> (f64, f64) {
+    within(&world.host, || {
+        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 81)).unwrap();
+        let t = Instant::now();
+        s.write_all(format!("{bytes}\n").as_bytes()).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            got += k as u64;
+        }
+        let down = mbit((got, t.elapsed().as_secs_f64()));
+        let mut s = TcpStream::connect((WEB_ALLOWED_BY_NETWORK, 82)).unwrap();
+        let buf = vec![b'u'; 1 << 16];
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < bytes {
+            s.write_all(&buf).unwrap();
+            sent += buf.len() as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        (down, mbit((sent, t.elapsed().as_secs_f64())))
+    })
 }
