@@ -31,13 +31,13 @@
 
 use std::fs;
 use std::io::{self, Write as _};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::digest::Digest;
 use crate::store::{io_err, lock_file, lookup, tmp_name, Image, ImageStore, StoreError};
-use crate::unpack;
+use crate::unpack::{self, remove_any};
 
 /// The directories the guest agent mounts on or creates under a read-only
 /// root (agent/src/guest.rs): it cannot make them itself. `etc` holds the
@@ -198,13 +198,7 @@ fn install_init(root: &Path, agent: &[u8]) -> io::Result<()> {
         }
     };
     let bin = sbin.join(AGENT_NAME);
-    remove_any(&bin)?;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&bin)?;
+    let mut f = unpack::replace_with_file(&bin, 0o755)?;
     f.write_all(agent)?;
     drop(f);
     std::os::unix::fs::lchown(&bin, Some(0), Some(0))?;
@@ -213,15 +207,6 @@ fn install_init(root: &Path, agent: &[u8]) -> io::Result<()> {
     remove_any(&init)?;
     std::os::unix::fs::symlink(AGENT_NAME, &init)?;
     std::os::unix::fs::lchown(&init, Some(0), Some(0))
-}
-
-fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// What a tree needs of a file system: bytes of blocks and inodes.

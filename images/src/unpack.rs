@@ -432,13 +432,7 @@ impl Applier<'_> {
             }
             .into());
         }
-        remove_any(&path)?;
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)?;
+        let mut file = replace_with_file(&path, 0o600)?;
         self.stats.bytes += io::copy(entry, &mut file)?;
         drop(file);
         self.chown(&path, uid, gid)?;
@@ -583,9 +577,22 @@ fn check_symlink(depth: usize, target: &[u8]) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A new file at `path` with `mode`, open for writing, whatever was there
+/// removed first; never through a link (`O_NOFOLLOW` on a name just
+/// made free, `create_new`).
+pub(crate) fn replace_with_file(path: &Path, mode: u32) -> io::Result<fs::File> {
+    remove_any(path)?;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Removes whatever is at `path` (a directory with its contents), never
 /// following a link; nothing there is fine.
-fn remove_any(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
