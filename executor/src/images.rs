@@ -68,6 +68,8 @@ pub struct Images {
     defaults: Arc<BTreeMap<String, String>>,
     /// Pulls on first use, when configured.
     pull: Option<Arc<PullOnUse>>,
+    /// The largest archive the API imports, in bytes.
+    import_max_bytes: u64,
 }
 
 /// How images are pulled on first use, and the pulls under way.
@@ -94,6 +96,7 @@ impl Images {
             dir: Arc::new(settings.dir.clone()),
             allowed: Arc::new(settings.allowed.clone()),
             defaults: Arc::new(settings.defaults.clone()),
+            import_max_bytes: settings.import_max_mb.saturating_mul(1 << 20),
             pull: settings.pull_on_use.then(|| {
                 Arc::new(PullOnUse {
                     opts: kiln_images::PullOptions {
@@ -185,6 +188,11 @@ impl Images {
             .unwrap_or_else(|p| p.into_inner())
             .remove(reference);
         result
+    }
+
+    /// The largest archive `POST /v1/images/import` takes, in bytes.
+    pub fn import_max_bytes(&self) -> u64 {
+        self.import_max_bytes
     }
 
     /// The image a job or sandbox of `runtime` gets when it names none.

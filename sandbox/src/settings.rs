@@ -228,6 +228,8 @@ pub struct ImagesSettings {
     pub pull_insecure: bool,
     /// A pull on first use that takes longer is given up (seconds).
     pub pull_timeout_s: u64,
+    /// The largest archive `POST /v1/images/import` takes, in MiB.
+    pub import_max_mb: u64,
 }
 
 impl Default for ImagesSettings {
@@ -239,6 +241,7 @@ impl Default for ImagesSettings {
             pull_on_use: false,
             pull_insecure: false,
             pull_timeout_s: 600,
+            import_max_mb: 4096,
         }
     }
 }

@@ -282,3 +282,104 @@ fn the_pool_keeps_spares_of_a_default_image_and_uses_each_for_one_job() {
         "the first job's writes went with its sandbox: {r}"
     );
 }
+
+/// An OCI layout directory as one tar archive (what `skopeo copy …
+/// oci-archive:…` writes).
+fn tar_of(dir: &std::path::Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(".", dir).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// The operator's side of `kiln image import|rm|gc` over the API: an
+/// archive uploaded as the body is imported and listed, a body that is
+/// no image archive and one above `import_max_mb` are refused saying
+/// why, a name is removed (then unknown), and garbage collection frees
+/// what only the removed image used.
+#[test]
+fn an_operator_imports_removes_and_collects_images_over_the_api() {
+    use kiln_images::layout::{write_layout, LayoutImage};
+    let (s, _) = server_with(
+        "http-images-admin",
+        "import_max_mb = 1\n",
+        &["--min-idle", "0"],
+    );
+    let dir = std::env::temp_dir().join(format!("kiln-http-images-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_layout(
+        &dir.join("small"),
+        &[LayoutImage {
+            name: "kiln.test/uploaded:1",
+            layers: vec![kiln_tests::images::file_layer(MARKER_PATH, "uploaded")],
+            env: Vec::new(),
+            working_dir: None,
+        }],
+    )
+    .unwrap();
+    let small = tar_of(&dir.join("small"));
+    let r = s.request("POST", "/v1/images/import", Some(&small));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["images"][0]["name"], "kiln.test/uploaded:1", "{v}");
+    let (_, listed) = s.json("GET", "/v1/images", &Value::Null);
+    assert!(
+        listed["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "kiln.test/uploaded:1"),
+        "{listed}"
+    );
+    // Stored and known: a Python job in it is refused for the interpreter
+    // it lacks, not for an unknown name.
+    let (st, e) = s.json(
+        "POST",
+        "/v1/jobs",
+        &json!({"runtime": "python", "code": "1", "image": "kiln.test/uploaded:1"}),
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("python3"),
+        "{e}"
+    );
+
+    let r = s.request(
+        "POST",
+        "/v1/images/import",
+        Some(b"not a tar archive at all"),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "bad_archive");
+    write_test_layout(
+        &dir.join("big"),
+        "kiln.test/big:1",
+        "kiln.test/big-bare:1",
+        "x",
+    );
+    let r = s.request("POST", "/v1/images/import", Some(&tar_of(&dir.join("big"))));
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+
+    let (st, v) = s.json("DELETE", "/v1/images/kiln.test/uploaded:1", &Value::Null);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["removed"][0]["name"], "kiln.test/uploaded:1", "{v}");
+    let (st, v) = s.json("DELETE", "/v1/images/kiln.test/uploaded:1", &Value::Null);
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+    let (st, report) = s.json("POST", "/v1/images/gc", &Value::Null);
+    assert_eq!(st, 200, "{report}");
+    assert!(report["blobs_removed"].as_u64().unwrap() >= 3, "{report}");
+    // The images the server started with are still there.
+    let (_, listed) = s.json("GET", "/v1/images", &Value::Null);
+    assert!(
+        listed["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == PY),
+        "{listed}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -412,6 +412,21 @@ fn every_documented_operation_answers_as_documented() {
         "/v1/images",
         Some(json!({"reference": "registry.invalid/x:1", "insecure": true})),
     );
+    // Not an archive: 400; nothing by that name: 404; a collection of an
+    // empty store: 200.
+    c.call(
+        "POST",
+        "/v1/images/import",
+        "/v1/images/import",
+        Some(json!("not a tar archive")),
+    );
+    c.call(
+        "DELETE",
+        "/v1/images/{reference}",
+        "/v1/images/kiln.test/absent:1",
+        None,
+    );
+    c.call("POST", "/v1/images/gc", "/v1/images/gc", None);
     c.call(
         "POST",
         "/api/v2/execute",

@@ -1,11 +1,12 @@
 //! The HTTP API (hyper 1, HTTP/1.1): routing, bearer-token auth, body size
 //! limits and the JSON error shape; the handlers live in one submodule per
-//! resource (`jobs`, `sandboxes`, `piston`). The API is documented in
+//! resource (`jobs`, `sandboxes`, `images`, `piston`). The API is documented in
 //! `docs/openapi.json`, which is also served at `/openapi.json`.
 
 mod body;
 pub(crate) mod contexts;
 mod error;
+mod images;
 pub(crate) mod jobs;
 pub(crate) mod piston;
 pub(crate) mod ports;
@@ -239,8 +240,16 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> (&'static str, Answer)
             "/v1/sandboxes/{id}/files/{path}",
             sandboxes::get_file(app, id, &rest.join("/")).await,
         ),
-        (["v1", "images"], &Method::GET) => ("/v1/images", images(app).await),
-        (["v1", "images"], &Method::POST) => ("/v1/images", pull_image(app, req).await),
+        (["v1", "images"], &Method::GET) => ("/v1/images", images::list(app).await),
+        (["v1", "images"], &Method::POST) => ("/v1/images", images::pull(app, req).await),
+        (["v1", "images", "import"], &Method::POST) => {
+            ("/v1/images/import", images::import(app, req).await)
+        }
+        (["v1", "images", "gc"], &Method::POST) => ("/v1/images/gc", images::gc(app).await),
+        (["v1", "images", rest @ ..], &Method::DELETE) if !rest.is_empty() => (
+            "/v1/images/{reference}",
+            images::remove(app, &rest.join("/")).await,
+        ),
         (["mcp"], _) => ("/mcp", Ok(crate::mcp::McpEndpoint::handle(app, req).await)),
         (["api", "v2", "runtimes"], &Method::GET) => {
             ("/api/v2/runtimes", Ok(piston::runtimes(app)))
@@ -284,7 +293,7 @@ fn known_path(segs: &[&str]) -> bool {
             | ["v1", "sandboxes", _, "contexts", _]
             | ["v1", "sandboxes", _, "contexts", _, "interrupt" | "restart"]
             | ["v1", "sandboxes", _, "files", _, ..]
-            | ["v1", "images"]
+            | ["v1", "images", ..]
             | ["api", "v2", "runtimes"]
             | ["api", "v2", "execute"]
             | ["mcp"]
@@ -321,82 +330,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `GET /v1/images`: the images jobs and sandboxes can name.
-async fn images(app: &App) -> Result<Response<Body>, ApiError> {
-    let images = app.scheduler.images().clone();
-    let listed = tokio::task::spawn_blocking(move || images.list())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("listing images: {e}"),
-            )
-        })?;
-    Ok(json_response(StatusCode::OK, &json!({"images": listed})))
-}
-
-/// `POST /v1/images` `{"reference", "insecure"?, "username"?, "password"?}`:
-/// pulls an image into the store (and unpacks it) while jobs go on;
-/// answers `201` with the image.
-async fn pull_image(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PullBody {
-        reference: String,
-        #[serde(default)]
-        insecure: bool,
-        username: Option<String>,
-        password: Option<String>,
-    }
-    let body = read_body(req, app.max_body_bytes).await?;
-    let b: PullBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::field("body", format!("not a pull request: {e}")))?;
-    kiln_protocol::check_image_ref("reference", &b.reference)
-        .map_err(|e| ApiError::field("reference", e.message))?;
-    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
-    let store = app
-        .scheduler
-        .images()
-        .store()
-        .map_err(|e| internal(format!("opening the image store: {e}")))?;
-    let opts = kiln_images::PullOptions {
-        insecure: b.insecure,
-        username: b.username,
-        password: b.password,
-    };
-    // On a task of its own: a client that goes away does not cut a pull
-    // short halfway through a blob.
-    let s = store.clone();
-    let reference = b.reference.clone();
-    let pulled = tokio::spawn(async move { kiln_images::pull(&s, &reference, &opts).await })
-        .await
-        .map_err(|e| internal(e.to_string()))?;
-    let image = match pulled {
-        Ok(i) => i,
-        Err(e @ kiln_images::PullError::InsecureNotLoopback(_)) => {
-            return Err(ApiError::field("insecure", e))
-        }
-        Err(e @ kiln_images::PullError::BadReference { .. }) => {
-            return Err(ApiError::field("reference", e))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "pull_failed",
-                crate::images::error_chain(&e),
-            ))
-        }
-    };
-    let i = image.clone();
-    tokio::task::spawn_blocking(move || store.root(&i))
-        .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(format!("unpacking {}: {e}", image.name)))?;
-    Ok(json_response(StatusCode::CREATED, &image))
 }
 
 fn readyz(app: &App) -> Response<Body> {
