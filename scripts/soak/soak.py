@@ -484,13 +484,21 @@ def _held(d):
 # (whichever is larger) is well above that noise and well below a leak of
 # 1 KiB per job over 10,000 jobs (10 MiB).
 IDLE_FDS, IDLE_THREADS = 2, 2
+# How many sandboxes the idle burst leaves pooled varies by one now and
+# then (a sandbox that reaches its pool's max_uses during the burst is
+# retired, not returned; which jobs queue behind max_running is timing).
+# Each pooled jail holds 5 descriptors in the daemon (its control socket,
+# pidfd, cgroup files; measured: 66 -> 71 descriptors for 11 -> 12
+# sandboxes), so the idle points compare descriptors net of that.
+PER_SANDBOX_FDS = 5
 RSS_SHARE, RSS_FLOOR_KIB = 0.10, 8 * 1024
 LOAD_FDS, LOAD_THREADS = 8, 4
 
 
 def flatness(before, after, load):
     out = {"failures": [], "rule": (
-        f"idle after load <= idle after warm-up + {IDLE_FDS} fds, + {IDLE_THREADS} threads,"
+        f"idle after load <= idle after warm-up + {IDLE_FDS} fds (net of {PER_SANDBOX_FDS} per"
+        f" pooled sandbox more or fewer, at most 2), + {IDLE_THREADS} threads,"
         f" + max({int(RSS_SHARE * 100)}%, {RSS_FLOOR_KIB // 1024} MiB) RSS; median of the last"
         f" tenth of the load <= median of the first tenth + {LOAD_FDS} fds, + {LOAD_THREADS}"
         " threads, + the same RSS margin")}
@@ -498,11 +506,14 @@ def flatness(before, after, load):
     def rss_margin(base):
         return max(RSS_SHARE * base, RSS_FLOOR_KIB)
 
-    if after["sandboxes"] != before["sandboxes"]:
+    pooled = after["sandboxes"] - before["sandboxes"]
+    out["pool_difference"] = pooled
+    if abs(pooled) > 2:
         out["failures"].append(f"the pool held {before['sandboxes']} sandboxes at the first"
                                f" idle point and {after['sandboxes']} at the second")
-    if after["fds"] > before["fds"] + IDLE_FDS:
-        out["failures"].append(f"descriptors at idle grew {before['fds']} -> {after['fds']}")
+    if after["fds"] - PER_SANDBOX_FDS * pooled > before["fds"] + IDLE_FDS:
+        out["failures"].append(f"descriptors at idle grew {before['fds']} -> {after['fds']}"
+                               f" ({pooled:+d} pooled sandboxes)")
     if after["threads"] > before["threads"] + IDLE_THREADS:
         out["failures"].append(f"threads at idle grew {before['threads']} -> {after['threads']}")
     if after["rss_kib"] > before["rss_kib"] + rss_margin(before["rss_kib"]):
