@@ -168,7 +168,7 @@ impl Images {
                 }
                 Ok(Ok(Err(e))) => Err(ImageRefusal::Pull {
                     image: reference.to_owned(),
-                    message: error_chain(&e),
+                    message: crate::error_chain(&e),
                 }),
                 Ok(Err(e)) => Err(ImageRefusal::Pull {
                     image: reference.to_owned(),
@@ -305,18 +305,6 @@ impl Images {
             env,
         })
     }
-}
-
-/// An error with its sources, `: `-joined.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 /// The interpreter a runtime runs: its command's program.

@@ -36,6 +36,19 @@ pub mod edges {
 
 use std::process::ExitCode;
 
+/// An error and its sources, on one line, `: `-joined (what `{:#}` does
+/// for an `anyhow::Error`, for the typed errors of the library's crates).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Kiln runs untrusted code in isolated sandboxes.

@@ -656,7 +656,7 @@ async fn acquire(
                 .pool
                 .lease(&t.key)
                 .await
-                .map_err(|e| images::error_chain(&e))?;
+                .map_err(|e| crate::error_chain(&e))?;
             let how = match lease.acquire() {
                 kiln_warmpool::Acquire::Warm => Acquire::Warm,
                 kiln_warmpool::Acquire::Cold => Acquire::Cold,

@@ -96,7 +96,10 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             // Wait for in-flight jobs before the session's connection goes
             // away is done inside the session; here only log.
             if let Err(e) = r {
-                tracing::warn!("AMQP session ended while stopping: {}", chain(&e));
+                tracing::warn!(
+                    "AMQP session ended while stopping: {}",
+                    crate::error_chain(&e)
+                );
             }
             break;
         }
@@ -108,7 +111,7 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     delay = cfg.reconnect_min();
                 }
                 let wait = jitter.around(delay);
-                tracing::warn!(retry_in = ?wait, "AMQP: {}", chain(&e));
+                tracing::warn!(retry_in = ?wait, "AMQP: {}", crate::error_chain(&e));
                 delay = (delay * 2).min(cfg.reconnect_max());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -117,18 +120,6 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
-}
-
-/// An error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 /// "Equal jitter": a delay uniformly in [d/2, d], so that nodes that lost

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
 
 use super::{json_response, percent_decode, query, read_body, ApiError, App, Body};
-use crate::images::error_chain;
+use crate::error_chain;
 
 fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
