@@ -116,11 +116,16 @@ impl Images {
     /// on first use are on and `allowed` lists it (never with an empty
     /// `allowed`: any name of any registry would be fetched for anyone).
     fn pulls(&self, reference: &str) -> bool {
-        self.pull.is_some()
-            && self.allowed.iter().any(|a| match a.strip_suffix('*') {
-                Some(prefix) => reference.starts_with(prefix),
-                None => a == reference,
-            })
+        self.pull.is_some() && self.listed(reference, None)
+    }
+
+    /// Whether an entry of `allowed` names `name` (exactly, or by a prefix
+    /// ending in `*`) or is `digest`.
+    fn listed(&self, name: &str, digest: Option<&str>) -> bool {
+        self.allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => a == name || Some(a.as_str()) == digest,
+        })
     }
 
     /// What admission checks of a job's image: [`Self::check`], except
@@ -139,11 +144,7 @@ impl Images {
         let Some(pull) = &self.pull else {
             return Ok(());
         };
-        let store_err = |source| ImageRefusal::Store {
-            image: reference.to_owned(),
-            source: Box::new(source),
-        };
-        let store = self.store().map_err(store_err)?;
+        let store = self.open(reference)?;
         if store.resolve(reference).is_ok() || !self.pulls(reference) {
             return Ok(());
         }
@@ -201,11 +202,7 @@ impl Images {
     }
 
     fn allows(&self, image: &Image) -> bool {
-        self.allowed.is_empty()
-            || self.allowed.iter().any(|a| match a.strip_suffix('*') {
-                Some(prefix) => image.name.starts_with(prefix),
-                None => *a == image.name || *a == image.digest.as_str(),
-            })
+        self.allowed.is_empty() || self.listed(&image.name, Some(image.digest.as_str()))
     }
 
     /// The store, its roots owned by the jail's id range (its directory
@@ -227,19 +224,30 @@ impl Images {
     /// images are refused before a job is admitted. When the image is
     /// already unpacked, its interpreter is checked too.
     pub fn check(&self, reference: &str, runtime: &Runtime) -> Result<Image, ImageRefusal> {
-        let store = self.store().map_err(|source| ImageRefusal::Store {
+        let store = self.open(reference)?;
+        let image = self.resolve(&store, reference)?;
+        let root = store.dir().join("roots").join(image.digest.hex());
+        if root.is_dir() {
+            check_interpreter(&image, &root, runtime)?;
+        }
+        Ok(image)
+    }
+
+    /// The store, its failure named by the image asked for.
+    fn open(&self, reference: &str) -> Result<ImageStore, ImageRefusal> {
+        self.store().map_err(|source| ImageRefusal::Store {
             image: reference.to_owned(),
             source: Box::new(source),
-        })?;
+        })
+    }
+
+    /// The stored image `reference` names, if `allowed` admits it.
+    fn resolve(&self, store: &ImageStore, reference: &str) -> Result<Image, ImageRefusal> {
         let image = store
             .resolve(reference)
             .map_err(|e| ImageRefusal::Unknown(Box::new(e)))?;
         if !self.allows(&image) {
             return Err(ImageRefusal::NotAllowed(reference.to_owned()));
-        }
-        let root = store.dir().join("roots").join(image.digest.hex());
-        if root.is_dir() {
-            check_interpreter(&image, &root, runtime)?;
         }
         Ok(image)
     }
@@ -270,11 +278,10 @@ impl Images {
         reference: &str,
         runtime: &Runtime,
     ) -> Result<Ready, ImageRefusal> {
-        let image = self.check(reference, runtime)?;
-        let store = self.store().map_err(|source| ImageRefusal::Store {
-            image: reference.to_owned(),
-            source: Box::new(source),
-        })?;
+        // One store and one index read; the interpreter checked once, in
+        // the root as it is now unpacked.
+        let store = self.open(reference)?;
+        let image = self.resolve(&store, reference)?;
         let (root, config) = store
             .root(&image)
             .and_then(|root| Ok((root, store.config(&image)?)))
