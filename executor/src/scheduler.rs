@@ -503,12 +503,12 @@ impl Scheduler {
         self.inner.jobs.get(id)
     }
 
-    /// The workspaces (sandboxes kept for several execs).
     /// The image store jobs and sandboxes are rooted from.
     pub fn images(&self) -> &Images {
         &self.inner.images
     }
 
+    /// The workspaces (sandboxes kept for several execs).
     pub fn workspaces(&self) -> &Workspaces {
         &self.inner.workspaces
     }
@@ -593,44 +593,6 @@ fn acquire_failed(id: &JobId, e: AcquireError) -> JobResult {
     }
 }
 
-/// A sandbox of the job's own with a network (`allow_internet`): never a
-/// pooled one (spares have none), its egress rules in force before the
-/// job runs. What the backend cannot do is the caller's refusal.
-async fn networked(
-    inner: &Inner,
-    runtime: &Runtime,
-    spec: &JobSpec,
-    image: Option<ImageRoot>,
-) -> Result<(Held, Acquire), AcquireError> {
-    let mut sandbox_spec = sandboxes::spec_for(&spec.limits, &runtime.name);
-    sandbox_spec.image = image;
-    sandbox_spec.allow_internet = true;
-    let sandbox = inner
-        .backend
-        .create(&sandbox_spec)
-        .await
-        .map_err(|e| match e {
-            SandboxError::Unsupported(m) => AcquireError::Refused(format!("allow_internet: {m}")),
-            e => AcquireError::Failed(e.to_string()),
-        })?;
-    let rules = spec.egress.as_ref().map(EgressRules::parse).transpose();
-    let configured = match rules {
-        Ok(None) => Ok(()),
-        Ok(Some(rules)) => sandbox.set_egress(rules).map_err(|e| match e {
-            SandboxError::Unsupported(m) => AcquireError::Refused(format!("egress: {m}")),
-            e => AcquireError::Failed(format!("egress: {e}")),
-        }),
-        Err(e) => Err(AcquireError::Refused(format!("egress: {e}"))),
-    };
-    match configured {
-        Ok(()) => Ok((Held::Own(sandbox), Acquire::Cold)),
-        Err(e) => {
-            sandbox.destroy().await;
-            Err(e)
-        }
-    }
-}
-
 /// Leases a pooled sandbox for the job or makes one.
 async fn acquire(
     inner: &Inner,
@@ -638,15 +600,13 @@ async fn acquire(
     spec: &JobSpec,
     image: Option<ImageRoot>,
 ) -> Result<(Held, Acquire), AcquireError> {
-    if spec.allow_internet {
-        return networked(inner, runtime, spec, image).await;
-    }
-    // Spares are rooted in one image (or none): they serve jobs of the same.
+    // Spares are rooted in one image (or none): they serve jobs of the
+    // same. They have no network: a job with `allow_internet` gets its own.
     let digest = image.as_ref().map(|i| i.digest.as_str());
     let pooled = inner
         .templates
         .get(&runtime.name)
-        .filter(|t| t.image.as_deref() == digest);
+        .filter(|t| !spec.allow_internet && t.image.as_deref() == digest);
     if let Some(t) = pooled {
         let resize = sandboxes::needs_resize(&t.spec, &spec.limits);
         // A job whose limits the template's sandboxes cannot take gets a
@@ -685,11 +645,30 @@ async fn acquire(
     }
     let mut sandbox_spec = sandboxes::spec_for(&spec.limits, &runtime.name);
     sandbox_spec.image = image;
+    sandbox_spec.allow_internet = spec.allow_internet;
+    // What the backend cannot do of a network the job asked for is the
+    // caller's refusal; the egress rules are in force before it runs.
+    let refused = |field: &str, e: SandboxError| match e {
+        SandboxError::Unsupported(m) if spec.allow_internet => {
+            AcquireError::Refused(format!("{field}: {m}"))
+        }
+        e => AcquireError::Failed(e.to_string()),
+    };
     let sandbox = inner
         .backend
         .create(&sandbox_spec)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| refused("allow_internet", e))?;
+    if let Some(egress) = &spec.egress {
+        // Parsed at admission already; a failure here is not expected.
+        let set = EgressRules::parse(egress)
+            .map_err(|e| AcquireError::Refused(format!("egress: {e}")))
+            .and_then(|rules| sandbox.set_egress(rules).map_err(|e| refused("egress", e)));
+        if let Err(e) = set {
+            sandbox.destroy().await;
+            return Err(e);
+        }
+    }
     Ok((Held::Own(sandbox), Acquire::Cold))
 }
 
