@@ -193,16 +193,17 @@ impl Workspace {
         rules: kiln_sandbox::network::EgressRules,
     ) -> Result<NetworkView, WorkspaceError> {
         let held = self.held()?;
-        if held.network_info().is_none() {
-            return Err(WorkspaceError::Unsupported {
-                field: "egress",
-                message: "this sandbox has no network; create it with allow_internet: true".into(),
-            });
-        }
         tokio::task::spawn_blocking(move || held.set_egress(rules))
             .await
             .map_err(|e| WorkspaceError::Internal(e.to_string()))?
-            .map_err(|e| WorkspaceError::Internal(format!("changing the egress rules: {e}")))?;
+            .map_err(|e| match e {
+                // No network of Kiln's: the sandbox says so.
+                SandboxError::Unsupported(message) => WorkspaceError::Unsupported {
+                    field: "egress",
+                    message,
+                },
+                e => WorkspaceError::Internal(format!("changing the egress rules: {e}")),
+            })?;
         self.network()
     }
 

@@ -223,6 +223,14 @@ impl SandboxError {
             error: Box::new(error),
         }
     }
+
+    /// What a sandbox without a network of Kiln's answers to a network
+    /// operation.
+    pub fn no_network() -> Self {
+        Self::Unsupported(
+            "this sandbox has no network (create it with allow_internet: true)".into(),
+        )
+    }
 }
 
 /// A ready sandbox with a connected agent.
@@ -278,31 +286,23 @@ pub trait Sandbox: Send + Sync {
     /// connections and name lookups (open connections are cut). Blocking
     /// for a few milliseconds (the firewall's tools).
     fn set_egress(&self, _rules: network::EgressRules) -> Result<(), SandboxError> {
-        Err(SandboxError::Unsupported(
-            "this sandbox has no network (create it with allow_internet: true)".into(),
-        ))
+        Err(SandboxError::no_network())
     }
     /// Joins the private network `name`: sandboxes that joined the same
     /// name reach each other (by address, or by sandbox id through Kiln's
     /// resolver); others do not. Once, on a networked sandbox.
     fn join_network(&self, _name: &str) -> Result<(), SandboxError> {
-        Err(SandboxError::Unsupported(
-            "this sandbox has no network (create it with allow_internet: true)".into(),
-        ))
+        Err(SandboxError::no_network())
     }
     /// Sets the bandwidth of a networked sandbox, each way, in Mbit/s (0:
     /// unlimited), at once. Blocking for a few milliseconds.
     fn set_rate_mbit(&self, _mbit: u32) -> Result<(), SandboxError> {
-        Err(SandboxError::Unsupported(
-            "this sandbox has no network (create it with allow_internet: true)".into(),
-        ))
+        Err(SandboxError::no_network())
     }
     /// A TCP connection from the host to `port` inside the sandbox, for
     /// the daemon's port proxy (exposed ports). Blocking.
     fn open_port(&self, _port: u16) -> Result<std::net::TcpStream, SandboxError> {
-        Err(SandboxError::Unsupported(
-            "this sandbox has no network (create it with allow_internet: true)".into(),
-        ))
+        Err(SandboxError::no_network())
     }
     /// Moves the sandbox to background CPU priority or back to normal
     /// (where the backend can: a jail's CPU weight; a no-op elsewhere).

@@ -84,11 +84,7 @@ impl FirecrackerSandbox {
 
     /// The sandbox's network, or why there is none.
     fn networked(&self) -> Result<NetLease, SandboxError> {
-        self.vm.network().ok_or_else(|| {
-            SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )
-        })
+        self.vm.network().ok_or_else(SandboxError::no_network)
     }
 
     pub(super) fn agent_conn(&self) -> &AgentConn {

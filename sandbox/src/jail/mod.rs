@@ -517,6 +517,11 @@ impl Jail {
         self.remains.as_ref()?.net.as_ref()
     }
 
+    /// The sandbox's network, or why there is none.
+    fn networked(&self) -> Result<&NetLease, SandboxError> {
+        self.network().ok_or_else(SandboxError::no_network)
+    }
+
     /// Gives the room in service the sandbox's interface. A networked jail
     /// has no spare room, so the one room is the lease's; it is looked for
     /// a little while, since a new room's holder can be the agent's child
@@ -698,45 +703,27 @@ impl Sandbox for Jail {
     }
 
     fn set_egress(&self, rules: crate::network::EgressRules) -> Result<(), SandboxError> {
-        match self.network() {
-            Some(n) => n
-                .set_rules(rules)
-                .map_err(|e| SandboxError::backend("jail", e)),
-            None => Err(SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )),
-        }
+        self.networked()?
+            .set_rules(rules)
+            .map_err(|e| SandboxError::backend("jail", e))
     }
 
     fn set_rate_mbit(&self, mbit: u32) -> Result<(), SandboxError> {
-        match self.network() {
-            Some(n) => n
-                .set_rate(mbit)
-                .map_err(|e| SandboxError::backend("jail", e)),
-            None => Err(SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )),
-        }
+        self.networked()?
+            .set_rate(mbit)
+            .map_err(|e| SandboxError::backend("jail", e))
     }
 
     fn open_port(&self, port: u16) -> Result<std::net::TcpStream, SandboxError> {
-        match self.network() {
-            Some(n) => n
-                .open_port(port)
-                .map_err(|e| SandboxError::backend("jail", e)),
-            None => Err(SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )),
-        }
+        self.networked()?
+            .open_port(port)
+            .map_err(|e| SandboxError::backend("jail", e))
     }
 
     fn join_network(&self, name: &str) -> Result<(), SandboxError> {
-        match self.network() {
-            Some(n) => n.join(name).map_err(|e| SandboxError::backend("jail", e)),
-            None => Err(SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )),
-        }
+        self.networked()?
+            .join(name)
+            .map_err(|e| SandboxError::backend("jail", e))
     }
 
     fn kill_now(&self) {

@@ -374,11 +374,7 @@ impl QemuVm {
 
     /// The sandbox's network, or why there is none.
     fn networked(&self) -> Result<NetLease, SandboxError> {
-        self.network().ok_or_else(|| {
-            SandboxError::Unsupported(
-                "this sandbox has no network (create it with allow_internet: true)".into(),
-            )
-        })
+        self.network().ok_or_else(SandboxError::no_network)
     }
 
     /// Whether QEMU is still running.
