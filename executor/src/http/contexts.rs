@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 
 use super::body::SseSender;
 use super::jobs::parse_spec;
+use super::sandboxes::find;
 use super::{json_response, read_body, sse, ApiError, App, Body};
 use crate::contexts::{self, CellRequest, CellSink, ContextError, ContextExecResult, DisplayData};
-use crate::workspaces::{EndReason, Workspace, WorkspaceError};
+use crate::workspaces::{EndReason, Workspace};
 
 pub fn context_error(e: ContextError) -> ApiError {
     match e {
@@ -35,13 +36,6 @@ pub fn context_error(e: ContextError) -> ApiError {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
         }
     }
-}
-
-fn find(app: &App, id: &str) -> Result<Arc<Workspace>, ApiError> {
-    app.scheduler
-        .workspaces()
-        .get(id)
-        .ok_or_else(|| ApiError::not_found(WorkspaceError::Gone(id.to_owned()).to_string()))
 }
 
 fn held(ws: &Workspace) -> Result<Arc<crate::sandboxes::Held>, ApiError> {

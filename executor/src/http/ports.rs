@@ -14,20 +14,13 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::sandboxes::find;
 use super::{json_response, read_body, ApiError, App, Body};
-use crate::workspaces::WorkspaceError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExposeBody {
     port: u16,
-}
-
-fn find(app: &App, id: &str) -> Result<Arc<crate::workspaces::Workspace>, ApiError> {
-    app.scheduler
-        .workspaces()
-        .get(id)
-        .ok_or_else(|| ApiError::not_found(WorkspaceError::Gone(id.to_owned()).to_string()))
 }
 
 fn view(id: &str, ports: &[u16]) -> serde_json::Value {

@@ -248,7 +248,8 @@ pub fn list(app: &Arc<App>) -> Response<Body> {
     )
 }
 
-fn find(app: &App, id: &str) -> Result<Arc<Workspace>, ApiError> {
+/// The workspace `id`, or a 404.
+pub(super) fn find(app: &App, id: &str) -> Result<Arc<Workspace>, ApiError> {
     app.scheduler
         .workspaces()
         .get(id)
