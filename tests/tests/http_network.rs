@@ -290,6 +290,17 @@ fn jobs_get_a_network_on_request_under_their_own_or_the_configured_rules() {
         &lines,
     );
     assert_eq!(got, [ok(), "ECONNREFUSED".to_string()]);
+    // A hostile pair: that job resolved allowed.test and reached it; the
+    // next job, allowed nothing, gets the freed address slot and tries the
+    // address it learnt by IP. What the resolver handed out to the last
+    // holder of the slot is not handed on.
+    let got = job_probe(
+        &world,
+        &s,
+        json!({"allow_internet": true, "egress": {"allow": []}}),
+        &[format!("tcp {WEB_ALLOWED_BY_NAME}:80")],
+    );
+    assert_eq!(got, ["ECONNREFUSED".to_string()]);
     // Malformed requests name the field.
     for (body, field) in [
         (json!({"egress": {"allow": ["allowed.test"]}}), "egress"),
