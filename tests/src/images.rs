@@ -212,6 +212,23 @@ pub fn write_test_layout(dir: &Path, python: &str, bare: &str, marker: &str) -> 
     (d[0].clone(), d[1].clone())
 }
 
+/// `kiln image ARGS --images-dir IMAGES`, which must succeed; its stdout.
+pub fn kiln_image(images: &Path, args: &[&str]) -> String {
+    let out = Command::new(crate::bin("kiln"))
+        .arg("image")
+        .args(args)
+        .arg("--images-dir")
+        .arg(images)
+        .output()
+        .expect("spawning kiln image");
+    assert!(
+        out.status.success(),
+        "kiln image {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A statically linked `kiln-agent` built from this checkout: a jail
 /// rooted in an image has the image's libraries, not the host's, so its
 /// agent must need none. Built once (cargo keeps it up to date) in
