@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_protocol::{JobResult, Outcome};
 use kiln_tests::images::{
-    kiln_image, static_agent, write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR,
+    empty_header, kiln_image, static_agent, write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR,
 };
 use kiln_tests::Scope;
 
@@ -187,22 +187,10 @@ fn the_writable_layer_of_an_image_root_is_bounded_by_the_disk_size() {
 /// to the real binary.
 fn relocating_layer() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(0);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
+    let mut h = empty_header(tar::EntryType::Regular, 0o644);
     b.append_data(&mut h, "usr/bin/.wh.python3", &[][..])
         .unwrap();
-    let mut l = tar::Header::new_gnu();
-    l.set_entry_type(tar::EntryType::Symlink);
-    l.set_size(0);
-    l.set_mode(0o777);
-    l.set_uid(0);
-    l.set_gid(0);
-    l.set_mtime(0);
+    let mut l = empty_header(tar::EntryType::Symlink, 0o777);
     let real = std::fs::canonicalize(PYTHON).unwrap();
     b.append_link(&mut l, "usr/local/bin/python3", &real)
         .unwrap();
