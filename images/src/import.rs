@@ -18,7 +18,7 @@ use oci_spec::image::{
 };
 
 use crate::digest::Digest;
-use crate::store::{lookup, Image, ImageStore, StoreError};
+use crate::store::{self, io_err, lookup, Image, ImageStore, StoreError};
 use crate::unpack::{self, UnpackError};
 
 /// Why an import failed.
@@ -67,7 +67,6 @@ pub fn import(
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
     let _ = fs::remove_dir_all(&scratch);
-    let io_err = |what: String| move |source| StoreError::Io { what, source };
     fs::create_dir_all(&scratch).map_err(io_err(format!("creating {}", scratch.display())))?;
     let result = (|| {
         let f = fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
@@ -123,13 +122,7 @@ fn doc_err(what: impl Into<String>) -> impl FnOnce(oci_spec::OciSpecError) -> Im
 }
 
 fn descriptor_digest(d: &Descriptor) -> Result<Digest, ImportError> {
-    Digest::from_hex(d.as_digest_sha256().unwrap_or_default()).map_err(|e| {
-        StoreError::Io {
-            what: "a descriptor".into(),
-            source: io::Error::other(e),
-        }
-        .into()
-    })
+    Ok(store::descriptor_digest(d, "a descriptor")?)
 }
 
 fn oci_digest(d: &Digest) -> oci_spec::image::Digest {

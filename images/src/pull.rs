@@ -20,7 +20,7 @@ use oci_spec::image::{ImageIndex, ImageManifest};
 
 use crate::digest::Digest;
 use crate::import::{pick_platform, ImportError};
-use crate::store::{Image, ImageStore, StoreError};
+use crate::store::{descriptor_digest, Image, ImageStore, StoreError};
 
 /// How to reach the registry.
 #[derive(Debug, Clone, Default)]
@@ -153,13 +153,7 @@ pub async fn pull(
         })?;
     let blobs = std::iter::once(parsed_manifest.config()).chain(parsed_manifest.layers());
     for desc in blobs {
-        let digest =
-            Digest::from_hex(desc.as_digest_sha256().unwrap_or_default()).map_err(|e| {
-                StoreError::Io {
-                    what: format!("a descriptor of {reference}"),
-                    source: io::Error::other(e),
-                }
-            })?;
+        let digest = descriptor_digest(desc, format!("a descriptor of {reference}"))?;
         if store.has_blob(&digest) {
             continue;
         }

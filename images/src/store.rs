@@ -128,6 +128,16 @@ impl Drop for Locked {
 
 /// An exclusive `flock` on the file at `path` (made if missing), held
 /// until the value is dropped.
+/// The sha256 digest `d` names; `what` says whose descriptor it is in the
+/// error.
+pub(crate) fn descriptor_digest(
+    d: &oci_spec::image::Descriptor,
+    what: impl Into<String>,
+) -> Result<Digest, StoreError> {
+    Digest::from_hex(d.as_digest_sha256().unwrap_or_default())
+        .map_err(|e| io_err(what)(io::Error::other(e)))
+}
+
 pub(crate) fn lock_file(path: &Path) -> Result<Locked, StoreError> {
     let f = fs::OpenOptions::new()
         .create(true)
@@ -327,10 +337,8 @@ impl ImageStore {
                 what: format!("the manifest of {name}"),
                 source,
             })?;
-        let digest_of = |d: &oci_spec::image::Descriptor| {
-            Digest::from_hex(d.as_digest_sha256().unwrap_or_default())
-                .map_err(|e| io_err(format!("image {name}"))(io::Error::other(e)))
-        };
+        let digest_of =
+            |d: &oci_spec::image::Descriptor| descriptor_digest(d, format!("image {name}"));
         let config = digest_of(parsed.config())?;
         let layers = parsed
             .layers()

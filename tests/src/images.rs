@@ -75,13 +75,7 @@ impl HostLayer {
     }
 
     fn link(&mut self, name: &str, target: &str) {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
+        let mut h = empty_header(tar::EntryType::Symlink, 0o777);
         self.builder
             .append_link(&mut h, name, target)
             .expect("a link entry");
@@ -90,6 +84,19 @@ impl HostLayer {
     fn finish(self) -> Vec<u8> {
         self.builder.into_inner().expect("the layer")
     }
+}
+
+/// A header of an entry with no data (a directory, a link, a whiteout)
+/// of this kind and mode, owned by root, at time 0.
+pub fn empty_header(kind: tar::EntryType, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
 }
 
 /// The libraries `ldd` says `bin` needs.
@@ -165,13 +172,7 @@ pub const WRITABLE_DIR: &str = "/var/scratch";
 /// [`WRITABLE_DIR`].
 pub fn file_layer(path: &str, content: &str) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut d = tar::Header::new_gnu();
-    d.set_entry_type(tar::EntryType::Directory);
-    d.set_size(0);
-    d.set_mode(0o1777);
-    d.set_uid(0);
-    d.set_gid(0);
-    d.set_mtime(0);
+    let mut d = empty_header(tar::EntryType::Directory, 0o1777);
     b.append_data(&mut d, WRITABLE_DIR.trim_start_matches('/'), &[][..])
         .expect("a directory entry");
     let mut h = tar::Header::new_gnu();
@@ -210,6 +211,23 @@ pub fn write_test_layout(dir: &Path, python: &str, bare: &str, marker: &str) -> 
     )
     .expect("writing the layout");
     (d[0].clone(), d[1].clone())
+}
+
+/// `kiln image ARGS --images-dir IMAGES`, which must succeed; its stdout.
+pub fn kiln_image(images: &Path, args: &[&str]) -> String {
+    let out = Command::new(crate::bin("kiln"))
+        .arg("image")
+        .args(args)
+        .arg("--images-dir")
+        .arg(images)
+        .output()
+        .expect("spawning kiln image");
+    assert!(
+        out.status.success(),
+        "kiln image {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A statically linked `kiln-agent` built from this checkout: a jail

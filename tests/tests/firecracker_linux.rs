@@ -271,18 +271,7 @@ fn a_job_in_an_image_boots_from_the_images_root_disk_without_a_template() {
     let layout = h.dir.join("layout");
     let (py, _) = kiln_tests::images::write_test_layout(&layout, "py", "bare", "fc-image");
     let images = h.dir.join("images");
-    let out = std::process::Command::new(kiln_tests::bin("kiln"))
-        .args(["image", "import"])
-        .arg(&layout)
-        .arg("--images-dir")
-        .arg(&images)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_tests::images::kiln_image(&images, &["import", layout.to_str().unwrap()]);
     let code = format!(
         "import os; print(open('{}').read(), os.path.exists('/usr/bin/node'))",
         kiln_tests::images::MARKER_PATH

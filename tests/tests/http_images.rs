@@ -5,11 +5,9 @@
 //! unknown images or images without the runtime refused with a 4xx
 //! naming them. The images are made from host files (tests/src/images.rs).
 
-use std::process::Command;
-
-use kiln_tests::images::{static_agent, write_test_layout, MARKER_PATH, WRITABLE_DIR};
+use kiln_tests::images::{kiln_image, static_agent, write_test_layout, MARKER_PATH, WRITABLE_DIR};
 use kiln_tests::server::Server;
-use kiln_tests::{bin, Scope};
+use kiln_tests::Scope;
 use serde_json::{json, Value};
 
 const PY: &str = "kiln.test/python:3";
@@ -27,18 +25,7 @@ fn server_with(test: &str, config: &str, flags: &[&str]) -> (Server, String) {
     let layout = scope.state_dir.join("layout");
     let (py, _) = write_test_layout(&layout, PY, BARE, "served");
     let images = scope.state_dir.join("images");
-    let out = Command::new(bin("kiln"))
-        .args(["image", "import"])
-        .arg(&layout)
-        .arg("--images-dir")
-        .arg(&images)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_image(&images, &["import", layout.to_str().unwrap()]);
     let agent = static_agent();
     let config_file = scope.state_dir.join("kiln.toml");
     std::fs::write(
@@ -156,21 +143,7 @@ fn a_workspace_rooted_in_an_image_keeps_its_root_writes_for_its_life() {
     assert_eq!(r["stdout"], "1 from-the-image\n", "{r}");
     // Removed and collected while the workspace lives: its root stays.
     let images = s.scope.state_dir.join("images");
-    let image = |args: &[&str]| {
-        let out = Command::new(bin("kiln"))
-            .arg("image")
-            .args(args)
-            .arg("--images-dir")
-            .arg(&images)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let image = |args: &[&str]| kiln_image(&images, args);
     image(&["rm", PY]);
     let gc: Value = serde_json::from_str(&image(&["gc", "--json"])).unwrap();
     assert_eq!(

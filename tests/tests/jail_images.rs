@@ -9,23 +9,37 @@
 //! naming them. Real namespaces, overlays and cgroups; needs root.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use kiln_protocol::Outcome;
-use kiln_tests::images::{static_agent, write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR};
-use kiln_tests::{bin, Scope};
+use kiln_protocol::{JobResult, Outcome};
+use kiln_tests::images::{
+    empty_header, kiln_image, static_agent, write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR,
+};
+use kiln_tests::Scope;
 
 const PY: &str = "kiln.test/python:3";
 const BARE: &str = "kiln.test/bare:1";
 
-fn kiln_image(images: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("kiln"))
-        .arg("image")
-        .args(args)
-        .arg("--images-dir")
-        .arg(images)
-        .output()
-        .expect("spawning kiln image")
+/// `kiln run` of Python `code` in `image` from the store at `images`, with
+/// the static agent and `extra` flags.
+fn run_in_image(
+    s: &Scope,
+    images: &Path,
+    image: &str,
+    extra: &[&str],
+    code: &str,
+) -> (JobResult, i32) {
+    let agent = static_agent();
+    let mut args = vec![
+        "--agent",
+        agent.to_str().unwrap(),
+        "--images-dir",
+        images.to_str().unwrap(),
+        "--image",
+        image,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--runtime", "python", "-c", code]);
+    s.run_json(&args)
 }
 
 /// A store with both test images imported; returns its directory and the
@@ -34,13 +48,8 @@ fn store(s: &Scope, marker: &str) -> (PathBuf, String) {
     let layout = s.state_dir.join("layout");
     let (py, _) = write_test_layout(&layout, PY, BARE, marker);
     let images = s.state_dir.join("images");
-    let out = kiln_image(&images, &["import", layout.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "import failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed = String::from_utf8_lossy(&kiln_image(&images, &["ls"]).stdout).into_owned();
+    kiln_image(&images, &["import", layout.to_str().unwrap()]);
+    let listed = kiln_image(&images, &["ls"]);
     assert!(
         listed.contains(PY) && listed.contains(py.as_str()),
         "{listed}"
@@ -52,7 +61,6 @@ fn store(s: &Scope, marker: &str) -> (PathBuf, String) {
 fn python_runs_inside_an_image_root_with_its_marker_and_without_the_host_usr() {
     let s = Scope::new("image-python");
     let (images, digest) = store(&s, "made-for-this-test");
-    let agent = static_agent();
     let code = format!(
         "import os, sys\n\
          print(open('{MARKER_PATH}').read())\n\
@@ -62,18 +70,7 @@ fn python_runs_inside_an_image_root_with_its_marker_and_without_the_host_usr() {
          open('{WRITABLE_DIR}/written', 'w').write('x')\n\
          print(os.path.exists('{WRITABLE_DIR}/written'))\n"
     );
-    let (r, status) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
-        PY,
-        "--runtime",
-        "python",
-        "-c",
-        &code,
-    ]);
+    let (r, status) = run_in_image(&s, &images, PY, &[], &code);
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(status, 0);
     let lines: Vec<&str> = r.stdout.lines().collect();
@@ -104,18 +101,13 @@ fn python_runs_inside_an_image_root_with_its_marker_and_without_the_host_usr() {
     assert!(root.join("var/scratch").is_dir());
     assert!(!root.join("var/scratch/written").exists());
     // By digest too; the next sandbox starts from the image again.
-    let (r, _) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
+    let (r, _) = run_in_image(
+        &s,
+        &images,
         &digest,
-        "--runtime",
-        "python",
-        "-c",
+        &[],
         &format!("import os; print(os.path.exists('{WRITABLE_DIR}/written'))"),
-    ]);
+    );
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(r.stdout, "False\n");
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
@@ -125,35 +117,12 @@ fn python_runs_inside_an_image_root_with_its_marker_and_without_the_host_usr() {
 fn an_image_without_the_interpreter_or_not_stored_is_refused_naming_it() {
     let s = Scope::new("image-refused");
     let (images, _) = store(&s, "m");
-    let agent = static_agent();
-    let (r, status) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
-        BARE,
-        "--runtime",
-        "python",
-        "-c",
-        "print(1)",
-    ]);
+    let (r, status) = run_in_image(&s, &images, BARE, &[], "print(1)");
     assert_eq!(r.outcome, Outcome::Rejected, "{r:?}");
     assert_eq!(status, 2);
     let msg = r.message.unwrap_or_default();
     assert!(msg.contains(BARE) && msg.contains(PYTHON), "{msg}");
-    let (r, _) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
-        "kiln.test/nothing:1",
-        "--runtime",
-        "python",
-        "-c",
-        "print(1)",
-    ]);
+    let (r, _) = run_in_image(&s, &images, "kiln.test/nothing:1", &[], "print(1)");
     assert_eq!(r.outcome, Outcome::Rejected, "{r:?}");
     assert!(
         r.message
@@ -184,19 +153,9 @@ fn an_image_without_the_interpreter_or_not_stored_is_refused_naming_it() {
 fn rm_and_gc_leave_only_what_remaining_images_use() {
     let s = Scope::new("image-gc");
     let (images, _) = store(&s, "m");
-    let out = kiln_image(&images, &["rm", PY]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_image(&images, &["rm", PY]);
     let out = kiln_image(&images, &["gc", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     // The Python image's manifest, config and Python layer; its root.
     assert_eq!(report["blobs_removed"], 3, "{report}");
     assert_eq!(report["roots_removed"], 1, "{report}");
@@ -213,26 +172,12 @@ fn rm_and_gc_leave_only_what_remaining_images_use() {
 fn the_writable_layer_of_an_image_root_is_bounded_by_the_disk_size() {
     let s = Scope::new("image-disk");
     let (images, _) = store(&s, "m");
-    let agent = static_agent();
     let code = format!(
         "import errno\n\
          try:\n    open('{WRITABLE_DIR}/big', 'wb').write(b'x' * (16 << 20))\n    print('written')\n\
          except OSError as e:\n    print(errno.errorcode[e.errno])\n"
     );
-    let (r, _) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
-        PY,
-        "--disk",
-        "8M",
-        "--runtime",
-        "python",
-        "-c",
-        &code,
-    ]);
+    let (r, _) = run_in_image(&s, &images, PY, &["--disk", "8M"], &code);
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(r.stdout, "ENOSPC\n", "{r:?}");
 }
@@ -242,22 +187,10 @@ fn the_writable_layer_of_an_image_root_is_bounded_by_the_disk_size() {
 /// to the real binary.
 fn relocating_layer() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(0);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
+    let mut h = empty_header(tar::EntryType::Regular, 0o644);
     b.append_data(&mut h, "usr/bin/.wh.python3", &[][..])
         .unwrap();
-    let mut l = tar::Header::new_gnu();
-    l.set_entry_type(tar::EntryType::Symlink);
-    l.set_size(0);
-    l.set_mode(0o777);
-    l.set_uid(0);
-    l.set_gid(0);
-    l.set_mtime(0);
+    let mut l = empty_header(tar::EntryType::Symlink, 0o777);
     let real = std::fs::canonicalize(PYTHON).unwrap();
     b.append_link(&mut l, "usr/local/bin/python3", &real)
         .unwrap();
@@ -279,25 +212,14 @@ fn an_interpreter_kept_under_usr_local_bin_is_found_and_used() {
     )
     .unwrap();
     let images = s.state_dir.join("images");
-    let out = kiln_image(&images, &["import", layout.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let agent = static_agent();
-    let (r, _) = s.run_json(&[
-        "--agent",
-        agent.to_str().unwrap(),
-        "--images-dir",
-        images.to_str().unwrap(),
-        "--image",
+    kiln_image(&images, &["import", layout.to_str().unwrap()]);
+    let (r, _) = run_in_image(
+        &s,
+        &images,
         "kiln.test/local-python:1",
-        "--runtime",
-        "python",
-        "-c",
+        &[],
         "import os, sys; print(sys.executable, os.path.exists('/usr/bin/python3'))",
-    ]);
+    );
     assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
     assert_eq!(r.stdout, "/usr/local/bin/python3 False\n");
 }

@@ -16,24 +16,15 @@
 //! unless `KILN_REQUIRE_GUEST=1`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use kiln_protocol::{JobResult, Outcome};
-use kiln_tests::images::{write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR};
+use kiln_tests::images::{kiln_image, write_test_layout, MARKER_PATH, PYTHON, WRITABLE_DIR};
 use kiln_tests::registry::Registry;
 use kiln_tests::server::Server;
-use kiln_tests::{bin, processes_matching, Scope};
+use kiln_tests::{processes_matching, Scope};
 use serde_json::json;
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "kiln failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A store under `s` holding the test's Python image, pulled by tag from a
 /// registry on loopback; returns the store, the tag and the digest.
@@ -44,17 +35,9 @@ fn pulled(s: &Scope, marker: &str) -> (PathBuf, String, String) {
     reg.push(&layout, "py", "kiln/python:3");
     let tag = format!("{}/kiln/python:3", reg.host);
     let images = s.state_dir.join("images");
-    let pull = |args: &[&str]| {
-        Command::new(bin("kiln"))
-            .arg("image")
-            .args(args)
-            .arg("--images-dir")
-            .arg(&images)
-            .output()
-            .expect("spawning kiln image")
-    };
-    ok(&pull(&["pull", "--insecure", &tag]));
-    let listed: serde_json::Value = serde_json::from_str(&ok(&pull(&["ls", "--json"]))).unwrap();
+    kiln_image(&images, &["pull", "--insecure", &tag]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&kiln_image(&images, &["ls", "--json"])).unwrap();
     let digest = listed[0]["digest"].as_str().unwrap().to_owned();
     (images, tag, digest)
 }
@@ -212,19 +195,12 @@ fn python_from_a_pulled_image_runs_in_a_guest_booted_from_the_images_disk() {
     );
 
     // gc keeps the disk of a stored image, and removes it with the image.
-    let kiln_image = |args: &[&str]| {
-        Command::new(bin("kiln"))
-            .arg("image")
-            .args(args)
-            .arg("--images-dir")
-            .arg(&images)
-            .output()
-            .expect("spawning kiln image")
-    };
-    let gc: serde_json::Value = serde_json::from_str(&ok(&kiln_image(&["gc", "--json"]))).unwrap();
+    let gc: serde_json::Value =
+        serde_json::from_str(&kiln_image(&images, &["gc", "--json"])).unwrap();
     assert_eq!(gc["disks_removed"], 0, "{gc}");
-    ok(&kiln_image(&["rm", &tag]));
-    let gc: serde_json::Value = serde_json::from_str(&ok(&kiln_image(&["gc", "--json"]))).unwrap();
+    kiln_image(&images, &["rm", &tag]);
+    let gc: serde_json::Value =
+        serde_json::from_str(&kiln_image(&images, &["gc", "--json"])).unwrap();
     assert_eq!(gc["disks_removed"], 1, "{gc}");
     assert!(disks(&images).is_empty());
 }
