@@ -221,6 +221,45 @@ impl World {
         within(&self.host, || s.json(method, path, &body))
     }
 
+    /// A workspace of `body` made through `s`'s API; its id.
+    pub fn create(&self, s: &crate::server::Server, body: serde_json::Value) -> String {
+        let (st, v) = self.call(s, "POST", "/v1/sandboxes", body);
+        assert_eq!(st, 201, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Destroys workspace `id` through `s`'s API.
+    pub fn delete(&self, s: &crate::server::Server, id: &str) {
+        let (st, v) = self.call(
+            s,
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            serde_json::Value::Null,
+        );
+        assert_eq!(st, 204, "{v}");
+    }
+
+    /// Workspace `id`'s network as `GET /v1/sandboxes/{id}/egress` tells it.
+    pub fn egress(&self, s: &crate::server::Server, id: &str) -> serde_json::Value {
+        let (st, net) = self.call(
+            s,
+            "GET",
+            &format!("/v1/sandboxes/{id}/egress"),
+            serde_json::Value::Null,
+        );
+        assert_eq!(st, 200, "{net}");
+        net
+    }
+
+    /// Workspace `id`'s address on its network.
+    pub fn address(&self, s: &crate::server::Server, id: &str) -> Ipv4Addr {
+        self.egress(s, id)["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub fn table(&self) -> String {
         let out = Command::new("ip")
             .args([
@@ -356,6 +395,12 @@ pub fn answers(stdout: &str, lines: &[String]) -> Vec<String> {
         .collect();
     assert_eq!(got.len(), lines.len(), "{stdout}");
     got
+}
+
+/// The probe's answer to a `tcp` line the test internet's web server
+/// answered.
+pub fn ok() -> String {
+    format!("ok:{BODY}")
 }
 
 /// A job's probe: each line `what result`, the result `ok:<body>`, or

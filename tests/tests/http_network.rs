@@ -8,7 +8,7 @@
 //! iproute2, nftables and conntrack.
 
 use kiln_tests::netlab::{
-    answers, within, World, BODY, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
+    answers, ok, within, World, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME, WEB_ALLOWED_BY_NETWORK,
 };
 use kiln_tests::server::Server;
 use kiln_tests::Scope;
@@ -36,8 +36,15 @@ fn probe(world: &World, s: &Server, id: &str, lines: &[String]) -> Vec<String> {
     answers(r["stdout"].as_str().unwrap(), lines)
 }
 
-fn ok() -> String {
-    format!("ok:{BODY}")
+/// Asserts that `method path` with `body` is refused as malformed, the
+/// field named.
+fn refused(world: &World, s: &Server, method: &str, path: &str, body: Value, field: &str) {
+    let (st, v) = call(world, s, method, path, body);
+    assert_eq!(
+        (st, v["error"]["field"].as_str()),
+        (400, Some(field)),
+        "{v}"
+    );
 }
 
 #[test]
@@ -49,48 +56,18 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
     let (st, _) = call(&world, &s, "GET", "/v1/sandboxes", json!(null));
     assert_eq!(st, 200);
 
-    let (st, v) = call(
-        &world,
-        &s,
-        "POST",
-        "/v1/sandboxes",
+    for body in [
         json!({"template": "python", "egress": {"allow": ["allowed.test"]}}),
-    );
-    assert_eq!(
-        (st, v["error"]["field"].as_str()),
-        (400, Some("egress")),
-        "{v}"
-    );
-    let (st, v) = call(
-        &world,
-        &s,
-        "POST",
-        "/v1/sandboxes",
         json!({"template": "python", "allow_internet": true, "egress": {"allow": ["bad name"]}}),
-    );
-    assert_eq!(
-        (st, v["error"]["field"].as_str()),
-        (400, Some("egress")),
-        "{v}"
-    );
+    ] {
+        refused(&world, &s, "POST", "/v1/sandboxes", body, "egress");
+    }
 
-    let (st, v) = call(
-        &world,
+    let id = world.create(
         &s,
-        "POST",
-        "/v1/sandboxes",
         json!({"template": "python", "allow_internet": true, "egress": {"allow": ["allowed.test"]}, "rate_mbit": 500}),
     );
-    assert_eq!(st, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
-    let (st, net) = call(
-        &world,
-        &s,
-        "GET",
-        &format!("/v1/sandboxes/{id}/egress"),
-        json!(null),
-    );
-    assert_eq!(st, 200);
+    let net = world.egress(&s, &id);
     assert_eq!(net["allow_internet"], true);
     assert_eq!(net["egress"]["allow"], json!(["allowed.test"]));
     assert_eq!(net["rate_mbit"], 500);
@@ -146,15 +123,7 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
     assert_eq!(got, ["dns:-2".to_string(), "ECONNREFUSED".into(), ok()]);
 
     // An air-gapped workspace has no rules to change.
-    let (st, v) = call(
-        &world,
-        &s,
-        "POST",
-        "/v1/sandboxes",
-        json!({"template": "python"}),
-    );
-    assert_eq!(st, 201);
-    let gapped = v["id"].as_str().unwrap().to_owned();
+    let gapped = world.create(&s, json!({"template": "python"}));
     let (st, v) = call(
         &world,
         &s,
@@ -167,49 +136,28 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
         (422, Some("unsupported")),
         "{v}"
     );
-    let (_, v) = call(
-        &world,
-        &s,
-        "GET",
-        &format!("/v1/sandboxes/{gapped}/egress"),
-        json!(null),
-    );
-    assert_eq!(v, json!({"allow_internet": false}));
+    assert_eq!(world.egress(&s, &gapped), json!({"allow_internet": false}));
 
     // A private network needs an interface; two sandboxes naming one
     // reach each other (shown end to end in sandbox/tests/jail_network.rs)
     // and resolve each other's ids.
-    let (st, v) = call(
+    refused(
         &world,
         &s,
         "POST",
         "/v1/sandboxes",
         json!({"template": "python", "network": "team"}),
+        "network",
     );
-    assert_eq!(
-        (st, v["error"]["field"].as_str()),
-        (400, Some("network")),
-        "{v}"
-    );
-    let mut team = Vec::new();
-    for _ in 0..2 {
-        let (st, v) = call(
-            &world,
-            &s,
-            "POST",
-            "/v1/sandboxes",
-            json!({"template": "python", "allow_internet": true, "network": "team", "egress": {"allow": []}}),
-        );
-        assert_eq!(st, 201, "{v}");
-        team.push(v["id"].as_str().unwrap().to_owned());
-    }
-    let (_, v) = call(
-        &world,
-        &s,
-        "GET",
-        &format!("/v1/sandboxes/{}/egress", team[0]),
-        json!(null),
-    );
+    let team: Vec<String> = (0..2)
+        .map(|_| {
+            world.create(
+                &s,
+                json!({"template": "python", "allow_internet": true, "network": "team", "egress": {"allow": []}}),
+            )
+        })
+        .collect();
+    let v = world.egress(&s, &team[0]);
     assert_eq!(v["network"], "team", "{v}");
     let got = probe(
         &world,
@@ -229,24 +177,9 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
         ["ECONNREFUSED".to_string(), "dns:-2".into(), "dns:-2".into()]
     );
     for t in &team {
-        let (st, _) = call(
-            &world,
-            &s,
-            "DELETE",
-            &format!("/v1/sandboxes/{t}"),
-            json!(null),
-        );
-        assert_eq!(st, 204);
+        world.delete(&s, t);
     }
-
-    let (st, _) = call(
-        &world,
-        &s,
-        "DELETE",
-        &format!("/v1/sandboxes/{id}"),
-        json!(null),
-    );
-    assert_eq!(st, 204);
+    world.delete(&s, &id);
     assert!(world.host_links().is_empty(), "{:?}", world.host_links());
     assert!(!world.table().contains("chain s"), "{}", world.table());
 }
@@ -254,13 +187,21 @@ fn workspace_egress_rules_hold_change_live_and_keep_the_api_out_of_reach() {
 /// Runs a job through `POST /v1/jobs` with the probe lines and the extra
 /// fields of `body`; the answer of each line.
 fn job_probe(world: &World, s: &Server, body: Value, lines: &[String]) -> Vec<String> {
-    let mut job = json!({"runtime": "python", "code": PROBE, "stdin": lines.join("\n")});
-    for (k, v) in body.as_object().unwrap() {
-        job[k] = v.clone();
-    }
+    let job = job(
+        json!({"runtime": "python", "code": PROBE, "stdin": lines.join("\n")}),
+        body,
+    );
     let (st, r) = call(world, s, "POST", "/v1/jobs", job);
     assert_eq!((st, r["outcome"].as_str()), (200, Some("ok")), "{r}");
     answers(r["stdout"].as_str().unwrap(), lines)
+}
+
+/// Job `base` with the fields of `extra` set on it.
+fn job(mut base: Value, extra: Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
 }
 
 /// One-shot jobs (HTTP here; AMQP carries the same JobSpec) ask for a
@@ -313,16 +254,8 @@ fn jobs_get_a_network_on_request_under_their_own_or_the_configured_rules() {
             "job",
         ),
     ] {
-        let mut job = json!({"runtime": "python", "code": "print(1)"});
-        for (k, v) in body.as_object().unwrap() {
-            job[k] = v.clone();
-        }
-        let (st, v) = call(&world, &s, "POST", "/v1/jobs", job);
-        assert_eq!(
-            (st, v["error"]["field"].as_str()),
-            (400, Some(field)),
-            "{v}"
-        );
+        let job = job(json!({"runtime": "python", "code": "print(1)"}), body);
+        refused(&world, &s, "POST", "/v1/jobs", job, field);
     }
     assert!(
         world.host_links().is_empty(),
@@ -336,14 +269,10 @@ fn a_sigkilled_daemon_leaves_no_network_behind_after_the_next_start() {
     let world = World::new("kill");
     let mut first = serve(&world, Scope::new("net-kill"));
     for _ in 0..3 {
-        let (st, v) = call(
-            &world,
+        world.create(
             &first,
-            "POST",
-            "/v1/sandboxes",
             json!({"template": "python", "allow_internet": true}),
         );
-        assert_eq!(st, 201, "{v}");
     }
     assert_eq!(world.host_links().len(), 3);
     first.kill();
@@ -357,15 +286,10 @@ fn a_sigkilled_daemon_leaves_no_network_behind_after_the_next_start() {
     assert!(!world.table().contains("chain s"), "{}", world.table());
     assert_eq!(std::fs::read_dir(&slots).unwrap().count(), 0);
     // And the new daemon's sandboxes are networked as before.
-    let (st, v) = call(
-        &world,
+    let id = world.create(
         &second,
-        "POST",
-        "/v1/sandboxes",
         json!({"template": "python", "allow_internet": true}),
     );
-    assert_eq!(st, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
     assert_eq!(
         probe(&world, &second, &id, &["tcp allowed.test:80".into()]),
         [ok()]
@@ -418,15 +342,10 @@ fn an_exposed_port_answers_http_and_websocket_through_the_daemon_only() {
     use std::io::{Read, Write};
     let world = World::new("ports");
     let s = serve(&world, Scope::new("net-ports"));
-    let (st, v) = call(
-        &world,
+    let id = world.create(
         &s,
-        "POST",
-        "/v1/sandboxes",
         json!({"template": "python", "allow_internet": true, "egress": {"allow": []}}),
     );
-    assert_eq!(st, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
     let (_, r) = call(
         &world,
         &s,
@@ -489,14 +408,7 @@ fn an_exposed_port_answers_http_and_websocket_through_the_daemon_only() {
 
     // Nothing else of the host side gets in: a direct connection from it
     // (no proxy mark) is refused, whether the port is exposed or not.
-    let (_, net) = call(
-        &world,
-        &s,
-        "GET",
-        &format!("/v1/sandboxes/{id}/egress"),
-        json!(null),
-    );
-    let addr: std::net::Ipv4Addr = net["address"].as_str().unwrap().parse().unwrap();
+    let addr = world.address(&s, &id);
     let direct = within(&world.host, || {
         std::net::TcpStream::connect((addr, 8000)).map(drop)
     });

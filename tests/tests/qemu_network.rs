@@ -18,7 +18,7 @@
 use std::process::Command;
 
 use kiln_tests::netlab::{
-    answers, within, World, BODY, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
+    answers, ok, within, World, BULK, DNS, HOST_SIDE, PROBE, WEB_ALLOWED_BY_NAME,
     WEB_ALLOWED_BY_NETWORK, WEB_DENIED,
 };
 use kiln_tests::server::Server;
@@ -42,23 +42,9 @@ fn call(world: &World, s: &Server, method: &str, path: &str, body: Value) -> (u1
 }
 
 /// A workspace of `body` (a python one), its id.
-fn create(world: &World, s: &Server, body: Value) -> String {
-    let mut body = body;
+fn create(world: &World, s: &Server, mut body: Value) -> String {
     body["template"] = json!("python");
-    let (st, v) = call(world, s, "POST", "/v1/sandboxes", body);
-    assert_eq!(st, 201, "{v}");
-    v["id"].as_str().unwrap().to_owned()
-}
-
-fn delete(world: &World, s: &Server, id: &str) {
-    let (st, v) = call(
-        world,
-        s,
-        "DELETE",
-        &format!("/v1/sandboxes/{id}"),
-        json!(null),
-    );
-    assert_eq!(st, 204, "{v}");
+    world.create(s, body)
 }
 
 /// Runs `code` in workspace `id` with `stdin`; its stdout.
@@ -77,22 +63,6 @@ fn exec(world: &World, s: &Server, id: &str, code: &str, stdin: &str) -> String 
 /// Runs the probe lines in workspace `id`; the answer of each.
 fn probe(world: &World, s: &Server, id: &str, lines: &[String]) -> Vec<String> {
     answers(&exec(world, s, id, PROBE, &lines.join("\n")), lines)
-}
-
-fn address(world: &World, s: &Server, id: &str) -> std::net::Ipv4Addr {
-    let (st, net) = call(
-        world,
-        s,
-        "GET",
-        &format!("/v1/sandboxes/{id}/egress"),
-        json!(null),
-    );
-    assert_eq!(st, 200, "{net}");
-    net["address"].as_str().unwrap().parse().unwrap()
-}
-
-fn ok() -> String {
-    format!("ok:{BODY}")
 }
 
 /// Nothing of a sandbox's network left in the host side or the state
@@ -167,11 +137,11 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
     );
     assert_eq!(v, json!({"allow_internet": false}));
     assert!(world.host_links().is_empty(), "{:?}", world.host_links());
-    delete(&world, &s, &gapped);
+    world.delete(&s, &gapped);
 
     // Networked, under the configured rules, in private network "a".
     let a1 = create(&world, &s, json!({"allow_internet": true, "network": "a"}));
-    let a1_addr = address(&world, &s, &a1);
+    let a1_addr = world.address(&s, &a1);
     let gw = std::net::Ipv4Addr::from(u32::from(a1_addr) - 1);
     assert_eq!(world.host_links().len(), 1, "{:?}", world.host_links());
     let got = probe(
@@ -247,7 +217,7 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
         json!({"allow_internet": true, "network": "b", "rate_mbit": MBIT}),
     );
     assert_eq!(exec(&world, &s, &a2, LISTEN, ""), "listening\n");
-    let a2_addr = address(&world, &s, &a2);
+    let a2_addr = world.address(&s, &a2);
     let lines = [format!("tcp {a2_addr}:9000"), format!("tcp {a2}:9000")];
     let got = probe(&world, &s, &a1, &lines);
     assert_eq!(got, ["ok:peer".to_string(), "ok:peer".into()]);
@@ -300,7 +270,7 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
     }
 
     for id in [&a1, &a2, &b1] {
-        delete(&world, &s, id);
+        world.delete(&s, id);
     }
     assert_no_network_left(&world, &s);
 
@@ -308,7 +278,7 @@ fn vm_networks_hold_their_rules_private_networks_and_ports_and_leave_nothing() {
     for _ in 0..3 {
         let id = create(&world, &s, json!({"allow_internet": true, "rate_mbit": 50}));
         assert_eq!(world.host_links().len(), 2, "{:?}", world.host_links());
-        delete(&world, &s, &id);
+        world.delete(&s, &id);
         assert_no_network_left(&world, &s);
     }
 }
