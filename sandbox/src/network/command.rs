@@ -21,6 +21,23 @@ pub fn enter_netns(netns: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes the child `cmd` spawns join the network namespace `netns`
+/// between fork and exec; `netns` must stay open until the spawn returns.
+pub fn spawn_in_netns(cmd: &mut Command, netns: &File) {
+    let fd = netns.as_raw_fd();
+    // SAFETY: setns is async-signal-safe and touches no memory of the
+    // parent; the descriptor stays open in the parent until the spawn
+    // returns (the caller's promise), so it is valid in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `f` in the network namespace `netns` (here when `None`), on a
 /// thread of its own that ends right after, so that no other thread of
 /// this process ever changes namespace; what `f` makes (a socket) stays in
@@ -80,18 +97,7 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(ns) = netns {
-        let fd = ns.as_raw_fd();
-        // SAFETY: setns is async-signal-safe and touches no memory of the
-        // parent; the descriptor stays open in the parent until the spawn
-        // returns, so it is valid in the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        spawn_in_netns(&mut cmd, ns);
     }
     let mut child = cmd.spawn().map_err(|e| {
         fail(if e.kind() == std::io::ErrorKind::NotFound {

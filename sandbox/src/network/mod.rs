@@ -48,7 +48,7 @@
 //! made again for it ([`NetLease::connect`]); the conntrack entries and the
 //! resolver's addresses of the last lease are forgotten first.
 
-mod command;
+pub(crate) mod command;
 mod nft;
 mod pool;
 mod resolver;

@@ -190,17 +190,9 @@ impl Inner {
                 .args(["-device", "virtio-net-device,netdev=net0"]);
         }
         if let (Some(ns), true) = (self.host_netns(), l.tap.is_some()) {
-            let fd = ns.as_raw_fd();
-            // SAFETY: setns is async-signal-safe and touches no memory;
-            // `fd` is the backend's, open until the spawn returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // The namespace's descriptor is the backend's, open until the
+            // spawn returns.
+            crate::network::command::spawn_in_netns(&mut cmd, ns);
         }
         if let Some(state) = &l.incoming {
             cmd.args(["-incoming", "defer"]);
